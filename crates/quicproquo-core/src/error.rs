@@ -1,0 +1,78 @@
+//! Error types of the core crate.
+
+use std::io;
+
+/// Errors from parsing, generating or checking keys and node certificates.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A hex string did not decode to a key of the expected length.
+    #[error("invalid {what}: expected {expected} hex-encoded bytes")]
+    InvalidEncoding {
+        /// Which key was being parsed.
+        what: &'static str,
+        /// The expected length in bytes.
+        expected: usize,
+    },
+    /// The cluster public key is not a valid Ed25519 point.
+    #[error("invalid cluster public key")]
+    InvalidClusterKey,
+    /// The operating system's random number generator failed.
+    #[error("random number generator failed: {0}")]
+    Rng(String),
+    /// A node certificate was malformed.
+    #[error("malformed node certificate")]
+    MalformedCertificate,
+    /// A node certificate's signature does not verify under the pinned cluster key.
+    #[error("the server's key is not vouched for by the pinned cluster key")]
+    UntrustedNode,
+}
+
+/// Errors of the Noise handshake and of the framed channel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The underlying socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection before the handshake or a frame was complete.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The handshake did not complete within its deadline.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// A handshake message was malformed, too long, or failed authentication.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// The server's node certificate did not verify under the pinned cluster key.
+    #[error("the server is not vouched for by the pinned cluster key")]
+    WrongClusterKey,
+    /// A transport message failed to decrypt or authenticate (tampering or desynchronisation).
+    #[error("transport message failed authentication")]
+    Decrypt,
+    /// A transport message could not be encrypted (nonce space exhausted).
+    #[error("transport message could not be encrypted: {0}")]
+    Encrypt(String),
+    /// A frame announced (or a caller asked to send) more bytes than the configured maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// The announced length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A key or certificate problem during the handshake.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl From<TransportError> for io::Error {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Io(e) => e,
+            TransportError::Closed => Self::new(io::ErrorKind::UnexpectedEof, e),
+            TransportError::HandshakeTimeout => Self::new(io::ErrorKind::TimedOut, e),
+            other => Self::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Core of quicproquo: keys, the Noise_XX session and the framed encrypted channel.
+//!
+//! What it is: the pieces both ends of a connection share. [`keys`] holds the X25519 Noise
+//! static keys and the cluster's Ed25519 key that vouches for server nodes (secrets zeroized on
+//! drop). [`noise`] runs the `Noise_XX_25519_ChaChaPoly_SHA256` handshake over any async byte
+//! stream, with a deadline, and checks the server's node certificate against the pinned cluster
+//! key. [`channel`] carries application frames (`[u32 length][bytes]`) over Noise transport
+//! messages, splitting frames larger than one Noise message and refusing frames over the
+//! configured maximum before allocating; it also offers an `AsyncRead + AsyncWrite` view so
+//! Cap'n Proto RPC runs over the encrypted channel.
+//!
+//! What it is not: it opens no sockets and knows nothing of RPC interfaces, roles or storage;
+//! those live in `quicproquo-server` and `quicproquo-client`.
+
+#![forbid(unsafe_code)]
+
+pub mod channel;
+pub mod error;
+pub mod keys;
+pub mod noise;
+
+pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};
+pub use error::{KeyError, TransportError};
+pub use keys::{ClusterPublicKey, ClusterSigningKey, NodeCertificate, NodeRole, NoiseKeypair};
+pub use noise::{HandshakeOutcome, Session};

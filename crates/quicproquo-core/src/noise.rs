@@ -1,0 +1,231 @@
+//! The Noise_XX handshake, with the cluster's vouching for server nodes.
+//!
+//! Pattern `Noise_XX_25519_ChaChaPoly_SHA256`, prologue `quicproquo/1`. Handshake messages are
+//! sent as `[u16 big-endian length][message]`. The responder (a server node) puts its
+//! [`NodeCertificate`] in the payload of message 2; the initiator checks it against the pinned
+//! [`ClusterPublicKey`] before sending message 3, so a client never completes a handshake with a
+//! node the cluster does not vouch for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::TransportError;
+use crate::keys::{ClusterPublicKey, NodeCertificate, NodeRole, NoiseKeypair};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
+/// The prologue both sides mix into the handshake: a protocol version.
+pub const PROLOGUE: &[u8] = b"quicproquo/1";
+/// Largest Noise message (RFC: 65535 bytes).
+pub const MAX_NOISE_MESSAGE: usize = 65535;
+/// AEAD tag length.
+pub const TAG_LEN: usize = 16;
+/// Largest plaintext carried by one transport message.
+pub const MAX_NOISE_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+/// Handshake messages are small; anything longer is refused without reading it.
+const MAX_HANDSHAKE_MESSAGE: usize = 512;
+
+/// The established transport keys, shared by the read and write halves of a channel.
+///
+/// Uses snow's stateless transport state: each half keeps its own nonce counter, so the halves
+/// need no lock between them.
+pub struct Session {
+    state: snow::StatelessTransportState,
+}
+
+impl Session {
+    pub(crate) fn seal(
+        &self,
+        nonce: u64,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, TransportError> {
+        self.state
+            .write_message(nonce, plaintext, out)
+            .map_err(|e| TransportError::Encrypt(e.to_string()))
+    }
+
+    pub(crate) fn open(
+        &self,
+        nonce: u64,
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, TransportError> {
+        self.state
+            .read_message(nonce, ciphertext, out)
+            .map_err(|_| TransportError::Decrypt)
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+/// What a completed handshake yields.
+#[derive(Debug)]
+pub struct HandshakeOutcome {
+    /// Transport keys for the channel.
+    pub session: Arc<Session>,
+    /// The Noise handshake hash: unique to this session, for channel binding.
+    pub handshake_hash: [u8; 32],
+    /// The peer's Noise static public key.
+    pub remote_static: [u8; 32],
+    /// The role the server's certificate vouches for (initiator side only).
+    pub server_role: Option<NodeRole>,
+}
+
+fn snow_error(e: snow::Error) -> TransportError {
+    TransportError::Handshake(e.to_string())
+}
+
+fn builder(local: &NoiseKeypair) -> Result<snow::Builder<'_>, TransportError> {
+    let params: snow::params::NoiseParams = NOISE_PARAMS
+        .parse()
+        .map_err(|e: snow::Error| TransportError::Handshake(e.to_string()))?;
+    snow::Builder::new(params)
+        .local_private_key(local.secret())
+        .and_then(|b| b.prologue(PROLOGUE))
+        .map_err(snow_error)
+}
+
+async fn write_handshake<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    msg: &[u8],
+) -> Result<(), TransportError> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| TransportError::Handshake("handshake message too long".into()))?;
+    let mut buf = Vec::with_capacity(2 + msg.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(msg);
+    io.write_all(&buf).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+async fn read_handshake<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut [u8; MAX_HANDSHAKE_MESSAGE],
+) -> Result<usize, TransportError> {
+    let mut len = [0u8; 2];
+    read_exact_or_closed(io, &mut len).await?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > MAX_HANDSHAKE_MESSAGE {
+        return Err(TransportError::Handshake(format!(
+            "handshake message of {len} bytes exceeds {MAX_HANDSHAKE_MESSAGE}"
+        )));
+    }
+    read_exact_or_closed(io, &mut buf[..len]).await?;
+    Ok(len)
+}
+
+async fn read_exact_or_closed<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut [u8],
+) -> Result<(), TransportError> {
+    match io.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(TransportError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn finish(
+    hs: snow::HandshakeState,
+    server_role: Option<NodeRole>,
+) -> Result<HandshakeOutcome, TransportError> {
+    let remote_static: [u8; 32] = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| TransportError::Handshake("peer sent no static key".into()))?;
+    let handshake_hash: [u8; 32] = hs
+        .get_handshake_hash()
+        .try_into()
+        .map_err(|_| TransportError::Handshake("unexpected handshake hash length".into()))?;
+    let state = hs.into_stateless_transport_mode().map_err(snow_error)?;
+    Ok(HandshakeOutcome {
+        session: Arc::new(Session { state }),
+        handshake_hash,
+        remote_static,
+        server_role,
+    })
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout)?
+}
+
+/// Runs the initiator (client) side of the handshake within `deadline`.
+///
+/// Fails with [`TransportError::WrongClusterKey`] when the responder's certificate does not
+/// verify under `cluster`; message 3 is then never sent.
+pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local: &NoiseKeypair,
+    cluster: &ClusterPublicKey,
+    deadline: Duration,
+) -> Result<HandshakeOutcome, TransportError> {
+    with_deadline(deadline, async {
+        let mut hs = builder(local)?.build_initiator().map_err(snow_error)?;
+        let mut msg = [0u8; MAX_HANDSHAKE_MESSAGE];
+        let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
+
+        let n = hs.write_message(&[], &mut msg).map_err(snow_error)?;
+        write_handshake(io, &msg[..n]).await?;
+
+        let n = read_handshake(io, &mut msg).await?;
+        let p = hs
+            .read_message(&msg[..n], &mut payload)
+            .map_err(snow_error)?;
+        let cert = NodeCertificate::decode(&payload[..p])?;
+        let server_static: [u8; 32] = hs
+            .get_remote_static()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| TransportError::Handshake("responder sent no static key".into()))?;
+        let role = cluster
+            .verify(&cert, &server_static)
+            .map_err(|_| TransportError::WrongClusterKey)?;
+
+        let n = hs.write_message(&[], &mut msg).map_err(snow_error)?;
+        write_handshake(io, &msg[..n]).await?;
+        finish(hs, Some(role))
+    })
+    .await
+}
+
+/// Runs the responder (server) side of the handshake within `deadline`, presenting `certificate`.
+pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local: &NoiseKeypair,
+    certificate: &NodeCertificate,
+    deadline: Duration,
+) -> Result<HandshakeOutcome, TransportError> {
+    with_deadline(deadline, async {
+        let mut hs = builder(local)?.build_responder().map_err(snow_error)?;
+        let mut msg = [0u8; MAX_HANDSHAKE_MESSAGE];
+        let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
+
+        let n = read_handshake(io, &mut msg).await?;
+        hs.read_message(&msg[..n], &mut payload)
+            .map_err(snow_error)?;
+
+        let n = hs
+            .write_message(&certificate.encode(), &mut msg)
+            .map_err(snow_error)?;
+        write_handshake(io, &msg[..n]).await?;
+
+        let n = read_handshake(io, &mut msg).await?;
+        hs.read_message(&msg[..n], &mut payload)
+            .map_err(snow_error)?;
+        finish(hs, None)
+    })
+    .await
+}

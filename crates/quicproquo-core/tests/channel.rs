@@ -1,0 +1,258 @@
+//! The Noise handshake and the framed channel over real loopback TCP sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use quicproquo_core::channel::{ChannelLimits, channel};
+use quicproquo_core::noise::{self, MAX_NOISE_MESSAGE};
+use quicproquo_core::{
+    ClusterSigningKey, HandshakeOutcome, NodeRole, NoiseKeypair, NoiseReader, NoiseWriter,
+    TransportError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+type Half = (NoiseReader<OwnedReadHalf>, NoiseWriter<OwnedWriteHalf>);
+
+async fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    Ok((client?, accepted?.0))
+}
+
+fn split(stream: TcpStream, outcome: &HandshakeOutcome, limits: ChannelLimits) -> Half {
+    let (r, w) = stream.into_split();
+    channel(r, w, Arc::clone(&outcome.session), limits)
+}
+
+/// A handshaken pair of channels: (client side, server side).
+async fn connected(limits: ChannelLimits) -> Result<(Half, Half)> {
+    connected_with(limits, limits).await
+}
+
+/// Like [`connected`], with separate limits for the client and the server side.
+async fn connected_with(client: ChannelLimits, server: ChannelLimits) -> Result<(Half, Half)> {
+    let cluster = ClusterSigningKey::generate()?;
+    let server_key = NoiseKeypair::generate()?;
+    let client_key = NoiseKeypair::generate()?;
+    let cert = cluster.certify(NodeRole::Standalone, server_key.public());
+    let (mut c, mut s) = tcp_pair().await?;
+    let pinned = cluster.public_key();
+    let (co, so) = tokio::join!(
+        noise::initiate(&mut c, &client_key, &pinned, DEADLINE),
+        noise::respond(&mut s, &server_key, &cert, DEADLINE)
+    );
+    let (co, so) = (co?, so?);
+    assert_eq!(co.handshake_hash, so.handshake_hash);
+    assert_eq!(&co.remote_static, server_key.public());
+    assert_eq!(&so.remote_static, client_key.public());
+    assert_eq!(co.server_role, Some(NodeRole::Standalone));
+    Ok((split(c, &co, client), split(s, &so, server)))
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn ten_mib_frame_crosses_intact_in_both_directions() -> Result<()> {
+    let ((mut cr, mut cw), (mut sr, mut sw)) = connected(ChannelLimits::default()).await?;
+    let big = pattern(10 * 1024 * 1024);
+    let (sent, got) = tokio::join!(cw.send_frame(&big), sr.recv_frame());
+    sent?;
+    assert!(got? == Some(big.clone()), "10 MiB frame changed in transit");
+    let (sent, got) = tokio::join!(sw.send_frame(&big), cr.recv_frame());
+    sent?;
+    assert!(got? == Some(big), "10 MiB frame changed on the way back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn frames_of_every_boundary_size_round_trip() -> Result<()> {
+    let ((_cr, mut cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let plain = MAX_NOISE_MESSAGE - 16;
+    let sizes = [
+        0,
+        1,
+        255,
+        plain - 4,
+        plain - 3,
+        plain,
+        plain + 1,
+        2 * plain + 7,
+        65536,
+    ];
+    let writer = async {
+        for &n in &sizes {
+            cw.send_frame(&pattern(n)).await?;
+        }
+        drop(cw);
+        Ok::<_, TransportError>(())
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        while let Some(f) = sr.recv_frame().await? {
+            got.push(f);
+        }
+        Ok::<_, TransportError>(got)
+    };
+    let (w, got) = tokio::join!(writer, reader);
+    w?;
+    let got = got?;
+    assert_eq!(got.len(), sizes.len());
+    for (frame, &n) in got.iter().zip(&sizes) {
+        assert_eq!(frame, &pattern(n));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn stream_view_carries_bytes_and_ends_cleanly() -> Result<()> {
+    let ((_cr, mut cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let data = pattern(3 * 1024 * 1024 + 17);
+    let writer = async {
+        for piece in data.chunks(10_000) {
+            cw.write_all(piece).await?;
+        }
+        cw.flush().await?;
+        cw.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let mut got = Vec::new();
+    let (w, r) = tokio::join!(writer, sr.read_to_end(&mut got));
+    w?;
+    r?;
+    assert!(got == data, "stream view altered the bytes");
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_before_its_body_arrives() -> Result<()> {
+    let small = ChannelLimits {
+        max_frame_bytes: 1024,
+    };
+    let ((_cr, mut cw), (mut sr, _sw)) = connected_with(ChannelLimits::default(), small).await?;
+    // A frame within the limit passes.
+    cw.send_frame(&[7u8; 1024]).await?;
+    assert_eq!(sr.recv_frame().await?.map(|f| f.len()), Some(1024));
+    // A header announcing 4 GiB - 1 with no body: the receiver fails at the header instead of
+    // allocating or waiting for the body.
+    cw.send_unframed(&u32::MAX.to_be_bytes()).await?;
+    match tokio::time::timeout(DEADLINE, sr.recv_frame()).await? {
+        Err(TransportError::FrameTooLarge { len, max: 1024 }) => {
+            assert_eq!(len, u32::MAX as usize)
+        }
+        other => bail!("expected FrameTooLarge, got {other:?}"),
+    }
+    // The reader stays failed.
+    assert!(sr.recv_frame().await.is_err());
+    // The stream view rejects it the same way.
+    let ((_cr, mut cw), (mut sr, _sw)) = connected_with(ChannelLimits::default(), small).await?;
+    cw.send_unframed(&2048u32.to_be_bytes()).await?;
+    let mut buf = [0u8; 16];
+    let err = sr.read(&mut buf).await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
+    // And a sender refuses to exceed its own limit.
+    let ((_cr, mut strict_writer), _) = connected(small).await?;
+    assert!(matches!(
+        strict_writer.send_frame(&[0u8; 1025]).await,
+        Err(TransportError::FrameTooLarge {
+            len: 1025,
+            max: 1024
+        })
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn truncated_frame_is_an_error_not_a_clean_end() -> Result<()> {
+    let ((_cr, mut cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let mut partial = 100u32.to_be_bytes().to_vec();
+    partial.extend_from_slice(&[1u8; 10]);
+    cw.send_unframed(&partial).await?;
+    drop(cw);
+    assert!(matches!(sr.recv_frame().await, Err(TransportError::Closed)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn tampered_transport_message_fails_authentication() -> Result<()> {
+    let cluster = ClusterSigningKey::generate()?;
+    let server_key = NoiseKeypair::generate()?;
+    let cert = cluster.certify(NodeRole::Edge, server_key.public());
+    let (mut c, mut s) = tcp_pair().await?;
+    let client_key = NoiseKeypair::generate()?;
+    let pinned = cluster.public_key();
+    let (co, so) = tokio::join!(
+        noise::initiate(&mut c, &client_key, &pinned, DEADLINE),
+        noise::respond(&mut s, &server_key, &cert, DEADLINE)
+    );
+    let (_co, so) = (co?, so?);
+    // A well-formed length prefix followed by 40 bytes that are not a valid ciphertext.
+    let mut bogus = 40u16.to_be_bytes().to_vec();
+    bogus.extend_from_slice(&[0xA5; 40]);
+    c.write_all(&bogus).await?;
+    let (mut sr, _sw) = split(s, &so, ChannelLimits::default());
+    assert!(matches!(
+        sr.recv_frame().await,
+        Err(TransportError::Decrypt)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_pinned_cluster_key_aborts_the_handshake() -> Result<()> {
+    let cluster = ClusterSigningKey::generate()?;
+    let impostor = ClusterSigningKey::generate()?;
+    let server_key = NoiseKeypair::generate()?;
+    let cert = cluster.certify(NodeRole::Edge, server_key.public());
+    let (mut c, mut s) = tcp_pair().await?;
+    let client_key = NoiseKeypair::generate()?;
+    let pinned = impostor.public_key();
+    let client = async {
+        let r = noise::initiate(&mut c, &client_key, &pinned, DEADLINE).await;
+        drop(c);
+        r
+    };
+    let (co, so) = tokio::join!(client, noise::respond(&mut s, &server_key, &cert, DEADLINE));
+    assert!(matches!(co, Err(TransportError::WrongClusterKey)));
+    assert!(matches!(so, Err(TransportError::Closed)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn stalled_initiator_hits_the_handshake_deadline() -> Result<()> {
+    let cluster = ClusterSigningKey::generate()?;
+    let server_key = NoiseKeypair::generate()?;
+    let cert = cluster.certify(NodeRole::Edge, server_key.public());
+    let (_c, mut s) = tcp_pair().await?;
+    let r = noise::respond(&mut s, &server_key, &cert, Duration::from_millis(50)).await;
+    assert!(matches!(r, Err(TransportError::HandshakeTimeout)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_handshake_is_refused() -> Result<()> {
+    let cluster = ClusterSigningKey::generate()?;
+    let server_key = NoiseKeypair::generate()?;
+    let cert = cluster.certify(NodeRole::Edge, server_key.public());
+    let (mut c, mut s) = tcp_pair().await?;
+    // Length 0xFFFF: longer than any handshake message.
+    c.write_all(&[0xFF; 64]).await?;
+    let r = noise::respond(&mut s, &server_key, &cert, DEADLINE).await;
+    assert!(matches!(r, Err(TransportError::Handshake(_))));
+    // A plausible length with random contents.
+    let (mut c, mut s) = tcp_pair().await?;
+    let mut msg = 32u16.to_be_bytes().to_vec();
+    msg.extend_from_slice(&[0x11; 32]);
+    c.write_all(&msg).await?;
+    drop(c);
+    let r = noise::respond(&mut s, &server_key, &cert, DEADLINE).await;
+    assert!(r.is_err());
+    Ok(())
+}

@@ -1,0 +1,30 @@
+# The unit the Delivery Service stores and delivers: one opaque MLS message in a group's log.
+@0xe0e368260071db46;
+
+struct Envelope {
+  groupId @0 :Data;
+  # Opaque MLS group id (the DS never interprets it beyond routing).
+
+  seq @1 :UInt64;
+  # Position in the group's log: per group, gap-free, starting at 1.
+
+  epoch @2 :UInt64;
+  # MLS epoch read from the public framing of the message.
+
+  kind @3 :Kind;
+  enum Kind {
+    application @0;
+    commit @1;
+    proposal @2;
+    welcome @3;
+  }
+
+  messageId @4 :Data;
+  # Client-chosen id that makes a retried send idempotent.
+
+  payload @5 :Data;
+  # The serialized MLSMessage. Never decrypted by the server.
+
+  appendedAtMicros @6 :UInt64;
+  # Server time (Unix microseconds) at which the append became durable.
+}
