@@ -1,1 +1,265 @@
-//! placeholder
+//! The quicproquo client library, and the `qpq` command-line client built on it.
+//!
+//! What it is: [`Connection`] opens a TCP connection to a server node, runs the Noise_XX
+//! handshake (refusing any node the pinned cluster key does not vouch for), and speaks Cap'n
+//! Proto RPC over the encrypted channel. [`connect_any`] tries a list of servers in order.
+//!
+//! What it is not: thread-safe. capnp-rpc is single-threaded, so a [`Connection`] must be
+//! created and used inside a `tokio::task::LocalSet`.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use capnp::message::ReaderOptions;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use quicproquo_core::channel::{ChannelLimits, channel};
+use quicproquo_core::{ClusterPublicKey, NodeRole, NoiseKeypair, TransportError, noise};
+use quicproquo_proto::bootstrap_capnp::bootstrap;
+use tokio::net::TcpStream;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+/// Errors a client sees.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The server address.
+        addr: SocketAddr,
+        /// The OS error (refused, unreachable, ...).
+        source: std::io::Error,
+    },
+    /// The server did not answer within the deadline.
+    #[error("{addr} did not answer within {after:?} ({stage})")]
+    Timeout {
+        /// The server address.
+        addr: SocketAddr,
+        /// The deadline.
+        after: Duration,
+        /// What was being waited for.
+        stage: &'static str,
+    },
+    /// The server is not vouched for by the pinned cluster key.
+    #[error("{addr} is not vouched for by the pinned cluster key (wrong --server-key?)")]
+    WrongClusterKey {
+        /// The server address.
+        addr: SocketAddr,
+    },
+    /// The handshake or the encrypted channel failed.
+    #[error("{addr}: {source}")]
+    Transport {
+        /// The server address.
+        addr: SocketAddr,
+        /// What failed.
+        source: TransportError,
+    },
+    /// An RPC failed (the server answered with an error, or the connection broke).
+    #[error("rpc failed: {0}")]
+    Rpc(#[from] capnp::Error),
+    /// No server address was given, or a name resolved to nothing.
+    #[error("no server address to connect to")]
+    NoServers,
+    /// Every server in the list failed; the last error is kept.
+    #[error("no server could be reached; last error: {0}")]
+    AllFailed(Box<Self>),
+    /// A key could not be generated.
+    #[error(transparent)]
+    Key(#[from] quicproquo_core::KeyError),
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The cluster public key the server must be vouched for by.
+    pub cluster_key: ClusterPublicKey,
+    /// Deadline for the TCP connection, the handshake and each call, each separately.
+    pub timeout: Duration,
+    /// Largest frame accepted from the server.
+    pub max_frame_bytes: usize,
+}
+
+impl ConnectOptions {
+    /// Options with a 10 s timeout and the default 16 MiB frame limit.
+    pub fn new(cluster_key: ClusterPublicKey) -> Self {
+        Self {
+            cluster_key,
+            timeout: Duration::from_secs(10),
+            max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// The answer to a ping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// The echoed payload.
+    pub payload: Vec<u8>,
+    /// Round-trip time measured by the client.
+    pub rtt: Duration,
+}
+
+/// An authenticated connection to one server node.
+pub struct Connection {
+    addr: SocketAddr,
+    server_role: NodeRole,
+    handshake_hash: [u8; 32],
+    timeout: Duration,
+    bootstrap: bootstrap::Client,
+    disconnector: capnp_rpc::Disconnector<twoparty::VatId>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("server_role", &self.server_role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects to `addr`, authenticates it against the pinned cluster key and starts RPC.
+    ///
+    /// Must be called inside a `tokio::task::LocalSet`: the RPC system runs as a local task.
+    pub async fn connect(addr: SocketAddr, options: &ConnectOptions) -> Result<Self, ClientError> {
+        let local = NoiseKeypair::generate()?;
+        Self::connect_with_key(addr, options, &local).await
+    }
+
+    /// Like [`Connection::connect`], presenting `local` as the client's Noise static key.
+    pub async fn connect_with_key(
+        addr: SocketAddr,
+        options: &ConnectOptions,
+        local: &NoiseKeypair,
+    ) -> Result<Self, ClientError> {
+        let timeout = options.timeout;
+        let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr,
+                after: timeout,
+                stage: "tcp connect",
+            })?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let outcome = noise::initiate(&mut stream, local, &options.cluster_key, timeout)
+            .await
+            .map_err(|e| match e {
+                TransportError::WrongClusterKey => ClientError::WrongClusterKey { addr },
+                TransportError::HandshakeTimeout => ClientError::Timeout {
+                    addr,
+                    after: timeout,
+                    stage: "handshake",
+                },
+                source => ClientError::Transport { addr, source },
+            })?;
+        let server_role = outcome.server_role.unwrap_or(NodeRole::Standalone);
+        let (r, w) = stream.into_split();
+        let limits = ChannelLimits {
+            max_frame_bytes: options.max_frame_bytes,
+        };
+        let (reader, writer) = channel(r, w, outcome.session, limits);
+        let mut reader_options = ReaderOptions::new();
+        reader_options
+            .traversal_limit_in_words(Some(options.max_frame_bytes / 8))
+            .nesting_limit(64);
+        let network = Box::new(twoparty::VatNetwork::new(
+            reader.compat(),
+            writer.compat_write(),
+            Side::Client,
+            reader_options,
+        ));
+        let mut rpc = RpcSystem::new(network, None);
+        let bootstrap: bootstrap::Client = rpc.bootstrap(Side::Server);
+        let disconnector = rpc.get_disconnector();
+        tokio::task::spawn_local(rpc);
+        Ok(Self {
+            addr,
+            server_role,
+            handshake_hash: outcome.handshake_hash,
+            timeout,
+            bootstrap,
+            disconnector,
+        })
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The role the cluster key vouches for.
+    pub fn server_role(&self) -> NodeRole {
+        self.server_role
+    }
+
+    /// The Noise handshake hash of this session (for channel binding).
+    pub fn handshake_hash(&self) -> &[u8; 32] {
+        &self.handshake_hash
+    }
+
+    /// Sends `payload` and waits for it to be echoed back.
+    pub async fn ping(&self, payload: &[u8]) -> Result<Pong, ClientError> {
+        let mut request = self.bootstrap.ping_request();
+        request.get().set_payload(payload);
+        let started = Instant::now();
+        let response = tokio::time::timeout(self.timeout, request.send().promise)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr: self.addr,
+                after: self.timeout,
+                stage: "ping",
+            })??;
+        let rtt = started.elapsed();
+        let payload = response.get()?.get_payload()?.to_vec();
+        Ok(Pong { payload, rtt })
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        let _ = self.disconnector.await;
+    }
+}
+
+/// Resolves `host:port` names in `servers` (in order, duplicates kept).
+pub async fn resolve(servers: &[String]) -> Result<Vec<SocketAddr>, ClientError> {
+    let mut out = Vec::new();
+    for s in servers {
+        let s = s.trim();
+        if s.is_empty() {
+            continue;
+        }
+        let addrs = tokio::net::lookup_host(s)
+            .await
+            .map_err(|_| ClientError::NoServers)?;
+        out.extend(addrs);
+    }
+    if out.is_empty() {
+        return Err(ClientError::NoServers);
+    }
+    Ok(out)
+}
+
+/// Connects to the first server in `addrs` that answers and is vouched for.
+///
+/// A server that presents the wrong cluster key ends the attempt at once: the pinned key is
+/// wrong for the whole list, and trying the others would only hide that.
+pub async fn connect_any(
+    addrs: &[SocketAddr],
+    options: &ConnectOptions,
+) -> Result<Connection, ClientError> {
+    let mut last = None;
+    for &addr in addrs {
+        match Connection::connect(addr, options).await {
+            Ok(c) => return Ok(c),
+            Err(e @ ClientError::WrongClusterKey { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or(ClientError::NoServers, |e| {
+        ClientError::AllFailed(Box::new(e))
+    }))
+}

@@ -13,7 +13,7 @@ macro_rules! generated {
     ($(#[$doc:meta] $name:ident => $file:literal),* $(,)?) => {
         $(
             #[$doc]
-            #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all, clippy::pedantic)]
+            #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all, clippy::pedantic, clippy::nursery, clippy::restriction)]
             pub mod $name {
                 include!(concat!("generated/", $file));
             }

@@ -1,1 +1,23 @@
-//! placeholder
+//! The quicproquo server: the edge, shard and standalone roles of the delivery cluster.
+//!
+//! What it is: the library behind the `qpq-server` binary, so tests and tools can run a server
+//! in process. [`config`] resolves and validates settings (defaults < `qpq-server.toml` <
+//! `QPQ_*` environment < flags); [`keystore`] keeps the cluster and node keys in the data
+//! directory; [`server`] runs the listener, the per-core workers and each connection (Noise
+//! handshake, then Cap'n Proto RPC over the encrypted channel); `rpc` implements the served
+//! interfaces.
+//!
+//! What it is not: a client (see `quicproquo-client`), and not yet the Authentication or Delivery
+//! Service: today every role serves the bootstrap interface (`ping`); the roles differ in the
+//! role their certificate vouches for, and grow apart as the AS, DS and routing land.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod keystore;
+mod rpc;
+pub mod server;
+
+pub use config::{ConfigError, FileConfig, Overrides, ServerConfig};
+pub use keystore::NodeIdentity;
+pub use server::{ServerError, ServerHandle, Stats, bind_and_start, start};

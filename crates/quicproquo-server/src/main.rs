@@ -1,1 +1,111 @@
-fn main() {}
+//! `qpq-server`: runs a quicproquo node (standalone, edge or shard) or manages its keys.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use quicproquo_core::NodeRole;
+use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
+use quicproquo_server::{bind_and_start, keystore};
+use std::io::Write;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "qpq-server",
+    version,
+    about = "quicproquo delivery cluster node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process: what a new user runs.
+    Standalone(Overrides),
+    /// Run an edge node: terminates client connections.
+    Edge(Overrides),
+    /// Run a Delivery Service shard.
+    Shard(Overrides),
+    /// Print the cluster public key clients pin (creating the keys on first use).
+    ClusterKey {
+        /// Directory holding the keys.
+        #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QPQ_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves when SIGTERM or SIGINT (ctrl-c) arrives.
+async fn shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("installing the ctrl-c handler")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
+    let file = FileConfig::load(overrides.config.as_deref())?;
+    let config = ServerConfig::resolve(role, file, overrides)?;
+    for var in config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
+        warn!(variable = %var, "unknown QPQ_ environment variable ignored");
+    }
+    let handle = bind_and_start(config)?;
+    // One machine-readable line on stdout: scripts and tests read the bound address from it.
+    println!(
+        "qpq-server {role} listening on {} cluster-key {}",
+        handle.local_addr(),
+        handle.cluster_key()
+    );
+    std::io::stdout().flush().context("writing to stdout")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the signal runtime")?;
+    runtime.block_on(shutdown_signal())?;
+    info!("shutting down");
+    handle.shutdown();
+    handle.join()?;
+    info!("stopped");
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Standalone(o) => serve(NodeRole::Standalone, o),
+        Command::Edge(o) => serve(NodeRole::Edge, o),
+        Command::Shard(o) => serve(NodeRole::Shard, o),
+        Command::ClusterKey { data_dir } => {
+            let key = keystore::cluster_key(&data_dir)?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qpq-server: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Server configuration: defaults < `qpq-server.toml` < `QPQ_*` environment < flags.
+//!
+//! [`Overrides`] is what the environment and the command line give (clap reads both, flags
+//! winning); [`FileConfig`] is the file, which rejects unknown keys. [`ServerConfig::resolve`]
+//! layers them over the defaults and validates the result before any port is bound.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quicproquo_core::NodeRole;
+use serde::Deserialize;
+
+/// Default configuration file, read from the working directory when it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
+/// Default client-facing listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "qpq-data";
+
+/// Smallest accepted `max_frame_bytes`: one Noise message must fit.
+const MIN_FRAME_BYTES: usize = 64 * 1024;
+/// Largest accepted `max_frame_bytes`.
+const MAX_FRAME_BYTES: usize = 1024 * 1024 * 1024;
+
+/// Every `QPQ_*` variable the server reads (the client's own are listed so they are not
+/// reported as unknown when both run from one shell).
+pub const KNOWN_ENV: &[&str] = &[
+    "QPQ_CONFIG",
+    "QPQ_LISTEN",
+    "QPQ_DATA_DIR",
+    "QPQ_WORKERS",
+    "QPQ_MAX_CONNECTIONS",
+    "QPQ_MAX_HANDSHAKES",
+    "QPQ_HANDSHAKE_TIMEOUT",
+    "QPQ_MAX_FRAME_BYTES",
+    "QPQ_SHUTDOWN_GRACE",
+    "QPQ_LOG",
+    "QPQ_SERVER",
+    "QPQ_SERVER_KEY",
+    "QPQ_STATE",
+    "QPQ_TIMEOUT",
+];
+
+/// Configuration errors, reported before anything is bound.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation (names the offending key).
+        message: String,
+    },
+    /// A setting has a value outside its allowed range or format.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The setting's name as written in the config file.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Settings from the environment and the command line (all optional).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Configuration file [default: ./qpq-server.toml when it exists].
+    #[arg(long, env = "QPQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on for connections [default: 127.0.0.1:7000].
+    #[arg(long, env = "QPQ_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory for keys and the embedded store [default: ./qpq-data].
+    #[arg(long, env = "QPQ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Worker threads, each running its own single-threaded runtime [default: one per core].
+    #[arg(long, env = "QPQ_WORKERS")]
+    pub workers: Option<usize>,
+    /// Most connections open at once; more are closed on accept [default: 10000].
+    #[arg(long, env = "QPQ_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most handshakes in progress at once; more are closed on accept [default: 1024].
+    #[arg(long, env = "QPQ_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// Deadline for a client to complete the Noise handshake, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, env = "QPQ_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+    /// Largest frame (and RPC message) accepted, in bytes [default: 16777216].
+    #[arg(long, env = "QPQ_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Time given to in-flight calls on shutdown, e.g. `30s` [default: 30s].
+    #[arg(long, env = "QPQ_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// The configuration file's contents. Unknown keys are an error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Overrides::listen`].
+    pub listen: Option<String>,
+    /// See [`Overrides::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Overrides::workers`].
+    pub workers: Option<usize>,
+    /// See [`Overrides::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`Overrides::max_handshakes`].
+    pub max_handshakes: Option<usize>,
+    /// See [`Overrides::handshake_timeout`].
+    pub handshake_timeout: Option<String>,
+    /// See [`Overrides::max_frame_bytes`].
+    pub max_frame_bytes: Option<usize>,
+    /// See [`Overrides::shutdown_grace`].
+    pub shutdown_grace: Option<String>,
+}
+
+impl FileConfig {
+    /// Parses TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })
+    }
+
+    /// Reads the file named by `explicit`, or `qpq-server.toml` in the working directory if it
+    /// exists. An explicitly named file must exist.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+}
+
+/// The resolved, validated configuration of one server process.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The role this process plays.
+    pub role: NodeRole,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Keys (and later the embedded store) live here.
+    pub data_dir: PathBuf,
+    /// Worker threads.
+    pub workers: usize,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Cap on handshakes in progress.
+    pub max_handshakes: usize,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Largest frame and RPC message accepted.
+    pub max_frame_bytes: usize,
+    /// Grace period for in-flight calls at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for `role`, for tests and embedding: listen on an ephemeral loopback port.
+    pub fn for_role(role: NodeRole, data_dir: PathBuf) -> Self {
+        Self {
+            role,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            workers: default_workers(),
+            max_connections: 10_000,
+            max_handshakes: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Layers `overrides` over `file` over the defaults, and validates the result.
+    pub fn resolve(
+        role: NodeRole,
+        file: FileConfig,
+        overrides: Overrides,
+    ) -> Result<Self, ConfigError> {
+        let defaults = Self::for_role(role, PathBuf::from(DEFAULT_DATA_DIR));
+        let listen_text = overrides
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text
+            .to_socket_addrs()
+            .map_err(|e| invalid("listen", format!("`{listen_text}`: {e}")))?
+            .next()
+            .ok_or_else(|| invalid("listen", format!("`{listen_text}` resolves to nothing")))?;
+        let duration = |key: &'static str, v: Option<String>, default: Duration| match v {
+            Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
+            None => Ok(default),
+        };
+        let config = Self {
+            role,
+            listen,
+            data_dir: overrides
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or(defaults.data_dir),
+            workers: overrides
+                .workers
+                .or(file.workers)
+                .unwrap_or(defaults.workers),
+            max_connections: overrides
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(defaults.max_connections),
+            max_handshakes: overrides
+                .max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(defaults.max_handshakes),
+            handshake_timeout: duration(
+                "handshake_timeout",
+                overrides.handshake_timeout.or(file.handshake_timeout),
+                defaults.handshake_timeout,
+            )?,
+            max_frame_bytes: overrides
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(defaults.max_frame_bytes),
+            shutdown_grace: duration(
+                "shutdown_grace",
+                overrides.shutdown_grace.or(file.shutdown_grace),
+                defaults.shutdown_grace,
+            )?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.workers) {
+            return Err(invalid("workers", "must be between 1 and 1024"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_handshakes == 0 || self.max_handshakes > self.max_connections {
+            return Err(invalid(
+                "max_handshakes",
+                "must be at least 1 and at most max_connections",
+            ));
+        }
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > Duration::from_secs(300) {
+            return Err(invalid(
+                "handshake_timeout",
+                "must be more than 0 and at most 5m",
+            ));
+        }
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(invalid(
+                "max_frame_bytes",
+                format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"),
+            ));
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return Err(invalid("shutdown_grace", "must be at most 1h"));
+        }
+        Ok(())
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Parses `250ms`, `10s`, `5m` or `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s, 5m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("`{text}` has an unknown unit (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// `QPQ_*` variables in `vars` that nothing reads (likely typos).
+pub fn unknown_env_vars(vars: impl Iterator<Item = String>) -> Vec<String> {
+    vars.filter(|k| k.starts_with("QPQ_") && !KNOWN_ENV.contains(&k.as_str()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn layers_defaults_file_and_overrides() -> Result<(), ConfigError> {
+        let f = file("listen = \"127.0.0.1:9100\"\nworkers = 3\nhandshake_timeout = \"2s\"\n")?;
+        let o = Overrides {
+            workers: Some(5),
+            ..Overrides::default()
+        };
+        let c = ServerConfig::resolve(NodeRole::Edge, f, o)?;
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9100)));
+        assert_eq!(c.workers, 5, "override beats file");
+        assert_eq!(
+            c.handshake_timeout,
+            Duration::from_secs(2),
+            "file beats default"
+        );
+        assert_eq!(c.max_frame_bytes, 16 * 1024 * 1024, "default");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let err = file("listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("listen_adress"), "{err}");
+        assert!(file("workers = \"two\"").is_err());
+
+        let bad = |o: Overrides| ServerConfig::resolve(NodeRole::Edge, FileConfig::default(), o);
+        assert!(matches!(
+            bad(Overrides {
+                workers: Some(0),
+                ..Overrides::default()
+            }),
+            Err(ConfigError::Invalid { key: "workers", .. })
+        ));
+        assert!(matches!(
+            bad(Overrides {
+                max_frame_bytes: Some(1000),
+                ..Overrides::default()
+            }),
+            Err(ConfigError::Invalid {
+                key: "max_frame_bytes",
+                ..
+            })
+        ));
+        assert!(matches!(
+            bad(Overrides {
+                handshake_timeout: Some("10".into()),
+                ..Overrides::default()
+            }),
+            Err(ConfigError::Invalid {
+                key: "handshake_timeout",
+                ..
+            })
+        ));
+        assert!(matches!(
+            bad(Overrides {
+                listen: Some("not an address".into()),
+                ..Overrides::default()
+            }),
+            Err(ConfigError::Invalid { key: "listen", .. })
+        ));
+        assert!(matches!(
+            bad(Overrides {
+                max_connections: Some(10),
+                max_handshakes: Some(11),
+                ..Overrides::default()
+            }),
+            Err(ConfigError::Invalid {
+                key: "max_handshakes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn unknown_env_vars_are_found() {
+        let vars = ["QPQ_LISTEN", "QPQ_LISTN", "HOME"].map(String::from);
+        assert_eq!(unknown_env_vars(vars.into_iter()), vec!["QPQ_LISTN"]);
+    }
+}

@@ -1,0 +1,412 @@
+//! The listener and worker runtime every role shares.
+//!
+//! One acceptor thread takes connections from a bound listener and hands each to one of the
+//! worker threads (round robin). Each worker runs a single-threaded tokio runtime with a
+//! `LocalSet`, because capnp-rpc's `RpcSystem` is `!Send`. A connection first holds a slot of
+//! the connection cap and of the handshake cap; a connection arriving when either is full is
+//! closed at once. After the Noise handshake the connection serves Cap'n Proto RPC over the
+//! encrypted channel until the peer leaves or the server shuts down; on shutdown, calls in
+//! progress get the configured grace period to finish before the connection is closed.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use capnp::message::ReaderOptions;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use quicproquo_core::channel::{ChannelLimits, channel};
+use quicproquo_core::{ClusterPublicKey, noise};
+use quicproquo_proto::bootstrap_capnp::bootstrap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{ConfigError, ServerConfig};
+use crate::keystore::{KeyStoreError, NodeIdentity};
+use crate::rpc::{BootstrapImpl, InFlight};
+
+/// Errors starting or running a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] KeyStoreError),
+    /// Binding or configuring the listener, or building a runtime, failed.
+    #[error("{action}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A server thread panicked (a bug: handlers must not panic).
+    #[error("server thread {0} panicked")]
+    ThreadPanicked(String),
+}
+
+fn io_err(action: &'static str) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Io { action, source }
+}
+
+/// Counters describing what the server has done, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted and handed to a worker.
+    pub accepted: AtomicU64,
+    /// Connections closed on accept because a cap was reached.
+    pub refused_at_capacity: AtomicU64,
+    /// Handshakes completed.
+    pub handshakes_ok: AtomicU64,
+    /// Handshakes that failed (bad bytes, wrong key, timeout, peer gone).
+    pub handshakes_failed: AtomicU64,
+    /// Connections that ended with a transport or RPC error after the handshake.
+    pub connection_errors: AtomicU64,
+}
+
+struct Shared {
+    config: ServerConfig,
+    identity: NodeIdentity,
+    stats: Arc<Stats>,
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    connection_slot: OwnedSemaphorePermit,
+    handshake_slot: OwnedSemaphorePermit,
+}
+
+/// A running server. Dropping it does not stop the server: call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    cluster_key: ClusterPublicKey,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The cluster public key clients pin to reach this server.
+    pub fn cluster_key(&self) -> ClusterPublicKey {
+        self.cluster_key
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A token that, when cancelled, shuts the server down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Begins a graceful shutdown: stop accepting, let calls in progress finish.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits (blocking) until every server thread has exited.
+    pub fn join(self) -> Result<(), ServerError> {
+        for t in self.threads {
+            let name = t.thread().name().unwrap_or("?").to_owned();
+            t.join().map_err(|_| ServerError::ThreadPanicked(name))?;
+        }
+        Ok(())
+    }
+}
+
+fn reader_options(max_frame_bytes: usize) -> ReaderOptions {
+    let mut options = ReaderOptions::new();
+    options
+        .traversal_limit_in_words(Some(max_frame_bytes / 8))
+        .nesting_limit(64);
+    options
+}
+
+/// Loads this node's keys from the data directory, binds `config.listen` and starts serving.
+pub fn bind_and_start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    let identity = NodeIdentity::load_or_create(&config.data_dir, config.role)?;
+    let listener =
+        std::net::TcpListener::bind(config.listen).map_err(io_err("binding the listener"))?;
+    start(config, listener, identity)
+}
+
+/// Starts serving on an already bound `listener` (tests bind port 0).
+pub fn start(
+    config: ServerConfig,
+    listener: std::net::TcpListener,
+    identity: NodeIdentity,
+) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("configuring the listener"))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(io_err("reading the listen address"))?;
+    let shutdown = CancellationToken::new();
+    let stats = Arc::new(Stats::default());
+    let cluster_key = identity.cluster_public;
+    let shared = Arc::new(Shared {
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
+        config,
+        identity,
+        stats: Arc::clone(&stats),
+    });
+
+    let mut threads = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..shared.config.workers {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        let rt = runtime()?;
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("qpq-worker-{i}"))
+            .spawn(move || worker(rt, rx, shared, shutdown))
+            .map_err(io_err("spawning a worker thread"))?;
+        threads.push(t);
+    }
+    let rt = runtime()?;
+    let (acceptor_shared, acceptor_shutdown) = (Arc::clone(&shared), shutdown.clone());
+    let t = std::thread::Builder::new()
+        .name("qpq-acceptor".into())
+        .spawn(move || {
+            rt.block_on(accept_loop(
+                listener,
+                senders,
+                acceptor_shared,
+                acceptor_shutdown,
+            ));
+        })
+        .map_err(io_err("spawning the acceptor thread"))?;
+    threads.push(t);
+    info!(role = %shared.config.role, addr = %local_addr, workers = shared.config.workers, "listening");
+    Ok(ServerHandle {
+        local_addr,
+        cluster_key,
+        shutdown,
+        stats,
+        threads,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("building a runtime"))
+}
+
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot register the listener; shutting down");
+            shutdown.cancel();
+            return;
+        }
+    };
+    let mut next = 0usize;
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
+                }
+            },
+        };
+        let slots = Arc::clone(&shared.connections)
+            .try_acquire_owned()
+            .and_then(|c| Ok((c, Arc::clone(&shared.handshakes).try_acquire_owned()?)));
+        let Ok((connection_slot, handshake_slot)) = slots else {
+            shared
+                .stats
+                .refused_at_capacity
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "at capacity; closing new connection");
+            continue;
+        };
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot hand over connection");
+                continue;
+            }
+        };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let accepted = Accepted {
+            stream,
+            peer,
+            connection_slot,
+            handshake_slot,
+        };
+        if workers[next % workers.len()].send(accepted).is_err() {
+            warn!("a worker has stopped; shutting down");
+            shutdown.cancel();
+            break;
+        }
+        next = next.wrapping_add(1);
+    }
+    debug!("acceptor stopped");
+}
+
+fn worker(
+    rt: tokio::runtime::Runtime,
+    mut rx: mpsc::UnboundedReceiver<Accepted>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let tracker = TaskTracker::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = rx.recv() => match next {
+                    Some(accepted) => {
+                        tracker.spawn_local(serve_connection(
+                            accepted,
+                            Arc::clone(&shared),
+                            shutdown.clone(),
+                        ));
+                    }
+                    None => break,
+                },
+            }
+        }
+        tracker.close();
+        // Connections drain themselves within the grace period; this bound is a backstop.
+        let backstop = shared.config.shutdown_grace + Duration::from_secs(1);
+        if tokio::time::timeout(backstop, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the grace period; closing them");
+        }
+    });
+}
+
+async fn serve_connection(accepted: Accepted, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Accepted {
+        stream,
+        peer,
+        connection_slot: _connection_slot,
+        handshake_slot,
+    } = accepted;
+    let mut stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, error = %e, "cannot register connection");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let config = &shared.config;
+    let handshake = tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = noise::respond(
+            &mut stream,
+            &shared.identity.noise,
+            &shared.identity.certificate,
+            config.handshake_timeout,
+        ) => r,
+    };
+    drop(handshake_slot);
+    let outcome = match handshake {
+        Ok(o) => {
+            shared.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+            o
+        }
+        Err(e) => {
+            shared
+                .stats
+                .handshakes_failed
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+
+    let (r, w) = stream.into_split();
+    let limits = ChannelLimits {
+        max_frame_bytes: config.max_frame_bytes,
+    };
+    let (reader, writer) = channel(r, w, outcome.session, limits);
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Server,
+        reader_options(config.max_frame_bytes),
+    );
+    let in_flight = Rc::new(InFlight::default());
+    let bootstrap: bootstrap::Client =
+        capnp_rpc::new_client(BootstrapImpl::new(config.role, Rc::clone(&in_flight)));
+    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
+    let disconnector = rpc.get_disconnector();
+    let mut rpc = pin!(rpc);
+
+    tokio::select! {
+        r = &mut rpc => {
+            if let Err(e) = r {
+                shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        () = shutdown.cancelled() => {}
+    }
+    // Draining: keep serving the calls in progress, then close politely.
+    let drain = async {
+        in_flight.idle().await;
+        let _ = disconnector.await;
+    };
+    tokio::select! {
+        _ = &mut rpc => {}
+        () = drain => {}
+        () = tokio::time::sleep(config.shutdown_grace) => {
+            debug!(%peer, "grace period over; closing connection");
+        }
+    }
+}

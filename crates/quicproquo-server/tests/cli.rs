@@ -1,0 +1,122 @@
+//! The `qpq-server` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qpq-server");
+
+fn server_cmd(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env_remove("QPQ_CONFIG")
+        .env_remove("QPQ_LISTEN")
+        .env_remove("QPQ_DATA_DIR")
+        .env("QPQ_LOG", "warn");
+    c
+}
+
+#[test]
+fn cluster_key_is_created_once_and_printed() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let run = || -> Result<String> {
+        let out = server_cmd(tmp.path())
+            .args(["cluster-key", "--data-dir"])
+            .arg(&data)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cluster-key failed: {out:?}");
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    };
+    let first = run()?;
+    assert_eq!(first.len(), 64, "hex public key: {first}");
+    assert!(quicproquo_core::ClusterPublicKey::from_hex(&first).is_ok());
+    assert_eq!(run()?, first, "the key must not change between runs");
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_is_refused_before_binding() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // Hold a port: if the server tried to bind before validating, the error would be
+    // "address in use" instead of the config error.
+    let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = held.local_addr()?.to_string();
+    std::fs::write(
+        tmp.path().join("qpq-server.toml"),
+        format!("listen = \"{addr}\"\nmax_conections = 5\n"),
+    )?;
+    let out = server_cmd(tmp.path()).arg("standalone").output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_conections"),
+        "error must name the key: {err}"
+    );
+    assert!(!err.contains("in use"), "{err}");
+
+    let out = server_cmd(tmp.path())
+        .args(["standalone", "--config", "missing.toml"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+
+    let out = server_cmd(tmp.path())
+        .args(["edge", "--config", "qpq-server.toml"])
+        .env("QPQ_WORKERS", "0")
+        .output()?;
+    assert!(!out.status.success());
+    Ok(())
+}
+
+#[test]
+fn env_and_flags_override_the_file_and_sigterm_stops_cleanly() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::write(
+        tmp.path().join("qpq-server.toml"),
+        "listen = \"127.0.0.1:1\"\ndata_dir = \"from-file\"\n",
+    )?;
+    let mut child = server_cmd(tmp.path())
+        .args(["standalone", "--listen", "127.0.0.1:0"])
+        .env("QPQ_DATA_DIR", tmp.path().join("from-env"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    // "qpq-server standalone listening on ADDR cluster-key HEX"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, role, _, _, addr, _, key] = words[..] else {
+        let _ = child.kill();
+        bail!("unexpected first line: {line:?}");
+    };
+    assert_eq!(role, "standalone");
+    assert_ne!(addr, "127.0.0.1:1", "the flag must beat the file");
+    assert!(
+        tmp.path().join("from-env/node.key").exists(),
+        "env must beat the file"
+    );
+    assert!(!tmp.path().join("from-file").exists());
+    assert_eq!(key.len(), 64);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            assert!(status.success(), "exit after SIGTERM: {status}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("server did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Shared fixtures for the server's integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use anyhow::Result;
+use quicproquo_client::{ConnectOptions, Connection};
+use quicproquo_core::NodeRole;
+use quicproquo_server::{NodeIdentity, ServerConfig, ServerHandle};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// A server running in this process on an ephemeral loopback port, with its own data dir.
+pub struct TestServer {
+    pub handle: Option<ServerHandle>,
+    pub addr: std::net::SocketAddr,
+    pub options: ConnectOptions,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn start(role: NodeRole, tweak: impl FnOnce(&mut ServerConfig)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = ServerConfig::for_role(role, dir.path().join("data"));
+        config.workers = 2;
+        tweak(&mut config);
+        let identity = NodeIdentity::load_or_create(&config.data_dir, role)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let handle = quicproquo_server::start(config, listener, identity)?;
+        let addr = handle.local_addr();
+        let options = ConnectOptions::new(handle.cluster_key());
+        Ok(Self {
+            handle: Some(handle),
+            addr,
+            options,
+            _dir: dir,
+        })
+    }
+
+    pub fn handle(&self) -> Result<&ServerHandle> {
+        self.handle
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("server already stopped"))
+    }
+
+    pub async fn connect(&self) -> Result<Connection> {
+        Ok(Connection::connect(self.addr, &self.options).await?)
+    }
+
+    /// Shuts the server down and waits for its threads.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+            tokio::task::spawn_blocking(move || h.join()).await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+            let _ = h.join();
+        }
+    }
+}
+
+/// Runs `f` inside a `LocalSet` (capnp-rpc clients are `!Send`).
+pub async fn local<F: Future>(f: F) -> F::Output {
+    tokio::task::LocalSet::new().run_until(f).await
+}
+
+/// Waits until the server closes `stream` (EOF or reset), failing after `within`.
+pub async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> Result<()> {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("server did not close the connection within {within:?}"))
+}
+
+/// Polls `check` until it returns true, failing after `within`.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("condition not met within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
