@@ -10,12 +10,15 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnp::message::ReaderOptions;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use quicproquo_core::channel::{ChannelLimits, channel};
-use quicproquo_core::{ClusterPublicKey, NodeRole, NoiseKeypair, TransportError, noise};
+use quicproquo_core::{
+    ClusterPublicKey, NodeRole, NodeVerifier, NoiseKeypair, TransportError, noise,
+};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::TcpStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -73,8 +76,9 @@ pub enum ClientError {
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// The cluster public key the server must be vouched for by.
-    pub cluster_key: ClusterPublicKey,
+    /// Checks servers' certificates against the pinned cluster key (shared, with its cache,
+    /// by every connection made with these options).
+    pub verifier: Arc<NodeVerifier>,
     /// Deadline for the TCP connection, the handshake and each call, each separately.
     pub timeout: Duration,
     /// Largest frame accepted from the server.
@@ -85,7 +89,7 @@ impl ConnectOptions {
     /// Options with a 10 s timeout and the default 16 MiB frame limit.
     pub fn new(cluster_key: ClusterPublicKey) -> Self {
         Self {
-            cluster_key,
+            verifier: Arc::new(NodeVerifier::new(cluster_key)),
             timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
         }
@@ -145,7 +149,7 @@ impl Connection {
             })?
             .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        let outcome = noise::initiate(&mut stream, local, &options.cluster_key, timeout)
+        let outcome = noise::initiate(&mut stream, local, &options.verifier, timeout)
             .await
             .map_err(|e| match e {
                 TransportError::WrongClusterKey => ClientError::WrongClusterKey { addr },

@@ -80,8 +80,7 @@ pub fn channel<R, W>(
             nonce: 0,
             pending: Vec::new(),
             pending_limit: PENDING_LIMIT.min(max_frame).max(1),
-            out: Vec::new(),
-            out_pos: 0,
+            out: Buf::default(),
             scratch: Vec::new(),
             max_frame,
         },
@@ -144,28 +143,62 @@ pub struct NoiseReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> NoiseReader<R> {
-    /// Decrypts one buffered Noise message into `plain`, if a whole one is buffered.
-    fn open_one(&mut self) -> Result<bool, TransportError> {
+    /// The ciphertext length of the next Noise message, if the whole message is buffered.
+    fn buffered_message(&self) -> Result<Option<usize>, TransportError> {
         let avail = self.cipher.readable();
         if avail.len() < LEN_PREFIX {
-            return Ok(false);
+            return Ok(None);
         }
         let len = usize::from(u16::from_be_bytes([avail[0], avail[1]]));
         if len < TAG_LEN {
             return Err(TransportError::Decrypt);
         }
-        if avail.len() < LEN_PREFIX + len {
-            return Ok(false);
-        }
-        let nonce = self.nonce;
+        Ok((avail.len() >= LEN_PREFIX + len).then_some(len))
+    }
+
+    /// Decrypts the buffered message of ciphertext length `len` into `out`.
+    fn open_into(&mut self, len: usize, out: &mut [u8]) -> Result<usize, TransportError> {
         let ciphertext = &self.cipher.data[self.cipher.start + LEN_PREFIX..][..len];
-        let n = self
-            .session
-            .open(nonce, ciphertext, self.plain.tail(len - TAG_LEN))?;
-        self.plain.end += n;
+        let n = self.session.open(self.nonce, ciphertext, out)?;
         self.cipher.consume(LEN_PREFIX + len);
-        self.nonce = nonce.checked_add(1).ok_or(TransportError::Decrypt)?;
-        Ok(true)
+        self.nonce = self.nonce.checked_add(1).ok_or(TransportError::Decrypt)?;
+        Ok(n)
+    }
+
+    /// Decrypts one buffered Noise message into `plain`, if a whole one is buffered.
+    fn open_one(&mut self) -> Result<bool, TransportError> {
+        let Some(len) = self.buffered_message()? else {
+            return Ok(false);
+        };
+        let mut plain = std::mem::take(&mut self.plain);
+        let opened = self.open_into(len, plain.tail(len - TAG_LEN));
+        if let Ok(n) = opened {
+            plain.end += n;
+        }
+        self.plain = plain;
+        opened.map(|_| true)
+    }
+
+    /// Reads more ciphertext from the socket. `Ok(false)` means the peer closed the connection.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, TransportError>> {
+        let wanted = match self.cipher.readable() {
+            [a, b, ..] => LEN_PREFIX + usize::from(u16::from_be_bytes([*a, *b])),
+            _ => LEN_PREFIX,
+        };
+        let free = wanted.saturating_sub(self.cipher.len()).max(self.read_size);
+        let tail = self.cipher.tail(free);
+        let tail_len = tail.len();
+        let mut rb = ReadBuf::new(tail);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(false));
+        }
+        if n == tail_len && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        self.cipher.end += n;
+        Poll::Ready(Ok(true))
     }
 
     /// Makes more plaintext available. `Ok(false)` means the peer closed the connection.
@@ -174,23 +207,9 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
             if self.open_one()? {
                 return Poll::Ready(Ok(true));
             }
-            let wanted = match self.cipher.readable() {
-                [a, b, ..] => LEN_PREFIX + usize::from(u16::from_be_bytes([*a, *b])),
-                _ => LEN_PREFIX,
-            };
-            let free = wanted.saturating_sub(self.cipher.len()).max(self.read_size);
-            let tail = self.cipher.tail(free);
-            let tail_len = tail.len();
-            let mut rb = ReadBuf::new(tail);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
+            if !ready!(self.poll_read_more(cx))? {
                 return Poll::Ready(Ok(false));
             }
-            if n == tail_len && self.read_size < MAX_READ {
-                self.read_size *= 2;
-            }
-            self.cipher.end += n;
         }
     }
 
@@ -236,16 +255,30 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
                 };
             }
         };
-        let mut frame = Vec::with_capacity(len);
+        // Zeroed allocation: large ones are fresh zero pages, so this costs no memset.
+        let mut frame = vec![0u8; len];
+        let mut filled = 0;
         loop {
-            let take = (len - frame.len()).min(self.plain.len());
-            frame.extend_from_slice(&self.plain.readable()[..take]);
+            let take = (len - filled).min(self.plain.len());
+            frame[filled..filled + take].copy_from_slice(&self.plain.readable()[..take]);
             self.plain.consume(take);
-            if frame.len() == len {
+            filled += take;
+            if filled == len {
                 return Ok(Some(frame));
             }
-            if !self.fill().await? {
-                return Err(TransportError::Closed);
+            // `plain` is empty: decrypt straight into the frame when the next message fits.
+            match self.buffered_message()? {
+                Some(ct) if ct - TAG_LEN <= len - filled => {
+                    filled += self.open_into(ct, &mut frame[filled..])?;
+                }
+                Some(_) => {
+                    self.open_one()?;
+                }
+                None => {
+                    if !poll_fn(|cx| self.poll_read_more(cx)).await? {
+                        return Err(TransportError::Closed);
+                    }
+                }
             }
         }
     }
@@ -299,25 +332,22 @@ pub struct NoiseWriter<W> {
     /// Stream-view bytes not yet sealed.
     pending: Vec<u8>,
     pending_limit: usize,
-    /// Sealed bytes not yet written, from `out_pos`.
-    out: Vec<u8>,
-    out_pos: usize,
+    /// Sealed bytes not yet written.
+    out: Buf,
     scratch: Vec<u8>,
     max_frame: usize,
 }
 
 impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
     fn seal_message(&mut self, plaintext: &[u8]) -> Result<(), TransportError> {
-        let start = self.out.len();
-        self.out
-            .resize(start + LEN_PREFIX + plaintext.len() + TAG_LEN, 0);
+        let tail = self.out.tail(LEN_PREFIX + plaintext.len() + TAG_LEN);
         let n = self
             .session
-            .seal(self.nonce, plaintext, &mut self.out[start + LEN_PREFIX..])?;
+            .seal(self.nonce, plaintext, &mut tail[LEN_PREFIX..])?;
         let len = u16::try_from(n)
             .map_err(|_| TransportError::Encrypt("noise message too long".into()))?;
-        self.out[start..start + LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
-        self.out.truncate(start + LEN_PREFIX + n);
+        tail[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+        self.out.end += LEN_PREFIX + n;
         self.nonce = self
             .nonce
             .checked_add(1)
@@ -359,15 +389,13 @@ impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
     }
 
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_pos < self.out.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.out_pos..]))?;
+        while self.out.len() > 0 {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.out.readable()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.out_pos += n;
+            self.out.consume(n);
         }
-        self.out.clear();
-        self.out_pos = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -427,7 +455,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for NoiseWriter<W> {
         if this.pending.len() >= this.pending_limit {
             this.seal_pending()?;
         }
-        if this.out_pos < this.out.len() {
+        if this.out.len() > 0 {
             ready!(this.poll_drain(cx))?;
         }
         let n = buf.len().min(this.pending_limit - this.pending.len());

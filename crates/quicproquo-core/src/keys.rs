@@ -5,7 +5,9 @@
 //! as a [`NodeCertificate`]. Clients pin the cluster public key, so any node the cluster vouches
 //! for is accepted and nothing else is.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Mutex;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use zeroize::{Zeroize, Zeroizing};
@@ -237,6 +239,63 @@ impl fmt::Display for ClusterPublicKey {
     }
 }
 
+/// Verifies node certificates under a pinned cluster key, remembering those already verified.
+///
+/// A client that reconnects to the same nodes (a load generator opens thousands of connections)
+/// then pays for one Ed25519 verification per node, not per connection. Certificates are
+/// deterministic signatures over public data, so a cached (key, certificate) pair that verified
+/// once verifies forever under the same cluster key.
+#[derive(Debug)]
+pub struct NodeVerifier {
+    cluster: ClusterPublicKey,
+    verified: Mutex<HashSet<([u8; 32], [u8; NODE_CERTIFICATE_LEN])>>,
+}
+
+/// Most (key, certificate) pairs a [`NodeVerifier`] remembers before starting afresh.
+const VERIFIED_CACHE_LIMIT: usize = 4096;
+
+impl NodeVerifier {
+    /// A verifier for certificates signed by `cluster`.
+    pub fn new(cluster: ClusterPublicKey) -> Self {
+        Self {
+            cluster,
+            verified: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The pinned cluster key.
+    pub fn cluster_key(&self) -> ClusterPublicKey {
+        self.cluster
+    }
+
+    /// Checks that `cert` vouches for `noise_public`; returns the certified role.
+    pub fn verify(
+        &self,
+        cert: &NodeCertificate,
+        noise_public: &[u8; 32],
+    ) -> Result<NodeRole, KeyError> {
+        let entry = (*noise_public, cert.encode());
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.contains(&entry) {
+            return Ok(cert.role);
+        }
+        drop(verified);
+        let role = self.cluster.verify(cert, noise_public)?;
+        verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.len() >= VERIFIED_CACHE_LIMIT {
+            verified.clear();
+        }
+        verified.insert(entry);
+        Ok(role)
+    }
+}
+
 /// A cluster key's signature over a node's role and Noise static public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeCertificate {
@@ -315,6 +374,23 @@ mod tests {
             NodeCertificate::decode(&encoded[..10]),
             Err(KeyError::MalformedCertificate)
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn verifier_caches_only_what_verified() -> Result<(), KeyError> {
+        let cluster = ClusterSigningKey::generate()?;
+        let node = NoiseKeypair::generate()?;
+        let other = NoiseKeypair::generate()?;
+        let cert = cluster.certify(NodeRole::Edge, node.public());
+        let verifier = NodeVerifier::new(cluster.public_key());
+        assert_eq!(verifier.verify(&cert, node.public())?, NodeRole::Edge);
+        assert_eq!(verifier.verify(&cert, node.public())?, NodeRole::Edge);
+        // A cached certificate does not vouch for another key.
+        assert!(verifier.verify(&cert, other.public()).is_err());
+        let wrong = NodeVerifier::new(ClusterSigningKey::generate()?.public_key());
+        assert!(wrong.verify(&cert, node.public()).is_err());
+        assert!(wrong.verify(&cert, node.public()).is_err());
         Ok(())
     }
 

@@ -21,5 +21,7 @@ pub mod noise;
 
 pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};
 pub use error::{KeyError, TransportError};
-pub use keys::{ClusterPublicKey, ClusterSigningKey, NodeCertificate, NodeRole, NoiseKeypair};
+pub use keys::{
+    ClusterPublicKey, ClusterSigningKey, NodeCertificate, NodeRole, NodeVerifier, NoiseKeypair,
+};
 pub use noise::{HandshakeOutcome, Session};

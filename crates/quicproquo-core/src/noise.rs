@@ -3,7 +3,7 @@
 //! Pattern `Noise_XX_25519_ChaChaPoly_SHA256`, prologue `quicproquo/1`. Handshake messages are
 //! sent as `[u16 big-endian length][message]`. The responder (a server node) puts its
 //! [`NodeCertificate`] in the payload of message 2; the initiator checks it against the pinned
-//! [`ClusterPublicKey`] before sending message 3, so a client never completes a handshake with a
+//! cluster public key before sending message 3, so a client never completes a handshake with a
 //! node the cluster does not vouch for.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::TransportError;
-use crate::keys::{ClusterPublicKey, NodeCertificate, NodeRole, NoiseKeypair};
+use crate::keys::{NodeCertificate, NodeRole, NodeVerifier, NoiseKeypair};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
@@ -166,11 +166,11 @@ async fn with_deadline<T>(
 /// Runs the initiator (client) side of the handshake within `deadline`.
 ///
 /// Fails with [`TransportError::WrongClusterKey`] when the responder's certificate does not
-/// verify under `cluster`; message 3 is then never sent.
+/// verify under the verifier's pinned cluster key; message 3 is then never sent.
 pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     local: &NoiseKeypair,
-    cluster: &ClusterPublicKey,
+    verifier: &NodeVerifier,
     deadline: Duration,
 ) -> Result<HandshakeOutcome, TransportError> {
     with_deadline(deadline, async {
@@ -190,7 +190,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| TransportError::Handshake("responder sent no static key".into()))?;
-        let role = cluster
+        let role = verifier
             .verify(&cert, &server_static)
             .map_err(|_| TransportError::WrongClusterKey)?;
 

@@ -7,8 +7,8 @@ use anyhow::{Result, bail};
 use quicproquo_core::channel::{ChannelLimits, channel};
 use quicproquo_core::noise::{self, MAX_NOISE_MESSAGE};
 use quicproquo_core::{
-    ClusterSigningKey, HandshakeOutcome, NodeRole, NoiseKeypair, NoiseReader, NoiseWriter,
-    TransportError,
+    ClusterSigningKey, HandshakeOutcome, NodeRole, NodeVerifier, NoiseKeypair, NoiseReader,
+    NoiseWriter, TransportError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -42,7 +42,7 @@ async fn connected_with(client: ChannelLimits, server: ChannelLimits) -> Result<
     let client_key = NoiseKeypair::generate()?;
     let cert = cluster.certify(NodeRole::Standalone, server_key.public());
     let (mut c, mut s) = tcp_pair().await?;
-    let pinned = cluster.public_key();
+    let pinned = NodeVerifier::new(cluster.public_key());
     let (co, so) = tokio::join!(
         noise::initiate(&mut c, &client_key, &pinned, DEADLINE),
         noise::respond(&mut s, &server_key, &cert, DEADLINE)
@@ -187,7 +187,7 @@ async fn tampered_transport_message_fails_authentication() -> Result<()> {
     let cert = cluster.certify(NodeRole::Edge, server_key.public());
     let (mut c, mut s) = tcp_pair().await?;
     let client_key = NoiseKeypair::generate()?;
-    let pinned = cluster.public_key();
+    let pinned = NodeVerifier::new(cluster.public_key());
     let (co, so) = tokio::join!(
         noise::initiate(&mut c, &client_key, &pinned, DEADLINE),
         noise::respond(&mut s, &server_key, &cert, DEADLINE)
@@ -213,7 +213,7 @@ async fn wrong_pinned_cluster_key_aborts_the_handshake() -> Result<()> {
     let cert = cluster.certify(NodeRole::Edge, server_key.public());
     let (mut c, mut s) = tcp_pair().await?;
     let client_key = NoiseKeypair::generate()?;
-    let pinned = impostor.public_key();
+    let pinned = NodeVerifier::new(impostor.public_key());
     let client = async {
         let r = noise::initiate(&mut c, &client_key, &pinned, DEADLINE).await;
         drop(c);

@@ -16,7 +16,7 @@ use anyhow::Result;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use quicproquo_core::channel::{ChannelLimits, channel};
 use quicproquo_core::noise::{self, NOISE_PARAMS, PROLOGUE};
-use quicproquo_core::{ClusterSigningKey, NodeRole, NoiseKeypair};
+use quicproquo_core::{ClusterSigningKey, NodeRole, NodeVerifier, NoiseKeypair};
 use quicproquo_server::{NodeIdentity, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -125,7 +125,7 @@ fn handshakes(c: &mut Criterion) {
     let server =
         quicproquo_server::start(config, listener, identity).unwrap_or_else(|e| panic!("{e}"));
     let server_addr = server.local_addr();
-    let pinned = server.cluster_key();
+    let pinned = NodeVerifier::new(server.cluster_key());
     let qpq_key = NoiseKeypair::generate().unwrap_or_else(|e| panic!("{e}"));
 
     let mut group = c.benchmark_group("handshake");
@@ -190,7 +190,7 @@ async fn framed_round(size: usize, count: usize) -> Result<Duration> {
     let (server_key, client_key) = (NoiseKeypair::generate()?, NoiseKeypair::generate()?);
     let cert = cluster.certify(NodeRole::Edge, server_key.public());
     let (mut a, mut b) = tcp_pair().await?;
-    let pinned = cluster.public_key();
+    let pinned = NodeVerifier::new(cluster.public_key());
     let (ao, bo) = tokio::join!(
         noise::initiate(&mut a, &client_key, &pinned, DEADLINE),
         noise::respond(&mut b, &server_key, &cert, DEADLINE)

@@ -139,8 +139,7 @@ async fn a_frame_over_the_maximum_closes_that_connection() -> Result<()> {
         |server| async move {
             let mut s = TcpStream::connect(server.addr).await?;
             let key = NoiseKeypair::generate()?;
-            let outcome =
-                noise::initiate(&mut s, &key, &server.options.cluster_key, WITHIN).await?;
+            let outcome = noise::initiate(&mut s, &key, &server.options.verifier, WITHIN).await?;
             let (r, w) = s.into_split();
             let (mut reader, mut writer) = channel(r, w, outcome.session, ChannelLimits::default());
             // Announce a 64 MiB frame, over the server's 16 MiB default, and send a little of it.
