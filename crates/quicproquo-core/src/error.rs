@@ -23,6 +23,9 @@ pub enum KeyError {
     /// A node certificate was malformed.
     #[error("malformed node certificate")]
     MalformedCertificate,
+    /// An identity binding signature is malformed or does not verify.
+    #[error("identity binding signature does not verify")]
+    BadBinding,
     /// A node certificate's signature does not verify under the pinned cluster key.
     #[error("the server's key is not vouched for by the pinned cluster key")]
     UntrustedNode,

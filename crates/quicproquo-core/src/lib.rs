@@ -16,11 +16,13 @@
 
 pub mod channel;
 pub mod error;
+pub mod identity;
 pub mod keys;
 pub mod noise;
 
 pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};
 pub use error::{KeyError, TransportError};
+pub use identity::{IdentityKey, IdentityKeypair};
 pub use keys::{
     ClusterPublicKey, ClusterSigningKey, NodeCertificate, NodeRole, NodeVerifier, NoiseKeypair,
 };

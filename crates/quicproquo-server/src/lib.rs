@@ -17,6 +17,7 @@ pub mod config;
 pub mod keystore;
 mod rpc;
 pub mod server;
+pub mod store;
 
 pub use config::{ConfigError, FileConfig, Overrides, ServerConfig};
 pub use keystore::NodeIdentity;

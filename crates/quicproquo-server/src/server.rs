@@ -1,12 +1,13 @@
 //! The listener and worker runtime every role shares.
 //!
-//! One acceptor thread takes connections from a bound listener and hands each to one of the
-//! worker threads (round robin). Each worker runs a single-threaded tokio runtime with a
-//! `LocalSet`, because capnp-rpc's `RpcSystem` is `!Send`. A connection first holds a slot of
-//! the connection cap and of the handshake cap; a connection arriving when either is full is
-//! closed at once. After the Noise handshake the connection serves Cap'n Proto RPC over the
-//! encrypted channel until the peer leaves or the server shuts down; on shutdown, calls in
-//! progress get the configured grace period to finish before the connection is closed.
+//! Each worker thread runs a single-threaded tokio runtime with a `LocalSet` (capnp-rpc's
+//! `RpcSystem` is `!Send`) and accepts from its own registration of the one listening socket,
+//! so a connection is served on the thread that accepted it, with no hand-off between threads.
+//! A connection first holds a slot of the connection cap and of the handshake cap; a
+//! connection arriving when either is full is closed at once. After the Noise handshake the
+//! connection serves Cap'n Proto RPC over the encrypted channel until the peer leaves or the
+//! server shuts down; on shutdown, calls in progress get the configured grace period to finish
+//! before the connection is closed.
 
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -22,7 +23,7 @@ use quicproquo_core::channel::{ChannelLimits, channel};
 use quicproquo_core::{ClusterPublicKey, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -80,13 +81,6 @@ struct Shared {
     stats: Arc<Stats>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
-}
-
-struct Accepted {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    connection_slot: OwnedSemaphorePermit,
-    handshake_slot: OwnedSemaphorePermit,
 }
 
 /// A running server. Dropping it does not stop the server: call [`ServerHandle::shutdown`].
@@ -184,32 +178,18 @@ pub fn start(
     });
 
     let mut threads = Vec::new();
-    let mut senders = Vec::new();
     for i in 0..shared.config.workers {
-        let (tx, rx) = mpsc::unbounded_channel();
-        senders.push(tx);
+        let listener = listener
+            .try_clone()
+            .map_err(io_err("sharing the listener with a worker"))?;
         let rt = runtime()?;
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
         let t = std::thread::Builder::new()
             .name(format!("qpq-worker-{i}"))
-            .spawn(move || worker(rt, rx, shared, shutdown))
+            .spawn(move || worker(rt, listener, shared, shutdown))
             .map_err(io_err("spawning a worker thread"))?;
         threads.push(t);
     }
-    let rt = runtime()?;
-    let (acceptor_shared, acceptor_shutdown) = (Arc::clone(&shared), shutdown.clone());
-    let t = std::thread::Builder::new()
-        .name("qpq-acceptor".into())
-        .spawn(move || {
-            rt.block_on(accept_loop(
-                listener,
-                senders,
-                acceptor_shared,
-                acceptor_shutdown,
-            ));
-        })
-        .map_err(io_err("spawning the acceptor thread"))?;
-    threads.push(t);
     info!(role = %shared.config.role, addr = %local_addr, workers = shared.config.workers, "listening");
     Ok(ServerHandle {
         local_addr,
@@ -227,95 +207,59 @@ fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
         .map_err(io_err("building a runtime"))
 }
 
-async fn accept_loop(
-    listener: std::net::TcpListener,
-    workers: Vec<mpsc::UnboundedSender<Accepted>>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "cannot register the listener; shutting down");
-            shutdown.cancel();
-            return;
-        }
-    };
-    let mut next = 0usize;
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    }
-                }
-            },
-        };
-        let slots = Arc::clone(&shared.connections)
-            .try_acquire_owned()
-            .and_then(|c| Ok((c, Arc::clone(&shared.handshakes).try_acquire_owned()?)));
-        let Ok((connection_slot, handshake_slot)) = slots else {
-            shared
-                .stats
-                .refused_at_capacity
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "at capacity; closing new connection");
-            continue;
-        };
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(%peer, error = %e, "cannot hand over connection");
-                continue;
-            }
-        };
-        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let accepted = Accepted {
-            stream,
-            peer,
-            connection_slot,
-            handshake_slot,
-        };
-        if workers[next % workers.len()].send(accepted).is_err() {
-            warn!("a worker has stopped; shutting down");
-            shutdown.cancel();
-            break;
-        }
-        next = next.wrapping_add(1);
-    }
-    debug!("acceptor stopped");
-}
-
 fn worker(
     rt: tokio::runtime::Runtime,
-    mut rx: mpsc::UnboundedReceiver<Accepted>,
+    listener: std::net::TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot register the listener; shutting down");
+                shutdown.cancel();
+                return;
+            }
+        };
         let tracker = TaskTracker::new();
         loop {
-            tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                next = rx.recv() => match next {
-                    Some(accepted) => {
-                        tracker.spawn_local(serve_connection(
-                            accepted,
-                            Arc::clone(&shared),
-                            shutdown.clone(),
-                        ));
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        }
                     }
-                    None => break,
                 },
-            }
+            };
+            let slots = Arc::clone(&shared.connections)
+                .try_acquire_owned()
+                .and_then(|c| Ok((c, Arc::clone(&shared.handshakes).try_acquire_owned()?)));
+            let Ok((connection_slot, handshake_slot)) = slots else {
+                shared
+                    .stats
+                    .refused_at_capacity
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "at capacity; closing new connection");
+                continue;
+            };
+            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            tracker.spawn_local(serve_connection(
+                stream,
+                peer,
+                (connection_slot, handshake_slot),
+                Arc::clone(&shared),
+                shutdown.clone(),
+            ));
         }
+        drop(listener);
         tracker.close();
         // Connections drain themselves within the grace period; this bound is a backstop.
         let backstop = shared.config.shutdown_grace + Duration::from_secs(1);
@@ -328,20 +272,13 @@ fn worker(
     });
 }
 
-async fn serve_connection(accepted: Accepted, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let Accepted {
-        stream,
-        peer,
-        connection_slot: _connection_slot,
-        handshake_slot,
-    } = accepted;
-    let mut stream = match TcpStream::from_std(stream) {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%peer, error = %e, "cannot register connection");
-            return;
-        }
-    };
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    (_connection_slot, handshake_slot): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let config = &shared.config;
     let handshake = tokio::select! {

@@ -1,0 +1,163 @@
+//! The durable store behind the Authentication Service (and, later, the group logs).
+//!
+//! [`Store`] is the one interface; [`postgres::PgStore`] (tokio-postgres + deadpool) serves a
+//! cluster, [`embedded::EmbeddedStore`] (one file, `qpq.db` in the data directory) serves a
+//! standalone node without Postgres. Both pass the same conformance suite
+//! (`quicproquo-testkit::conformance`), which is the specification of the semantics below.
+//!
+//! Semantics every implementation keeps:
+//! - every write is durable when its future resolves `Ok`;
+//! - a pooled KeyPackage is handed out at most once, even to concurrent fetchers; when an
+//!   identity's pool is empty its last-resort KeyPackage (if any) is returned and kept;
+//! - a user name belongs to at most one identity and an identity has at most one name.
+
+use quicproquo_core::IdentityKey;
+
+/// A user name: 3 to 32 characters of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter or
+/// digit. Names are compared after lower-casing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName(String);
+
+impl UserName {
+    /// Parses and normalises a user name.
+    pub fn parse(raw: &str) -> Result<Self, StoreError> {
+        let name = raw.trim().to_ascii_lowercase();
+        let ok_len = (3..=32).contains(&name.len());
+        let ok_first = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+        let ok_chars = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if ok_len && ok_first && ok_chars {
+            Ok(Self(name))
+        } else {
+            Err(StoreError::InvalidName)
+        }
+    }
+
+    /// The normalised name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for UserName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated KeyPackage ready to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageRecord {
+    /// The KeyPackage's hash reference (unique per KeyPackage).
+    pub hash_ref: Vec<u8>,
+    /// The TLS-serialised KeyPackage.
+    pub data: Vec<u8>,
+}
+
+/// A KeyPackage handed out by a fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedKeyPackage {
+    /// Whose it is.
+    pub identity: IdentityKey,
+    /// The TLS-serialised KeyPackage.
+    pub data: Vec<u8>,
+    /// True when the pool was empty and this is the identity's last-resort KeyPackage.
+    pub last_resort: bool,
+}
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The user name is already claimed by another identity.
+    #[error("user name is taken")]
+    NameTaken,
+    /// The identity already has a different user name.
+    #[error("identity already has a user name")]
+    AlreadyNamed,
+    /// The user name does not follow the rules of [`UserName::parse`].
+    #[error("invalid user name: use 3-32 characters a-z, 0-9, '_', '-', '.'")]
+    InvalidName,
+    /// The identity is not registered.
+    #[error("unknown identity")]
+    UnknownIdentity,
+    /// The store could not be reached or a query failed; the operation had no effect.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is inconsistent (a bug or corruption).
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The operations the Authentication Service needs.
+///
+/// Futures are `Send` so an implementation may be driven from any runtime.
+pub trait Store: Send + Sync + 'static {
+    /// Records an identity (idempotent).
+    fn register_identity(
+        &self,
+        identity: &IdentityKey,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives `name` to `identity`. Claiming the name the identity already has succeeds.
+    fn claim_name(
+        &self,
+        identity: &IdentityKey,
+        name: &UserName,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The identity that owns `name`.
+    fn resolve_name(
+        &self,
+        name: &UserName,
+    ) -> impl Future<Output = Result<Option<IdentityKey>, StoreError>> + Send;
+
+    /// The name `identity` claimed.
+    fn name_of(
+        &self,
+        identity: &IdentityKey,
+    ) -> impl Future<Output = Result<Option<UserName>, StoreError>> + Send;
+
+    /// Adds KeyPackages to `identity`'s pool (ones whose `hash_ref` is already stored are
+    /// skipped) and, if given, replaces its last-resort KeyPackage. Returns the pool size after.
+    fn add_key_packages(
+        &self,
+        identity: &IdentityKey,
+        packages: &[KeyPackageRecord],
+        last_resort: Option<&KeyPackageRecord>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
+    /// Takes one KeyPackage for each target, in order, consuming pooled ones atomically. A
+    /// target with an empty pool gets its last-resort KeyPackage, or `None` if it has none.
+    fn fetch_key_packages(
+        &self,
+        targets: &[IdentityKey],
+    ) -> impl Future<Output = Result<Vec<Option<FetchedKeyPackage>>, StoreError>> + Send;
+
+    /// How many pooled KeyPackages `identity` has (the last-resort one not counted).
+    fn key_package_count(
+        &self,
+        identity: &IdentityKey,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names_are_normalised_and_checked() {
+        assert_eq!(
+            UserName::parse(" Alice ").map(|n| n.to_string()).ok(),
+            Some("alice".into())
+        );
+        for bad in ["al", "-alice", "al ice", "ålice", &"x".repeat(33), ""] {
+            assert!(UserName::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(UserName::parse("bob.smith_2-x").is_ok());
+    }
+}
