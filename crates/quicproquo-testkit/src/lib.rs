@@ -1,0 +1,9 @@
+//! Test fixtures shared by quicproquo's test suites; never part of a release.
+//!
+//! [`conformance`] is the store conformance suite: the behaviour every `Store` implementation
+//! must show, run against the embedded store and against Postgres. [`postgres`] hands each test
+//! its own fresh Postgres database, on the server named by `QPQ_TEST_DATABASE_URL` or on a
+//! throwaway server started from the installed Postgres binaries.
+
+pub mod conformance;
+pub mod postgres;
