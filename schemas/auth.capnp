@@ -13,7 +13,9 @@ interface AuthenticationService {
 
   fetchKeyPackages @1 (trace :Common.TraceContext, identities :List(Data))
       -> (packages :List(FetchedKeyPackage));
-  # Fetch one KeyPackage for each identity key, consuming it atomically.
+  # Fetch one KeyPackage for each identity key, consuming it atomically (the last-resort one is
+  # returned, not consumed, when an identity's pool is empty). Identities with no KeyPackage
+  # at all are left out of the result.
 
   keyPackageCount @2 (trace :Common.TraceContext) -> (remaining :UInt32, low :Bool);
   # How many of the caller's KeyPackages remain, and whether the client should top up.

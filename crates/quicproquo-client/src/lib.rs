@@ -3,6 +3,8 @@
 //! What it is: [`Connection`] opens a TCP connection to a server node, runs the Noise_XX
 //! handshake (refusing any node the pinned cluster key does not vouch for), and speaks Cap'n
 //! Proto RPC over the encrypted channel. [`connect_any`] tries a list of servers in order.
+//! [`Connection::bind`] binds the session to the device identity and yields the
+//! [`AuthClient`] (names, KeyPackages). [`ClientState`] is the device's state file.
 //!
 //! What it is not: thread-safe. capnp-rpc is single-threaded, so a [`Connection`] must be
 //! created and used inside a `tokio::task::LocalSet`.
@@ -17,9 +19,16 @@ use capnp::message::ReaderOptions;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use quicproquo_core::channel::{ChannelLimits, channel};
 use quicproquo_core::{
-    ClusterPublicKey, NodeRole, NodeVerifier, NoiseKeypair, TransportError, noise,
+    ClusterPublicKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair, TransportError, noise,
 };
 use quicproquo_proto::bootstrap_capnp::bootstrap;
+use quicproquo_proto::errors::{ErrorCode, code_of};
+
+pub mod auth;
+pub mod state;
+
+pub use auth::{AuthClient, FetchedKeyPackage};
+pub use state::ClientState;
 use tokio::net::TcpStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -71,6 +80,45 @@ pub enum ClientError {
     /// A key could not be generated.
     #[error(transparent)]
     Key(#[from] quicproquo_core::KeyError),
+    /// The server refused the call with a typed error.
+    #[error("{code}: {message}")]
+    Service {
+        /// The stable error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// MLS key material could not be created or read.
+    #[error(transparent)]
+    Mls(#[from] quicproquo_core::mls::MlsError),
+    /// The client state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+}
+
+impl ClientError {
+    /// The server's error code, when the server refused a call.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Service { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Turns a failed call into a typed [`ClientError::Service`] when the server sent a code.
+pub(crate) fn call_error(e: capnp::Error) -> ClientError {
+    match code_of(&e) {
+        Some(code) => {
+            let message = e
+                .extra
+                .split_once("] ")
+                .map_or(e.extra.as_str(), |(_, m)| m)
+                .to_owned();
+            ClientError::Service { code, message }
+        }
+        None => ClientError::Rpc(e),
+    }
 }
 
 /// How to connect.
@@ -108,6 +156,7 @@ pub struct Pong {
 /// An authenticated connection to one server node.
 pub struct Connection {
     addr: SocketAddr,
+    client_static: [u8; 32],
     server_role: NodeRole,
     handshake_hash: [u8; 32],
     timeout: Duration,
@@ -182,6 +231,7 @@ impl Connection {
         tokio::task::spawn_local(rpc);
         Ok(Self {
             addr,
+            client_static: *local.public(),
             server_role,
             handshake_hash: outcome.handshake_hash,
             timeout,
@@ -210,22 +260,59 @@ impl Connection {
         let mut request = self.bootstrap.ping_request();
         request.get().set_payload(payload);
         let started = Instant::now();
-        let response = tokio::time::timeout(self.timeout, request.send().promise)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                addr: self.addr,
-                after: self.timeout,
-                stage: "ping",
-            })??;
+        let response = self.timed("ping", request.send().promise).await?;
         let rtt = started.elapsed();
         let payload = response.get()?.get_payload()?.to_vec();
         Ok(Pong { payload, rtt })
+    }
+
+    /// Binds this session to `identity` and returns its Authentication Service.
+    pub async fn bind(&self, identity: &IdentityKeypair) -> Result<AuthClient, ClientError> {
+        let signature = identity.sign_binding(&self.handshake_hash, &self.client_static);
+        let mut request = self.bootstrap.bind_request();
+        {
+            let mut p = request.get();
+            p.set_identity_key(identity.public().as_bytes());
+            p.set_signature(&signature);
+        }
+        let response = self.timed("bind", request.send().promise).await?;
+        let cap = response
+            .get()
+            .map_err(call_error)?
+            .get_auth()
+            .map_err(call_error)?;
+        Ok(AuthClient::new(cap, self.addr, self.timeout))
+    }
+
+    pub(crate) async fn timed<T>(
+        &self,
+        stage: &'static str,
+        fut: impl Future<Output = Result<T, capnp::Error>>,
+    ) -> Result<T, ClientError> {
+        timed(self.addr, self.timeout, stage, fut).await
     }
 
     /// Closes the connection politely.
     pub async fn close(self) {
         let _ = self.disconnector.await;
     }
+}
+
+/// Awaits `fut` under `timeout`, turning errors into [`ClientError`]s.
+pub(crate) async fn timed<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    stage: &'static str,
+    fut: impl Future<Output = Result<T, capnp::Error>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr,
+            after: timeout,
+            stage,
+        })?
+        .map_err(call_error)
 }
 
 /// Resolves `host:port` names in `servers` (in order, duplicates kept).

@@ -27,7 +27,10 @@ fn start() -> Result<(Server, String, String)> {
     let config = ServerConfig::for_role(NodeRole::Standalone, dir.path().join("data"));
     let identity = NodeIdentity::load_or_create(&config.data_dir, NodeRole::Standalone)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let handle = quicproquo_server::start(config, listener, identity)?;
+    let handle = {
+        let store = quicproquo_server::open_store(&config)?;
+        quicproquo_server::start(config, listener, identity, store)?
+    };
     let addr = handle.local_addr().to_string();
     let key = handle.cluster_key().to_hex();
     Ok((

@@ -18,6 +18,7 @@ pub mod channel;
 pub mod error;
 pub mod identity;
 pub mod keys;
+pub mod mls;
 pub mod noise;
 
 pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};

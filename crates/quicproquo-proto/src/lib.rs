@@ -7,7 +7,10 @@
 //! Modules follow the schema files: [`common_capnp`] (trace context, node roles),
 //! [`envelope_capnp`] (a stored log entry), [`auth_capnp`] (Authentication Service),
 //! [`delivery_capnp`] (Delivery Service and message streams) and [`bootstrap_capnp`] (the
-//! capability a client receives after the handshake).
+//! capability a client receives after the handshake). [`errors`] defines the stable error
+//! codes servers put in failed calls.
+
+pub mod errors;
 
 macro_rules! generated {
     ($(#[$doc:meta] $name:ident => $file:literal),* $(,)?) => {

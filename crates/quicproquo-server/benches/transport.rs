@@ -122,8 +122,11 @@ fn handshakes(c: &mut Criterion) {
     let identity = NodeIdentity::load_or_create(&config.data_dir, NodeRole::Standalone)
         .unwrap_or_else(|e| panic!("{e}"));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let server =
-        quicproquo_server::start(config, listener, identity).unwrap_or_else(|e| panic!("{e}"));
+    let server = {
+        let store = quicproquo_server::open_store(&config).unwrap_or_else(|e| panic!("{e}"));
+        quicproquo_server::start(config, listener, identity, store)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
     let server_addr = server.local_addr();
     let pinned = NodeVerifier::new(server.cluster_key());
     let qpq_key = NoiseKeypair::generate().unwrap_or_else(|e| panic!("{e}"));

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quicproquo_core::NodeRole;
+use quicproquo_core::mls::Suite;
 use serde::Deserialize;
+
+use crate::auth::AuthSettings;
 
 /// Default configuration file, read from the working directory when it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
@@ -36,6 +39,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_SHUTDOWN_GRACE",
     "QPQ_LOG",
+    "QPQ_KEY_PACKAGE_SUITES",
+    "QPQ_KEY_PACKAGE_FETCH_LIMIT",
+    "QPQ_KEY_PACKAGE_LOW_WATERMARK",
     "QPQ_SERVER",
     "QPQ_SERVER_KEY",
     "QPQ_STATE",
@@ -109,6 +115,16 @@ pub struct Overrides {
     /// Time given to in-flight calls on shutdown, e.g. `30s` [default: 30s].
     #[arg(long, env = "QPQ_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// MLS ciphersuites whose KeyPackages are accepted, comma-separated
+    /// [default: hybrid,classical].
+    #[arg(long, env = "QPQ_KEY_PACKAGE_SUITES", value_delimiter = ',')]
+    pub key_package_suites: Option<Vec<String>>,
+    /// KeyPackage fetches one identity may make of another per minute [default: 30].
+    #[arg(long, env = "QPQ_KEY_PACKAGE_FETCH_LIMIT")]
+    pub key_package_fetch_limit: Option<u32>,
+    /// Pool size below which clients are told to upload more KeyPackages [default: 10].
+    #[arg(long, env = "QPQ_KEY_PACKAGE_LOW_WATERMARK")]
+    pub key_package_low_watermark: Option<u32>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -131,6 +147,12 @@ pub struct FileConfig {
     pub max_frame_bytes: Option<usize>,
     /// See [`Overrides::shutdown_grace`].
     pub shutdown_grace: Option<String>,
+    /// See [`Overrides::key_package_suites`].
+    pub key_package_suites: Option<Vec<String>>,
+    /// See [`Overrides::key_package_fetch_limit`].
+    pub key_package_fetch_limit: Option<u32>,
+    /// See [`Overrides::key_package_low_watermark`].
+    pub key_package_low_watermark: Option<u32>,
 }
 
 impl FileConfig {
@@ -178,6 +200,8 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
+    /// Authentication Service settings.
+    pub auth: AuthSettings,
 }
 
 impl ServerConfig {
@@ -193,6 +217,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(30),
+            auth: AuthSettings::default(),
         }
     }
 
@@ -249,6 +274,20 @@ impl ServerConfig {
                 overrides.shutdown_grace.or(file.shutdown_grace),
                 defaults.shutdown_grace,
             )?,
+            auth: AuthSettings {
+                suites: match overrides.key_package_suites.or(file.key_package_suites) {
+                    Some(names) => parse_suites(&names)?,
+                    None => defaults.auth.suites,
+                },
+                fetch_limit_per_minute: overrides
+                    .key_package_fetch_limit
+                    .or(file.key_package_fetch_limit)
+                    .unwrap_or(defaults.auth.fetch_limit_per_minute),
+                low_watermark: overrides
+                    .key_package_low_watermark
+                    .or(file.key_package_low_watermark)
+                    .unwrap_or(defaults.auth.low_watermark),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -283,8 +322,28 @@ impl ServerConfig {
         if self.shutdown_grace > Duration::from_secs(3600) {
             return Err(invalid("shutdown_grace", "must be at most 1h"));
         }
+        if self.auth.suites.is_empty() {
+            return Err(invalid("key_package_suites", "name at least one suite"));
+        }
+        if self.auth.fetch_limit_per_minute == 0 {
+            return Err(invalid("key_package_fetch_limit", "must be at least 1"));
+        }
         Ok(())
     }
+}
+
+fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> {
+    names
+        .iter()
+        .map(|n| {
+            Suite::parse(n.trim()).ok_or_else(|| {
+                invalid(
+                    "key_package_suites",
+                    format!("unknown suite `{n}` (use hybrid, classical)"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn default_workers() -> usize {
@@ -399,6 +458,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn key_package_settings_layer_and_validate() -> Result<(), ConfigError> {
+        let f = file("key_package_suites = [\"hybrid\"]\nkey_package_fetch_limit = 5\n")?;
+        let c = ServerConfig::resolve(NodeRole::Standalone, f, Overrides::default())?;
+        assert_eq!(c.auth.suites, vec![Suite::Hybrid]);
+        assert_eq!(c.auth.fetch_limit_per_minute, 5);
+        assert_eq!(c.auth.low_watermark, 10);
+        let bad = file("key_package_suites = [\"quantum\"]\n")?;
+        assert!(matches!(
+            ServerConfig::resolve(NodeRole::Standalone, bad, Overrides::default()),
+            Err(ConfigError::Invalid {
+                key: "key_package_suites",
+                ..
+            })
+        ));
+        Ok(())
     }
 
     #[test]

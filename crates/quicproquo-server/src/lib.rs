@@ -7,12 +7,16 @@
 //! handshake, then Cap'n Proto RPC over the encrypted channel); `rpc` implements the served
 //! interfaces.
 //!
-//! What it is not: a client (see `quicproquo-client`), and not yet the Authentication or Delivery
-//! Service: today every role serves the bootstrap interface (`ping`); the roles differ in the
-//! role their certificate vouches for, and grow apart as the AS, DS and routing land.
+//! [`auth`] is the Authentication Service (identities, names, KeyPackages) over a [`store`]
+//! (Postgres or the embedded file).
+//!
+//! What it is not: a client (see `quicproquo-client`), and not yet the Delivery Service or the
+//! edge-to-shard routing: today every role serves the bootstrap interface (`ping`, `bind`)
+//! and the Authentication Service; the roles differ in what their certificate vouches for.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod keystore;
 mod rpc;
@@ -21,4 +25,4 @@ pub mod store;
 
 pub use config::{ConfigError, FileConfig, Overrides, ServerConfig};
 pub use keystore::NodeIdentity;
-pub use server::{ServerError, ServerHandle, Stats, bind_and_start, start};
+pub use server::{ServerError, ServerHandle, Stats, bind_and_start, open_store, start};

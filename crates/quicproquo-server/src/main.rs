@@ -48,15 +48,20 @@ fn init_logging() {
         .init();
 }
 
-/// Resolves when SIGTERM or SIGINT (ctrl-c) arrives.
-async fn shutdown_signal() -> Result<()> {
+/// Installs the SIGTERM and SIGINT handlers; the returned future resolves when either arrives.
+///
+/// Installed before the server announces itself, so a signal sent right after the
+/// "listening" line is never lost to the default action.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("installing the ctrl-c handler")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
@@ -65,6 +70,11 @@ fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
     for var in config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
         warn!(variable = %var, "unknown QPQ_ environment variable ignored");
     }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the signal runtime")?;
+    let signal = runtime.block_on(async { shutdown_signal() })?;
     let handle = bind_and_start(config)?;
     // One machine-readable line on stdout: scripts and tests read the bound address from it.
     println!(
@@ -73,11 +83,7 @@ fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
         handle.cluster_key()
     );
     std::io::stdout().flush().context("writing to stdout")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the signal runtime")?;
-    runtime.block_on(shutdown_signal())?;
+    runtime.block_on(signal);
     info!("shutting down");
     handle.shutdown();
     handle.join()?;

@@ -1,13 +1,19 @@
 //! The Cap'n Proto services this node serves to a connection.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use quicproquo_core::NodeRole;
+use quicproquo_core::{IdentityKey, NodeRole};
+use quicproquo_proto::auth_capnp::authentication_service;
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use quicproquo_proto::common_capnp;
+use quicproquo_proto::errors::{ErrorCode, error};
 use tokio::sync::Notify;
+
+use crate::auth::{AuthContext, AuthService, store_error};
+use crate::store::Store;
 
 /// Counts calls in progress on one connection, so a drain can wait for them.
 #[derive(Debug, Default)]
@@ -47,15 +53,35 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What the handshake established about the peer, for the identity binding.
+pub(crate) struct SessionInfo {
+    pub(crate) handshake_hash: [u8; 32],
+    pub(crate) client_static: [u8; 32],
+}
+
 /// The bootstrap capability handed to every connection after the handshake.
 pub(crate) struct BootstrapImpl {
     role: NodeRole,
+    session: SessionInfo,
+    auth: Arc<AuthContext>,
+    bound: RefCell<Option<(IdentityKey, authentication_service::Client)>>,
     in_flight: Rc<InFlight>,
 }
 
 impl BootstrapImpl {
-    pub(crate) fn new(role: NodeRole, in_flight: Rc<InFlight>) -> Self {
-        Self { role, in_flight }
+    pub(crate) fn new(
+        role: NodeRole,
+        session: SessionInfo,
+        auth: Arc<AuthContext>,
+        in_flight: Rc<InFlight>,
+    ) -> Self {
+        Self {
+            role,
+            session,
+            auth,
+            bound: RefCell::new(None),
+            in_flight,
+        }
     }
 }
 
@@ -83,6 +109,62 @@ impl bootstrap::Server for BootstrapImpl {
         out.set_payload(payload);
         out.set_role(wire_role(self.role));
         out.set_server_time_micros(now);
+        Ok(())
+    }
+
+    async fn bind(
+        self: Rc<Self>,
+        params: bootstrap::BindParams,
+        mut results: bootstrap::BindResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let params = params.get()?;
+        let identity = IdentityKey::from_slice(params.get_identity_key()?)
+            .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+        identity
+            .verify_binding(
+                &self.session.handshake_hash,
+                &self.session.client_static,
+                params.get_signature()?,
+            )
+            .map_err(|e| error(ErrorCode::BadBinding, e))?;
+        let existing = self.bound.borrow().clone();
+        let auth = match existing {
+            Some((bound, client)) if bound == identity => client,
+            Some(_) => {
+                return Err(error(
+                    ErrorCode::AlreadyBound,
+                    "this session is bound to another identity",
+                ));
+            }
+            None => {
+                self.auth
+                    .store
+                    .register_identity(&identity)
+                    .await
+                    .map_err(store_error)?;
+                // Another bind may have completed while the store was answering.
+                if let Some((bound, client)) = self.bound.borrow().clone() {
+                    if bound != identity {
+                        return Err(error(
+                            ErrorCode::AlreadyBound,
+                            "this session is bound to another identity",
+                        ));
+                    }
+                    client
+                } else {
+                    let client: authentication_service::Client =
+                        capnp_rpc::new_client(AuthService::new(
+                            identity,
+                            Arc::clone(&self.auth),
+                            Rc::clone(&self.in_flight),
+                        ));
+                    *self.bound.borrow_mut() = Some((identity, client.clone()));
+                    client
+                }
+            }
+        };
+        results.get().set_auth(auth);
         Ok(())
     }
 }

@@ -29,9 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::auth::AuthContext;
 use crate::config::{ConfigError, ServerConfig};
 use crate::keystore::{KeyStoreError, NodeIdentity};
-use crate::rpc::{BootstrapImpl, InFlight};
+use crate::rpc::{BootstrapImpl, InFlight, SessionInfo};
+use crate::store::{AnyStore, StoreError, embedded};
 
 /// Errors starting or running a server.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
     /// A server thread panicked (a bug: handlers must not panic).
     #[error("server thread {0} panicked")]
     ThreadPanicked(String),
@@ -78,6 +83,7 @@ pub struct Stats {
 struct Shared {
     config: ServerConfig,
     identity: NodeIdentity,
+    auth: Arc<AuthContext>,
     stats: Arc<Stats>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
@@ -144,20 +150,30 @@ fn reader_options(max_frame_bytes: usize) -> ReaderOptions {
     options
 }
 
-/// Loads this node's keys from the data directory, binds `config.listen` and starts serving.
+/// Opens the store the configuration names: the embedded store in the data directory.
+pub fn open_store(config: &ServerConfig) -> Result<AnyStore, ServerError> {
+    crate::keystore::ensure_data_dir(&config.data_dir)?;
+    let path = config.data_dir.join(embedded::DEFAULT_FILE);
+    Ok(AnyStore::Embedded(embedded::EmbeddedStore::open(&path)?))
+}
+
+/// Loads this node's keys from the data directory, opens its store, binds `config.listen`
+/// and starts serving.
 pub fn bind_and_start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     config.validate()?;
     let identity = NodeIdentity::load_or_create(&config.data_dir, config.role)?;
+    let store = open_store(&config)?;
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(io_err("binding the listener"))?;
-    start(config, listener, identity)
+    start(config, listener, identity, store)
 }
 
-/// Starts serving on an already bound `listener` (tests bind port 0).
+/// Starts serving on an already bound `listener` (tests bind port 0) with `store`.
 pub fn start(
     config: ServerConfig,
     listener: std::net::TcpListener,
     identity: NodeIdentity,
+    store: AnyStore,
 ) -> Result<ServerHandle, ServerError> {
     config.validate()?;
     listener
@@ -170,6 +186,7 @@ pub fn start(
     let stats = Arc::new(Stats::default());
     let cluster_key = identity.cluster_public;
     let shared = Arc::new(Shared {
+        auth: Arc::new(AuthContext::new(store, &config.auth)),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
         config,
@@ -318,8 +335,16 @@ async fn serve_connection(
         reader_options(config.max_frame_bytes),
     );
     let in_flight = Rc::new(InFlight::default());
-    let bootstrap: bootstrap::Client =
-        capnp_rpc::new_client(BootstrapImpl::new(config.role, Rc::clone(&in_flight)));
+    let session = SessionInfo {
+        handshake_hash: outcome.handshake_hash,
+        client_static: outcome.remote_static,
+    };
+    let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
+        config.role,
+        session,
+        Arc::clone(&shared.auth),
+        Rc::clone(&in_flight),
+    ));
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
     let disconnector = rpc.get_disconnector();
     let mut rpc = pin!(rpc);

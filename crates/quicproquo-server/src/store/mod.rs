@@ -11,6 +11,8 @@
 //!   identity's pool is empty its last-resort KeyPackage (if any) is returned and kept;
 //! - a user name belongs to at most one identity and an identity has at most one name.
 
+pub mod embedded;
+
 use quicproquo_core::IdentityKey;
 
 /// A user name: 3 to 32 characters of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter or
@@ -143,6 +145,60 @@ pub trait Store: Send + Sync + 'static {
         &self,
         identity: &IdentityKey,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+}
+
+/// The store a server runs with, chosen at start.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum AnyStore {
+    /// The embedded single-file store, for standalone nodes.
+    Embedded(embedded::EmbeddedStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Embedded($s) => $e.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn register_identity(&self, identity: &IdentityKey) -> Result<(), StoreError> {
+        dispatch!(self, s => s.register_identity(identity))
+    }
+
+    async fn claim_name(&self, identity: &IdentityKey, name: &UserName) -> Result<(), StoreError> {
+        dispatch!(self, s => s.claim_name(identity, name))
+    }
+
+    async fn resolve_name(&self, name: &UserName) -> Result<Option<IdentityKey>, StoreError> {
+        dispatch!(self, s => s.resolve_name(name))
+    }
+
+    async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
+        dispatch!(self, s => s.name_of(identity))
+    }
+
+    async fn add_key_packages(
+        &self,
+        identity: &IdentityKey,
+        packages: &[KeyPackageRecord],
+        last_resort: Option<&KeyPackageRecord>,
+    ) -> Result<u32, StoreError> {
+        dispatch!(self, s => s.add_key_packages(identity, packages, last_resort))
+    }
+
+    async fn fetch_key_packages(
+        &self,
+        targets: &[IdentityKey],
+    ) -> Result<Vec<Option<FetchedKeyPackage>>, StoreError> {
+        dispatch!(self, s => s.fetch_key_packages(targets))
+    }
+
+    async fn key_package_count(&self, identity: &IdentityKey) -> Result<u32, StoreError> {
+        dispatch!(self, s => s.key_package_count(identity))
+    }
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ impl TestServer {
         tweak(&mut config);
         let identity = NodeIdentity::load_or_create(&config.data_dir, role)?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let handle = quicproquo_server::start(config, listener, identity)?;
+        let handle = {
+            let store = quicproquo_server::open_store(&config)?;
+            quicproquo_server::start(config, listener, identity, store)?
+        };
         let addr = handle.local_addr();
         let options = ConnectOptions::new(handle.cluster_key());
         Ok(Self {

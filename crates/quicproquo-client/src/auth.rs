@@ -1,0 +1,134 @@
+//! The client side of the Authentication Service.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quicproquo_core::IdentityKey;
+use quicproquo_proto::auth_capnp::authentication_service;
+
+use crate::{ClientError, call_error, timed};
+
+/// A KeyPackage fetched for another identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedKeyPackage {
+    /// Whose KeyPackage it is (as the server filed it; the MLS layer checks the credential).
+    pub identity: IdentityKey,
+    /// The TLS-serialized KeyPackage.
+    pub data: Vec<u8>,
+    /// True when it is the identity's last-resort KeyPackage (its pool was empty).
+    pub last_resort: bool,
+}
+
+/// The Authentication Service, scoped to the identity the session is bound to.
+#[derive(Clone)]
+pub struct AuthClient {
+    cap: authentication_service::Client,
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AuthClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthClient {
+    pub(crate) fn new(
+        cap: authentication_service::Client,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Self {
+        Self { cap, addr, timeout }
+    }
+
+    /// Uploads KeyPackages (and optionally the last-resort one); returns the pool size after.
+    pub async fn upload_key_packages(
+        &self,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+    ) -> Result<u32, ClientError> {
+        let mut req = self.cap.upload_key_packages_request();
+        {
+            let mut p = req.get();
+            let count = u32::try_from(packages.len()).map_err(|_| ClientError::Service {
+                code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
+                message: "too many KeyPackages".into(),
+            })?;
+            let mut list = p.reborrow().init_packages(count);
+            for (i, kp) in packages.iter().enumerate() {
+                list.set(i as u32, kp);
+            }
+            if let Some(lr) = last_resort {
+                p.set_last_resort(lr);
+            }
+        }
+        let resp = timed(self.addr, self.timeout, "upload", req.send().promise).await?;
+        Ok(resp.get().map_err(call_error)?.get_remaining())
+    }
+
+    /// Fetches (consuming) one KeyPackage for each identity; identities with none are absent.
+    pub async fn fetch_key_packages(
+        &self,
+        identities: &[IdentityKey],
+    ) -> Result<Vec<FetchedKeyPackage>, ClientError> {
+        let mut req = self.cap.fetch_key_packages_request();
+        {
+            let count = u32::try_from(identities.len()).map_err(|_| ClientError::Service {
+                code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
+                message: "too many identities".into(),
+            })?;
+            let mut list = req.get().init_identities(count);
+            for (i, id) in identities.iter().enumerate() {
+                list.set(i as u32, id.as_bytes());
+            }
+        }
+        let resp = timed(self.addr, self.timeout, "fetch", req.send().promise).await?;
+        let packages = resp
+            .get()
+            .map_err(call_error)?
+            .get_packages()
+            .map_err(call_error)?;
+        let mut out = Vec::with_capacity(packages.len() as usize);
+        for kp in packages.iter() {
+            let identity = IdentityKey::from_slice(kp.get_identity().map_err(call_error)?)?;
+            out.push(FetchedKeyPackage {
+                identity,
+                data: kp.get_package().map_err(call_error)?.to_vec(),
+                last_resort: kp.get_last_resort(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many KeyPackages the server holds for us, and whether we should upload more.
+    pub async fn key_package_count(&self) -> Result<(u32, bool), ClientError> {
+        let req = self.cap.key_package_count_request();
+        let resp = timed(self.addr, self.timeout, "count", req.send().promise).await?;
+        let r = resp.get().map_err(call_error)?;
+        Ok((r.get_remaining(), r.get_low()))
+    }
+
+    /// Claims a user name for our identity.
+    pub async fn claim_name(&self, name: &str) -> Result<(), ClientError> {
+        let mut req = self.cap.claim_name_request();
+        req.get().set_name(name);
+        timed(self.addr, self.timeout, "claim name", req.send().promise).await?;
+        Ok(())
+    }
+
+    /// The identity that owns a user name.
+    pub async fn resolve_name(&self, name: &str) -> Result<IdentityKey, ClientError> {
+        let mut req = self.cap.resolve_name_request();
+        req.get().set_name(name);
+        let resp = timed(self.addr, self.timeout, "resolve name", req.send().promise).await?;
+        let id = resp
+            .get()
+            .map_err(call_error)?
+            .get_identity()
+            .map_err(call_error)?;
+        Ok(IdentityKey::from_slice(id)?)
+    }
+}

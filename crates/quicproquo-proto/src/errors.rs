@@ -1,0 +1,119 @@
+//! Typed errors across Cap'n Proto RPC.
+//!
+//! A server method fails with a `capnp::Error` whose description starts with a stable code in
+//! brackets, `[name_taken] user name is taken`; [`code_of`] recovers the code on the client.
+//! Codes are part of the wire contract: add new ones, never rename.
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// A parameter is malformed (wrong length, too many items, not UTF-8).
+    InvalidArgument,
+    /// The session is already bound to another identity.
+    AlreadyBound,
+    /// The identity binding signature does not verify for this session.
+    BadBinding,
+    /// The user name is taken by another identity.
+    NameTaken,
+    /// The identity already has a different user name.
+    AlreadyNamed,
+    /// The user name breaks the naming rules.
+    InvalidName,
+    /// No identity has this user name.
+    UnknownName,
+    /// The identity is not registered.
+    UnknownIdentity,
+    /// A KeyPackage failed validation (signature, lifetime, ciphersuite, encoding).
+    BadKeyPackage,
+    /// A KeyPackage names another identity than the caller.
+    WrongIdentity,
+    /// Too many requests of this kind; retry later.
+    RateLimited,
+    /// The message is larger than allowed.
+    TooLarge,
+    /// The store is unreachable; the call had no effect and may be retried.
+    Unavailable,
+    /// A server bug; the call had no effect.
+    Internal,
+}
+
+impl ErrorCode {
+    const ALL: [Self; 14] = [
+        Self::InvalidArgument,
+        Self::AlreadyBound,
+        Self::BadBinding,
+        Self::NameTaken,
+        Self::AlreadyNamed,
+        Self::InvalidName,
+        Self::UnknownName,
+        Self::UnknownIdentity,
+        Self::BadKeyPackage,
+        Self::WrongIdentity,
+        Self::RateLimited,
+        Self::TooLarge,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "invalid_argument",
+            Self::AlreadyBound => "already_bound",
+            Self::BadBinding => "bad_binding",
+            Self::NameTaken => "name_taken",
+            Self::AlreadyNamed => "already_named",
+            Self::InvalidName => "invalid_name",
+            Self::UnknownName => "unknown_name",
+            Self::UnknownIdentity => "unknown_identity",
+            Self::BadKeyPackage => "bad_key_package",
+            Self::WrongIdentity => "wrong_identity",
+            Self::RateLimited => "rate_limited",
+            Self::TooLarge => "too_large",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Parses a wire code.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Builds the error a server method returns.
+pub fn error(code: ErrorCode, detail: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(format!("[{code}] {detail}"))
+}
+
+/// The code carried by an error returned from a call, if it has one.
+pub fn code_of(err: &capnp::Error) -> Option<ErrorCode> {
+    let desc = err.extra.as_str();
+    let start = desc.find('[')?;
+    let end = start + desc[start..].find(']')?;
+    ErrorCode::parse(&desc[start + 1..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_errors() {
+        for code in ErrorCode::ALL {
+            let e = error(code, "detail");
+            assert_eq!(code_of(&e), Some(code));
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(code_of(&capnp::Error::failed("plain".into())), None);
+        let remote = capnp::Error::failed("remote exception: [rate_limited] slow down".into());
+        assert_eq!(code_of(&remote), Some(ErrorCode::RateLimited));
+    }
+}
