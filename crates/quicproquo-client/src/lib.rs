@@ -19,7 +19,8 @@ use capnp::message::ReaderOptions;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use quicproquo_core::channel::{ChannelLimits, channel};
 use quicproquo_core::{
-    ClusterPublicKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair, TransportError, noise,
+    ClusterPublicKey, IdentityKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair,
+    TransportError, noise,
 };
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use quicproquo_proto::errors::{ErrorCode, code_of};
@@ -266,14 +267,40 @@ impl Connection {
         Ok(Pong { payload, rtt })
     }
 
+    /// Our Noise static public key for this session.
+    pub fn client_static(&self) -> &[u8; 32] {
+        &self.client_static
+    }
+
     /// Binds this session to `identity` and returns its Authentication Service.
     pub async fn bind(&self, identity: &IdentityKeypair) -> Result<AuthClient, ClientError> {
         let signature = identity.sign_binding(&self.handshake_hash, &self.client_static);
+        self.bind_with_signature(&identity.public(), &signature)
+            .await
+    }
+
+    /// Binds with a binding signature made elsewhere (see [`IdentityKeypair::sign_binding`]).
+    pub async fn bind_with_signature(
+        &self,
+        identity: &IdentityKey,
+        signature: &[u8],
+    ) -> Result<AuthClient, ClientError> {
+        self.bind_with_signature_bytes(identity.as_bytes(), signature)
+            .await
+    }
+
+    /// Sends a bind request with raw bytes; lets tests present malformed keys.
+    #[doc(hidden)]
+    pub async fn bind_with_signature_bytes(
+        &self,
+        identity: &[u8],
+        signature: &[u8],
+    ) -> Result<AuthClient, ClientError> {
         let mut request = self.bootstrap.bind_request();
         {
             let mut p = request.get();
-            p.set_identity_key(identity.public().as_bytes());
-            p.set_signature(&signature);
+            p.set_identity_key(identity);
+            p.set_signature(signature);
         }
         let response = self.timed("bind", request.send().promise).await?;
         let cap = response

@@ -105,3 +105,93 @@ fn errors_are_one_clear_line_with_a_non_zero_exit() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn register_whoami_keys_and_lookup_as_a_user_runs_them() -> Result<()> {
+    let (_server, addr, key) = start()?;
+    let dir = tempfile::tempdir()?;
+    let alice_state = dir.path().join("alice.bin");
+    let bob_state = dir.path().join("bob.bin");
+    let run = |state: &std::path::Path, args: &[&str]| -> Result<String> {
+        let state = state.to_string_lossy().into_owned();
+        let mut full = vec!["--server", &addr, "--server-key", &key, "--state", &state];
+        full.extend_from_slice(args);
+        let out = qpq(&full)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "qpq {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+
+    let reg = run(
+        &alice_state,
+        &["register", "--name", "Alice", "--key-packages", "5"],
+    )?;
+    assert!(
+        reg.starts_with("registered alice (5 KeyPackages on the server, hybrid)"),
+        "{reg}"
+    );
+    let fingerprint = reg
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint "))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert_eq!(fingerprint.split(' ').count(), 16, "{reg}");
+    // The state file is private.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&alice_state)?.permissions().mode() & 0o777,
+        0o600
+    );
+
+    let who = run(&alice_state, &["whoami"])?;
+    assert_eq!(who, format!("alice\nfingerprint {fingerprint}\n"));
+
+    // 5 is below the low-water mark: `keys` tops the pool up to 12.
+    let keys = run(&alice_state, &["keys", "--top-up-to", "12"])?;
+    assert_eq!(keys.trim(), "12 KeyPackages on the server (uploaded 7)");
+    let keys = run(&alice_state, &["keys", "--top-up-to", "12"])?;
+    assert_eq!(keys.trim(), "12 KeyPackages on the server", "12 is not low: no upload");
+
+    // Bob registers with the classical suite and looks Alice up by name.
+    run(
+        &bob_state,
+        &["register", "--name", "bob", "--suite", "classical"],
+    )?;
+    let found = run(&bob_state, &["lookup", "ALICE"])?;
+    assert_eq!(found.trim(), format!("alice fingerprint {fingerprint}"));
+
+    // A taken name is a clear one-line error.
+    let carol_state = dir.path().join("carol.bin");
+    let carol = carol_state.to_string_lossy().into_owned();
+    let out = qpq(&[
+        "--server",
+        &addr,
+        "--server-key",
+        &key,
+        "--state",
+        &carol,
+        "register",
+        "--name",
+        "alice",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.starts_with("qpq: error: name_taken"), "{err}");
+    // Re-registering Alice's device under another name is refused locally.
+    let out = qpq(&[
+        "--server",
+        &addr,
+        "--server-key",
+        &key,
+        "--state",
+        &alice_state.to_string_lossy(),
+        "register",
+        "--name",
+        "alice2",
+    ])?;
+    assert!(!out.status.success());
+    Ok(())
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use quicproquo_client::{ConnectOptions, Connection};
 use quicproquo_core::NodeRole;
+use quicproquo_server::store::AnyStore;
 use quicproquo_server::{NodeIdentity, ServerConfig, ServerHandle};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -20,17 +21,28 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server with its embedded store in a fresh data directory.
     pub fn start(role: NodeRole, tweak: impl FnOnce(&mut ServerConfig)) -> Result<Self> {
+        Self::start_with(role, None, tweak)
+    }
+
+    /// A server using `store` (or, if `None`, its embedded store).
+    pub fn start_with(
+        role: NodeRole,
+        store: Option<AnyStore>,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut config = ServerConfig::for_role(role, dir.path().join("data"));
         config.workers = 2;
         tweak(&mut config);
         let identity = NodeIdentity::load_or_create(&config.data_dir, role)?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let handle = {
-            let store = quicproquo_server::open_store(&config)?;
-            quicproquo_server::start(config, listener, identity, store)?
+        let store = match store {
+            Some(s) => s,
+            None => quicproquo_server::open_store(&config)?,
         };
+        let handle = quicproquo_server::start(config, listener, identity, store)?;
         let addr = handle.local_addr();
         let options = ConnectOptions::new(handle.cluster_key());
         Ok(Self {
