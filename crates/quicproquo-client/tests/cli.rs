@@ -153,7 +153,11 @@ fn register_whoami_keys_and_lookup_as_a_user_runs_them() -> Result<()> {
     let keys = run(&alice_state, &["keys", "--top-up-to", "12"])?;
     assert_eq!(keys.trim(), "12 KeyPackages on the server (uploaded 7)");
     let keys = run(&alice_state, &["keys", "--top-up-to", "12"])?;
-    assert_eq!(keys.trim(), "12 KeyPackages on the server", "12 is not low: no upload");
+    assert_eq!(
+        keys.trim(),
+        "12 KeyPackages on the server",
+        "12 is not low: no upload"
+    );
 
     // Bob registers with the classical suite and looks Alice up by name.
     run(

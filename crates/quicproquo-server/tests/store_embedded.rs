@@ -41,3 +41,4 @@ async fn data_survives_reopening_the_file() -> Result<()> {
     assert!(got[1].as_ref().is_some_and(|k| k.last_resort));
     Ok(())
 }
+quicproquo_testkit::log_conformance_tests!(fresh());

@@ -6,4 +6,5 @@
 //! throwaway server started from the installed Postgres binaries.
 
 pub mod conformance;
+pub mod log_conformance;
 pub mod postgres;

@@ -37,7 +37,7 @@ const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_re
 /// counters: "kp_seq" → next KeyPackage sequence number.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -66,13 +66,14 @@ impl EmbeddedStore {
             txn.open_table(KEY_PACKAGE_REFS).map_err(unavailable)?;
             txn.open_table(LAST_RESORT).map_err(unavailable)?;
             txn.open_table(COUNTERS).map_err(unavailable)?;
+            super::embedded_log::create_tables(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(Self { db: Arc::new(db) })
     }
 
     /// Runs `f` on the blocking pool with the database.
-    async fn run<T: Send + 'static>(
+    pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -81,6 +82,13 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
     }
+}
+
+/// Now, in Unix microseconds.
+pub(super) fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn now_secs() -> u64 {

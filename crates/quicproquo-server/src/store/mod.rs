@@ -12,6 +12,8 @@
 //! - a user name belongs to at most one identity and an identity has at most one name.
 
 pub mod embedded;
+mod embedded_log;
+pub mod log;
 
 use quicproquo_core::IdentityKey;
 
@@ -93,6 +95,18 @@ pub enum StoreError {
     /// Stored data is inconsistent (a bug or corruption).
     #[error("store corrupt: {0}")]
     Corrupt(String),
+    /// The group already exists.
+    #[error("group already exists")]
+    GroupExists,
+    /// No such group.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// The identity is not (or no longer) allowed to read or write the group.
+    #[error("not a member of the group")]
+    NotMember,
+    /// A parameter is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
 }
 
 /// The operations the Authentication Service needs.

@@ -1,0 +1,420 @@
+//! The Delivery Service tables of the embedded store (see [`super::log`] for the rules).
+//!
+//! redb runs one write transaction at a time, so taking a group's next sequence number and
+//! checking its epoch inside the transaction is already serialized: commit order is sequence
+//! order, and one commit per epoch wins.
+
+use quicproquo_core::IdentityKey;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::StoreError;
+use super::embedded::{EmbeddedStore, now_micros, unavailable};
+use super::log::{
+    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
+};
+
+/// group → (epoch, last seq, seq of the commit that started the epoch).
+const GROUPS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("groups");
+/// (group, identity) → (joined after seq, left at seq; `u64::MAX` while a member).
+const MEMBERS: TableDefinition<(&[u8], &[u8]), (u64, u64)> = TableDefinition::new("members");
+/// (identity, group) → () for current memberships.
+const MEMBER_GROUPS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("member_groups");
+/// (group, seq) → (epoch, kind, message id, payload, appended at µs).
+const LOG: TableDefinition<(&[u8], u64), LogValue> = TableDefinition::new("group_log");
+type LogValue = (u64, u8, &'static [u8], &'static [u8], u64);
+/// (group, message id) → seq.
+const MESSAGE_IDS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("message_ids");
+/// welcome id → Welcome (stored once however many members it adds).
+const WELCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcomes");
+/// (identity, inbox seq) → (group, commit seq, welcome id).
+const INBOX: TableDefinition<(&[u8], u64), (&[u8], u64, u64)> = TableDefinition::new("inbox");
+/// identity → last inbox seq.
+const INBOX_LAST: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_last");
+/// (identity, group) → cursor.
+const CURSORS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("cursors");
+/// Shared with the AS tables: "welcome_id" → last welcome id.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+const STILL_MEMBER: u64 = u64::MAX;
+/// Exclusive upper bound for byte-string second key components (ids are ≤ 256 bytes).
+const HIGH: [u8; 258] = [0xff; 258];
+
+/// Creates the Delivery Service tables (called when the store is opened).
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(GROUPS).map_err(unavailable)?;
+    txn.open_table(MEMBERS).map_err(unavailable)?;
+    txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
+    txn.open_table(LOG).map_err(unavailable)?;
+    txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
+    txn.open_table(WELCOMES).map_err(unavailable)?;
+    txn.open_table(INBOX).map_err(unavailable)?;
+    txn.open_table(INBOX_LAST).map_err(unavailable)?;
+    txn.open_table(CURSORS).map_err(unavailable)?;
+    Ok(())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+/// Applies one append inside the batch's write transaction.
+fn append_one(txn: &WriteTransaction, req: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+    let gid = req.group_id.as_bytes();
+    let sender = req.sender.as_bytes().as_slice();
+    let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
+    let Some((epoch, last_seq, last_commit)) =
+        groups.get(gid).map_err(unavailable)?.map(|v| v.value())
+    else {
+        return Ok(AppendOutcome::UnknownGroup);
+    };
+    let mut members = txn.open_table(MEMBERS).map_err(unavailable)?;
+    let current = members
+        .get((gid, sender))
+        .map_err(unavailable)?
+        .is_some_and(|v| v.value().1 == STILL_MEMBER);
+    if !current {
+        return Ok(AppendOutcome::NotMember);
+    }
+    let mut ids = txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
+    if let Some(seq) = ids
+        .get((gid, req.message_id.as_slice()))
+        .map_err(unavailable)?
+    {
+        return Ok(AppendOutcome::Duplicate { seq: seq.value() });
+    }
+    let stale = match req.kind {
+        EntryKind::Commit | EntryKind::Proposal => req.epoch != epoch,
+        EntryKind::Application => req.epoch > epoch,
+    };
+    if stale {
+        return Ok(AppendOutcome::StaleEpoch {
+            current_epoch: epoch,
+            winner_seq: last_commit,
+        });
+    }
+    let seq = last_seq + 1;
+    let mut log = txn.open_table(LOG).map_err(unavailable)?;
+    log.insert(
+        (gid, seq),
+        (
+            req.epoch,
+            req.kind.code(),
+            req.message_id.as_slice(),
+            req.payload.as_slice(),
+            now_micros(),
+        ),
+    )
+    .map_err(unavailable)?;
+    ids.insert((gid, req.message_id.as_slice()), seq)
+        .map_err(unavailable)?;
+    let (mut new_epoch, mut commit_seq) = (epoch, last_commit);
+    if req.kind == EntryKind::Commit {
+        new_epoch = epoch + 1;
+        commit_seq = seq;
+        let change = req.commit.clone().unwrap_or_default();
+        let mut member_groups = txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
+        for gone in &change.removed {
+            let id = gone.as_bytes().as_slice();
+            let joined = members
+                .get((gid, id))
+                .map_err(unavailable)?
+                .map(|v| v.value());
+            if let Some((joined, STILL_MEMBER)) = joined {
+                members
+                    .insert((gid, id), (joined, seq))
+                    .map_err(unavailable)?;
+                member_groups.remove((id, gid)).map_err(unavailable)?;
+            }
+        }
+        let mut welcome_id = None;
+        if let Some(welcome) = change.welcome.as_ref().filter(|_| !change.added.is_empty()) {
+            let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+            let next = counters
+                .get("welcome_id")
+                .map_err(unavailable)?
+                .map_or(0, |v| v.value())
+                + 1;
+            counters.insert("welcome_id", next).map_err(unavailable)?;
+            let mut welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
+            welcomes
+                .insert(next, welcome.as_slice())
+                .map_err(unavailable)?;
+            welcome_id = Some(next);
+        }
+        let mut inbox = txn.open_table(INBOX).map_err(unavailable)?;
+        let mut inbox_last = txn.open_table(INBOX_LAST).map_err(unavailable)?;
+        for new in &change.added {
+            let id = new.as_bytes().as_slice();
+            members
+                .insert((gid, id), (seq, STILL_MEMBER))
+                .map_err(unavailable)?;
+            member_groups.insert((id, gid), ()).map_err(unavailable)?;
+            if let Some(wid) = welcome_id {
+                let n = inbox_last
+                    .get(id)
+                    .map_err(unavailable)?
+                    .map_or(0, |v| v.value())
+                    + 1;
+                inbox_last.insert(id, n).map_err(unavailable)?;
+                inbox
+                    .insert((id, n), (gid, seq, wid))
+                    .map_err(unavailable)?;
+            }
+        }
+    }
+    groups
+        .insert(gid, (new_epoch, seq, commit_seq))
+        .map_err(unavailable)?;
+    Ok(AppendOutcome::Appended {
+        seq,
+        epoch: new_epoch,
+    })
+}
+
+impl LogStore for EmbeddedStore {
+    async fn create_group(
+        &self,
+        group_id: &GroupId,
+        creator: &IdentityKey,
+    ) -> Result<(), StoreError> {
+        let (gid, creator) = (group_id.clone(), *creator);
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
+                if groups.get(gid.as_bytes()).map_err(unavailable)?.is_some() {
+                    return Err(StoreError::GroupExists);
+                }
+                groups
+                    .insert(gid.as_bytes(), (0, 0, 0))
+                    .map_err(unavailable)?;
+                let id = creator.as_bytes().as_slice();
+                txn.open_table(MEMBERS)
+                    .map_err(unavailable)?
+                    .insert((gid.as_bytes(), id), (0, STILL_MEMBER))
+                    .map_err(unavailable)?;
+                txn.open_table(MEMBER_GROUPS)
+                    .map_err(unavailable)?
+                    .insert((id, gid.as_bytes()), ())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
+        let batch = batch.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for req in &batch {
+                outcomes.push(append_one(&txn, req)?);
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(outcomes)
+        })
+        .await
+    }
+
+    async fn read_log(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let (gid, reader) = (group_id.clone(), *reader);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let gid = gid.as_bytes();
+            if txn
+                .open_table(GROUPS)
+                .map_err(unavailable)?
+                .get(gid)
+                .map_err(unavailable)?
+                .is_none()
+            {
+                return Err(StoreError::UnknownGroup);
+            }
+            let Some((joined, left)) = txn
+                .open_table(MEMBERS)
+                .map_err(unavailable)?
+                .get((gid, reader.as_bytes().as_slice()))
+                .map_err(unavailable)?
+                .map(|v| v.value())
+            else {
+                return Err(StoreError::NotMember);
+            };
+            let from = after_seq.max(joined).saturating_add(1);
+            if from > left {
+                return Ok(Vec::new());
+            }
+            let log = txn.open_table(LOG).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in log.range((gid, from)..=(gid, left)).map_err(unavailable)? {
+                if out.len() >= limit as usize {
+                    break;
+                }
+                let (k, v) = row.map_err(unavailable)?;
+                let (epoch, kind, message_id, payload, at) = v.value();
+                out.push(LogEntry {
+                    seq: k.value().1,
+                    epoch,
+                    kind: EntryKind::from_code(kind).ok_or_else(|| corrupt("entry kind"))?,
+                    message_id: message_id.to_vec(),
+                    payload: payload.to_vec(),
+                    appended_at_micros: at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn group_summary(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+    ) -> Result<GroupSummary, StoreError> {
+        let (gid, reader) = (group_id.clone(), *reader);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let g = gid.as_bytes();
+            let Some((epoch, last_seq, _)) = txn
+                .open_table(GROUPS)
+                .map_err(unavailable)?
+                .get(g)
+                .map_err(unavailable)?
+                .map(|v| v.value())
+            else {
+                return Err(StoreError::UnknownGroup);
+            };
+            let table = txn.open_table(MEMBERS).map_err(unavailable)?;
+            let mut members = Vec::new();
+            for row in table
+                .range((g, &[][..])..(g, &HIGH[..]))
+                .map_err(unavailable)?
+            {
+                let (k, v) = row.map_err(unavailable)?;
+                if v.value().1 == STILL_MEMBER {
+                    members
+                        .push(IdentityKey::from_slice(k.value().1).map_err(|_| corrupt("member"))?);
+                }
+            }
+            if !members.contains(&reader) {
+                return Err(StoreError::NotMember);
+            }
+            Ok(GroupSummary {
+                group_id: gid,
+                epoch,
+                last_seq,
+                members,
+            })
+        })
+        .await
+    }
+
+    async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<GroupId>, StoreError> {
+        let identity = *identity;
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
+            let id = identity.as_bytes().as_slice();
+            let mut out = Vec::new();
+            for row in table
+                .range((id, &[][..])..(id, &HIGH[..]))
+                .map_err(unavailable)?
+            {
+                let (k, _) = row.map_err(unavailable)?;
+                out.push(GroupId::new(k.value().1)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read_inbox(
+        &self,
+        identity: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let identity = *identity;
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let inbox = txn.open_table(INBOX).map_err(unavailable)?;
+            let welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
+            let id = identity.as_bytes().as_slice();
+            let mut out = Vec::new();
+            let from = after_seq.saturating_add(1);
+            for row in inbox
+                .range((id, from)..=(id, u64::MAX))
+                .map_err(unavailable)?
+            {
+                if out.len() >= limit as usize {
+                    break;
+                }
+                let (k, v) = row.map_err(unavailable)?;
+                let (gid, commit_seq, wid) = v.value();
+                let welcome = welcomes
+                    .get(wid)
+                    .map_err(unavailable)?
+                    .ok_or_else(|| corrupt("welcome"))?
+                    .value()
+                    .to_vec();
+                out.push(InboxEntry {
+                    seq: k.value().1,
+                    group_id: GroupId::new(gid)?,
+                    commit_seq,
+                    welcome,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_cursor(
+        &self,
+        identity: &IdentityKey,
+        group_id: &GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let (identity, gid) = (*identity, group_id.clone());
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let id = identity.as_bytes().as_slice();
+                let g = gid.as_bytes();
+                let members = txn.open_table(MEMBERS).map_err(unavailable)?;
+                if members.get((g, id)).map_err(unavailable)?.is_none() {
+                    return Err(StoreError::NotMember);
+                }
+                let mut cursors = txn.open_table(CURSORS).map_err(unavailable)?;
+                let old = cursors
+                    .get((id, g))
+                    .map_err(unavailable)?
+                    .map_or(0, |v| v.value());
+                if seq > old {
+                    cursors.insert((id, g), seq).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn cursor(&self, identity: &IdentityKey, group_id: &GroupId) -> Result<u64, StoreError> {
+        let (identity, gid) = (*identity, group_id.clone());
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let cursors = txn.open_table(CURSORS).map_err(unavailable)?;
+            Ok(cursors
+                .get((identity.as_bytes().as_slice(), gid.as_bytes()))
+                .map_err(unavailable)?
+                .map_or(0, |v| v.value()))
+        })
+        .await
+    }
+}
