@@ -16,7 +16,9 @@ use super::log::{
 /// group → (epoch, last seq, seq of the commit that started the epoch).
 const GROUPS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("groups");
 /// (group, identity) → (joined after seq, left at seq; `u64::MAX` while a member).
-const MEMBERS: TableDefinition<(&[u8], &[u8]), (u64, u64)> = TableDefinition::new("members");
+const MEMBERS: TableDefinition<BytesPair, (u64, u64)> = TableDefinition::new("members");
+/// Two byte strings, as a composite key.
+type BytesPair = (&'static [u8], &'static [u8]);
 /// (identity, group) → () for current memberships.
 const MEMBER_GROUPS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("member_groups");
 /// (group, seq) → (epoch, kind, message id, payload, appended at µs).
@@ -27,7 +29,8 @@ const MESSAGE_IDS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("
 /// welcome id → Welcome (stored once however many members it adds).
 const WELCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcomes");
 /// (identity, inbox seq) → (group, commit seq, welcome id).
-const INBOX: TableDefinition<(&[u8], u64), (&[u8], u64, u64)> = TableDefinition::new("inbox");
+const INBOX: TableDefinition<(&[u8], u64), InboxValue> = TableDefinition::new("inbox");
+type InboxValue = (&'static [u8], u64, u64);
 /// identity → last inbox seq.
 const INBOX_LAST: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_last");
 /// (identity, group) → cursor.
