@@ -46,7 +46,10 @@ pub async fn names<S: Store>(store: &S) -> Result<()> {
         store.claim_name(&bob, &name("alice")?).await,
         Err(StoreError::NameTaken)
     ));
-    ensure!(store.name_of(&bob).await?.is_none(), "a refused claim stored nothing");
+    ensure!(
+        store.name_of(&bob).await?.is_none(),
+        "a refused claim stored nothing"
+    );
     // An identity keeps its one name.
     ensure!(matches!(
         store.claim_name(&alice, &name("alice2")?).await,
@@ -101,7 +104,12 @@ pub async fn key_package_pool<S: Store>(store: &S) -> Result<()> {
     ensure!(store.key_package_count(&alice).await? == 0);
     // A new last-resort KeyPackage replaces the old one; pooled ones are preferred again.
     let lr2 = package("a-last-2");
-    ensure!(store.add_key_packages(&alice, &[package("a4")], Some(&lr2)).await? == 1);
+    ensure!(
+        store
+            .add_key_packages(&alice, &[package("a4")], Some(&lr2))
+            .await?
+            == 1
+    );
     let first = store.fetch_key_packages(&[alice]).await?;
     ensure!(matches!(&first[..], [Some(kp)] if !kp.last_resort && kp.data == package("a4").data));
     let second = store.fetch_key_packages(&[alice]).await?;
@@ -110,7 +118,9 @@ pub async fn key_package_pool<S: Store>(store: &S) -> Result<()> {
     // Unknown identities can neither upload nor be fetched.
     let stranger = identity()?;
     ensure!(matches!(
-        store.add_key_packages(&stranger, &[package("s1")], None).await,
+        store
+            .add_key_packages(&stranger, &[package("s1")], None)
+            .await,
         Err(StoreError::UnknownIdentity)
     ));
     ensure!(store.fetch_key_packages(&[stranger]).await? == vec![None]);
@@ -127,7 +137,9 @@ pub async fn batch_fetch<S: Store>(store: &S) -> Result<()> {
         .add_key_packages(&alice, &[package("a1"), package("a2")], None)
         .await?;
     store.add_key_packages(&bob, &[package("b1")], None).await?;
-    let got = store.fetch_key_packages(&[alice, nobody, bob, alice]).await?;
+    let got = store
+        .fetch_key_packages(&[alice, nobody, bob, alice])
+        .await?;
     ensure!(got.len() == 4);
     ensure!(got[0].as_ref().map(|k| k.identity) == Some(alice));
     ensure!(got[1].is_none());
@@ -172,7 +184,11 @@ pub async fn concurrent_fetchers<S: Store>(store: S) -> Result<()> {
             ensure!(pooled.insert(kp.data), "a KeyPackage was handed out twice");
         }
     }
-    ensure!(pooled.len() == K, "{} of {K} pooled handed out", pooled.len());
+    ensure!(
+        pooled.len() == K,
+        "{} of {K} pooled handed out",
+        pooled.len()
+    );
     ensure!(last_resort == FETCHERS - K);
     ensure!(store.key_package_count(&alice).await? == 0);
     Ok(())
