@@ -35,6 +35,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_SHUTDOWN_GRACE",
+    "QPQ_DATABASE_URL",
     "QPQ_LOG",
     "QPQ_SERVER",
     "QPQ_SERVER_KEY",
@@ -109,6 +110,9 @@ pub struct Overrides {
     /// Time given to in-flight calls on shutdown, e.g. `30s` [default: 30s].
     #[arg(long, env = "QPQ_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// PostgreSQL database of a cluster, e.g. `postgres://qpq@db:5432/qpq` [default: none].
+    #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -131,6 +135,8 @@ pub struct FileConfig {
     pub max_frame_bytes: Option<usize>,
     /// See [`Overrides::shutdown_grace`].
     pub shutdown_grace: Option<String>,
+    /// See [`Overrides::database_url`].
+    pub database_url: Option<String>,
 }
 
 impl FileConfig {
@@ -158,7 +164,9 @@ impl FileConfig {
 }
 
 /// The resolved, validated configuration of one server process.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output masks the database password.
+#[derive(Clone)]
 pub struct ServerConfig {
     /// The role this process plays.
     pub role: NodeRole,
@@ -178,6 +186,28 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
+    /// The cluster's PostgreSQL database (libpq-style URL or `key=value` string), if any.
+    pub database_url: Option<String>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("role", &self.role)
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("workers", &self.workers)
+            .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_database_url),
+            )
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -193,6 +223,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(30),
+            database_url: None,
         }
     }
 
@@ -249,6 +280,10 @@ impl ServerConfig {
                 overrides.shutdown_grace.or(file.shutdown_grace),
                 defaults.shutdown_grace,
             )?,
+            database_url: overrides
+                .database_url
+                .or(file.database_url)
+                .filter(|url| !url.trim().is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -283,8 +318,48 @@ impl ServerConfig {
         if self.shutdown_grace > Duration::from_secs(3600) {
             return Err(invalid("shutdown_grace", "must be at most 1h"));
         }
+        if let Some(url) = &self.database_url {
+            check_database_url(url)?;
+        }
         Ok(())
     }
+}
+
+/// Checks that `url` is a PostgreSQL connection URL or `key=value` string. The error never
+/// quotes it: it may hold a password.
+pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|_| {
+            invalid(
+                "database_url",
+                "not a PostgreSQL connection string (expected postgres://user@host:port/database)",
+            )
+        })
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and messages.
+pub fn redact_database_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
+        if let Some(at) = authority.rfind('@')
+            && let Some(colon) = authority[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            return format!("{}***{}", &url[..start], &url[end..]);
+        }
+        return url.to_owned();
+    }
+    // key=value form: mask the value of `password`.
+    url.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn default_workers() -> usize {
@@ -399,6 +474,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn database_url_layers_and_is_checked() -> Result<(), ConfigError> {
+        let c = ServerConfig::resolve(
+            NodeRole::Shard,
+            file("database_url = \"postgres://qpq@db/file\"\n")?,
+            Overrides::default(),
+        )?;
+        assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/file"));
+        let o = Overrides {
+            database_url: Some("postgres://qpq@db/flag".into()),
+            ..Overrides::default()
+        };
+        let c = ServerConfig::resolve(
+            NodeRole::Shard,
+            file("database_url = \"postgres://qpq@db/file\"\n")?,
+            o,
+        )?;
+        assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/flag"));
+        assert!(
+            ServerConfig::for_role(NodeRole::Edge, PathBuf::new())
+                .database_url
+                .is_none()
+        );
+
+        let bad = ServerConfig::resolve(
+            NodeRole::Shard,
+            FileConfig::default(),
+            Overrides {
+                database_url: Some("postgres://u:hunter2@db:notaport/x".into()),
+                ..Overrides::default()
+            },
+        );
+        let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("database_url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn database_passwords_are_masked() {
+        assert_eq!(
+            redact_database_url("postgres://qpq:s3cret@db:5432/qpq?sslmode=disable"),
+            "postgres://qpq:***@db:5432/qpq?sslmode=disable"
+        );
+        assert_eq!(
+            redact_database_url("postgres://qpq@db/qpq"),
+            "postgres://qpq@db/qpq"
+        );
+        assert_eq!(
+            redact_database_url("host=db user=qpq password=s3cret"),
+            "host=db user=qpq password=***"
+        );
+        let mut c = ServerConfig::for_role(NodeRole::Shard, PathBuf::new());
+        c.database_url = Some("postgres://qpq:s3cret@db/qpq".into());
+        assert!(!format!("{c:?}").contains("s3cret"));
     }
 
     #[test]
