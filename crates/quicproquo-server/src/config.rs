@@ -38,6 +38,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_SHUTDOWN_GRACE",
+    "QPQ_DATABASE_URL",
     "QPQ_LOG",
     "QPQ_KEY_PACKAGE_SUITES",
     "QPQ_KEY_PACKAGE_FETCH_LIMIT",
@@ -125,6 +126,9 @@ pub struct Overrides {
     /// Pool size below which clients are told to upload more KeyPackages [default: 10].
     #[arg(long, env = "QPQ_KEY_PACKAGE_LOW_WATERMARK")]
     pub key_package_low_watermark: Option<u32>,
+    /// PostgreSQL database of a cluster, e.g. `postgres://qpq@db:5432/qpq` [default: none].
+    #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -153,6 +157,8 @@ pub struct FileConfig {
     pub key_package_fetch_limit: Option<u32>,
     /// See [`Overrides::key_package_low_watermark`].
     pub key_package_low_watermark: Option<u32>,
+    /// See [`Overrides::database_url`].
+    pub database_url: Option<String>,
 }
 
 impl FileConfig {
@@ -180,7 +186,9 @@ impl FileConfig {
 }
 
 /// The resolved, validated configuration of one server process.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output masks the database password.
+#[derive(Clone)]
 pub struct ServerConfig {
     /// The role this process plays.
     pub role: NodeRole,
@@ -202,6 +210,29 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Authentication Service settings.
     pub auth: AuthSettings,
+    /// The cluster's PostgreSQL database (libpq-style URL or `key=value` string), if any.
+    pub database_url: Option<String>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("role", &self.role)
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("workers", &self.workers)
+            .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("auth", &self.auth)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_database_url),
+            )
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -218,6 +249,7 @@ impl ServerConfig {
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(30),
             auth: AuthSettings::default(),
+            database_url: None,
         }
     }
 
@@ -288,6 +320,10 @@ impl ServerConfig {
                     .or(file.key_package_low_watermark)
                     .unwrap_or(defaults.auth.low_watermark),
             },
+            database_url: overrides
+                .database_url
+                .or(file.database_url)
+                .filter(|url| !url.trim().is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -328,6 +364,9 @@ impl ServerConfig {
         if self.auth.fetch_limit_per_minute == 0 {
             return Err(invalid("key_package_fetch_limit", "must be at least 1"));
         }
+        if let Some(url) = &self.database_url {
+            check_database_url(url)?;
+        }
         Ok(())
     }
 }
@@ -344,6 +383,43 @@ fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> {
             })
         })
         .collect()
+}
+
+/// Checks that `url` is a PostgreSQL connection URL or `key=value` string. The error never
+/// quotes it: it may hold a password.
+pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|_| {
+            invalid(
+                "database_url",
+                "not a PostgreSQL connection string (expected postgres://user@host:port/database)",
+            )
+        })
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and messages.
+pub fn redact_database_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
+        if let Some(at) = authority.rfind('@')
+            && let Some(colon) = authority[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            return format!("{}***{}", &url[..start], &url[end..]);
+        }
+        return url.to_owned();
+    }
+    // key=value form: mask the value of `password`.
+    url.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn default_workers() -> usize {
@@ -476,6 +552,63 @@ mod tests {
             })
         ));
         Ok(())
+    }
+
+    #[test]
+    fn database_url_layers_and_is_checked() -> Result<(), ConfigError> {
+        let c = ServerConfig::resolve(
+            NodeRole::Shard,
+            file("database_url = \"postgres://qpq@db/file\"\n")?,
+            Overrides::default(),
+        )?;
+        assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/file"));
+        let o = Overrides {
+            database_url: Some("postgres://qpq@db/flag".into()),
+            ..Overrides::default()
+        };
+        let c = ServerConfig::resolve(
+            NodeRole::Shard,
+            file("database_url = \"postgres://qpq@db/file\"\n")?,
+            o,
+        )?;
+        assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/flag"));
+        assert!(
+            ServerConfig::for_role(NodeRole::Edge, PathBuf::new())
+                .database_url
+                .is_none()
+        );
+
+        let bad = ServerConfig::resolve(
+            NodeRole::Shard,
+            FileConfig::default(),
+            Overrides {
+                database_url: Some("postgres://u:hunter2@db:notaport/x".into()),
+                ..Overrides::default()
+            },
+        );
+        let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("database_url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn database_passwords_are_masked() {
+        assert_eq!(
+            redact_database_url("postgres://qpq:s3cret@db:5432/qpq?sslmode=disable"),
+            "postgres://qpq:***@db:5432/qpq?sslmode=disable"
+        );
+        assert_eq!(
+            redact_database_url("postgres://qpq@db/qpq"),
+            "postgres://qpq@db/qpq"
+        );
+        assert_eq!(
+            redact_database_url("host=db user=qpq password=s3cret"),
+            "host=db user=qpq password=***"
+        );
+        let mut c = ServerConfig::for_role(NodeRole::Shard, PathBuf::new());
+        c.database_url = Some("postgres://qpq:s3cret@db/qpq".into());
+        assert!(!format!("{c:?}").contains("s3cret"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `qpq-server`: runs a quicproquo node (standalone, edge or shard) or manages its keys.
+//! `qpq-server`: runs a quicproquo node (standalone, edge or shard), or manages its keys and
+//! the cluster database's schema.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use quicproquo_core::NodeRole;
 use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
+use quicproquo_server::store::postgres;
 use quicproquo_server::{bind_and_start, keystore};
 use std::io::Write;
 use tracing::{info, warn};
@@ -35,6 +37,18 @@ enum Command {
         /// Directory holding the keys.
         #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// Apply the PostgreSQL migrations the cluster database lacks, and print what was applied.
+    /// Safe to run from several replicas at once.
+    Migrate {
+        /// The database, e.g. `postgres://qpq@db:5432/qpq` [default: `database_url` from the
+        /// configuration file].
+        #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Configuration file to read `database_url` from [default: ./qpq-server.toml when it
+        /// exists].
+        #[arg(long, env = "QPQ_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -91,6 +105,36 @@ fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
     Ok(())
 }
 
+fn migrate(database_url: Option<String>, config: Option<PathBuf>) -> Result<()> {
+    let url = match database_url.filter(|u| !u.trim().is_empty()) {
+        Some(url) => url,
+        None => FileConfig::load(config.as_deref())?
+            .database_url
+            .filter(|u| !u.trim().is_empty())
+            .context(
+                "no database: pass --database-url, set QPQ_DATABASE_URL or set database_url in \
+                 the configuration file",
+            )?,
+    };
+    config::check_database_url(&url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    let applied = runtime
+        .block_on(postgres::migrate(&url))
+        .with_context(|| format!("migrating {}", config::redact_database_url(&url)))?;
+    let mut out = std::io::stdout().lock();
+    if applied.is_empty() {
+        writeln!(out, "schema up to date; no migration applied")?;
+    }
+    for version in &applied {
+        writeln!(out, "applied {version}")?;
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Standalone(o) => serve(NodeRole::Standalone, o),
@@ -101,6 +145,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", key.public_key());
             Ok(())
         }
+        Command::Migrate {
+            database_url,
+            config,
+        } => migrate(database_url, config),
     }
 }
 

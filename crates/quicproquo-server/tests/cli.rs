@@ -14,6 +14,7 @@ fn server_cmd(dir: &std::path::Path) -> Command {
         .env_remove("QPQ_CONFIG")
         .env_remove("QPQ_LISTEN")
         .env_remove("QPQ_DATA_DIR")
+        .env_remove("QPQ_DATABASE_URL")
         .env("QPQ_LOG", "warn");
     c
 }
@@ -118,5 +119,49 @@ fn env_and_flags_override_the_file_and_sigterm_stops_cleanly() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_schema_once_and_reports_it() -> Result<()> {
+    let db = quicproquo_testkit::postgres::fresh_database().await?;
+    let tmp = tempfile::tempdir()?;
+    let run = |cmd: &mut Command| -> Result<(bool, String, String)> {
+        let out = cmd.output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    };
+    let (ok, out, err) = run(server_cmd(tmp.path()).args(["migrate", "--database-url", db.url()]))?;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("applied 0001_identities_and_key_packages"),
+        "{out}"
+    );
+    // The second time through the environment variable: nothing left to apply.
+    let (ok, out, err) = run(server_cmd(tmp.path())
+        .arg("migrate")
+        .env("QPQ_DATABASE_URL", db.url()))?;
+    assert!(ok, "{err}");
+    assert!(out.contains("no migration applied"), "{out}");
+    quicproquo_server::store::postgres::PgStore::connect(db.url(), 1).await?;
+
+    // Without a database it says how to name one.
+    let (ok, _, err) = run(server_cmd(tmp.path()).arg("migrate"))?;
+    assert!(!ok);
+    assert!(err.contains("--database-url"), "{err}");
+    // An unreachable one fails without echoing the password.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("postgres://qpq:hunter2@127.0.0.1:{port}/qpq");
+    let (ok, _, err) = run(server_cmd(tmp.path()).args(["migrate", "--database-url", &url]))?;
+    assert!(!ok);
+    assert!(
+        err.contains("unavailable") && !err.contains("hunter2"),
+        "{err}"
+    );
     Ok(())
 }

@@ -17,6 +17,8 @@ pub mod log;
 
 use quicproquo_core::IdentityKey;
 
+pub mod postgres;
+
 /// A user name: 3 to 32 characters of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter or
 /// digit. Names are compared after lower-casing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

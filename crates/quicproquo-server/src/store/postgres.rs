@@ -1,0 +1,536 @@
+//! [`PgStore`]: the [`Store`] on PostgreSQL, for a cluster; [`migrate`] brings a database's
+//! schema up to date.
+//!
+//! Connections come from a deadpool pool of tokio-postgres clients (no TLS: run Postgres on a
+//! private network or over a TLS-terminating proxy). Every statement is prepared once per
+//! connection (`prepare_cached`) and every operation is one statement, so one round trip and
+//! one implicit transaction:
+//! - a fetch deletes the identity's oldest pooled KeyPackage that no one else has locked
+//!   (`FOR UPDATE SKIP LOCKED`) and returns it; if there is none it returns the last-resort
+//!   KeyPackage, which is kept. Only fetches lock KeyPackage rows, and a fetch deletes every
+//!   row it locks, so a row skipped as locked is one being handed out: no KeyPackage is handed
+//!   out twice and none is withheld while the pool still has one free;
+//! - a batch fetch groups the targets by identity and locks as many rows per identity as it
+//!   was asked for (`unnest(..) WITH ORDINALITY` + `LATERAL ... LIMIT n`), so a batch naming an
+//!   identity twice gets two different KeyPackages.
+//!
+//! Errors: a unique violation is [`StoreError::NameTaken`], a foreign-key violation
+//! [`StoreError::UnknownIdentity`], anything else (connection, timeout, query)
+//! [`StoreError::Unavailable`] with the database's message and SQLSTATE but never its detail
+//! (which can quote stored values).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use quicproquo_core::IdentityKey;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError, UserName};
+
+/// The migrations compiled into the server, in the order they apply: `(version, SQL)`.
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_identities_and_key_packages",
+    include_str!("../../../../sql/0001_identities_and_key_packages.sql"),
+)];
+
+/// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
+const MIGRATION_LOCK: i64 = 0x7170_712d_6d69_6772;
+/// Longest wait for a new connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a free connection from the pool.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies the migrations the database lacks, in order, and returns the versions it applied
+/// (empty when the schema was current).
+///
+/// Everything happens in one transaction holding a transaction-scoped advisory lock, so several
+/// replicas may run this at once: one applies, the others wait and then find nothing to do. A
+/// failing migration rolls back the whole run.
+pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
+    let mut config = parse_url(database_url)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let (mut client, connection) = config.connect(NoTls).await.map_err(|e| {
+        StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
+    })?;
+    let driver = tokio::spawn(connection);
+    let result = apply_migrations(&mut client).await;
+    drop(client);
+    // The connection ends once the client is gone; its own error (if any) is already in
+    // `result`.
+    let _ = driver.await;
+    result
+}
+
+async fn apply_migrations(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
+    let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    TEXT PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|e| pg_error(&e))?;
+    let done = applied_versions(&tx).await?;
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        if done.contains(*version) {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(|e| {
+            StoreError::Unavailable(format!("migration {version} failed: {}", describe(&e)))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+        applied.push((*version).to_owned());
+    }
+    tx.commit().await.map_err(|e| pg_error(&e))?;
+    Ok(applied)
+}
+
+async fn applied_versions(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<HashSet<String>, StoreError> {
+    client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(|e| pg_error(&e))?
+        .iter()
+        .map(|row| column::<String>(row, 0))
+        .collect()
+}
+
+/// The Postgres-backed [`Store`]. Cloning is cheap and shares the connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PgStore")
+            .field("max_size", &status.max_size)
+            .field("size", &status.size)
+            .field("available", &status.available)
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Opens a pool of up to `pool_size` connections (at least 1) to `database_url` (a libpq
+    /// style URL or `key=value` string), and checks that the database is reachable and its
+    /// schema current (see [`migrate`]).
+    ///
+    /// Each connection is driven by a task on the tokio runtime that opened it (the one that
+    /// first needed it): it serves callers on any runtime, but dies with its runtime, after which
+    /// the pool replaces it. Keep that runtime alive as long as the store, or give each
+    /// runtime its own store.
+    pub async fn connect(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let store = Self::pool_only(database_url, pool_size)?;
+        let pending = store.pending().await?;
+        if !pending.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "the database schema is not current (missing {}): run `qpq-server migrate`",
+                pending.join(", ")
+            )));
+        }
+        Ok(store)
+    }
+
+    fn pool_only(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let config = parse_url(database_url)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("building the connection pool: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// The migrations in [`MIGRATIONS`] the database has not applied.
+    async fn pending(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(|e| pg_error(&e))?;
+        let done = if column::<bool>(&row, 0)? {
+            applied_versions(&**client).await?
+        } else {
+            HashSet::new()
+        };
+        Ok(MIGRATIONS
+            .iter()
+            .filter(|(v, _)| !done.contains(*v))
+            .map(|(v, _)| (*v).to_owned())
+            .collect())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs one prepared statement and returns its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(|e| pg_error(&e))?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(|e| pg_error(&e))
+    }
+
+    /// Runs one prepared statement and returns how many rows it changed.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(|e| pg_error(&e))?;
+        client
+            .execute(&statement, params)
+            .await
+            .map_err(|e| pg_error(&e))
+    }
+
+    async fn fetch_one(
+        &self,
+        target: &IdentityKey,
+    ) -> Result<Option<FetchedKeyPackage>, StoreError> {
+        let rows = self.query(sql::FETCH_ONE, &[&key(target)]).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some(FetchedKeyPackage {
+            identity: *target,
+            data: column(row, 0)?,
+            last_resort: column(row, 1)?,
+        }))
+    }
+
+    async fn fetch_batch(
+        &self,
+        targets: &[IdentityKey],
+    ) -> Result<Vec<Option<FetchedKeyPackage>>, StoreError> {
+        let keys: Vec<&[u8]> = targets.iter().map(key).collect();
+        let rows = self.query(sql::FETCH_BATCH, &[&keys]).await?;
+        if rows.len() != targets.len() {
+            return Err(StoreError::Corrupt(format!(
+                "batch fetch returned {} rows for {} targets",
+                rows.len(),
+                targets.len()
+            )));
+        }
+        targets
+            .iter()
+            .zip(&rows)
+            .map(|(target, row)| {
+                let pooled: Option<Vec<u8>> = column(row, 0)?;
+                let last_resort: Option<Vec<u8>> = column(row, 1)?;
+                Ok(match (pooled, last_resort) {
+                    (Some(data), _) => Some(FetchedKeyPackage {
+                        identity: *target,
+                        data,
+                        last_resort: false,
+                    }),
+                    (None, Some(data)) => Some(FetchedKeyPackage {
+                        identity: *target,
+                        data,
+                        last_resort: true,
+                    }),
+                    (None, None) => None,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store for PgStore {
+    async fn register_identity(&self, identity: &IdentityKey) -> Result<(), StoreError> {
+        self.execute(sql::REGISTER, &[&key(identity)]).await?;
+        Ok(())
+    }
+
+    async fn claim_name(&self, identity: &IdentityKey, name: &UserName) -> Result<(), StoreError> {
+        let inserted = self
+            .execute(sql::CLAIM, &[&name.as_str(), &key(identity)])
+            .await?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        // A conflict with a committed row: find out which (in the embedded store's order of
+        // precedence: unknown identity, name taken, identity already named).
+        let rows = self
+            .query(sql::CLAIM_CONFLICT, &[&name.as_str(), &key(identity)])
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("name conflict query returned no row".into()))?;
+        let owner: Option<Vec<u8>> = column(row, 0)?;
+        let current: Option<String> = column(row, 1)?;
+        let registered: bool = column(row, 2)?;
+        if !registered {
+            Err(StoreError::UnknownIdentity)
+        } else if owner.as_deref() == Some(identity.as_bytes().as_slice()) {
+            Ok(())
+        } else if owner.is_some() {
+            Err(StoreError::NameTaken)
+        } else if current.is_some() {
+            Err(StoreError::AlreadyNamed)
+        } else {
+            Err(StoreError::Unavailable(
+                "the conflicting name claim disappeared; retry".into(),
+            ))
+        }
+    }
+
+    async fn resolve_name(&self, name: &UserName) -> Result<Option<IdentityKey>, StoreError> {
+        let rows = self.query(sql::RESOLVE, &[&name.as_str()]).await?;
+        rows.first()
+            .map(|row| {
+                let bytes: Vec<u8> = column(row, 0)?;
+                IdentityKey::from_slice(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("stored identity: {e}")))
+            })
+            .transpose()
+    }
+
+    async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
+        let rows = self.query(sql::NAME_OF, &[&key(identity)]).await?;
+        rows.first()
+            .map(|row| {
+                let name: String = column(row, 0)?;
+                UserName::parse(&name)
+                    .map_err(|_| StoreError::Corrupt("stored user name is invalid".into()))
+            })
+            .transpose()
+    }
+
+    async fn add_key_packages(
+        &self,
+        identity: &IdentityKey,
+        packages: &[KeyPackageRecord],
+        last_resort: Option<&KeyPackageRecord>,
+    ) -> Result<u32, StoreError> {
+        let refs: Vec<&[u8]> = packages.iter().map(|p| p.hash_ref.as_slice()).collect();
+        let data: Vec<&[u8]> = packages.iter().map(|p| p.data.as_slice()).collect();
+        let lr_ref = last_resort.map(|p| p.hash_ref.as_slice());
+        let lr_data = last_resort.map(|p| p.data.as_slice());
+        let rows = self
+            .query(
+                sql::ADD_KEY_PACKAGES,
+                &[&key(identity), &refs, &data, &lr_ref, &lr_data],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("upload query returned no row".into()))?;
+        if !column::<bool>(row, 0)? {
+            return Err(StoreError::UnknownIdentity);
+        }
+        Ok(count(column(row, 1)?))
+    }
+
+    async fn fetch_key_packages(
+        &self,
+        targets: &[IdentityKey],
+    ) -> Result<Vec<Option<FetchedKeyPackage>>, StoreError> {
+        match targets {
+            [] => Ok(Vec::new()),
+            [one] => Ok(vec![self.fetch_one(one).await?]),
+            many => self.fetch_batch(many).await,
+        }
+    }
+
+    async fn key_package_count(&self, identity: &IdentityKey) -> Result<u32, StoreError> {
+        let rows = self.query(sql::COUNT, &[&key(identity)]).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("count query returned no row".into()))?;
+        Ok(count(column(row, 0)?))
+    }
+}
+
+/// The statements, each one round trip.
+mod sql {
+    pub(super) const REGISTER: &str =
+        "INSERT INTO identities (identity) VALUES ($1) ON CONFLICT (identity) DO NOTHING";
+
+    /// Inserts unless the name or the identity already has a row (then changes nothing); an
+    /// unregistered identity fails the foreign key.
+    pub(super) const CLAIM: &str =
+        "INSERT INTO user_names (name, identity) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+    pub(super) const CLAIM_CONFLICT: &str = "SELECT
+            (SELECT identity FROM user_names WHERE name = $1),
+            (SELECT name FROM user_names WHERE identity = $2),
+            EXISTS (SELECT 1 FROM identities WHERE identity = $2)";
+
+    pub(super) const RESOLVE: &str = "SELECT identity FROM user_names WHERE name = $1";
+
+    pub(super) const NAME_OF: &str = "SELECT name FROM user_names WHERE identity = $1";
+
+    /// Adds the pool (in upload order, skipping stored hash refs) and replaces the last-resort
+    /// KeyPackage, only if the identity is registered; returns whether it is and the pool size.
+    pub(super) const ADD_KEY_PACKAGES: &str = "
+        WITH owner AS (
+            SELECT identity FROM identities WHERE identity = $1
+        ),
+        pooled AS (
+            INSERT INTO key_packages (identity, hash_ref, data)
+            SELECT owner.identity, p.hash_ref, p.data
+            FROM owner, unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS p (hash_ref, data, ord)
+            ORDER BY p.ord
+            ON CONFLICT (hash_ref) DO NOTHING
+            RETURNING 1
+        ),
+        last_resort AS (
+            INSERT INTO last_resort_key_packages (identity, hash_ref, data)
+            SELECT owner.identity, $4::bytea, $5::bytea FROM owner WHERE $4::bytea IS NOT NULL
+            ON CONFLICT (identity) DO UPDATE
+                SET hash_ref = EXCLUDED.hash_ref, data = EXCLUDED.data, updated_at = now()
+            RETURNING 1
+        )
+        SELECT EXISTS (SELECT 1 FROM owner),
+               (SELECT count(*) FROM key_packages WHERE identity = $1)
+                 + (SELECT count(*) FROM pooled)";
+
+    /// Consumes the oldest unlocked pooled KeyPackage of `$1`, or reads its last-resort one.
+    pub(super) const FETCH_ONE: &str = "
+        WITH taken AS (
+            DELETE FROM key_packages
+            WHERE id = (
+                SELECT id FROM key_packages
+                WHERE identity = $1
+                ORDER BY id
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING data
+        )
+        SELECT data, false FROM taken
+        UNION ALL
+        SELECT data, true FROM last_resort_key_packages
+        WHERE identity = $1 AND NOT EXISTS (SELECT 1 FROM taken)";
+
+    /// One row per target, in order: `(pooled data, last-resort data)`, at most one non-null.
+    /// The n-th request for an identity in the batch gets the n-th KeyPackage locked for it.
+    pub(super) const FETCH_BATCH: &str = "
+        WITH wanted AS MATERIALIZED (
+            SELECT t.target, t.ord,
+                   row_number() OVER (PARTITION BY t.target ORDER BY t.ord) AS nth
+            FROM unnest($1::bytea[]) WITH ORDINALITY AS t (target, ord)
+        ),
+        picked AS MATERIALIZED (
+            SELECT p.id, p.identity,
+                   row_number() OVER (PARTITION BY p.identity ORDER BY p.id) AS nth
+            FROM (SELECT target, count(*) AS n FROM wanted GROUP BY target) AS w
+            CROSS JOIN LATERAL (
+                SELECT k.id, k.identity FROM key_packages AS k
+                WHERE k.identity = w.target
+                ORDER BY k.id
+                LIMIT w.n
+                FOR UPDATE SKIP LOCKED
+            ) AS p
+        ),
+        taken AS (
+            DELETE FROM key_packages AS k
+            USING picked
+            WHERE k.id = picked.id
+            RETURNING k.id, k.data
+        )
+        SELECT tk.data, lr.data
+        FROM wanted AS w
+        LEFT JOIN picked AS p ON p.identity = w.target AND p.nth = w.nth
+        LEFT JOIN taken AS tk ON tk.id = p.id
+        LEFT JOIN last_resort_key_packages AS lr ON lr.identity = w.target AND tk.id IS NULL
+        ORDER BY w.ord";
+
+    pub(super) const COUNT: &str = "SELECT count(*) FROM key_packages WHERE identity = $1";
+}
+
+fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    // The parser's message can quote the URL, which may hold a password: keep it out.
+    database_url.parse().map_err(|_| {
+        StoreError::Unavailable(
+            "invalid database URL: expected postgres://user@host:port/database".into(),
+        )
+    })
+}
+
+/// An identity as a `BYTEA` parameter.
+fn key(identity: &IdentityKey) -> &[u8] {
+    identity.as_bytes()
+}
+
+/// A column of a result row, as `T`.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index)
+        .map_err(|e| StoreError::Corrupt(format!("column {index}: {e}")))
+}
+
+/// A `count(*)` as `u32` (saturating; negative counts cannot happen).
+fn count(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Maps a database error to a [`StoreError`].
+fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::NameTaken,
+        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => StoreError::UnknownIdentity,
+        _ => StoreError::Unavailable(describe(e)),
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => {
+            StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
+        }
+        other => StoreError::Unavailable(format!("database connection pool: {other}")),
+    }
+}
+
+/// A description of a database error without values from the data: the server's message and
+/// SQLSTATE (not its DETAIL, which can quote key values), or the client-side error chain.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
