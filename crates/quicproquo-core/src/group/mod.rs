@@ -63,6 +63,8 @@ mod error;
 mod event;
 mod inspect;
 mod policy;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 
