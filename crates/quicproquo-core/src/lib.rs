@@ -7,7 +7,10 @@
 //! key. [`channel`] carries application frames (`[u32 length][bytes]`) over Noise transport
 //! messages, splitting frames larger than one Noise message and refusing frames over the
 //! configured maximum before allocating; it also offers an `AsyncRead + AsyncWrite` view so
-//! Cap'n Proto RPC runs over the encrypted channel.
+//! Cap'n Proto RPC runs over the encrypted channel. [`mls`] holds the MLS ciphersuites, the
+//! client's openmls provider and KeyPackages; [`group`] is the client's MLS group (create, join,
+//! commit, encrypt, process a server-ordered log) and the keyless [`group::inspect`] the server
+//! uses to order that log.
 //!
 //! What it is not: it opens no sockets and knows nothing of RPC interfaces, roles or storage;
 //! those live in `quicproquo-server` and `quicproquo-client`.
@@ -16,6 +19,7 @@
 
 pub mod channel;
 pub mod error;
+pub mod group;
 pub mod identity;
 pub mod keys;
 pub mod mls;

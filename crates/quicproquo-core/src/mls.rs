@@ -287,12 +287,7 @@ impl MlsIdentity {
         last_resort: bool,
         lifetime: Option<Lifetime>,
     ) -> Result<Vec<u8>, MlsError> {
-        // Advertise both of our suites and support for the last-resort extension.
-        let capabilities = Capabilities::builder()
-            .ciphersuites(Suite::ALL.map(Suite::ciphersuite).to_vec())
-            .extensions(vec![ExtensionType::LastResort])
-            .build();
-        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
+        let mut builder = KeyPackage::builder().leaf_node_capabilities(leaf_capabilities());
         if last_resort {
             builder = builder.mark_as_last_resort();
         }
@@ -307,6 +302,15 @@ impl MlsIdentity {
             .tls_serialize_detached()
             .map_err(|e| MlsError::Library(e.to_string()))
     }
+}
+
+/// The capabilities of every leaf we create (KeyPackages and the creator's leaf of a group):
+/// both of our suites and support for the last-resort extension.
+pub(crate) fn leaf_capabilities() -> Capabilities {
+    Capabilities::builder()
+        .ciphersuites(Suite::ALL.map(Suite::ciphersuite).to_vec())
+        .extensions(vec![ExtensionType::LastResort])
+        .build()
 }
 
 /// What the Authentication Service learns from a KeyPackage that passed [`check_key_package`].
@@ -350,6 +354,15 @@ pub fn check_key_package(
     crypto: &RustCrypto,
     accepted: &[Suite],
 ) -> Result<CheckedKeyPackage, MlsError> {
+    validate_key_package(bytes, crypto, accepted).map(|(_, checked)| checked)
+}
+
+/// [`check_key_package`], also returning the validated KeyPackage (to add it to a group).
+pub(crate) fn validate_key_package(
+    bytes: &[u8],
+    crypto: &RustCrypto,
+    accepted: &[Suite],
+) -> Result<(KeyPackage, CheckedKeyPackage), MlsError> {
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|_| MlsError::Malformed)?;
     let kp = kp_in
         .validate(crypto, ProtocolVersion::Mls10)
@@ -377,11 +390,14 @@ pub fn check_key_package(
         .map_err(|e| MlsError::Library(e.to_string()))?
         .as_slice()
         .to_vec();
-    Ok(CheckedKeyPackage {
-        identity,
-        hash_ref,
-        suite,
-    })
+    Ok((
+        kp,
+        CheckedKeyPackage {
+            identity,
+            hash_ref,
+            suite,
+        },
+    ))
 }
 
 #[cfg(test)]
