@@ -25,6 +25,9 @@ interface AuthenticationService {
 
   resolveName @4 (trace :Common.TraceContext, name :Text) -> (identity :Data);
   # The identity key that owns a user name.
+
+  namesOf @5 (trace :Common.TraceContext, identities :List(Data)) -> (names :List(Text));
+  # The user name of each identity, in order (empty for an identity without a name).
 }
 
 struct FetchedKeyPackage {

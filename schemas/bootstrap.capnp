@@ -3,6 +3,7 @@
 
 using Common = import "common.capnp";
 using Auth = import "auth.capnp";
+using Delivery = import "delivery.capnp";
 
 interface Bootstrap {
   ping @0 (trace :Common.TraceContext, payload :Data)
@@ -10,7 +11,7 @@ interface Bootstrap {
   # Echo `payload` back. Used for liveness and round-trip measurement.
 
   bind @1 (trace :Common.TraceContext, identityKey :Data, signature :Data)
-      -> (auth :Auth.AuthenticationService);
+      -> (auth :Auth.AuthenticationService, delivery :Delivery.DeliveryService);
   # Bind this session to a device identity. `identityKey` is the 32-byte Ed25519 public key;
   # `signature` signs "quicproquo identity binding v1" || Noise handshake hash || the client's
   # Noise static public key. The returned capabilities serve that identity only; a session

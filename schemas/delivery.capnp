@@ -1,28 +1,94 @@
-# The Delivery Service: ordered, MLS-content-unaware group logs and live delivery.
-# A client obtains this capability from `Bootstrap`, scoped to its bound identity.
+# The Delivery Service: ordered, MLS-content-unaware group logs, Welcome inboxes and live
+# delivery. A client obtains this capability from `Bootstrap.bind`, scoped to its identity:
+# it can only post to and read groups it is a member of, and only read its own inbox.
 @0x94412611de4d27cb;
 
 using Common = import "common.capnp";
 using Envelope = import "envelope.capnp".Envelope;
 
 interface DeliveryService {
-  append @0 (trace :Common.TraceContext, groupId :Data, messageId :Data, message :Data)
-      -> (seq :UInt64);
-  # Append one MLS message to a group's log. Acknowledged only once durable.
+  createGroup @0 (trace :Common.TraceContext, groupId :Data) -> ();
+  # Register a new group with the caller as its only member, at epoch 0.
 
-  subscribe @1 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64, stream :MessageStream)
+  send @1 (trace :Common.TraceContext, groupId :Data, messageId :Data, message :Data,
+           commit :CommitInfo) -> (result :SendResult);
+  # Append one MLS message. The server reads its kind and epoch from the public framing. A
+  # commit must carry `commit` (its membership change and Welcome, stored in the same
+  # transaction). Acknowledged once durable.
+
+  fetch @2 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64, limit :UInt32)
+      -> (entries :List(Envelope));
+  # Entries after `afterSeq` that the caller may read, oldest first (catch-up).
+
+  subscribe @3 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64,
+                stream :MessageStream) -> (subscription :Subscription);
+  # Push every entry after `afterSeq` to `stream`, then new ones as they are appended.
+
+  acknowledge @4 (trace :Common.TraceContext, groupId :Data, seq :UInt64) -> ();
+  # Store the caller's cursor: everything up to `seq` is processed.
+
+  groups @5 (trace :Common.TraceContext) -> (groups :List(GroupInfo));
+  # The groups the caller is a member of.
+
+  inbox @6 (trace :Common.TraceContext, afterSeq :UInt64, limit :UInt32)
+      -> (welcomes :List(Welcome));
+  # Welcomes addressed to the caller.
+
+  subscribeInbox @7 (trace :Common.TraceContext, afterSeq :UInt64, stream :InboxStream)
       -> (subscription :Subscription);
-  # Receive every entry after `afterSeq`, then new entries as they are appended.
+  # Push Welcomes after `afterSeq`, then new ones as they arrive.
+}
+
+struct CommitInfo {
+  added @0 :List(Data);    # identity keys the commit adds
+  removed @1 :List(Data);  # identity keys the commit removes
+  welcome @2 :Data;        # the Welcome for the added members (empty if none)
+}
+
+struct SendResult {
+  union {
+    appended @0 :Appended;
+    duplicate @1 :UInt64;       # the message id was appended before, at this seq
+    staleEpoch @2 :StaleEpoch;  # lost the epoch: catch up to `winnerSeq` and retry
+  }
+}
+
+struct Appended {
+  seq @0 :UInt64;
+  epoch @1 :UInt64;  # the group's epoch after the append
+}
+
+struct StaleEpoch {
+  currentEpoch @0 :UInt64;
+  winnerSeq @1 :UInt64;
+}
+
+struct GroupInfo {
+  groupId @0 :Data;
+  epoch @1 :UInt64;
+  lastSeq @2 :UInt64;
+  members @3 :List(Data);
+  cursor @4 :UInt64;  # the caller's acknowledged cursor
+}
+
+struct Welcome {
+  seq @0 :UInt64;        # position in the caller's inbox
+  groupId @1 :Data;
+  commitSeq @2 :UInt64;  # the commit that added the caller: read the group after it
+  welcome @3 :Data;
 }
 
 interface MessageStream {
-  # Implemented by the subscriber; the server pushes batches of log entries in order.
-  deliver @0 (entries :List(Envelope)) -> ();
-  # The server awaits each call before sending the next batch (flow control).
+  # Implemented by the subscriber. Batches arrive in order; the server awaits each call
+  # before sending the next (flow control). Entries may repeat after a reconnect: dedupe by seq.
+  deliver @0 (groupId :Data, entries :List(Envelope)) -> ();
+}
+
+interface InboxStream {
+  deliver @0 (welcomes :List(Welcome)) -> ();
 }
 
 interface Subscription {
   # Dropping this capability ends the subscription.
-  acknowledge @0 (seq :UInt64) -> ();
-  # Store the subscriber's cursor: every entry up to `seq` has been processed.
+  close @0 () -> ();
 }

@@ -119,6 +119,35 @@ impl AuthClient {
         Ok(())
     }
 
+    /// The user name of each identity (`None` for identities without one).
+    pub async fn names_of(
+        &self,
+        identities: &[IdentityKey],
+    ) -> Result<Vec<Option<String>>, ClientError> {
+        let mut req = self.cap.names_of_request();
+        {
+            let mut list = req.get().init_identities(identities.len() as u32);
+            for (i, id) in identities.iter().enumerate() {
+                list.set(i as u32, id.as_bytes());
+            }
+        }
+        let resp = timed(self.addr, self.timeout, "names", req.send().promise).await?;
+        let names = resp
+            .get()
+            .map_err(call_error)?
+            .get_names()
+            .map_err(call_error)?;
+        let mut out = Vec::with_capacity(names.len() as usize);
+        for n in names.iter() {
+            let n = n
+                .map_err(call_error)?
+                .to_str()
+                .map_err(|e| ClientError::Rpc(capnp::Error::failed(e.to_string())))?;
+            out.push((!n.is_empty()).then(|| n.to_owned()));
+        }
+        Ok(out)
+    }
+
     /// The identity that owns a user name.
     pub async fn resolve_name(&self, name: &str) -> Result<IdentityKey, ClientError> {
         let mut req = self.cap.resolve_name_request();

@@ -26,9 +26,12 @@ use quicproquo_proto::bootstrap_capnp::bootstrap;
 use quicproquo_proto::errors::{ErrorCode, code_of};
 
 pub mod auth;
+pub mod chat;
+pub mod delivery;
 pub mod state;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
+pub use delivery::{DeliveryClient, Envelope, SendOutcome};
 pub use state::ClientState;
 use tokio::net::TcpStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -154,6 +157,15 @@ pub struct Pong {
     pub rtt: Duration,
 }
 
+/// The services of a session bound to an identity.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Names and KeyPackages.
+    pub auth: AuthClient,
+    /// Group logs and Welcomes.
+    pub delivery: DeliveryClient,
+}
+
 /// An authenticated connection to one server node.
 pub struct Connection {
     addr: SocketAddr,
@@ -272,8 +284,8 @@ impl Connection {
         &self.client_static
     }
 
-    /// Binds this session to `identity` and returns its Authentication Service.
-    pub async fn bind(&self, identity: &IdentityKeypair) -> Result<AuthClient, ClientError> {
+    /// Binds this session to `identity` and returns its services.
+    pub async fn bind(&self, identity: &IdentityKeypair) -> Result<Session, ClientError> {
         let signature = identity.sign_binding(&self.handshake_hash, &self.client_static);
         self.bind_with_signature(&identity.public(), &signature)
             .await
@@ -284,7 +296,7 @@ impl Connection {
         &self,
         identity: &IdentityKey,
         signature: &[u8],
-    ) -> Result<AuthClient, ClientError> {
+    ) -> Result<Session, ClientError> {
         self.bind_with_signature_bytes(identity.as_bytes(), signature)
             .await
     }
@@ -295,7 +307,7 @@ impl Connection {
         &self,
         identity: &[u8],
         signature: &[u8],
-    ) -> Result<AuthClient, ClientError> {
+    ) -> Result<Session, ClientError> {
         let mut request = self.bootstrap.bind_request();
         {
             let mut p = request.get();
@@ -303,12 +315,15 @@ impl Connection {
             p.set_signature(signature);
         }
         let response = self.timed("bind", request.send().promise).await?;
-        let cap = response
-            .get()
-            .map_err(call_error)?
-            .get_auth()
-            .map_err(call_error)?;
-        Ok(AuthClient::new(cap, self.addr, self.timeout))
+        let r = response.get().map_err(call_error)?;
+        Ok(Session {
+            auth: AuthClient::new(r.get_auth().map_err(call_error)?, self.addr, self.timeout),
+            delivery: DeliveryClient::new(
+                r.get_delivery().map_err(call_error)?,
+                self.addr,
+                self.timeout,
+            ),
+        })
     }
 
     pub(crate) async fn timed<T>(

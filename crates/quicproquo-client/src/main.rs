@@ -7,10 +7,15 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use quicproquo_client::chat::Chat;
 use quicproquo_client::state::DEFAULT_STATE_FILE;
 use quicproquo_client::{
-    AuthClient, ClientState, ConnectOptions, Connection, connect_any, resolve,
+    AuthClient, ClientState, ConnectOptions, Connection, Session, connect_any, resolve,
 };
+use serde_json::json;
+
+mod output;
+use output::{Names, Output, follow_live};
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
 
@@ -38,6 +43,9 @@ struct Cli {
     /// Deadline for connecting, the handshake and each call, e.g. `5s`, `500ms`.
     #[arg(long, env = "QPQ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Print one JSON object per event instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +80,44 @@ enum Command {
         /// The user name.
         name: String,
     },
+    /// Create a group with this device as its only member.
+    CreateGroup {
+        /// A local name for the group.
+        name: String,
+    },
+    /// Add users to a group (one commit for all of them).
+    Invite {
+        /// The group (local name or hex id prefix).
+        group: String,
+        /// User names to add.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove users from a group.
+    Remove {
+        /// The group (local name or hex id prefix).
+        group: String,
+        /// User names to remove.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Process pending Welcomes and print the groups joined.
+    Join,
+    /// Send a message to a group.
+    Send {
+        /// The group (local name or hex id prefix).
+        group: String,
+        /// The text.
+        text: String,
+    },
+    /// Print what arrived since last time (and join pending groups); `--follow` stays live.
+    Recv {
+        /// Keep receiving as messages arrive, until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List groups with epoch and members.
+    Groups,
 }
 
 /// KeyPackages uploaded at registration and kept in the pool.
@@ -100,7 +146,29 @@ struct Ctx {
     options: ConnectOptions,
 }
 
+/// Connection settings, resolved only by the commands that talk to a server.
+struct LazyCtx;
+
+impl LazyCtx {
+    async fn ready(&self, cli: &Cli) -> Result<Ctx> {
+        Ctx::new(cli).await
+    }
+
+    /// Loads the state, connects and binds the identity.
+    async fn bound(&self, cli: &Cli) -> Result<(ClientState, Connection, Session)> {
+        let ctx = Ctx::new(cli).await?;
+        let state = ClientState::load(&cli.state)?;
+        let conn = ctx.connect().await?;
+        let session = conn.bind(state.identity()).await?;
+        Ok((state, conn, session))
+    }
+}
+
 impl Ctx {
+    fn lazy() -> LazyCtx {
+        LazyCtx
+    }
+
     async fn new(cli: &Cli) -> Result<Self> {
         if cli.server_key.is_empty() {
             bail!("--server-key is required (the key `qpq-server cluster-key` prints)");
@@ -140,9 +208,11 @@ async fn upload_batch(
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let out = Output { json: cli.json };
+    let ctx = Ctx::lazy();
     match &cli.command {
         Command::Ping => {
-            let ctx = Ctx::new(&cli).await?;
+            let ctx = ctx.ready(&cli).await?;
             let conn = ctx.connect().await?;
             let pong = conn.ping(b"qpq ping").await?;
             println!(
@@ -158,7 +228,7 @@ async fn run(cli: Cli) -> Result<()> {
             suite,
             key_packages,
         } => {
-            let ctx = Ctx::new(&cli).await?;
+            let ctx = ctx.ready(&cli).await?;
             let mut state = ClientState::load_or_create(&cli.state, *suite)?;
             if let Some(existing) = &state.name
                 && !existing.eq_ignore_ascii_case(name)
@@ -166,7 +236,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("this device is already registered as {existing}");
             }
             let conn = ctx.connect().await?;
-            let auth = conn.bind(state.identity()).await?;
+            let auth = conn.bind(state.identity()).await?.auth;
             auth.claim_name(name).await?;
             state.name = Some(name.to_ascii_lowercase());
             let remaining = upload_batch(&state, &cli.state, &auth, *key_packages, true).await?;
@@ -185,10 +255,10 @@ async fn run(cli: Cli) -> Result<()> {
             println!("fingerprint {}", state.identity().public().fingerprint());
         }
         Command::Keys { top_up_to } => {
-            let ctx = Ctx::new(&cli).await?;
+            let ctx = ctx.ready(&cli).await?;
             let state = ClientState::load(&cli.state)?;
             let conn = ctx.connect().await?;
-            let auth = conn.bind(state.identity()).await?;
+            let auth = conn.bind(state.identity()).await?.auth;
             let (remaining, low) = auth.key_package_count().await?;
             if low && remaining < *top_up_to {
                 let after =
@@ -202,11 +272,104 @@ async fn run(cli: Cli) -> Result<()> {
             }
             conn.close().await;
         }
+        Command::CreateGroup { name } => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let id = Chat::new(&mut state, &cli.state, &session)
+                .create_group(name)
+                .await?;
+            out.line(
+                &format!("created group {name} ({})", hex::encode(&id[..4])),
+                json!({"event": "created", "group": name, "id": hex::encode(&id)}),
+            );
+            conn.close().await;
+        }
+        Command::Invite { group, names } => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let epoch = Chat::new(&mut state, &cli.state, &session)
+                .invite(group, names)
+                .await?;
+            out.line(
+                &format!("added {} to {group} (epoch {epoch})", names.join(", ")),
+                json!({"event": "invited", "group": group, "names": names, "epoch": epoch}),
+            );
+            conn.close().await;
+        }
+        Command::Remove { group, names } => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let epoch = Chat::new(&mut state, &cli.state, &session)
+                .remove(group, names)
+                .await?;
+            out.line(
+                &format!("removed {} from {group} (epoch {epoch})", names.join(", ")),
+                json!({"event": "removed", "group": group, "names": names, "epoch": epoch}),
+            );
+            conn.close().await;
+        }
+        Command::Join => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let mut events = Vec::new();
+            Chat::new(&mut state, &cli.state, &session)
+                .join(&mut |e| events.push(e))
+                .await?;
+            let mut names = Names::new(&session);
+            for e in events {
+                out.event(&mut names, e).await?;
+            }
+            conn.close().await;
+        }
+        Command::Send { group, text } => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let seq = Chat::new(&mut state, &cli.state, &session)
+                .send(group, text.as_bytes())
+                .await?;
+            out.line(
+                &format!("sent to {group} (#{seq})"),
+                json!({"event": "sent", "group": group, "seq": seq}),
+            );
+            conn.close().await;
+        }
+        Command::Recv { follow } => {
+            let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let mut names = Names::new(&session);
+            let mut events = Vec::new();
+            Chat::new(&mut state, &cli.state, &session)
+                .receive_all(&mut |e| events.push(e))
+                .await?;
+            for e in events.drain(..) {
+                out.event(&mut names, e).await?;
+            }
+            if *follow {
+                follow_live(&mut state, &cli.state, &session, &out, &mut names).await?;
+            }
+            conn.close().await;
+        }
+        Command::Groups => {
+            let (state, conn, session) = ctx.bound(&cli).await?;
+            let mut names = Names::new(&session);
+            for g in session.delivery.groups().await? {
+                let label = state.groups.get(&g.group_id).map_or_else(
+                    || hex::encode(&g.group_id[..4.min(g.group_id.len())]),
+                    |m| m.name.clone(),
+                );
+                let members = names.describe(&g.members).await?;
+                out.line(
+                    &format!(
+                        "{label} ({}) epoch {} members: {}",
+                        hex::encode(&g.group_id[..4.min(g.group_id.len())]),
+                        g.epoch,
+                        members.join(", ")
+                    ),
+                    json!({"event": "group", "group": label, "id": hex::encode(&g.group_id),
+                           "epoch": g.epoch, "members": members, "last_seq": g.last_seq}),
+                );
+            }
+            conn.close().await;
+        }
         Command::Lookup { name } => {
-            let ctx = Ctx::new(&cli).await?;
+            let ctx = ctx.ready(&cli).await?;
             let state = ClientState::load(&cli.state)?;
             let conn = ctx.connect().await?;
-            let auth = conn.bind(state.identity()).await?;
+            let auth = conn.bind(state.identity()).await?.auth;
             let id = auth.resolve_name(name).await?;
             println!(
                 "{} fingerprint {}",

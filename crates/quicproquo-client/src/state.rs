@@ -4,8 +4,10 @@
 //! Written atomically (a temporary file in the same directory, fsynced, then renamed over the
 //! old one), mode 0600. Secrets are zeroized in memory when dropped. Format, big-endian:
 //! `"QPQSTATE" | version u32 = 1 | identity seed [32] | suite u8 | name_len u16 | name |
-//! mls_len u64 | mls storage`.
+//! mls_len u64 | mls storage | inbox cursor u64 | group count u32 | groups`, each group being
+//! `id_len u16 | id | name_len u16 | name | cursor u64 | own count u16 | (len u8 | id)*`.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,6 +50,18 @@ pub enum StateError {
     Mls(#[from] MlsError),
 }
 
+/// What the device remembers about one group besides its MLS state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupMeta {
+    /// The local name (the creator's chosen name, or the id's first hex digits on joiners).
+    pub name: String,
+    /// Every log entry up to this sequence number has been processed.
+    pub cursor: u64,
+    /// Message ids we sent that have not yet come back through the log (we skip our own
+    /// messages when reading the log: MLS cannot decrypt one's own application messages).
+    pub own_pending: Vec<Vec<u8>>,
+}
+
 /// Everything a device keeps between runs.
 pub struct ClientState {
     identity: IdentityKeypair,
@@ -58,6 +72,10 @@ pub struct ClientState {
     pub suite: Suite,
     /// The MLS provider holding this device's MLS secrets.
     pub mls: MlsProvider,
+    /// Groups, by MLS group id.
+    pub groups: BTreeMap<Vec<u8>, GroupMeta>,
+    /// Every Welcome in our inbox up to this sequence number has been processed.
+    pub inbox_cursor: u64,
 }
 
 impl std::fmt::Debug for ClientState {
@@ -80,6 +98,8 @@ impl ClientState {
             name: None,
             suite,
             mls: MlsProvider::default(),
+            groups: BTreeMap::new(),
+            inbox_cursor: 0,
         })
     }
 
@@ -146,6 +166,30 @@ impl ClientState {
             Ok(m) => m,
             Err(e) => return Some(Err(e.into())),
         };
+        let inbox_cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
+        let group_count = u32::from_be_bytes(take(4)?.try_into().ok()?);
+        let mut groups = BTreeMap::new();
+        for _ in 0..group_count {
+            let id_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+            let id = take(id_len)?.to_vec();
+            let name_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+            let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+            let cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
+            let own_count = u16::from_be_bytes(take(2)?.try_into().ok()?);
+            let mut own_pending = Vec::with_capacity(usize::from(own_count));
+            for _ in 0..own_count {
+                let len = usize::from(take(1)?[0]);
+                own_pending.push(take(len)?.to_vec());
+            }
+            groups.insert(
+                id,
+                GroupMeta {
+                    name,
+                    cursor,
+                    own_pending,
+                },
+            );
+        }
         if !r.is_empty() {
             return None;
         }
@@ -156,6 +200,8 @@ impl ClientState {
             name: (!name.is_empty()).then_some(name),
             suite,
             mls,
+            groups,
+            inbox_cursor,
         }))
     }
 
@@ -175,6 +221,26 @@ impl ClientState {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(&(mls.len() as u64).to_be_bytes());
         out.extend_from_slice(&mls);
+        out.extend_from_slice(&self.inbox_cursor.to_be_bytes());
+        let too_long = || StateError::Mls(MlsError::CorruptState);
+        let count = u32::try_from(self.groups.len()).map_err(|_| too_long())?;
+        out.extend_from_slice(&count.to_be_bytes());
+        for (id, meta) in &self.groups {
+            let id_len = u16::try_from(id.len()).map_err(|_| too_long())?;
+            out.extend_from_slice(&id_len.to_be_bytes());
+            out.extend_from_slice(id);
+            let name_len = u16::try_from(meta.name.len()).map_err(|_| too_long())?;
+            out.extend_from_slice(&name_len.to_be_bytes());
+            out.extend_from_slice(meta.name.as_bytes());
+            out.extend_from_slice(&meta.cursor.to_be_bytes());
+            let own = u16::try_from(meta.own_pending.len()).map_err(|_| too_long())?;
+            out.extend_from_slice(&own.to_be_bytes());
+            for m in &meta.own_pending {
+                let len = u8::try_from(m.len()).map_err(|_| too_long())?;
+                out.push(len);
+                out.extend_from_slice(m);
+            }
+        }
         Ok(out)
     }
 
@@ -231,6 +297,15 @@ mod tests {
         ));
         let mut state = ClientState::load_or_create(&path, Suite::Classical)?;
         state.name = Some("alice".into());
+        state.inbox_cursor = 3;
+        state.groups.insert(
+            b"g1".to_vec(),
+            GroupMeta {
+                name: "friends".into(),
+                cursor: 42,
+                own_pending: vec![b"m1".to_vec(), b"m2".to_vec()],
+            },
+        );
         state
             .mls_identity()
             .key_packages(&state.mls, Suite::Classical, 2)?;
@@ -240,6 +315,8 @@ mod tests {
         assert_eq!(again.identity().public(), state.identity().public());
         assert_eq!(again.name.as_deref(), Some("alice"));
         assert_eq!(again.suite, Suite::Classical);
+        assert_eq!(again.inbox_cursor, 3);
+        assert_eq!(again.groups, state.groups);
         // Same entries (the map's order may differ, so compare sizes and sorted bytes).
         let (a, b) = (again.mls.export_storage()?, state.mls.export_storage()?);
         assert_eq!(a.len(), b.len());

@@ -36,10 +36,19 @@ pub enum ErrorCode {
     Unavailable,
     /// A server bug; the call had no effect.
     Internal,
+    /// The caller is not (or no longer) a member of the group.
+    NotMember,
+    /// No such group.
+    UnknownGroup,
+    /// The group already exists.
+    GroupExists,
+    /// The message is not an MLS message the Delivery Service accepts (garbage, wrong group,
+    /// a commit without its membership change, ...).
+    BadMessage,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 14] = [
+    const ALL: [Self; 18] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -54,6 +63,10 @@ impl ErrorCode {
         Self::TooLarge,
         Self::Unavailable,
         Self::Internal,
+        Self::NotMember,
+        Self::UnknownGroup,
+        Self::GroupExists,
+        Self::BadMessage,
     ];
 
     /// The code as written on the wire.
@@ -73,6 +86,10 @@ impl ErrorCode {
             Self::TooLarge => "too_large",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::NotMember => "not_member",
+            Self::UnknownGroup => "unknown_group",
+            Self::GroupExists => "group_exists",
+            Self::BadMessage => "bad_message",
         }
     }
 

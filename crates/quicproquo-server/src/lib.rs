@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod keystore;
 mod rpc;
 pub mod server;

@@ -9,10 +9,13 @@ use quicproquo_core::{IdentityKey, NodeRole};
 use quicproquo_proto::auth_capnp::authentication_service;
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use quicproquo_proto::common_capnp;
+use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
 use tokio::sync::Notify;
 
 use crate::auth::{AuthContext, AuthService, store_error};
+use crate::delivery::DeliveryService;
+use crate::delivery::shard::Shard;
 use crate::store::Store;
 
 /// Counts calls in progress on one connection, so a drain can wait for them.
@@ -64,8 +67,16 @@ pub(crate) struct BootstrapImpl {
     role: NodeRole,
     session: SessionInfo,
     auth: Arc<AuthContext>,
-    bound: RefCell<Option<(IdentityKey, authentication_service::Client)>>,
+    shard: Arc<Shard>,
+    bound: RefCell<Option<(IdentityKey, Services)>>,
     in_flight: Rc<InFlight>,
+}
+
+/// The capabilities a bound session holds.
+#[derive(Clone)]
+struct Services {
+    auth: authentication_service::Client,
+    delivery: delivery_service::Client,
 }
 
 impl BootstrapImpl {
@@ -73,12 +84,14 @@ impl BootstrapImpl {
         role: NodeRole,
         session: SessionInfo,
         auth: Arc<AuthContext>,
+        shard: Arc<Shard>,
         in_flight: Rc<InFlight>,
     ) -> Self {
         Self {
             role,
             session,
             auth,
+            shard,
             bound: RefCell::new(None),
             in_flight,
         }
@@ -129,7 +142,7 @@ impl bootstrap::Server for BootstrapImpl {
             )
             .map_err(|e| error(ErrorCode::BadBinding, e))?;
         let existing = self.bound.borrow().clone();
-        let auth = match existing {
+        let services = match existing {
             Some((bound, client)) if bound == identity => client,
             Some(_) => {
                 return Err(error(
@@ -153,18 +166,26 @@ impl bootstrap::Server for BootstrapImpl {
                     }
                     client
                 } else {
-                    let client: authentication_service::Client =
-                        capnp_rpc::new_client(AuthService::new(
+                    let services = Services {
+                        auth: capnp_rpc::new_client(AuthService::new(
                             identity,
                             Arc::clone(&self.auth),
                             Rc::clone(&self.in_flight),
-                        ));
-                    *self.bound.borrow_mut() = Some((identity, client.clone()));
-                    client
+                        )),
+                        delivery: capnp_rpc::new_client(DeliveryService::new(
+                            identity,
+                            Arc::clone(&self.shard),
+                            Rc::clone(&self.in_flight),
+                        )),
+                    };
+                    *self.bound.borrow_mut() = Some((identity, services.clone()));
+                    services
                 }
             }
         };
-        results.get().set_auth(auth);
+        let mut out = results.get();
+        out.set_auth(services.auth);
+        out.set_delivery(services.delivery);
         Ok(())
     }
 }

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::AuthContext;
 use crate::config::{ConfigError, ServerConfig};
+use crate::delivery::shard::Shard;
 use crate::keystore::{KeyStoreError, NodeIdentity};
 use crate::rpc::{BootstrapImpl, InFlight, SessionInfo};
 use crate::store::{AnyStore, StoreError, embedded};
@@ -84,6 +85,7 @@ struct Shared {
     config: ServerConfig,
     identity: NodeIdentity,
     auth: Arc<AuthContext>,
+    shard: Arc<Shard>,
     stats: Arc<Stats>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
@@ -96,6 +98,8 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     threads: Vec<JoinHandle<()>>,
+    appender_stop: CancellationToken,
+    appender: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -132,13 +136,23 @@ impl ServerHandle {
         self.shutdown.cancel();
     }
 
-    /// Waits (blocking) until every server thread has exited.
+    /// Waits (blocking) until every server thread has exited. The appender stops last, after
+    /// the workers have finished their in-flight calls, so no acknowledged append is cut off.
     pub fn join(self) -> Result<(), ServerError> {
+        let mut result = Ok(());
         for t in self.threads {
             let name = t.thread().name().unwrap_or("?").to_owned();
-            t.join().map_err(|_| ServerError::ThreadPanicked(name))?;
+            if t.join().is_err() {
+                result = Err(ServerError::ThreadPanicked(name));
+            }
         }
-        Ok(())
+        self.appender_stop.cancel();
+        if let Some(t) = self.appender
+            && t.join().is_err()
+        {
+            result = Err(ServerError::ThreadPanicked("qpq-appender".into()));
+        }
+        result
     }
 }
 
@@ -185,8 +199,12 @@ pub fn start(
     let shutdown = CancellationToken::new();
     let stats = Arc::new(Stats::default());
     let cluster_key = identity.cluster_public;
+    let appender_stop = CancellationToken::new();
+    let (shard, appender) = Shard::start(store.clone(), appender_stop.clone())
+        .map_err(io_err("starting the appender"))?;
     let shared = Arc::new(Shared {
         auth: Arc::new(AuthContext::new(store, &config.auth)),
+        shard,
         connections: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
         config,
@@ -214,6 +232,8 @@ pub fn start(
         shutdown,
         stats,
         threads,
+        appender_stop,
+        appender: Some(appender),
     })
 }
 
@@ -343,6 +363,7 @@ async fn serve_connection(
         config.role,
         session,
         Arc::clone(&shared.auth),
+        Arc::clone(&shared.shard),
         Rc::clone(&in_flight),
     ));
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));

@@ -37,7 +37,7 @@ impl Device {
 
     async fn bind(&self, server: &TestServer) -> Result<(Connection, AuthClient)> {
         let conn = server.connect().await?;
-        let auth = conn.bind(&self.keys).await?;
+        let auth = conn.bind(&self.keys).await?.auth;
         Ok((conn, auth))
     }
 }
@@ -222,11 +222,15 @@ async fn bad_bindings_are_refused(store: Option<AnyStore>) -> Result<()> {
             == Some(ErrorCode::InvalidArgument)
     );
     // Nothing was bound: the same connection can still bind properly...
-    let auth = conn.bind(&alice.keys).await?;
-    auth.key_package_count().await?;
+    let session = conn.bind(&alice.keys).await?;
+    session.auth.key_package_count().await?;
     // ...once: binding another identity afterwards is refused, the same one is fine.
     ensure!(code(conn.bind(&mallory.keys).await) == Some(ErrorCode::AlreadyBound));
-    conn.bind(&alice.keys).await?.key_package_count().await?;
+    conn.bind(&alice.keys)
+        .await?
+        .auth
+        .key_package_count()
+        .await?;
     conn.ping(b"ok").await?;
     Ok(())
 }

@@ -85,7 +85,7 @@ impl EmbeddedStore {
 }
 
 /// Now, in Unix microseconds.
-pub(super) fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

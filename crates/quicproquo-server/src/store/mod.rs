@@ -217,6 +217,71 @@ impl Store for AnyStore {
     }
 }
 
+impl log::LogStore for AnyStore {
+    async fn create_group(
+        &self,
+        group_id: &log::GroupId,
+        creator: &IdentityKey,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_group(group_id, creator))
+    }
+
+    async fn append(
+        &self,
+        batch: &[log::AppendRequest],
+    ) -> Result<Vec<log::AppendOutcome>, StoreError> {
+        dispatch!(self, s => s.append(batch))
+    }
+
+    async fn read_log(
+        &self,
+        group_id: &log::GroupId,
+        reader: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<log::LogEntry>, StoreError> {
+        dispatch!(self, s => s.read_log(group_id, reader, after_seq, limit))
+    }
+
+    async fn group_summary(
+        &self,
+        group_id: &log::GroupId,
+        reader: &IdentityKey,
+    ) -> Result<log::GroupSummary, StoreError> {
+        dispatch!(self, s => s.group_summary(group_id, reader))
+    }
+
+    async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<log::GroupId>, StoreError> {
+        dispatch!(self, s => s.groups_of(identity))
+    }
+
+    async fn read_inbox(
+        &self,
+        identity: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<log::InboxEntry>, StoreError> {
+        dispatch!(self, s => s.read_inbox(identity, after_seq, limit))
+    }
+
+    async fn set_cursor(
+        &self,
+        identity: &IdentityKey,
+        group_id: &log::GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_cursor(identity, group_id, seq))
+    }
+
+    async fn cursor(
+        &self,
+        identity: &IdentityKey,
+        group_id: &log::GroupId,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.cursor(identity, group_id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,432 @@
+//! The messenger: MLS groups kept in the client state, driven through the Delivery Service.
+//!
+//! The server's log is the order everyone follows. Sending a commit leaves it *pending* until
+//! the server appends it: if another member's commit won the epoch, ours is discarded, the
+//! winner is read from the log, and ours is rebuilt and sent again (up to
+//! [`COMMIT_ATTEMPTS`] times). Our own messages come back through the log; we recognise them
+//! by message id and skip them. Everything is saved to the state file after each step, so a
+//! crash loses at most the step in progress (message ids make a retried send harmless).
+
+use std::path::Path;
+
+use quicproquo_core::IdentityKey;
+use quicproquo_core::group::{CommitOutput, Event, Group};
+
+use crate::delivery::{CommitParts, Envelope, SendOutcome};
+use crate::state::{ClientState, GroupMeta};
+use crate::{ClientError, Session};
+
+/// How often a commit is rebuilt after losing its epoch before giving up.
+pub const COMMIT_ATTEMPTS: usize = 8;
+/// Entries read per fetch while catching up.
+const FETCH_BATCH: u32 = 500;
+
+/// Errors of the messenger layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    /// A client/server error.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// An MLS error.
+    #[error(transparent)]
+    Group(#[from] quicproquo_core::group::GroupError),
+    /// No group has this name or id.
+    #[error("no group named {0}")]
+    UnknownGroup(String),
+    /// No KeyPackage could be had for a user.
+    #[error("{0} has no KeyPackage available")]
+    NoKeyPackage(String),
+    /// Our commit kept losing the epoch race.
+    #[error("gave up after {0} attempts: other members keep committing")]
+    Contended(usize),
+    /// The server answered a commit in a way that breaks the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Something that happened in a group, for display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatEvent {
+    /// A message from a member.
+    Message {
+        /// The group's local name.
+        group: String,
+        /// Log position.
+        seq: u64,
+        /// The sender's identity.
+        sender: IdentityKey,
+        /// The decrypted text (bytes; UTF-8 for the CLI).
+        body: Vec<u8>,
+    },
+    /// A commit moved the group to a new epoch.
+    Epoch {
+        /// The group's local name.
+        group: String,
+        /// Log position.
+        seq: u64,
+        /// The new epoch.
+        epoch: u64,
+        /// Members added.
+        added: Vec<IdentityKey>,
+        /// Members removed.
+        removed: Vec<IdentityKey>,
+    },
+    /// We were removed from the group.
+    Removed {
+        /// The group's local name.
+        group: String,
+        /// Log position.
+        seq: u64,
+    },
+    /// We joined a group from a Welcome.
+    Joined {
+        /// The group's local name.
+        group: String,
+        /// The group's epoch.
+        epoch: u64,
+        /// Its members.
+        members: Vec<IdentityKey>,
+    },
+}
+
+/// A random 16-byte id (group ids, message ids).
+pub fn random_id() -> Result<Vec<u8>, ClientError> {
+    let mut id = vec![0u8; 16];
+    getrandom::fill(&mut id)
+        .map_err(|e| ClientError::Key(quicproquo_core::KeyError::Rng(e.to_string())))?;
+    Ok(id)
+}
+
+/// The messenger over one bound session and the device state.
+pub struct Chat<'a> {
+    state: &'a mut ClientState,
+    path: &'a Path,
+    session: &'a Session,
+}
+
+impl<'a> Chat<'a> {
+    /// Wraps the state (saved to `path` after each step) and a bound session.
+    pub fn new(state: &'a mut ClientState, path: &'a Path, session: &'a Session) -> Self {
+        Self {
+            state,
+            path,
+            session,
+        }
+    }
+
+    fn save(&self) -> Result<(), ChatError> {
+        self.state.save(self.path).map_err(ClientError::from)?;
+        Ok(())
+    }
+
+    /// Finds a group by local name or by a prefix of its hex id.
+    pub fn find(&self, name: &str) -> Result<Vec<u8>, ChatError> {
+        let lower = name.to_ascii_lowercase();
+        self.state
+            .groups
+            .iter()
+            .find(|(id, meta)| meta.name == name || hex::encode(id).starts_with(&lower))
+            .map(|(id, _)| id.clone())
+            .ok_or_else(|| ChatError::UnknownGroup(name.to_owned()))
+    }
+
+    fn load(&self, id: &[u8]) -> Result<Group, ChatError> {
+        Group::load(&self.state.mls, id)?.ok_or_else(|| ChatError::UnknownGroup(hex::encode(id)))
+    }
+
+    fn name_of(&self, id: &[u8]) -> String {
+        self.state
+            .groups
+            .get(id)
+            .map_or_else(|| hex::encode(&id[..id.len().min(4)]), |m| m.name.clone())
+    }
+
+    /// Creates a group named `name` with us as its only member.
+    pub async fn create_group(&mut self, name: &str) -> Result<Vec<u8>, ChatError> {
+        if self.state.groups.values().any(|m| m.name == name) {
+            return Err(ChatError::Protocol(format!(
+                "a group named {name} exists already"
+            )));
+        }
+        let id = random_id()?;
+        Group::create(
+            &self.state.mls,
+            self.state.mls_identity(),
+            self.state.suite,
+            &id,
+        )?;
+        self.state.groups.insert(
+            id.clone(),
+            GroupMeta {
+                name: name.to_owned(),
+                ..GroupMeta::default()
+            },
+        );
+        self.save()?;
+        self.session.delivery.create_group(&id).await?;
+        Ok(id)
+    }
+
+    /// Adds users (by name) to a group in one commit; returns the new epoch.
+    pub async fn invite(&mut self, group: &str, names: &[String]) -> Result<u64, ChatError> {
+        let id = self.find(group)?;
+        let mut targets = Vec::with_capacity(names.len());
+        for n in names {
+            targets.push(self.session.auth.resolve_name(n).await?);
+        }
+        let fetched = self.session.auth.fetch_key_packages(&targets).await?;
+        for (n, t) in names.iter().zip(&targets) {
+            if !fetched.iter().any(|k| &k.identity == t) {
+                return Err(ChatError::NoKeyPackage(n.clone()));
+            }
+        }
+        let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
+        self.commit(&id, |g, state| {
+            Ok(g.add_members(&state.mls, state.mls_identity(), &packages)?)
+        })
+        .await
+    }
+
+    /// Removes users (by name) from a group in one commit; returns the new epoch.
+    pub async fn remove(&mut self, group: &str, names: &[String]) -> Result<u64, ChatError> {
+        let id = self.find(group)?;
+        let mut targets = Vec::with_capacity(names.len());
+        for n in names {
+            targets.push(self.session.auth.resolve_name(n).await?);
+        }
+        self.commit(&id, |g, state| {
+            Ok(g.remove_members(&state.mls, state.mls_identity(), &targets)?)
+        })
+        .await
+    }
+
+    /// Rotates our own leaf keys; returns the new epoch.
+    pub async fn update(&mut self, group: &str) -> Result<u64, ChatError> {
+        let id = self.find(group)?;
+        self.commit(&id, |g, state| {
+            Ok(g.self_update(&state.mls, state.mls_identity())?)
+        })
+        .await
+    }
+
+    /// Builds a commit with `build`, sends it, and retries after losing the epoch.
+    async fn commit(
+        &mut self,
+        id: &[u8],
+        build: impl Fn(&mut Group, &ClientState) -> Result<CommitOutput, ChatError>,
+    ) -> Result<u64, ChatError> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            // Catch up first: a commit must be for the group's current epoch.
+            self.receive_group(id, &mut |_| {}).await?;
+            let mut group = self.load(id)?;
+            let out = build(&mut group, self.state)?;
+            let message_id = random_id()?;
+            let parts = CommitParts {
+                added: out.added.clone(),
+                removed: out.removed.clone(),
+                welcome: out.welcome.clone(),
+            };
+            self.remember_own(id, &message_id);
+            self.save()?;
+            match self
+                .session
+                .delivery
+                .send(id, &message_id, &out.commit, Some(&parts))
+                .await?
+            {
+                SendOutcome::Appended { .. } | SendOutcome::Duplicate { .. } => {
+                    let epoch = group.merge_pending_commit(&self.state.mls)?;
+                    self.save()?;
+                    return Ok(epoch);
+                }
+                SendOutcome::StaleEpoch { .. } => {
+                    group.discard_pending_commit(&self.state.mls)?;
+                    self.forget_own(id, &message_id);
+                    self.save()?;
+                }
+            }
+        }
+        Err(ChatError::Contended(COMMIT_ATTEMPTS))
+    }
+
+    fn remember_own(&mut self, id: &[u8], message_id: &[u8]) {
+        if let Some(meta) = self.state.groups.get_mut(id) {
+            meta.own_pending.push(message_id.to_vec());
+        }
+    }
+
+    fn forget_own(&mut self, id: &[u8], message_id: &[u8]) {
+        if let Some(meta) = self.state.groups.get_mut(id) {
+            meta.own_pending.retain(|m| m != message_id);
+        }
+    }
+
+    /// Encrypts and sends an application message; returns its sequence number.
+    pub async fn send(&mut self, group: &str, body: &[u8]) -> Result<u64, ChatError> {
+        let id = self.find(group)?;
+        let mut g = self.load(&id)?;
+        let message = g.encrypt(&self.state.mls, self.state.mls_identity(), body)?;
+        let message_id = random_id()?;
+        self.remember_own(&id, &message_id);
+        self.save()?;
+        match self
+            .session
+            .delivery
+            .send(&id, &message_id, &message, None)
+            .await?
+        {
+            SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => Ok(seq),
+            SendOutcome::StaleEpoch { current_epoch, .. } => Err(ChatError::Protocol(format!(
+                "application message refused: the group is at epoch {current_epoch}"
+            ))),
+        }
+    }
+
+    /// Processes pending Welcomes: joins their groups.
+    pub async fn join(&mut self, on_event: &mut dyn FnMut(ChatEvent)) -> Result<usize, ChatError> {
+        let mut joined = 0;
+        loop {
+            let welcomes = self
+                .session
+                .delivery
+                .inbox(self.state.inbox_cursor, FETCH_BATCH)
+                .await?;
+            if welcomes.is_empty() {
+                break;
+            }
+            for w in welcomes {
+                self.state.inbox_cursor = w.seq;
+                if self.state.groups.contains_key(&w.group_id) {
+                    continue;
+                }
+                // A Welcome we cannot use (e.g. for KeyPackages of an older device state) is
+                // skipped rather than blocking the inbox.
+                let Ok(group) = Group::join(&self.state.mls, &w.welcome) else {
+                    continue;
+                };
+                let name = hex::encode(&w.group_id[..w.group_id.len().min(4)]);
+                self.state.groups.insert(
+                    w.group_id.clone(),
+                    GroupMeta {
+                        name: name.clone(),
+                        cursor: w.commit_seq,
+                        own_pending: Vec::new(),
+                    },
+                );
+                joined += 1;
+                on_event(ChatEvent::Joined {
+                    group: name,
+                    epoch: group.epoch(),
+                    members: group.members(),
+                });
+            }
+            self.save()?;
+        }
+        Ok(joined)
+    }
+
+    /// Processes one log entry of group `id` in order.
+    pub fn apply(
+        &mut self,
+        id: &[u8],
+        entry: &Envelope,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        let Some(meta) = self.state.groups.get(id) else {
+            return Ok(());
+        };
+        if entry.seq <= meta.cursor {
+            return Ok(()); // already processed (duplicates are harmless)
+        }
+        let own = meta.own_pending.iter().any(|m| m == &entry.message_id);
+        let name = self.name_of(id);
+        if own {
+            self.forget_own(id, &entry.message_id);
+        } else {
+            let mut group = self.load(id)?;
+            match group.process(&self.state.mls, &entry.payload) {
+                Ok(Event::Application { sender, plaintext }) => on_event(ChatEvent::Message {
+                    group: name,
+                    seq: entry.seq,
+                    sender,
+                    body: plaintext,
+                }),
+                Ok(Event::Commit {
+                    epoch,
+                    added,
+                    removed,
+                    we_were_removed,
+                    ..
+                }) => {
+                    if we_were_removed {
+                        on_event(ChatEvent::Removed {
+                            group: name,
+                            seq: entry.seq,
+                        });
+                    } else {
+                        on_event(ChatEvent::Epoch {
+                            group: name,
+                            seq: entry.seq,
+                            epoch,
+                            added,
+                            removed,
+                        });
+                    }
+                }
+                Ok(_) => {}
+                // A message we cannot process (e.g. from an epoch we never had) must not block
+                // the log: it is skipped.
+                Err(_) => {}
+            }
+        }
+        if let Some(meta) = self.state.groups.get_mut(id) {
+            meta.cursor = entry.seq;
+        }
+        Ok(())
+    }
+
+    /// Reads and processes everything new in group `id`; acknowledges the cursor.
+    pub async fn receive_group(
+        &mut self,
+        id: &[u8],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        loop {
+            let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
+            let entries = match self.session.delivery.fetch(id, cursor, FETCH_BATCH).await {
+                Ok(e) => e,
+                // Removed members can no longer read: nothing more to do.
+                Err(e) if e.code() == Some(quicproquo_proto::errors::ErrorCode::NotMember) => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for entry in &entries {
+                self.apply(id, entry, on_event)?;
+            }
+            self.save()?;
+            let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
+            self.session.delivery.acknowledge(id, cursor).await?;
+            if entries.len() < FETCH_BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Joins pending groups, then reads every group.
+    pub async fn receive_all(
+        &mut self,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        self.join(on_event).await?;
+        let ids: Vec<Vec<u8>> = self.state.groups.keys().cloned().collect();
+        for id in ids {
+            self.receive_group(&id, on_event).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,400 @@
+//! The client side of the Delivery Service.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use quicproquo_core::IdentityKey;
+use quicproquo_proto::delivery_capnp::{
+    delivery_service, inbox_stream, message_stream, send_result, subscription, welcome,
+};
+use quicproquo_proto::envelope_capnp::envelope;
+use tokio::sync::mpsc;
+
+use crate::{ClientError, call_error, timed};
+
+/// What kind of message an envelope holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeKind {
+    /// An application message.
+    Application,
+    /// A commit.
+    Commit,
+    /// A proposal.
+    Proposal,
+}
+
+/// One entry of a group's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// Position in the group's log.
+    pub seq: u64,
+    /// The epoch from the message's framing.
+    pub epoch: u64,
+    /// The kind of message.
+    pub kind: EnvelopeKind,
+    /// The sender's message id.
+    pub message_id: Vec<u8>,
+    /// The serialized MLS message.
+    pub payload: Vec<u8>,
+    /// Server time of the append (Unix microseconds).
+    pub appended_at_micros: u64,
+}
+
+/// A group as the server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The last sequence number appended.
+    pub last_seq: u64,
+    /// Current members.
+    pub members: Vec<IdentityKey>,
+    /// Our acknowledged cursor.
+    pub cursor: u64,
+}
+
+/// A Welcome from our inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Position in our inbox.
+    pub seq: u64,
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// The commit that added us: read the group after it.
+    pub commit_seq: u64,
+    /// The serialized Welcome.
+    pub welcome: Vec<u8>,
+}
+
+/// The result of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Appended at `seq`; the group is at `epoch`.
+    Appended {
+        /// Sequence number.
+        seq: u64,
+        /// Epoch after the append.
+        epoch: u64,
+    },
+    /// Already appended (a retry) at `seq`.
+    Duplicate {
+        /// The first append's sequence number.
+        seq: u64,
+    },
+    /// Our handshake message lost the epoch.
+    StaleEpoch {
+        /// The group's epoch.
+        current_epoch: u64,
+        /// The winning commit's sequence number.
+        winner_seq: u64,
+    },
+}
+
+/// The membership change and Welcome sent with a commit.
+#[derive(Debug, Clone, Default)]
+pub struct CommitParts {
+    /// Identities added.
+    pub added: Vec<IdentityKey>,
+    /// Identities removed.
+    pub removed: Vec<IdentityKey>,
+    /// The Welcome for the added members.
+    pub welcome: Option<Vec<u8>>,
+}
+
+fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
+    Ok(Envelope {
+        group_id: e.get_group_id().map_err(call_error)?.to_vec(),
+        seq: e.get_seq(),
+        epoch: e.get_epoch(),
+        kind: match e
+            .get_kind()
+            .map_err(|_| ClientError::Rpc(capnp::Error::failed("unknown kind".into())))?
+        {
+            envelope::Kind::Commit => EnvelopeKind::Commit,
+            envelope::Kind::Proposal => EnvelopeKind::Proposal,
+            _ => EnvelopeKind::Application,
+        },
+        message_id: e.get_message_id().map_err(call_error)?.to_vec(),
+        payload: e.get_payload().map_err(call_error)?.to_vec(),
+        appended_at_micros: e.get_appended_at_micros(),
+    })
+}
+
+fn read_welcome(w: welcome::Reader<'_>) -> Result<Welcome, capnp::Error> {
+    Ok(Welcome {
+        seq: w.get_seq(),
+        group_id: w.get_group_id()?.to_vec(),
+        commit_seq: w.get_commit_seq(),
+        welcome: w.get_welcome()?.to_vec(),
+    })
+}
+
+/// Receives pushed batches and forwards them to a channel.
+struct StreamSink(mpsc::UnboundedSender<Vec<Envelope>>);
+
+impl message_stream::Server for StreamSink {
+    async fn deliver(
+        self: Rc<Self>,
+        params: message_stream::DeliverParams,
+        _: message_stream::DeliverResults,
+    ) -> Result<(), capnp::Error> {
+        let entries = params.get()?.get_entries()?;
+        let mut batch = Vec::with_capacity(entries.len() as usize);
+        for e in entries.iter() {
+            batch.push(read_envelope(e).map_err(|e| capnp::Error::failed(e.to_string()))?);
+        }
+        self.0
+            .send(batch)
+            .map_err(|_| capnp::Error::disconnected("subscriber went away".into()))
+    }
+}
+
+struct InboxSink(mpsc::UnboundedSender<Vec<Welcome>>);
+
+impl inbox_stream::Server for InboxSink {
+    async fn deliver(
+        self: Rc<Self>,
+        params: inbox_stream::DeliverParams,
+        _: inbox_stream::DeliverResults,
+    ) -> Result<(), capnp::Error> {
+        let list = params.get()?.get_welcomes()?;
+        let batch = list
+            .iter()
+            .map(read_welcome)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.0
+            .send(batch)
+            .map_err(|_| capnp::Error::disconnected("subscriber went away".into()))
+    }
+}
+
+/// A live subscription; dropping it ends the subscription on the server.
+pub struct Subscription<T> {
+    rx: mpsc::UnboundedReceiver<Vec<T>>,
+    _cap: subscription::Client,
+}
+
+impl<T> std::fmt::Debug for Subscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl<T> Subscription<T> {
+    /// The next pushed batch; `None` once the subscription has ended.
+    pub async fn next(&mut self) -> Option<Vec<T>> {
+        self.rx.recv().await
+    }
+}
+
+/// The Delivery Service, scoped to the identity the session is bound to.
+#[derive(Clone)]
+pub struct DeliveryClient {
+    cap: delivery_service::Client,
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for DeliveryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeliveryClient {
+    pub(crate) fn new(cap: delivery_service::Client, addr: SocketAddr, timeout: Duration) -> Self {
+        Self { cap, addr, timeout }
+    }
+
+    /// Registers a new group with us as its only member.
+    pub async fn create_group(&self, group_id: &[u8]) -> Result<(), ClientError> {
+        let mut req = self.cap.create_group_request();
+        req.get().set_group_id(group_id);
+        timed(self.addr, self.timeout, "create group", req.send().promise).await?;
+        Ok(())
+    }
+
+    /// Appends an MLS message (with its membership change when it is a commit).
+    pub async fn send(
+        &self,
+        group_id: &[u8],
+        message_id: &[u8],
+        message: &[u8],
+        commit: Option<&CommitParts>,
+    ) -> Result<SendOutcome, ClientError> {
+        let mut req = self.cap.send_request();
+        {
+            let mut p = req.get();
+            p.set_group_id(group_id);
+            p.set_message_id(message_id);
+            p.set_message(message);
+            if let Some(c) = commit {
+                let mut ci = p.init_commit();
+                let mut added = ci.reborrow().init_added(c.added.len() as u32);
+                for (i, id) in c.added.iter().enumerate() {
+                    added.set(i as u32, id.as_bytes());
+                }
+                let mut removed = ci.reborrow().init_removed(c.removed.len() as u32);
+                for (i, id) in c.removed.iter().enumerate() {
+                    removed.set(i as u32, id.as_bytes());
+                }
+                if let Some(w) = &c.welcome {
+                    ci.set_welcome(w);
+                }
+            }
+        }
+        let resp = timed(self.addr, self.timeout, "send", req.send().promise).await?;
+        let result = resp
+            .get()
+            .map_err(call_error)?
+            .get_result()
+            .map_err(call_error)?;
+        match result.which().map_err(|e| ClientError::Rpc(e.into()))? {
+            send_result::Appended(a) => {
+                let a = a.map_err(call_error)?;
+                Ok(SendOutcome::Appended {
+                    seq: a.get_seq(),
+                    epoch: a.get_epoch(),
+                })
+            }
+            send_result::Duplicate(seq) => Ok(SendOutcome::Duplicate { seq }),
+            send_result::StaleEpoch(s) => {
+                let s = s.map_err(call_error)?;
+                Ok(SendOutcome::StaleEpoch {
+                    current_epoch: s.get_current_epoch(),
+                    winner_seq: s.get_winner_seq(),
+                })
+            }
+        }
+    }
+
+    /// Up to `limit` entries after `after_seq`.
+    pub async fn fetch(
+        &self,
+        group_id: &[u8],
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Envelope>, ClientError> {
+        let mut req = self.cap.fetch_request();
+        {
+            let mut p = req.get();
+            p.set_group_id(group_id);
+            p.set_after_seq(after_seq);
+            p.set_limit(limit);
+        }
+        let resp = timed(self.addr, self.timeout, "fetch", req.send().promise).await?;
+        let list = resp
+            .get()
+            .map_err(call_error)?
+            .get_entries()
+            .map_err(call_error)?;
+        list.iter().map(read_envelope).collect()
+    }
+
+    /// Stores our cursor for `group_id`.
+    pub async fn acknowledge(&self, group_id: &[u8], seq: u64) -> Result<(), ClientError> {
+        let mut req = self.cap.acknowledge_request();
+        req.get().set_group_id(group_id);
+        req.get().set_seq(seq);
+        timed(self.addr, self.timeout, "acknowledge", req.send().promise).await?;
+        Ok(())
+    }
+
+    /// The groups we are a member of.
+    pub async fn groups(&self) -> Result<Vec<GroupInfo>, ClientError> {
+        let req = self.cap.groups_request();
+        let resp = timed(self.addr, self.timeout, "groups", req.send().promise).await?;
+        let list = resp
+            .get()
+            .map_err(call_error)?
+            .get_groups()
+            .map_err(call_error)?;
+        let mut out = Vec::with_capacity(list.len() as usize);
+        for g in list.iter() {
+            let mut members = Vec::new();
+            for m in g.get_members().map_err(call_error)?.iter() {
+                members.push(IdentityKey::from_slice(m.map_err(call_error)?)?);
+            }
+            out.push(GroupInfo {
+                group_id: g.get_group_id().map_err(call_error)?.to_vec(),
+                epoch: g.get_epoch(),
+                last_seq: g.get_last_seq(),
+                members,
+                cursor: g.get_cursor(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` Welcomes after `after_seq` from our inbox.
+    pub async fn inbox(&self, after_seq: u64, limit: u32) -> Result<Vec<Welcome>, ClientError> {
+        let mut req = self.cap.inbox_request();
+        req.get().set_after_seq(after_seq);
+        req.get().set_limit(limit);
+        let resp = timed(self.addr, self.timeout, "inbox", req.send().promise).await?;
+        let list = resp
+            .get()
+            .map_err(call_error)?
+            .get_welcomes()
+            .map_err(call_error)?;
+        list.iter()
+            .map(|w| read_welcome(w).map_err(call_error))
+            .collect()
+    }
+
+    /// Pushes entries of `group_id` after `after_seq`, then new ones as they are appended.
+    pub async fn subscribe(
+        &self,
+        group_id: &[u8],
+        after_seq: u64,
+    ) -> Result<Subscription<Envelope>, ClientError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink: message_stream::Client = capnp_rpc::new_client(StreamSink(tx));
+        let mut req = self.cap.subscribe_request();
+        {
+            let mut p = req.get();
+            p.set_group_id(group_id);
+            p.set_after_seq(after_seq);
+            p.set_stream(sink);
+        }
+        let resp = timed(self.addr, self.timeout, "subscribe", req.send().promise).await?;
+        let cap = resp
+            .get()
+            .map_err(call_error)?
+            .get_subscription()
+            .map_err(call_error)?;
+        Ok(Subscription { rx, _cap: cap })
+    }
+
+    /// Pushes Welcomes after `after_seq`, then new ones as they arrive.
+    pub async fn subscribe_inbox(
+        &self,
+        after_seq: u64,
+    ) -> Result<Subscription<Welcome>, ClientError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink: inbox_stream::Client = capnp_rpc::new_client(InboxSink(tx));
+        let mut req = self.cap.subscribe_inbox_request();
+        req.get().set_after_seq(after_seq);
+        req.get().set_stream(sink);
+        let resp = timed(
+            self.addr,
+            self.timeout,
+            "subscribe inbox",
+            req.send().promise,
+        )
+        .await?;
+        let cap = resp
+            .get()
+            .map_err(call_error)?
+            .get_subscription()
+            .map_err(call_error)?;
+        Ok(Subscription { rx, _cap: cap })
+    }
+}

@@ -1,0 +1,335 @@
+//! The Delivery Service as served to a bound connection (the edge side), forwarding to the
+//! [`shard::Shard`] that orders and stores group logs.
+//!
+//! The service never decrypts anything: it reads a message's kind, group and epoch from the
+//! public MLS framing, checks the caller's membership through the store, and stores the
+//! opaque bytes. Every method acts for the bound identity only.
+
+pub mod shard;
+mod subscribe;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use quicproquo_core::IdentityKey;
+use quicproquo_core::group::{MessageKind, inspect};
+use quicproquo_proto::delivery_capnp::delivery_service;
+use quicproquo_proto::envelope_capnp::envelope;
+use quicproquo_proto::errors::{ErrorCode, error};
+
+use crate::auth::store_error;
+use crate::rpc::InFlight;
+use crate::store::StoreError;
+use crate::store::log::{
+    AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore,
+    MAX_MESSAGE_ID,
+};
+use shard::Shard;
+
+/// Most entries or Welcomes returned by one fetch.
+pub const MAX_FETCH: u32 = 1000;
+/// Most members one commit may add or remove.
+pub const MAX_CHANGE: usize = 1000;
+
+pub(crate) fn log_error(e: StoreError) -> capnp::Error {
+    match e {
+        StoreError::NotMember => error(ErrorCode::NotMember, "not a member of this group"),
+        StoreError::UnknownGroup => error(ErrorCode::UnknownGroup, "no such group"),
+        StoreError::GroupExists => error(ErrorCode::GroupExists, "the group already exists"),
+        StoreError::InvalidArgument(m) => error(ErrorCode::InvalidArgument, m),
+        other => store_error(other),
+    }
+}
+
+fn group_id(bytes: &[u8]) -> Result<GroupId, capnp::Error> {
+    GroupId::new(bytes).map_err(log_error)
+}
+
+fn identities(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
+    if list.len() as usize > MAX_CHANGE {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            "too many members in one commit",
+        ));
+    }
+    list.iter()
+        .map(|id| IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e)))
+        .collect()
+}
+
+pub(crate) fn write_envelope(mut out: envelope::Builder<'_>, group: &GroupId, entry: &LogEntry) {
+    out.set_group_id(group.as_bytes());
+    out.set_seq(entry.seq);
+    out.set_epoch(entry.epoch);
+    out.set_kind(match entry.kind {
+        EntryKind::Application => envelope::Kind::Application,
+        EntryKind::Commit => envelope::Kind::Commit,
+        EntryKind::Proposal => envelope::Kind::Proposal,
+    });
+    out.set_message_id(&entry.message_id);
+    out.set_payload(&entry.payload);
+    out.set_appended_at_micros(entry.appended_at_micros);
+}
+
+/// The Delivery Service of one bound connection.
+pub(crate) struct DeliveryService {
+    identity: IdentityKey,
+    shard: Arc<Shard>,
+    in_flight: Rc<InFlight>,
+}
+
+impl DeliveryService {
+    pub(crate) fn new(identity: IdentityKey, shard: Arc<Shard>, in_flight: Rc<InFlight>) -> Self {
+        Self {
+            identity,
+            shard,
+            in_flight,
+        }
+    }
+
+    /// Builds the append request for `message`, checking its framing against the call.
+    fn request(
+        &self,
+        params: delivery_service::send_params::Reader<'_>,
+    ) -> Result<AppendRequest, capnp::Error> {
+        let group = group_id(params.get_group_id()?)?;
+        let message_id = params.get_message_id()?;
+        if message_id.is_empty() || message_id.len() > MAX_MESSAGE_ID {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                "message id must be 1 to 64 bytes",
+            ));
+        }
+        let payload = params.get_message()?;
+        let info = inspect(payload).map_err(|e| error(ErrorCode::BadMessage, e))?;
+        if info.group_id.as_deref() != Some(group.as_bytes()) {
+            return Err(error(ErrorCode::BadMessage, "message is for another group"));
+        }
+        let epoch = info
+            .epoch
+            .ok_or_else(|| error(ErrorCode::BadMessage, "message has no epoch"))?;
+        let (kind, commit) = match info.kind {
+            MessageKind::Application => (EntryKind::Application, None),
+            MessageKind::Proposal => (EntryKind::Proposal, None),
+            MessageKind::Commit => {
+                if !params.has_commit() {
+                    return Err(error(
+                        ErrorCode::BadMessage,
+                        "a commit must carry its membership change",
+                    ));
+                }
+                let c = params.get_commit()?;
+                let welcome = c.get_welcome()?;
+                let welcome = if welcome.is_empty() {
+                    None
+                } else {
+                    let w = inspect(welcome).map_err(|e| error(ErrorCode::BadMessage, e))?;
+                    if w.kind != MessageKind::Welcome {
+                        return Err(error(ErrorCode::BadMessage, "welcome is not a Welcome"));
+                    }
+                    Some(welcome.to_vec())
+                };
+                let change = CommitChange {
+                    added: identities(c.get_added()?)?,
+                    removed: identities(c.get_removed()?)?,
+                    welcome,
+                };
+                (EntryKind::Commit, Some(change))
+            }
+            _ => {
+                return Err(error(
+                    ErrorCode::BadMessage,
+                    "only application messages, proposals and commits go in a group log",
+                ));
+            }
+        };
+        Ok(AppendRequest {
+            group_id: group,
+            sender: self.identity,
+            message_id: message_id.to_vec(),
+            kind,
+            epoch,
+            payload: payload.to_vec(),
+            commit,
+        })
+    }
+}
+
+impl delivery_service::Server for DeliveryService {
+    async fn create_group(
+        self: Rc<Self>,
+        params: delivery_service::CreateGroupParams,
+        _results: delivery_service::CreateGroupResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let group = group_id(params.get()?.get_group_id()?)?;
+        self.shard
+            .store()
+            .create_group(&group, &self.identity)
+            .await
+            .map_err(log_error)
+    }
+
+    async fn send(
+        self: Rc<Self>,
+        params: delivery_service::SendParams,
+        mut results: delivery_service::SendResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let req = self.request(params.get()?)?;
+        let outcome = self.shard.append(req).await.map_err(log_error)?;
+        let mut out = results.get().init_result();
+        match outcome {
+            AppendOutcome::Appended { seq, epoch } => {
+                let mut a = out.init_appended();
+                a.set_seq(seq);
+                a.set_epoch(epoch);
+            }
+            AppendOutcome::Duplicate { seq } => out.set_duplicate(seq),
+            AppendOutcome::StaleEpoch {
+                current_epoch,
+                winner_seq,
+            } => {
+                let mut s = out.init_stale_epoch();
+                s.set_current_epoch(current_epoch);
+                s.set_winner_seq(winner_seq);
+            }
+            AppendOutcome::NotMember => return Err(log_error(StoreError::NotMember)),
+            AppendOutcome::UnknownGroup => return Err(log_error(StoreError::UnknownGroup)),
+        }
+        Ok(())
+    }
+
+    async fn fetch(
+        self: Rc<Self>,
+        params: delivery_service::FetchParams,
+        mut results: delivery_service::FetchResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let p = params.get()?;
+        let group = group_id(p.get_group_id()?)?;
+        let limit = p.get_limit().clamp(1, MAX_FETCH);
+        let entries = self
+            .shard
+            .store()
+            .read_log(&group, &self.identity, p.get_after_seq(), limit)
+            .await
+            .map_err(log_error)?;
+        let mut list = results.get().init_entries(entries.len() as u32);
+        for (i, e) in entries.iter().enumerate() {
+            write_envelope(list.reborrow().get(i as u32), &group, e);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        self: Rc<Self>,
+        params: delivery_service::SubscribeParams,
+        mut results: delivery_service::SubscribeResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let p = params.get()?;
+        let group = group_id(p.get_group_id()?)?;
+        // Only current members may subscribe (a removed member can still fetch the commit
+        // that removed it); refuse up front rather than in the background task.
+        self.shard
+            .store()
+            .group_summary(&group, &self.identity)
+            .await
+            .map_err(log_error)?;
+        let subscription = subscribe::group(
+            Arc::clone(&self.shard),
+            self.identity,
+            group,
+            p.get_after_seq(),
+            p.get_stream()?,
+        );
+        results.get().set_subscription(subscription);
+        Ok(())
+    }
+
+    async fn acknowledge(
+        self: Rc<Self>,
+        params: delivery_service::AcknowledgeParams,
+        _results: delivery_service::AcknowledgeResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let p = params.get()?;
+        let group = group_id(p.get_group_id()?)?;
+        self.shard
+            .store()
+            .set_cursor(&self.identity, &group, p.get_seq())
+            .await
+            .map_err(log_error)
+    }
+
+    async fn groups(
+        self: Rc<Self>,
+        _params: delivery_service::GroupsParams,
+        mut results: delivery_service::GroupsResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let store = self.shard.store();
+        let ids = store.groups_of(&self.identity).await.map_err(log_error)?;
+        let mut summaries = Vec::with_capacity(ids.len());
+        for g in &ids {
+            let summary = store
+                .group_summary(g, &self.identity)
+                .await
+                .map_err(log_error)?;
+            let cursor = store.cursor(&self.identity, g).await.map_err(log_error)?;
+            summaries.push((summary, cursor));
+        }
+        let mut list = results.get().init_groups(summaries.len() as u32);
+        for (i, (s, cursor)) in summaries.iter().enumerate() {
+            let mut g = list.reborrow().get(i as u32);
+            g.set_group_id(s.group_id.as_bytes());
+            g.set_epoch(s.epoch);
+            g.set_last_seq(s.last_seq);
+            g.set_cursor(*cursor);
+            let mut members = g.init_members(s.members.len() as u32);
+            for (j, m) in s.members.iter().enumerate() {
+                members.set(j as u32, m.as_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    async fn inbox(
+        self: Rc<Self>,
+        params: delivery_service::InboxParams,
+        mut results: delivery_service::InboxResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let p = params.get()?;
+        let limit = p.get_limit().clamp(1, MAX_FETCH);
+        let welcomes = self
+            .shard
+            .store()
+            .read_inbox(&self.identity, p.get_after_seq(), limit)
+            .await
+            .map_err(log_error)?;
+        let mut list = results.get().init_welcomes(welcomes.len() as u32);
+        for (i, w) in welcomes.iter().enumerate() {
+            subscribe::write_welcome(list.reborrow().get(i as u32), w);
+        }
+        Ok(())
+    }
+
+    async fn subscribe_inbox(
+        self: Rc<Self>,
+        params: delivery_service::SubscribeInboxParams,
+        mut results: delivery_service::SubscribeInboxResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let p = params.get()?;
+        let subscription = subscribe::inbox(
+            Arc::clone(&self.shard),
+            self.identity,
+            p.get_after_seq(),
+            p.get_stream()?,
+        );
+        results.get().set_subscription(subscription);
+        Ok(())
+    }
+}

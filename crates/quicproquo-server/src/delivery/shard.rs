@@ -1,0 +1,196 @@
+//! The shard side of the Delivery Service: batched appends (group commit) and the in-memory
+//! fan-out of new entries to subscribers.
+//!
+//! Appends from every connection go through one appender task. It takes whatever requests are
+//! waiting (up to [`MAX_BATCH`]) and writes them in one store transaction, so at low load a
+//! request is written alone and at once, and under load many requests share one durable
+//! commit. Only after the transaction commits are outcomes returned and entries published.
+//!
+//! Publishing is an optimisation: subscribers that miss entries (lagging, or a gap after a
+//! restart) read them from the store, which stays the only truth.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use quicproquo_core::IdentityKey;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogEntry, LogStore};
+use crate::store::{AnyStore, StoreError};
+
+/// Most requests written in one transaction.
+pub const MAX_BATCH: usize = 256;
+/// Queued appends beyond which senders wait.
+const QUEUE: usize = 8192;
+/// Entries a subscriber may fall behind the live feed before it catches up from the store.
+const FEED_CAPACITY: usize = 1024;
+
+type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
+
+/// Live feeds keyed by group (entries) and by identity (inbox notifications).
+#[derive(Default)]
+struct Hub {
+    groups: Mutex<HashMap<GroupId, broadcast::Sender<Arc<LogEntry>>>>,
+    inboxes: Mutex<HashMap<IdentityKey, broadcast::Sender<()>>>,
+}
+
+impl Hub {
+    fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .entry(group.clone())
+            .or_insert_with(|| broadcast::channel(FEED_CAPACITY).0)
+            .subscribe()
+    }
+
+    fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
+        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        inboxes
+            .entry(*identity)
+            .or_insert_with(|| broadcast::channel(16).0)
+            .subscribe()
+    }
+
+    fn publish(&self, group: &GroupId, entry: LogEntry) {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = groups.get(group)
+            && tx.send(Arc::new(entry)).is_err()
+        {
+            // Nobody listens any more.
+            groups.remove(group);
+        }
+    }
+
+    fn notify_inbox(&self, identity: &IdentityKey) {
+        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = inboxes.get(identity)
+            && tx.send(()).is_err()
+        {
+            inboxes.remove(identity);
+        }
+    }
+}
+
+/// The Delivery Service shard: owns the appender and the live feeds.
+pub struct Shard {
+    store: AnyStore,
+    queue: mpsc::Sender<(AppendRequest, Reply)>,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// Starts the appender on its own thread; it stops when `shutdown` is cancelled and the
+    /// queue is drained.
+    pub fn start(
+        store: AnyStore,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let hub = Arc::new(Hub::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (appender_store, appender_hub) = (store.clone(), Arc::clone(&hub));
+        let thread = std::thread::Builder::new()
+            .name("qpq-appender".into())
+            .spawn(move || rt.block_on(appender(appender_store, appender_hub, rx, shutdown)))?;
+        Ok((Arc::new(Self { store, queue, hub }), thread))
+    }
+
+    /// The store behind this shard.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Appends one message; resolves once it is durable (or refused).
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send((req, tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?
+    }
+
+    /// A live feed of entries appended to `group` from now on.
+    pub fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
+        self.hub.group_feed(group)
+    }
+
+    /// A live feed that ticks whenever `identity`'s inbox receives a Welcome.
+    pub fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
+        self.hub.inbox_feed(identity)
+    }
+}
+
+async fn appender(
+    store: AnyStore,
+    hub: Arc<Hub>,
+    mut rx: mpsc::Receiver<(AppendRequest, Reply)>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            next = rx.recv() => next,
+            () = shutdown.cancelled() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let requests: Vec<AppendRequest> = batch.iter().map(|(r, _)| r.clone()).collect();
+        match store.append(&requests).await {
+            Ok(outcomes) => {
+                let now = crate::store::embedded::now_micros();
+                for ((req, reply), outcome) in batch.drain(..).zip(outcomes) {
+                    if let AppendOutcome::Appended { seq, .. } = outcome {
+                        if let Some(change) = &req.commit
+                            && change.welcome.is_some()
+                        {
+                            for id in &change.added {
+                                hub.notify_inbox(id);
+                            }
+                        }
+                        hub.publish(
+                            &req.group_id,
+                            LogEntry {
+                                seq,
+                                epoch: req.epoch,
+                                kind: req.kind,
+                                message_id: req.message_id,
+                                payload: req.payload,
+                                appended_at_micros: now,
+                            },
+                        );
+                    }
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, size = batch.len(), "append batch failed");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Live subscriptions: push a group's entries (or an inbox's Welcomes) to the subscriber.
+//!
+//! Each subscription is a local task that first catches up from the store, then follows the
+//! shard's live feed. Entries from the feed are delivered directly while they continue the
+//! sequence; a gap, a lagging receiver or a commit sends the task back to the store, which
+//! enforces the subscriber's read window (a commit may have removed it: the subscription ends
+//! after delivering the commit that removed the subscriber). Each batch is delivered with one
+//! call, awaited before the next (flow control).
+
+use std::sync::Arc;
+
+use quicproquo_core::IdentityKey;
+use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription, welcome};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::debug;
+
+use super::shard::Shard;
+use super::write_envelope;
+use crate::store::StoreError;
+use crate::store::log::{EntryKind, GroupId, InboxEntry, LogEntry, LogStore};
+
+/// Entries read from the store per catch-up step, and delivered per call at most.
+const BATCH: u32 = 256;
+
+/// The capability handed to the subscriber; dropping it (or calling `close`) ends the task.
+struct SubscriptionImpl {
+    _stop: DropGuard,
+    stop: CancellationToken,
+}
+
+impl subscription::Server for SubscriptionImpl {
+    async fn close(
+        self: std::rc::Rc<Self>,
+        _: subscription::CloseParams,
+        _: subscription::CloseResults,
+    ) -> Result<(), capnp::Error> {
+        self.stop.cancel();
+        Ok(())
+    }
+}
+
+fn spawn<F>(task: impl FnOnce(CancellationToken) -> F) -> subscription::Client
+where
+    F: Future<Output = ()> + 'static,
+{
+    let stop = CancellationToken::new();
+    let fut = task(stop.clone());
+    let stopped = stop.clone();
+    tokio::task::spawn_local(async move {
+        tokio::select! {
+            () = stopped.cancelled() => {}
+            () = fut => {}
+        }
+    });
+    capnp_rpc::new_client(SubscriptionImpl {
+        _stop: stop.clone().drop_guard(),
+        stop,
+    })
+}
+
+/// Subscribes `reader` to `group` after `after_seq`.
+pub(super) fn group(
+    shard: Arc<Shard>,
+    reader: IdentityKey,
+    group: GroupId,
+    after_seq: u64,
+    stream: message_stream::Client,
+) -> subscription::Client {
+    spawn(move |_| async move {
+        if let Err(e) = follow_group(&shard, reader, &group, after_seq, &stream).await {
+            debug!(error = %e, "group subscription ended");
+        }
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FollowError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("subscriber gone: {0}")]
+    Rpc(#[from] capnp::Error),
+    #[error("the shard's feed closed")]
+    FeedClosed,
+}
+
+async fn deliver(
+    stream: &message_stream::Client,
+    group: &GroupId,
+    entries: &[impl std::ops::Deref<Target = LogEntry>],
+) -> Result<(), capnp::Error> {
+    let mut req = stream.deliver_request();
+    {
+        let mut p = req.get();
+        p.set_group_id(group.as_bytes());
+        let mut list = p.init_entries(entries.len() as u32);
+        for (i, e) in entries.iter().enumerate() {
+            write_envelope(list.reborrow().get(i as u32), group, e);
+        }
+    }
+    req.send().promise.await?;
+    Ok(())
+}
+
+async fn follow_group(
+    shard: &Shard,
+    reader: IdentityKey,
+    group: &GroupId,
+    after_seq: u64,
+    stream: &message_stream::Client,
+) -> Result<(), FollowError> {
+    let store = shard.store();
+    // Subscribe to the live feed before reading the store, so nothing falls in between.
+    let mut feed = shard.group_feed(group);
+    let mut next = after_seq.saturating_add(1);
+    loop {
+        // Catch up from the store (it enforces the read window).
+        loop {
+            let entries = store.read_log(group, &reader, next - 1, BATCH).await?;
+            let Some(last) = entries.last() else { break };
+            next = last.seq + 1;
+            let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
+            let boxed: Vec<Box<LogEntry>> = entries.into_iter().map(Box::new).collect();
+            deliver(stream, group, &boxed).await?;
+            if had_commit && store.group_summary(group, &reader).await.is_err() {
+                // Removed (or the group is gone): everything readable has been delivered.
+                return Ok(());
+            }
+            if boxed.len() < BATCH as usize {
+                break;
+            }
+        }
+        // Follow the live feed while it continues the sequence.
+        'live: loop {
+            let first = match feed.recv().await {
+                Ok(e) => e,
+                Err(RecvError::Lagged(_)) => break 'live,
+                Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
+            };
+            if first.seq < next {
+                continue;
+            }
+            if first.seq > next || first.kind == EntryKind::Commit {
+                break 'live;
+            }
+            let mut batch = vec![first];
+            let mut back_to_store = false;
+            while batch.len() < BATCH as usize {
+                match feed.try_recv() {
+                    Ok(e) if e.seq == next + batch.len() as u64 && e.kind != EntryKind::Commit => {
+                        batch.push(e);
+                    }
+                    Ok(e) if e.seq < next + batch.len() as u64 => {}
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                        back_to_store = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return Err(FollowError::FeedClosed),
+                }
+            }
+            next += batch.len() as u64;
+            deliver(stream, group, &batch).await?;
+            if back_to_store {
+                break 'live;
+            }
+        }
+    }
+}
+
+pub(super) fn write_welcome(mut out: welcome::Builder<'_>, w: &InboxEntry) {
+    out.set_seq(w.seq);
+    out.set_group_id(w.group_id.as_bytes());
+    out.set_commit_seq(w.commit_seq);
+    out.set_welcome(&w.welcome);
+}
+
+/// Subscribes `identity` to its own inbox after `after_seq`.
+pub(super) fn inbox(
+    shard: Arc<Shard>,
+    identity: IdentityKey,
+    after_seq: u64,
+    stream: inbox_stream::Client,
+) -> subscription::Client {
+    spawn(move |_| async move {
+        if let Err(e) = follow_inbox(&shard, identity, after_seq, &stream).await {
+            debug!(error = %e, "inbox subscription ended");
+        }
+    })
+}
+
+async fn follow_inbox(
+    shard: &Shard,
+    identity: IdentityKey,
+    after_seq: u64,
+    stream: &inbox_stream::Client,
+) -> Result<(), FollowError> {
+    let mut feed = shard.inbox_feed(&identity);
+    let mut after = after_seq;
+    loop {
+        loop {
+            let welcomes = shard.store().read_inbox(&identity, after, BATCH).await?;
+            let Some(last) = welcomes.last() else { break };
+            after = last.seq;
+            let mut req = stream.deliver_request();
+            {
+                let mut list = req.get().init_welcomes(welcomes.len() as u32);
+                for (i, w) in welcomes.iter().enumerate() {
+                    write_welcome(list.reborrow().get(i as u32), w);
+                }
+            }
+            req.send().promise.await?;
+        }
+        match feed.recv().await {
+            Ok(()) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
+        }
+    }
+}
