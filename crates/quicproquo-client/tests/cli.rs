@@ -199,3 +199,81 @@ fn register_whoami_keys_and_lookup_as_a_user_runs_them() -> Result<()> {
     assert!(!out.status.success());
     Ok(())
 }
+
+#[test]
+fn a_group_conversation_in_separate_invocations() -> Result<()> {
+    let (_server, addr, key) = start()?;
+    let dir = tempfile::tempdir()?;
+    let qpq_as = |user: &str, args: &[&str]| -> Result<String> {
+        let state = dir.path().join(format!("{user}.bin"));
+        let state = state.to_string_lossy().into_owned();
+        let mut full = vec!["--server", &addr, "--server-key", &key, "--state", &state];
+        full.extend_from_slice(args);
+        let out = qpq(&full)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{user}: qpq {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    for user in ["alice", "bob", "carol"] {
+        qpq_as(user, &["register", "--name", user, "--suite", "classical"])?;
+    }
+    let created = qpq_as("alice", &["create-group", "friends"])?;
+    assert!(created.starts_with("created group friends ("), "{created}");
+    let invited = qpq_as("alice", &["invite", "friends", "bob", "carol"])?;
+    assert_eq!(invited.trim(), "added bob, carol to friends (epoch 1)");
+
+    let joined = qpq_as("bob", &["join"])?;
+    assert!(joined.starts_with("joined group "), "{joined}");
+    assert!(
+        joined.contains("epoch 1") && joined.contains("alice"),
+        "{joined}"
+    );
+    let group_id = joined
+        .split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .unwrap_or_default();
+
+    qpq_as("alice", &["send", "friends", "hello everyone"])?;
+    qpq_as("bob", &["send", &group_id, "hi alice"])?;
+    let bob_recv = qpq_as("bob", &["recv"])?;
+    assert!(bob_recv.contains("alice: hello everyone"), "{bob_recv}");
+    assert!(
+        !bob_recv.contains("hi alice"),
+        "own messages are not echoed: {bob_recv}"
+    );
+    // Nothing new the second time.
+    assert_eq!(qpq_as("bob", &["recv"])?, "");
+
+    // Carol never ran `join`: `recv` joins and catches up in order, as JSON.
+    let carol = qpq_as("carol", &["--json", "recv"])?;
+    let events: Vec<serde_json::Value> = carol
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(events[0]["event"], "joined");
+    let texts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["hello everyone", "hi alice"]);
+
+    let groups = qpq_as("alice", &["groups"])?;
+    assert!(groups.starts_with("friends ("), "{groups}");
+    assert!(groups.contains("epoch 1 members:"), "{groups}");
+    for name in ["alice", "bob", "carol"] {
+        assert!(groups.contains(name), "{groups}");
+    }
+
+    let removed = qpq_as("alice", &["remove", "friends", "carol"])?;
+    assert_eq!(removed.trim(), "removed carol from friends (epoch 2)");
+    let carol = qpq_as("carol", &["recv"])?;
+    assert!(carol.contains("you were removed from the group"), "{carol}");
+    let bob = qpq_as("bob", &["recv"])?;
+    assert!(bob.contains("epoch 2: removed carol"), "{bob}");
+    Ok(())
+}

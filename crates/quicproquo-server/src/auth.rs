@@ -324,6 +324,33 @@ impl authentication_service::Server for AuthService {
             )),
         }
     }
+
+    async fn names_of(
+        self: Rc<Self>,
+        params: authentication_service::NamesOfParams,
+        mut results: authentication_service::NamesOfResults,
+    ) -> Result<(), capnp::Error> {
+        let _guard = self.in_flight.enter();
+        let list = params.get()?.get_identities()?;
+        if list.len() as usize > MAX_FETCH {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!("at most {MAX_FETCH} identities per call"),
+            ));
+        }
+        let mut names = Vec::with_capacity(list.len() as usize);
+        for id in list.iter() {
+            let id =
+                IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+            let name = self.ctx.store.name_of(&id).await.map_err(store_error)?;
+            names.push(name.map(|n| n.to_string()).unwrap_or_default());
+        }
+        let mut out = results.get().init_names(names.len() as u32);
+        for (i, n) in names.iter().enumerate() {
+            out.set(i as u32, n.as_str());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
