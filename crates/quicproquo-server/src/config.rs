@@ -23,6 +23,8 @@ pub const DEFAULT_DATA_DIR: &str = "qpq-data";
 
 /// Smallest accepted `max_frame_bytes`: one Noise message must fit.
 const MIN_FRAME_BYTES: usize = 64 * 1024;
+/// Default `max_message_bytes`: 12 MiB, room for a 1000-member post-quantum Welcome.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 12 * 1024 * 1024;
 /// Largest accepted `max_frame_bytes`.
 const MAX_FRAME_BYTES: usize = 1024 * 1024 * 1024;
 
@@ -37,6 +39,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_HANDSHAKES",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
+    "QPQ_MAX_MESSAGE_BYTES",
     "QPQ_SHUTDOWN_GRACE",
     "QPQ_DATABASE_URL",
     "QPQ_LOG",
@@ -113,6 +116,10 @@ pub struct Overrides {
     /// Largest frame (and RPC message) accepted, in bytes [default: 16777216].
     #[arg(long, env = "QPQ_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
+    /// Largest MLS message (with its Welcome) the Delivery Service accepts, in bytes; must
+    /// leave room within max_frame_bytes [default: 12582912].
+    #[arg(long, env = "QPQ_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
     /// Time given to in-flight calls on shutdown, e.g. `30s` [default: 30s].
     #[arg(long, env = "QPQ_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
@@ -149,6 +156,8 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].
     pub max_frame_bytes: Option<usize>,
+    /// See [`Overrides::max_message_bytes`].
+    pub max_message_bytes: Option<usize>,
     /// See [`Overrides::shutdown_grace`].
     pub shutdown_grace: Option<String>,
     /// See [`Overrides::key_package_suites`].
@@ -206,6 +215,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest frame and RPC message accepted.
     pub max_frame_bytes: usize,
+    /// Largest MLS message (with its Welcome) the Delivery Service accepts.
+    pub max_message_bytes: usize,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
     /// Authentication Service settings.
@@ -225,6 +236,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_handshakes", &self.max_handshakes)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("auth", &self.auth)
             .field(
@@ -247,6 +259,7 @@ impl ServerConfig {
             max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             shutdown_grace: Duration::from_secs(30),
             auth: AuthSettings::default(),
             database_url: None,
@@ -273,7 +286,7 @@ impl ServerConfig {
             Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
             None => Ok(default),
         };
-        let config = Self {
+        let mut config = Self {
             role,
             listen,
             data_dir: overrides
@@ -301,6 +314,7 @@ impl ServerConfig {
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
                 .unwrap_or(defaults.max_frame_bytes),
+            max_message_bytes: 0,
             shutdown_grace: duration(
                 "shutdown_grace",
                 overrides.shutdown_grace.or(file.shutdown_grace),
@@ -325,6 +339,15 @@ impl ServerConfig {
                 .or(file.database_url)
                 .filter(|url| !url.trim().is_empty()),
         };
+        // Without an explicit limit, messages may use the frame minus room for the call.
+        config.max_message_bytes = overrides
+            .max_message_bytes
+            .or(file.max_message_bytes)
+            .unwrap_or_else(|| {
+                defaults
+                    .max_message_bytes
+                    .min(config.max_frame_bytes.saturating_sub(64 << 10))
+            });
         config.validate()?;
         Ok(config)
     }
@@ -353,6 +376,13 @@ impl ServerConfig {
             return Err(invalid(
                 "max_frame_bytes",
                 format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"),
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_message_bytes + (64 << 10) > self.max_frame_bytes
+        {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be at least 1 and leave 64 KiB of max_frame_bytes for the rest of a call",
             ));
         }
         if self.shutdown_grace > Duration::from_secs(3600) {

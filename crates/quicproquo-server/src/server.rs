@@ -200,8 +200,12 @@ pub fn start(
     let stats = Arc::new(Stats::default());
     let cluster_key = identity.cluster_public;
     let appender_stop = CancellationToken::new();
-    let (shard, appender) = Shard::start(store.clone(), appender_stop.clone())
-        .map_err(io_err("starting the appender"))?;
+    let (shard, appender) = Shard::start(
+        store.clone(),
+        config.max_message_bytes,
+        appender_stop.clone(),
+    )
+    .map_err(io_err("starting the appender"))?;
     let shared = Arc::new(Shared {
         auth: Arc::new(AuthContext::new(store, &config.auth)),
         shard,

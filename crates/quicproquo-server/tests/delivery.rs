@@ -381,6 +381,32 @@ async fn bad_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     Ok(())
 }
 
+async fn oversized_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store, |c| c.max_message_bytes = 8 * 1024)?;
+    let dir = tempfile::tempdir()?;
+    let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+    let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
+    let id = alice.chat().create_group("g").await?;
+    alice.chat().create_group("other").await?;
+    alice.chat().invite("g", &["bob".into()]).await?;
+    bob.recv().await?;
+    let big = vec![b'x'; 16 * 1024];
+    let r = alice.chat().send("g", &big).await;
+    let code = match r {
+        Err(quicproquo_client::chat::ChatError::Client(e)) => e.code(),
+        other => anyhow::bail!("expected a refusal, got {other:?}"),
+    };
+    ensure!(code == Some(ErrorCode::TooLarge));
+    // Nothing was appended and both groups carry on.
+    ensure!(bob.recv().await?.is_empty());
+    alice.chat().send("g", b"small").await?;
+    alice.chat().send("other", b"elsewhere").await?;
+    let seen = User::messages(&bob.recv().await?);
+    ensure!(seen.len() == 1 && seen[0].1 == "small");
+    let _ = id;
+    Ok(())
+}
+
 async fn live_subscription_pushes_new_entries(store: Option<AnyStore>) -> Result<()> {
     let server = server(store, |_| {})?;
     let dir = tempfile::tempdir()?;
@@ -450,6 +476,10 @@ macro_rules! delivery_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn bad_messages_are_refused() -> Result<()> {
             local(super::bad_messages_are_refused($make.await?)).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn oversized_messages_are_refused() -> Result<()> {
+            local(super::oversized_messages_are_refused($make.await?)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn live_subscription_pushes_new_entries() -> Result<()> {

@@ -73,7 +73,10 @@ async fn many_clients_share_the_workers() -> Result<()> {
 #[tokio::test]
 async fn a_message_over_the_frame_limit_is_refused_and_the_server_carries_on() -> Result<()> {
     local(async {
-        let server = TestServer::start(NodeRole::Standalone, |c| c.max_frame_bytes = 1024 * 1024)?;
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.max_frame_bytes = 1024 * 1024;
+            c.max_message_bytes = 512 * 1024;
+        })?;
         let conn = server.connect().await?;
         let too_big = vec![0u8; 2 * 1024 * 1024];
         let r = conn.ping(&too_big).await;

@@ -101,6 +101,21 @@ impl DeliveryService {
             ));
         }
         let payload = params.get_message()?;
+        let welcome_len = if params.has_commit() {
+            params.get_commit()?.get_welcome()?.len()
+        } else {
+            0
+        };
+        let max = self.shard.max_message_bytes();
+        if payload.len() + welcome_len > max {
+            return Err(error(
+                ErrorCode::TooLarge,
+                format!(
+                    "message of {} bytes exceeds {max}",
+                    payload.len() + welcome_len
+                ),
+            ));
+        }
         let info = inspect(payload).map_err(|e| error(ErrorCode::BadMessage, e))?;
         if info.group_id.as_deref() != Some(group.as_bytes()) {
             return Err(error(ErrorCode::BadMessage, "message is for another group"));

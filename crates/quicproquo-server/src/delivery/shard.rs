@@ -77,6 +77,7 @@ impl Hub {
 /// The Delivery Service shard: owns the appender and the live feeds.
 pub struct Shard {
     store: AnyStore,
+    max_message_bytes: usize,
     queue: mpsc::Sender<(AppendRequest, Reply)>,
     hub: Arc<Hub>,
 }
@@ -92,6 +93,7 @@ impl Shard {
     /// queue is drained.
     pub fn start(
         store: AnyStore,
+        max_message_bytes: usize,
         shutdown: CancellationToken,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -103,7 +105,18 @@ impl Shard {
         let thread = std::thread::Builder::new()
             .name("qpq-appender".into())
             .spawn(move || rt.block_on(appender(appender_store, appender_hub, rx, shutdown)))?;
-        Ok((Arc::new(Self { store, queue, hub }), thread))
+        let shard = Self {
+            store,
+            max_message_bytes,
+            queue,
+            hub,
+        };
+        Ok((Arc::new(shard), thread))
+    }
+
+    /// The largest message (with its Welcome) accepted.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
     }
 
     /// The store behind this shard.
