@@ -72,6 +72,13 @@ pub enum ChatEvent {
         /// Members removed.
         removed: Vec<IdentityKey>,
     },
+    /// A log entry we could not process (invalid, or from an epoch we no longer have).
+    Unreadable {
+        /// The group's local name.
+        group: String,
+        /// Log position.
+        seq: u64,
+    },
     /// We were removed from the group.
     Removed {
         /// The group's local name.
@@ -375,9 +382,13 @@ impl<'a> Chat<'a> {
                     }
                 }
                 Ok(_) => {}
-                // A message we cannot process (e.g. from an epoch we never had) must not block
-                // the log: it is skipped.
-                Err(_) => {}
+                // Our own commit echoed after we merged it, or an entry from before we joined.
+                Err(e) if e.is_stale() => {}
+                // A message we cannot process must not block the log: it is reported, skipped.
+                Err(_) => on_event(ChatEvent::Unreadable {
+                    group: name,
+                    seq: entry.seq,
+                }),
             }
         }
         if let Some(meta) = self.state.groups.get_mut(id) {

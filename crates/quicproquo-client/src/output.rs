@@ -68,6 +68,10 @@ impl Output {
                            "added": added, "removed": removed}),
                 );
             }
+            ChatEvent::Unreadable { group, seq } => self.line(
+                &format!("[{group} #{seq}] (a message that could not be decrypted)"),
+                json!({"event": "unreadable", "group": group, "seq": seq}),
+            ),
             ChatEvent::Removed { group, seq } => self.line(
                 &format!("[{group} #{seq}] you were removed from the group"),
                 json!({"event": "removed_from_group", "group": group, "seq": seq}),
