@@ -349,7 +349,26 @@ impl ServerConfig {
                     .min(config.max_frame_bytes.saturating_sub(64 << 10))
             });
         config.validate()?;
+        config.validate_store()?;
         Ok(config)
+    }
+
+    /// Checks that the role may run on the store the configuration names: edge and shard nodes
+    /// share the cluster's PostgreSQL database, so they need `database_url`; only a standalone
+    /// node may run without one, on the embedded store in its data directory.
+    pub fn validate_store(&self) -> Result<(), ConfigError> {
+        if self.database_url.is_none() && self.role != NodeRole::Standalone {
+            return Err(invalid(
+                "database_url",
+                format!(
+                    "a {} node needs the cluster's PostgreSQL database: set database_url in the \
+                     config file, QPQ_DATABASE_URL or --database-url (only standalone runs on \
+                     the embedded store)",
+                    self.role
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every setting's range.
@@ -497,7 +516,7 @@ mod tests {
             workers: Some(5),
             ..Overrides::default()
         };
-        let c = ServerConfig::resolve(NodeRole::Edge, f, o)?;
+        let c = ServerConfig::resolve(NodeRole::Standalone, f, o)?;
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9100)));
         assert_eq!(c.workers, 5, "override beats file");
         assert_eq!(
@@ -619,6 +638,33 @@ mod tests {
         let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("database_url"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn edge_and_shard_need_a_database() -> Result<(), ConfigError> {
+        for role in [NodeRole::Edge, NodeRole::Shard] {
+            let err = ServerConfig::resolve(role, FileConfig::default(), Overrides::default());
+            let Err(ConfigError::Invalid {
+                key: "database_url",
+                message,
+            }) = err
+            else {
+                panic!("{role}: expected a database_url error, got {err:?}");
+            };
+            assert!(message.contains("standalone"), "{message}");
+            let with_db = Overrides {
+                database_url: Some("postgres://qpq@db/qpq".into()),
+                ..Overrides::default()
+            };
+            ServerConfig::resolve(role, FileConfig::default(), with_db)?;
+        }
+        let standalone = ServerConfig::resolve(
+            NodeRole::Standalone,
+            FileConfig::default(),
+            Overrides::default(),
+        )?;
+        assert!(standalone.database_url.is_none());
         Ok(())
     }
 

@@ -34,6 +34,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::delivery::shard::Shard;
 use crate::keystore::{KeyStoreError, NodeIdentity};
 use crate::rpc::{BootstrapImpl, InFlight, SessionInfo};
+use crate::store::postgres::PgStore;
 use crate::store::{AnyStore, StoreError, embedded};
 
 /// Errors starting or running a server.
@@ -164,11 +165,47 @@ fn reader_options(max_frame_bytes: usize) -> ReaderOptions {
     options
 }
 
-/// Opens the store the configuration names: the embedded store in the data directory.
+/// Connections in the Postgres pool for `workers` workers: the workers' concurrent reads and
+/// Authentication Service calls, plus the appender's one transaction at a time.
+fn database_pool_size(workers: usize) -> usize {
+    (4 * workers + 4).min(64)
+}
+
+/// Opens the store the configuration names: the cluster's Postgres database when
+/// `database_url` is set (its schema must be current: `qpq-server migrate`), otherwise the
+/// embedded store in the data directory, which only a standalone node may use.
 pub fn open_store(config: &ServerConfig) -> Result<AnyStore, ServerError> {
+    config.validate_store()?;
+    if let Some(url) = &config.database_url {
+        let store = connect_postgres(url, database_pool_size(config.workers))?;
+        info!(
+            database = %crate::config::redact_database_url(url),
+            "using the PostgreSQL store"
+        );
+        return Ok(AnyStore::Postgres(store));
+    }
     crate::keystore::ensure_data_dir(&config.data_dir)?;
     let path = config.data_dir.join(embedded::DEFAULT_FILE);
     Ok(AnyStore::Embedded(embedded::EmbeddedStore::open(&path)?))
+}
+
+/// Opens (and checks) the Postgres store on a current-thread runtime built for the purpose, on
+/// a thread of its own so that this also works when called from inside another runtime. The
+/// runtime may go afterwards: the store drives its connections on its own I/O thread, so they
+/// serve the workers and the appender for as long as the store lives.
+fn connect_postgres(url: &str, pool_size: usize) -> Result<PgStore, ServerError> {
+    std::thread::scope(|scope| {
+        let opener = std::thread::Builder::new()
+            .name("qpq-store-open".into())
+            .spawn_scoped(scope, || {
+                let rt = runtime()?;
+                Ok::<_, ServerError>(rt.block_on(PgStore::connect(url, pool_size))?)
+            })
+            .map_err(io_err("spawning the store opener thread"))?;
+        opener
+            .join()
+            .map_err(|_| ServerError::ThreadPanicked("qpq-store-open".into()))?
+    })
 }
 
 /// Loads this node's keys from the data directory, opens its store, binds `config.listen`

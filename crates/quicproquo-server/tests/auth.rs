@@ -281,35 +281,43 @@ macro_rules! auth_tests {
     ($make:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn alice_registers_and_bob_fetches_her_key_package() -> Result<()> {
-            local(super::alice_registers_and_bob_fetches($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::alice_registers_and_bob_fetches(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn sixty_four_concurrent_fetchers_never_share_a_key_package() -> Result<()> {
-            local(super::concurrent_fetchers_never_share($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::concurrent_fetchers_never_share(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn bad_uploads_are_refused_and_store_nothing() -> Result<()> {
-            local(super::bad_uploads_are_refused_and_store_nothing(
-                $make.await?,
-            ))
-            .await
+            let (store, _db) = $make.await?;
+            local(super::bad_uploads_are_refused_and_store_nothing(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn bad_bindings_are_refused() -> Result<()> {
-            local(super::bad_bindings_are_refused($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::bad_bindings_are_refused(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn names_are_first_come_first_served() -> Result<()> {
-            local(super::names_are_first_come_first_served($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::names_are_first_come_first_served(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_fetch_flood_is_rate_limited() -> Result<()> {
-            local(super::a_fetch_flood_is_rate_limited($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::a_fetch_flood_is_rate_limited(store)).await
         }
     };
 }
 
 mod embedded {
     use super::*;
-    auth_tests!(async { Ok::<_, anyhow::Error>(None) });
+    auth_tests!(support::embedded_store());
+}
+
+mod postgres {
+    use super::*;
+    auth_tests!(support::postgres_store());
 }

@@ -165,3 +165,95 @@ async fn migrate_applies_the_schema_once_and_reports_it() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn edge_and_shard_without_a_database_are_refused_before_binding() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = held.local_addr()?.to_string();
+    for role in ["edge", "shard"] {
+        let out = server_cmd(tmp.path())
+            .args([role, "--listen", &addr])
+            .output()?;
+        assert!(!out.status.success(), "{role} started without a database");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("database_url") && err.contains("standalone"),
+            "{role}: {err}"
+        );
+        assert!(!err.contains("in use"), "{role}: {err}");
+    }
+    Ok(())
+}
+
+/// The documented cluster path: `migrate`, then a node with `--database-url` keeps its
+/// Authentication and Delivery Service state in Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_keeps_its_state_in_postgres_after_migrate() -> Result<()> {
+    use quicproquo_server::store::log::{GroupId, LogStore};
+    use quicproquo_server::store::{Store, UserName};
+
+    let db = quicproquo_testkit::postgres::fresh_database().await?;
+    let tmp = tempfile::tempdir()?;
+    let out = server_cmd(tmp.path())
+        .args(["migrate", "--database-url", db.url()])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let mut child = server_cmd(tmp.path())
+        .args([
+            "shard",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let line = tokio::task::spawn_blocking(move || -> Result<String> {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        Ok(line)
+    })
+    .await??;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, "shard", _, _, addr, _, key] = words[..] else {
+        let _ = child.kill();
+        bail!("unexpected first line: {line:?}");
+    };
+    let (addr, key) = (
+        addr.parse()?,
+        quicproquo_core::ClusterPublicKey::from_hex(key)?,
+    );
+    let carol = quicproquo_core::IdentityKeypair::generate()?;
+    let used = tokio::task::LocalSet::new()
+        .run_until(async {
+            let options = quicproquo_client::ConnectOptions::new(key);
+            let conn = quicproquo_client::Connection::connect(addr, &options).await?;
+            let session = conn.bind(&carol).await?;
+            session.auth.claim_name("carol").await?;
+            session.delivery.create_group(b"pg-group").await?;
+            anyhow::Ok(())
+        })
+        .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    used?;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+
+    let store = quicproquo_server::store::postgres::PgStore::connect(db.url(), 1).await?;
+    assert_eq!(
+        store.resolve_name(&UserName::parse("carol")?).await?,
+        Some(carol.public())
+    );
+    assert_eq!(
+        store.groups_of(&carol.public()).await?,
+        vec![GroupId::new(b"pg-group")?]
+    );
+    Ok(())
+}

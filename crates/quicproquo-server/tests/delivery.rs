@@ -459,23 +459,28 @@ macro_rules! delivery_tests {
     ($make:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn three_members_share_epochs_and_order() -> Result<()> {
-            local(super::three_members_share_epochs_and_order($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::three_members_share_epochs_and_order(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn removal_and_epoch_secrets() -> Result<()> {
-            local(super::removal_and_epoch_secrets($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::removal_and_epoch_secrets(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn offline_member_catches_up_in_order() -> Result<()> {
-            local(super::offline_member_catches_up_in_order($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::offline_member_catches_up_in_order(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_commits_have_one_winner() -> Result<()> {
-            local(super::concurrent_commits_have_one_winner($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::concurrent_commits_have_one_winner(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn bad_messages_are_refused() -> Result<()> {
-            local(super::bad_messages_are_refused($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::bad_messages_are_refused(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn oversized_messages_are_refused() -> Result<()> {
@@ -483,12 +488,18 @@ macro_rules! delivery_tests {
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn live_subscription_pushes_new_entries() -> Result<()> {
-            local(super::live_subscription_pushes_new_entries($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::live_subscription_pushes_new_entries(store)).await
         }
     };
 }
 
 mod embedded {
     use super::*;
-    delivery_tests!(async { Ok::<_, anyhow::Error>(None) });
+    delivery_tests!(support::embedded_store());
+}
+
+mod postgres {
+    use super::*;
+    delivery_tests!(support::postgres_store());
 }

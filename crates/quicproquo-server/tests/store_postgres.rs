@@ -24,6 +24,7 @@ async fn fresh_store() -> Result<PgStore> {
 }
 
 quicproquo_testkit::conformance_tests!(fresh_store());
+quicproquo_testkit::log_conformance_tests!(fresh_store());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent() -> Result<()> {
@@ -207,5 +208,42 @@ async fn name_claim_errors_have_the_embedded_stores_precedence() -> Result<()> {
         Err(StoreError::AlreadyNamed)
     ));
     ensure!(store.name_of(&bob).await? == Some(UserName::parse("bob")?));
+    Ok(())
+}
+
+/// The pool's connections are driven by the store's own I/O thread: a store opened on a
+/// runtime that is then never polled again (as `open_store` does) keeps working elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_does_not_depend_on_the_runtime_that_opened_it() -> Result<()> {
+    let db = migrated_database().await?;
+    let url = db.url().to_owned();
+    let (store_tx, store_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let opener = std::thread::spawn(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Connect (and so open a pooled connection) on this runtime, then stop polling it.
+        let store = rt.block_on(PgStore::connect(&url, 1))?;
+        store_tx.send(store)?;
+        let _ = done_rx.recv();
+        drop(rt);
+        Ok(())
+    });
+    let store = tokio::task::spawn_blocking(move || store_rx.recv()).await??;
+    let alice = identity()?;
+    let used = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        store.register_identity(&alice).await?;
+        store.key_package_count(&alice).await
+    })
+    .await;
+    done_tx.send(())?;
+    opener
+        .join()
+        .map_err(|_| anyhow::anyhow!("opener thread panicked"))??;
+    ensure!(
+        matches!(used, Ok(Ok(0))),
+        "the pooled connection hung with its runtime: {used:?}"
+    );
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! The durable store behind the Authentication Service (and, later, the group logs).
+//! The durable store behind the Authentication Service ([`Store`]) and the Delivery Service
+//! ([`log::LogStore`]).
 //!
-//! [`Store`] is the one interface; [`postgres::PgStore`] (tokio-postgres + deadpool) serves a
-//! cluster, [`embedded::EmbeddedStore`] (one file, `qpq.db` in the data directory) serves a
-//! standalone node without Postgres. Both pass the same conformance suite
-//! (`quicproquo-testkit::conformance`), which is the specification of the semantics below.
+//! [`postgres::PgStore`] (tokio-postgres + deadpool) serves a cluster,
+//! [`embedded::EmbeddedStore`] (one file, `qpq.db` in the data directory) serves a standalone
+//! node without Postgres; [`AnyStore`] is whichever a server opened. Both implement both
+//! traits and pass the same conformance suites (`quicproquo-testkit::conformance` and
+//! `log_conformance`), which are the specification of the semantics below and in [`log`].
 //!
 //! Semantics every implementation keeps:
 //! - every write is durable when its future resolves `Ok`;
@@ -18,6 +20,9 @@ pub mod log;
 use quicproquo_core::IdentityKey;
 
 pub mod postgres;
+mod postgres_io;
+mod postgres_log;
+mod postgres_plan;
 
 /// A user name: 3 to 32 characters of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter or
 /// digit. Names are compared after lower-casing.
@@ -169,12 +174,15 @@ pub trait Store: Send + Sync + 'static {
 pub enum AnyStore {
     /// The embedded single-file store, for standalone nodes.
     Embedded(embedded::EmbeddedStore),
+    /// The cluster's PostgreSQL database.
+    Postgres(postgres::PgStore),
 }
 
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             AnyStore::Embedded($s) => $e.await,
+            AnyStore::Postgres($s) => $e.await,
         }
     };
 }

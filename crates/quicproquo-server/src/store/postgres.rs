@@ -2,9 +2,14 @@
 //! schema up to date.
 //!
 //! Connections come from a deadpool pool of tokio-postgres clients (no TLS: run Postgres on a
-//! private network or over a TLS-terminating proxy). Every statement is prepared once per
-//! connection (`prepare_cached`) and every operation is one statement, so one round trip and
-//! one implicit transaction:
+//! private network or over a TLS-terminating proxy). Their sockets are driven by the store's
+//! own I/O thread (`qpq-pg-io`, a one-worker tokio runtime that lives as long as the pool), so
+//! the store serves callers on any runtime — the per-core workers, the appender thread, a test's
+//! runtime — and none of them has to outlive it or keep polling for the others.
+//!
+//! The Authentication Service's operations: every statement is prepared once per connection
+//! (`prepare_cached`) and every operation is one statement, so one round trip and one implicit
+//! transaction:
 //! - a fetch deletes the identity's oldest pooled KeyPackage that no one else has locked
 //!   (`FOR UPDATE SKIP LOCKED`) and returns it; if there is none it returns the last-resort
 //!   KeyPackage, which is kept. Only fetches lock KeyPackage rows, and a fetch deletes every
@@ -13,6 +18,9 @@
 //! - a batch fetch groups the targets by identity and locks as many rows per identity as it
 //!   was asked for (`unnest(..) WITH ORDINALITY` + `LATERAL ... LIMIT n`), so a batch naming an
 //!   identity twice gets two different KeyPackages.
+//!
+//! The Delivery Service's operations ([`LogStore`](super::log::LogStore)) are in
+//! `postgres_log.rs`.
 //!
 //! Errors: a unique violation is [`StoreError::NameTaken`], a foreign-key violation
 //! [`StoreError::UnknownIdentity`], anything else (connection, timeout, query)
@@ -29,13 +37,20 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::postgres_io::IoThreadConnect;
 use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError, UserName};
 
 /// The migrations compiled into the server, in the order they apply: `(version, SQL)`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_identities_and_key_packages",
-    include_str!("../../../../sql/0001_identities_and_key_packages.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_identities_and_key_packages",
+        include_str!("../../../../sql/0001_identities_and_key_packages.sql"),
+    ),
+    (
+        "0002_delivery",
+        include_str!("../../../../sql/0002_delivery.sql"),
+    ),
+];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
 const MIGRATION_LOCK: i64 = 0x7170_712d_6d69_6772;
@@ -135,10 +150,10 @@ impl PgStore {
     /// style URL or `key=value` string), and checks that the database is reachable and its
     /// schema current (see [`migrate`]).
     ///
-    /// Each connection is driven by a task on the tokio runtime that opened it (the one that
-    /// first needed it): it serves callers on any runtime, but dies with its runtime, after which
-    /// the pool replaces it. Keep that runtime alive as long as the store, or give each
-    /// runtime its own store.
+    /// Connections are opened on demand and driven by the store's own I/O thread, so the store
+    /// may be opened on a short-lived runtime and used from any other (it starts that thread
+    /// itself, and stops it when the last clone is dropped). A connection the server closed is
+    /// replaced when next taken from the pool.
     pub async fn connect(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
         let store = Self::pool_only(database_url, pool_size)?;
         let pending = store.pending().await?;
@@ -153,9 +168,9 @@ impl PgStore {
 
     fn pool_only(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
         let config = parse_url(database_url)?;
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config,
-            NoTls,
+            IoThreadConnect::start()?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -189,7 +204,7 @@ impl PgStore {
             .collect())
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }
 
@@ -488,7 +503,7 @@ fn key(identity: &IdentityKey) -> &[u8] {
 }
 
 /// A column of a result row, as `T`.
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+pub(super) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
     row: &'a Row,
     index: usize,
 ) -> Result<T, StoreError> {
@@ -510,7 +525,7 @@ fn pg_error(e: &tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn pool_error(e: PoolError) -> StoreError {
+pub(super) fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => {
             StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
@@ -521,7 +536,7 @@ fn pool_error(e: PoolError) -> StoreError {
 
 /// A description of a database error without values from the data: the server's message and
 /// SQLSTATE (not its DETAIL, which can quote key values), or the client-side error chain.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }

@@ -8,7 +8,10 @@ use anyhow::Result;
 use quicproquo_client::{ConnectOptions, Connection};
 use quicproquo_core::NodeRole;
 use quicproquo_server::store::AnyStore;
+use quicproquo_server::store::embedded::{self, EmbeddedStore};
+use quicproquo_server::store::postgres::{PgStore, migrate};
 use quicproquo_server::{NodeIdentity, ServerConfig, ServerHandle};
+use quicproquo_testkit::postgres::{TestDatabase, fresh_database};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -26,7 +29,7 @@ impl TestServer {
         Self::start_with(role, None, tweak)
     }
 
-    /// A server using `store` (or, if `None`, its embedded store).
+    /// A server using `store` (or, if `None`, an embedded store in its data directory).
     pub fn start_with(
         role: NodeRole,
         store: Option<AnyStore>,
@@ -40,7 +43,11 @@ impl TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let store = match store {
             Some(s) => s,
-            None => quicproquo_server::open_store(&config)?,
+            // Opened directly: `open_store` keeps edge and shard nodes off the embedded store,
+            // but these tests only exercise what the roles share.
+            None => AnyStore::Embedded(EmbeddedStore::open(
+                &config.data_dir.join(embedded::DEFAULT_FILE),
+            )?),
         };
         let handle = quicproquo_server::start(config, listener, identity, store)?;
         let addr = handle.local_addr();
@@ -80,6 +87,22 @@ impl Drop for TestServer {
             let _ = h.join();
         }
     }
+}
+
+/// A store for a test server, and the database behind it (hold it while the store is used).
+pub type StoreFixture = (Option<AnyStore>, Option<TestDatabase>);
+
+/// No store given: the test server opens its embedded store.
+pub async fn embedded_store() -> Result<StoreFixture> {
+    Ok((None, None))
+}
+
+/// A Postgres store on a fresh, migrated database of its own.
+pub async fn postgres_store() -> Result<StoreFixture> {
+    let db = fresh_database().await?;
+    migrate(db.url()).await?;
+    let store = PgStore::connect(db.url(), 8).await?;
+    Ok((Some(AnyStore::Postgres(store)), Some(db)))
 }
 
 /// Runs `f` inside a `LocalSet` (capnp-rpc clients are `!Send`).

@@ -1,0 +1,81 @@
+//! The Postgres store's connection I/O thread: every pooled connection's socket is driven by
+//! a runtime the store owns, not by whichever caller happened to open it.
+
+use std::pin::pin;
+
+use futures::future::BoxFuture;
+use tokio_postgres::NoTls;
+
+use super::StoreError;
+use super::postgres::describe;
+
+/// Opens connections whose sockets (and timers) belong to a runtime of the store's own: the
+/// `qpq-pg-io` thread. Callers on other runtimes talk to a connection through channels only.
+pub(super) struct IoThreadConnect {
+    handle: tokio::runtime::Handle,
+    /// `Some` until dropped; shut down in the background, as the pool may be dropped inside an
+    /// async context, where a blocking shutdown is not allowed.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IoThreadConnect {
+    /// Starts the `qpq-pg-io` thread.
+    pub(super) fn start() -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("qpq-pg-io")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                StoreError::Unavailable(format!("starting the database I/O thread: {e}"))
+            })?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for IoThreadConnect {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl deadpool_postgres::Connect for IoThreadConnect {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = pg_config.clone();
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            // Poll the connect inside the I/O runtime's context, so the socket and the connect
+            // timeout register with its reactor and timer rather than the caller's.
+            let mut connecting = pin!(config.connect(NoTls));
+            let (client, connection) = std::future::poll_fn(|cx| {
+                let _entered = handle.enter();
+                connecting.as_mut().poll(cx)
+            })
+            .await?;
+            Ok((client, handle.spawn(drive(connection))))
+        })
+    }
+}
+
+/// Drives one connection until it closes.
+async fn drive(
+    connection: tokio_postgres::Connection<
+        tokio_postgres::Socket,
+        tokio_postgres::tls::NoTlsStream,
+    >,
+) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %describe(&e), "database connection closed with an error");
+    }
+}

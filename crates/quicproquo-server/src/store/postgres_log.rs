@@ -1,0 +1,519 @@
+//! The Delivery Service on PostgreSQL: [`LogStore`] for [`PgStore`] (rules in [`super::log`],
+//! tables in `sql/0002_delivery.sql`). It behaves exactly like the embedded store; the shared
+//! conformance suite checks both.
+//!
+//! An append batch is one transaction of four round trips, however many requests it holds:
+//! 1. `BEGIN`;
+//! 2. pipelined: lock the batch's groups rows in `group_id` order (`FOR UPDATE`) and read their
+//!    state; read the memberships the batch depends on and the message ids it may repeat;
+//! 3. decide every request on its own, in batch order, against that state (in memory: the
+//!    [`plan`](super::postgres_plan) is the embedded store's row-by-row logic), then pipelined:
+//!    insert the log rows, update the groups rows, upsert the changed memberships, store each
+//!    Welcome once and append the inbox rows;
+//! 4. `COMMIT`.
+//!
+//! Why this keeps the rules when several shards write the same group: every read in step 2
+//! happens after the group row locks are held (the server runs pipelined statements in order,
+//! each with a fresh snapshot), and the locks are held until commit. So a group's sequence
+//! numbers are taken under its row lock and become visible in order, a commit for epoch E
+//! finds the group still at E, and a message id is found if any earlier transaction appended
+//! it. Locks are taken in one global order (groups by id in one statement, then inbox counters
+//! by identity), so concurrent batches cannot deadlock. A refused request writes nothing and
+//! does not disturb the others.
+//!
+//! Reads are one statement each (one snapshot): a log read never sees seq N + 1 without N.
+
+use quicproquo_core::IdentityKey;
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::StoreError;
+use super::log::{
+    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
+};
+use super::postgres::{PgStore, column, describe};
+use super::postgres_plan::{BatchKeys, Plan, State};
+
+/// A database error of a Delivery Service operation: the transaction had no effect (or, if the
+/// connection broke during `COMMIT`, possibly did: retrying with the same message ids is safe).
+fn db_error(e: &tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(describe(e))
+}
+
+/// The error that explains a failed pipeline: the first one other than "the transaction is
+/// already aborted", which every statement after the failing one reports.
+fn pipeline_error<const N: usize>(errors: [Option<tokio_postgres::Error>; N]) -> StoreError {
+    let mut errors = errors.into_iter().flatten().peekable();
+    let first = errors.peek().map(db_error);
+    errors
+        .find(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+        .map(|e| db_error(&e))
+        .or(first)
+        .unwrap_or_else(|| StoreError::Unavailable("a pipelined statement failed".into()))
+}
+
+/// A stored non-negative number as `u64`.
+fn stored_u64(n: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative {what}")))
+}
+
+/// A caller's position as a `BIGINT` (past `i64::MAX` nothing is stored anyway).
+fn position(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn identity_of(bytes: &[u8]) -> Result<IdentityKey, StoreError> {
+    IdentityKey::from_slice(bytes).map_err(|_| StoreError::Corrupt("stored identity".into()))
+}
+
+impl PgStore {
+    /// Runs one prepared statement (one round trip, one implicit transaction).
+    async fn log_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(|e| db_error(&e))?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(|e| db_error(&e))
+    }
+
+    async fn append_batch(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let keys = BatchKeys::of(batch);
+        let mut client = self.client().await?;
+        let (lock, members, message_ids, insert_log, update_groups, upsert_members, inbox) =
+            tokio::try_join!(
+                client.prepare_cached(sql::LOCK_GROUPS),
+                client.prepare_cached(sql::READ_MEMBERS),
+                client.prepare_cached(sql::READ_MESSAGE_IDS),
+                client.prepare_cached(sql::INSERT_LOG),
+                client.prepare_cached(sql::UPDATE_GROUPS),
+                client.prepare_cached(sql::UPSERT_MEMBERS),
+                client.prepare_cached(sql::DELIVER_WELCOMES),
+            )
+            .map_err(|e| db_error(&e))?;
+
+        // Dropping the transaction before `commit` (an error, or the caller giving up) rolls
+        // it back.
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&keys.groups];
+        let member_params: [&(dyn ToSql + Sync); 2] =
+            [&keys.member_groups, &keys.member_identities];
+        let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
+        let (locked, member_rows, id_rows) = match tokio::join!(
+            tx.query(&lock, &lock_params),
+            tx.query(&members, &member_params),
+            tx.query(&message_ids, &id_params),
+        ) {
+            (Ok(l), Ok(m), Ok(i)) => (l, m, i),
+            (l, m, i) => return Err(pipeline_error([l.err(), m.err(), i.err()])),
+        };
+
+        let mut state = State::new(&keys);
+        for row in &locked {
+            let group: &[u8] = column(row, 0)?;
+            state.set_group(
+                group,
+                stored_u64(column(row, 1)?, "epoch")?,
+                stored_u64(column(row, 2)?, "seq")?,
+                stored_u64(column(row, 3)?, "seq")?,
+            );
+        }
+        for row in &member_rows {
+            let group: &[u8] = column(row, 0)?;
+            let left: Option<i64> = column(row, 3)?;
+            state.set_member(
+                group,
+                column(row, 1)?,
+                stored_u64(column(row, 2)?, "seq")?,
+                left.map(|l| stored_u64(l, "seq")).transpose()?,
+            )?;
+        }
+        for row in &id_rows {
+            let group: &[u8] = column(row, 0)?;
+            let message_id: &[u8] = column(row, 1)?;
+            state.set_message_id(group, message_id, stored_u64(column(row, 2)?, "seq")?);
+        }
+
+        let plan = Plan::decide(batch, state)?;
+        let log = async {
+            if plan.log.seqs.is_empty() {
+                return Ok(0);
+            }
+            let l = &plan.log;
+            tx.execute(
+                &insert_log,
+                &[
+                    &l.groups,
+                    &l.seqs,
+                    &l.epochs,
+                    &l.kinds,
+                    &l.message_ids,
+                    &l.payloads,
+                ],
+            )
+            .await
+        };
+        let groups = async {
+            if plan.groups.groups.is_empty() {
+                return Ok(0);
+            }
+            let g = &plan.groups;
+            tx.execute(
+                &update_groups,
+                &[&g.groups, &g.epochs, &g.last_seqs, &g.last_commit_seqs],
+            )
+            .await
+        };
+        let members = async {
+            if plan.members.groups.is_empty() {
+                return Ok(0);
+            }
+            let m = &plan.members;
+            tx.execute(
+                &upsert_members,
+                &[&m.groups, &m.identities, &m.joined, &m.left],
+            )
+            .await
+        };
+        let welcomes = async {
+            if plan.welcomes.groups.is_empty() {
+                return Ok(0);
+            }
+            let (w, i) = (&plan.welcomes, &plan.inbox);
+            tx.execute(
+                &inbox,
+                &[
+                    &w.groups,
+                    &w.commit_seqs,
+                    &w.payloads,
+                    &i.identities,
+                    &i.groups,
+                    &i.commit_seqs,
+                ],
+            )
+            .await
+        };
+        let (l, g, m, w) = tokio::join!(log, groups, members, welcomes);
+        if l.is_err() || g.is_err() || m.is_err() || w.is_err() {
+            return Err(pipeline_error([l.err(), g.err(), m.err(), w.err()]));
+        }
+        tx.commit().await.map_err(|e| db_error(&e))?;
+        Ok(plan.outcomes)
+    }
+}
+
+impl LogStore for PgStore {
+    async fn create_group(
+        &self,
+        group_id: &GroupId,
+        creator: &IdentityKey,
+    ) -> Result<(), StoreError> {
+        let rows = self
+            .log_query(
+                sql::CREATE_GROUP,
+                &[&group_id.as_bytes(), &creator.as_bytes().as_slice()],
+            )
+            .await?;
+        let created: i64 = rows.first().map_or(Ok(0), |row| column(row, 0))?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::GroupExists)
+        }
+    }
+
+    async fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.append_batch(batch).await
+    }
+
+    async fn read_log(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let rows = self
+            .log_query(
+                sql::READ_LOG,
+                &[
+                    &group_id.as_bytes(),
+                    &reader.as_bytes().as_slice(),
+                    &position(after_seq),
+                    &i64::from(limit),
+                ],
+            )
+            .await?;
+        let first = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("log read returned no row".into()))?;
+        if !column::<bool>(first, 0)? {
+            return Err(StoreError::UnknownGroup);
+        }
+        if !column::<bool>(first, 1)? {
+            return Err(StoreError::NotMember);
+        }
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(seq) = column::<Option<i64>>(row, 2)? else {
+                continue;
+            };
+            let kind: i16 = column(row, 4)?;
+            entries.push(LogEntry {
+                seq: stored_u64(seq, "seq")?,
+                epoch: stored_u64(column(row, 3)?, "epoch")?,
+                kind: u8::try_from(kind)
+                    .ok()
+                    .and_then(EntryKind::from_code)
+                    .ok_or_else(|| StoreError::Corrupt("entry kind".into()))?,
+                message_id: column(row, 5)?,
+                payload: column(row, 6)?,
+                appended_at_micros: stored_u64(column(row, 7)?, "time")?,
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn group_summary(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+    ) -> Result<GroupSummary, StoreError> {
+        let rows = self
+            .log_query(sql::GROUP_SUMMARY, &[&group_id.as_bytes()])
+            .await?;
+        let row = rows.first().ok_or(StoreError::UnknownGroup)?;
+        let stored: Vec<&[u8]> = column(row, 2)?;
+        let members = stored
+            .into_iter()
+            .map(identity_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        if !members.contains(reader) {
+            return Err(StoreError::NotMember);
+        }
+        Ok(GroupSummary {
+            group_id: group_id.clone(),
+            epoch: stored_u64(column(row, 0)?, "epoch")?,
+            last_seq: stored_u64(column(row, 1)?, "seq")?,
+            members,
+        })
+    }
+
+    async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<GroupId>, StoreError> {
+        let rows = self
+            .log_query(sql::GROUPS_OF, &[&identity.as_bytes().as_slice()])
+            .await?;
+        rows.iter()
+            .map(|row| GroupId::new(column(row, 0)?))
+            .collect()
+    }
+
+    async fn read_inbox(
+        &self,
+        identity: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let rows = self
+            .log_query(
+                sql::READ_INBOX,
+                &[
+                    &identity.as_bytes().as_slice(),
+                    &position(after_seq),
+                    &i64::from(limit),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(InboxEntry {
+                    seq: stored_u64(column(row, 0)?, "seq")?,
+                    group_id: GroupId::new(column(row, 1)?)?,
+                    commit_seq: stored_u64(column(row, 2)?, "seq")?,
+                    welcome: column(row, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_cursor(
+        &self,
+        identity: &IdentityKey,
+        group_id: &GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let rows = self
+            .log_query(
+                sql::SET_CURSOR,
+                &[
+                    &identity.as_bytes().as_slice(),
+                    &group_id.as_bytes(),
+                    &position(seq),
+                ],
+            )
+            .await?;
+        let known = rows.first().map_or(Ok(false), |row| column(row, 0))?;
+        if known {
+            Ok(())
+        } else {
+            Err(StoreError::NotMember)
+        }
+    }
+
+    async fn cursor(&self, identity: &IdentityKey, group_id: &GroupId) -> Result<u64, StoreError> {
+        let rows = self
+            .log_query(
+                sql::CURSOR,
+                &[&identity.as_bytes().as_slice(), &group_id.as_bytes()],
+            )
+            .await?;
+        rows.first()
+            .map_or(Ok(0), |row| stored_u64(column(row, 0)?, "cursor"))
+    }
+}
+
+/// The statements.
+mod sql {
+    /// Creates the group and its creator's membership, unless the group exists; returns how
+    /// many groups it created.
+    pub(super) const CREATE_GROUP: &str = "
+        WITH g AS (
+            INSERT INTO groups (group_id) VALUES ($1)
+            ON CONFLICT (group_id) DO NOTHING
+            RETURNING group_id
+        ),
+        m AS (
+            INSERT INTO members (group_id, identity, joined_seq)
+            SELECT group_id, $2, 0 FROM g
+        )
+        SELECT count(*) FROM g";
+
+    /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
+    /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.
+    pub(super) const LOCK_GROUPS: &str = "
+        SELECT group_id, epoch, last_seq, last_commit_seq FROM groups
+        WHERE group_id = ANY($1::bytea[])
+        ORDER BY group_id
+        FOR UPDATE";
+
+    pub(super) const READ_MEMBERS: &str = "
+        SELECT m.group_id, m.identity, m.joined_seq, m.left_seq
+        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, identity)
+        JOIN members AS m ON m.group_id = k.group_id AND m.identity = k.identity";
+
+    pub(super) const READ_MESSAGE_IDS: &str = "
+        SELECT l.group_id, l.message_id, l.seq
+        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, message_id)
+        JOIN group_log AS l ON l.group_id = k.group_id AND l.message_id = k.message_id";
+
+    pub(super) const INSERT_LOG: &str = "
+        INSERT INTO group_log (group_id, seq, epoch, kind, message_id, payload)
+        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::smallint[],
+                             $5::bytea[], $6::bytea[])";
+
+    pub(super) const UPDATE_GROUPS: &str = "
+        UPDATE groups AS g
+        SET epoch = u.epoch, last_seq = u.last_seq, last_commit_seq = u.last_commit_seq
+        FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
+            AS u (group_id, epoch, last_seq, last_commit_seq)
+        WHERE g.group_id = u.group_id";
+
+    /// Writes the final state of every membership the batch changed (each key once).
+    pub(super) const UPSERT_MEMBERS: &str = "
+        INSERT INTO members (group_id, identity, joined_seq, left_seq)
+        SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[])
+        ON CONFLICT (group_id, identity)
+        DO UPDATE SET joined_seq = EXCLUDED.joined_seq, left_seq = EXCLUDED.left_seq";
+
+    /// Stores each Welcome once and appends one inbox row per added member: the n-th entry for
+    /// an identity in the batch gets its counter's old value + n, the counters being locked in
+    /// identity order.
+    pub(super) const DELIVER_WELCOMES: &str = "
+        WITH w AS (
+            INSERT INTO welcomes (group_id, commit_seq, payload)
+            SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[])
+            RETURNING id, group_id, commit_seq
+        ),
+        e AS (
+            SELECT identity, group_id, commit_seq,
+                   row_number() OVER (PARTITION BY identity ORDER BY ord) AS nth,
+                   count(*) OVER (PARTITION BY identity) AS n
+            FROM unnest($4::bytea[], $5::bytea[], $6::bigint[]) WITH ORDINALITY
+                AS e (identity, group_id, commit_seq, ord)
+        ),
+        heads AS (
+            INSERT INTO inbox_heads AS h (identity, last_seq)
+            SELECT identity, count(*) FROM e GROUP BY identity ORDER BY identity
+            ON CONFLICT (identity) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
+            RETURNING identity, last_seq
+        )
+        INSERT INTO inbox (identity, seq, group_id, commit_seq, welcome_id)
+        SELECT e.identity, heads.last_seq - e.n + e.nth, e.group_id, e.commit_seq, w.id
+        FROM e
+        JOIN heads ON heads.identity = e.identity
+        JOIN w ON w.group_id = e.group_id AND w.commit_seq = e.commit_seq";
+
+    /// One row telling whether the group exists and the reader may read it, joined with the
+    /// entries it may read (none: a single row of NULL entry columns).
+    pub(super) const READ_LOG: &str = "
+        SELECT s.known, s.joined_seq IS NOT NULL, l.seq, l.epoch, l.kind, l.message_id,
+               l.payload, (extract(epoch FROM l.appended_at) * 1000000)::bigint
+        FROM (
+            SELECT EXISTS (SELECT 1 FROM groups WHERE group_id = $1) AS known,
+                   m.joined_seq, m.left_seq
+            FROM (SELECT 1) AS one
+            LEFT JOIN members AS m ON m.group_id = $1 AND m.identity = $2
+        ) AS s
+        LEFT JOIN LATERAL (
+            SELECT * FROM group_log
+            WHERE s.joined_seq IS NOT NULL
+              AND group_id = $1
+              AND seq > greatest($3::bigint, s.joined_seq)
+              AND (s.left_seq IS NULL OR seq <= s.left_seq)
+            ORDER BY seq
+            LIMIT $4
+        ) AS l ON true
+        ORDER BY l.seq";
+
+    pub(super) const GROUP_SUMMARY: &str = "
+        SELECT g.epoch, g.last_seq,
+               ARRAY(SELECT identity FROM members
+                     WHERE group_id = $1 AND left_seq IS NULL ORDER BY identity)
+        FROM groups AS g WHERE g.group_id = $1";
+
+    pub(super) const GROUPS_OF: &str = "
+        SELECT group_id FROM members WHERE identity = $1 AND left_seq IS NULL ORDER BY group_id";
+
+    pub(super) const READ_INBOX: &str = "
+        SELECT i.seq, i.group_id, i.commit_seq, w.payload
+        FROM inbox AS i JOIN welcomes AS w ON w.id = i.welcome_id
+        WHERE i.identity = $1 AND i.seq > $2
+        ORDER BY i.seq
+        LIMIT $3";
+
+    /// Raises the cursor of anyone who is or was a member; returns whether they are.
+    pub(super) const SET_CURSOR: &str = "
+        WITH m AS (
+            SELECT 1 FROM members WHERE group_id = $2 AND identity = $1
+        ),
+        up AS (
+            INSERT INTO cursors AS c (identity, group_id, seq)
+            SELECT $1, $2, $3 FROM m
+            ON CONFLICT (identity, group_id) DO UPDATE SET seq = EXCLUDED.seq
+            WHERE c.seq < EXCLUDED.seq
+        )
+        SELECT EXISTS (SELECT 1 FROM m)";
+
+    pub(super) const CURSOR: &str = "SELECT seq FROM cursors WHERE identity = $1 AND group_id = $2";
+}
