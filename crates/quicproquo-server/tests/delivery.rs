@@ -484,7 +484,8 @@ macro_rules! delivery_tests {
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn oversized_messages_are_refused() -> Result<()> {
-            local(super::oversized_messages_are_refused($make.await?)).await
+            let (store, _db) = $make.await?;
+            local(super::oversized_messages_are_refused(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn live_subscription_pushes_new_entries() -> Result<()> {
