@@ -333,66 +333,76 @@ impl<'a> Chat<'a> {
         Ok(joined)
     }
 
-    /// Processes one log entry of group `id` in order.
+    /// Processes one log entry of group `id` (see [`Chat::apply_batch`]).
     pub fn apply(
         &mut self,
         id: &[u8],
         entry: &Envelope,
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<(), ChatError> {
-        let Some(meta) = self.state.groups.get(id) else {
-            return Ok(());
-        };
-        if entry.seq <= meta.cursor {
-            return Ok(()); // already processed (duplicates are harmless)
-        }
-        let own = meta.own_pending.iter().any(|m| m == &entry.message_id);
+        self.apply_batch(id, std::slice::from_ref(entry), on_event)
+    }
+
+    /// Processes log entries of group `id` in order, loading the group state once. Entries at
+    /// or below the cursor are skipped (duplicates are harmless); the caller saves the state.
+    pub fn apply_batch(
+        &mut self,
+        id: &[u8],
+        entries: &[Envelope],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
         let name = self.name_of(id);
-        if own {
-            self.forget_own(id, &entry.message_id);
-        } else {
-            let mut group = self.load(id)?;
-            match group.process(&self.state.mls, &entry.payload) {
-                Ok(Event::Application { sender, plaintext }) => on_event(ChatEvent::Message {
-                    group: name,
-                    seq: entry.seq,
-                    sender,
-                    body: plaintext,
-                }),
-                Ok(Event::Commit {
-                    epoch,
-                    added,
-                    removed,
-                    we_were_removed,
-                    ..
-                }) => {
-                    if we_were_removed {
-                        on_event(ChatEvent::Removed {
-                            group: name,
-                            seq: entry.seq,
-                        });
+        let mut group: Option<Group> = None;
+        for entry in entries {
+            let Some(meta) = self.state.groups.get(id) else {
+                return Ok(());
+            };
+            if entry.seq <= meta.cursor {
+                continue;
+            }
+            if meta.own_pending.iter().any(|m| m == &entry.message_id) {
+                self.forget_own(id, &entry.message_id);
+            } else {
+                let g = match &mut group {
+                    Some(g) => g,
+                    None => group.insert(self.load(id)?),
+                };
+                let seq = entry.seq;
+                let group = name.clone();
+                match g.process(&self.state.mls, &entry.payload) {
+                    Ok(Event::Application { sender, plaintext }) => on_event(ChatEvent::Message {
+                        group,
+                        seq,
+                        sender,
+                        body: plaintext,
+                    }),
+                    Ok(Event::Commit {
+                        epoch,
+                        added,
+                        removed,
+                        we_were_removed,
+                        ..
+                    }) => on_event(if we_were_removed {
+                        ChatEvent::Removed { group, seq }
                     } else {
-                        on_event(ChatEvent::Epoch {
-                            group: name,
-                            seq: entry.seq,
+                        ChatEvent::Epoch {
+                            group,
+                            seq,
                             epoch,
                             added,
                             removed,
-                        });
-                    }
+                        }
+                    }),
+                    Ok(_) => {}
+                    // Our own commit echoed after we merged it, or an entry from before we joined.
+                    Err(e) if e.is_stale() => {}
+                    // A message we cannot process must not block the log: reported, skipped.
+                    Err(_) => on_event(ChatEvent::Unreadable { group, seq }),
                 }
-                Ok(_) => {}
-                // Our own commit echoed after we merged it, or an entry from before we joined.
-                Err(e) if e.is_stale() => {}
-                // A message we cannot process must not block the log: it is reported, skipped.
-                Err(_) => on_event(ChatEvent::Unreadable {
-                    group: name,
-                    seq: entry.seq,
-                }),
             }
-        }
-        if let Some(meta) = self.state.groups.get_mut(id) {
-            meta.cursor = entry.seq;
+            if let Some(meta) = self.state.groups.get_mut(id) {
+                meta.cursor = entry.seq;
+            }
         }
         Ok(())
     }
@@ -416,9 +426,7 @@ impl<'a> Chat<'a> {
             if entries.is_empty() {
                 return Ok(());
             }
-            for entry in &entries {
-                self.apply(id, entry, on_event)?;
-            }
+            self.apply_batch(id, &entries, on_event)?;
             self.save()?;
             let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
             self.session.delivery.acknowledge(id, cursor).await?;

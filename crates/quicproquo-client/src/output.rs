@@ -192,9 +192,7 @@ pub(crate) async fn follow_live(
                 chat.join(&mut |e| events.push(e)).await?;
             }
             Some(Pushed::Group(id, batch)) => {
-                for entry in &batch {
-                    chat.apply(&id, entry, &mut |e| events.push(e))?;
-                }
+                chat.apply_batch(&id, &batch, &mut |e| events.push(e))?;
                 state.save(path)?;
                 if let Some(meta) = state.groups.get(&id) {
                     session.delivery.acknowledge(&id, meta.cursor).await?;
