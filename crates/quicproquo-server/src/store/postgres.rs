@@ -54,6 +54,13 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
 const MIGRATION_LOCK: i64 = 0x7170_712d_6d69_6772;
+/// Settings of every pooled session. Every statement the store runs is a keyed lookup, insert
+/// or update, so a sequential scan is never the right plan at scale; but a prepared statement's
+/// generic plan is cached per connection, and one cached while a table was small (a new
+/// cluster's tables are empty) would keep scanning the whole table after it grew, until an
+/// autoanalyze invalidates it. Discouraging sequential scans keeps every cached plan on its
+/// index.
+const SESSION_OPTIONS: &str = "-c enable_seqscan=off";
 /// Longest wait for a new connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a free connection from the pool.
@@ -167,7 +174,12 @@ impl PgStore {
     }
 
     fn pool_only(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let config = parse_url(database_url)?;
+        let mut config = parse_url(database_url)?;
+        let options = match config.get_options().map(str::trim) {
+            Some(given) if !given.is_empty() => format!("{given} {SESSION_OPTIONS}"),
+            _ => SESSION_OPTIONS.to_owned(),
+        };
+        config.options(options);
         let manager = Manager::from_connect(
             config,
             IoThreadConnect::start()?,

@@ -407,27 +407,42 @@ mod sql {
         ORDER BY group_id
         FOR UPDATE";
 
+    /// The memberships named by `($1[i], $2[i])`. The `LIMIT` keeps the planner from turning
+    /// the lateral lookup into a join (which, with a plan cached while the table was small,
+    /// could become a scan of the whole table): each lookup is one primary-key probe.
     pub(super) const READ_MEMBERS: &str = "
-        SELECT m.group_id, m.identity, m.joined_seq, m.left_seq
+        SELECT k.group_id, k.identity, m.joined_seq, m.left_seq
         FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, identity)
-        JOIN members AS m ON m.group_id = k.group_id AND m.identity = k.identity";
+        CROSS JOIN LATERAL (
+            SELECT joined_seq, left_seq FROM members
+            WHERE group_id = k.group_id AND identity = k.identity
+            LIMIT 1
+        ) AS m";
 
+    /// The message ids among `($1[i], $2[i])` already in the log: one probe of the unique index
+    /// each, never a scan of the log (see `READ_MEMBERS`).
     pub(super) const READ_MESSAGE_IDS: &str = "
-        SELECT l.group_id, l.message_id, l.seq
+        SELECT k.group_id, k.message_id, l.seq
         FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, message_id)
-        JOIN group_log AS l ON l.group_id = k.group_id AND l.message_id = k.message_id";
+        CROSS JOIN LATERAL (
+            SELECT seq FROM group_log
+            WHERE group_id = k.group_id AND message_id = k.message_id
+            LIMIT 1
+        ) AS l";
 
     pub(super) const INSERT_LOG: &str = "
         INSERT INTO group_log (group_id, seq, epoch, kind, message_id, payload)
         SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::smallint[],
                              $5::bytea[], $6::bytea[])";
 
+    /// The redundant `ANY` gives the groups side an index condition whatever join the
+    /// planner picks.
     pub(super) const UPDATE_GROUPS: &str = "
         UPDATE groups AS g
         SET epoch = u.epoch, last_seq = u.last_seq, last_commit_seq = u.last_commit_seq
         FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
             AS u (group_id, epoch, last_seq, last_commit_seq)
-        WHERE g.group_id = u.group_id";
+        WHERE g.group_id = u.group_id AND g.group_id = ANY($1::bytea[])";
 
     /// Writes the final state of every membership the batch changed (each key once).
     pub(super) const UPSERT_MEMBERS: &str = "
