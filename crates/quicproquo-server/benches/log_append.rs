@@ -178,7 +178,11 @@ async fn start_cluster(url: &str, settings: &Settings) -> Result<Cluster> {
     let (mut shards, mut appenders) = (Vec::new(), Vec::new());
     for _ in 0..settings.shards {
         let store = AnyStore::Postgres(PgStore::connect(url, 2).await?);
-        let (shard, appender) = Shard::start(store, stop.clone())?;
+        let (shard, appender) = Shard::start(
+            store,
+            quicproquo_server::config::DEFAULT_MAX_MESSAGE_BYTES,
+            stop.clone(),
+        )?;
         shards.push(shard);
         appenders.push(appender);
     }
