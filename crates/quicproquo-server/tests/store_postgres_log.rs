@@ -13,11 +13,11 @@ use quicproquo_server::store::log::{AppendOutcome, EntryKind, GroupId, LogStore}
 use quicproquo_server::store::postgres::{PgStore, migrate};
 use quicproquo_testkit::conformance::identity;
 use quicproquo_testkit::log_conformance::{app, commit};
-use quicproquo_testkit::postgres::fresh_database;
+use quicproquo_testkit::postgres::{TestDatabase, fresh_database};
 
 const GROUPS: usize = 4;
 
-async fn two_stores() -> Result<(PgStore, PgStore, IdentityKey, Vec<GroupId>)> {
+async fn two_stores() -> Result<(PgStore, PgStore, IdentityKey, Vec<GroupId>, TestDatabase)> {
     let db = fresh_database().await?;
     migrate(db.url()).await?;
     let (a, b) = (
@@ -32,7 +32,7 @@ async fn two_stores() -> Result<(PgStore, PgStore, IdentityKey, Vec<GroupId>)> {
         a.create_group(&group, &alice).await?;
         groups.push(group);
     }
-    Ok((a, b, alice, groups))
+    Ok((a, b, alice, groups, db))
 }
 
 /// Batches from two stores naming the same groups in opposite orders, with commits racing for
@@ -41,7 +41,7 @@ async fn two_stores() -> Result<(PgStore, PgStore, IdentityKey, Vec<GroupId>)> {
 async fn two_shards_on_the_same_groups_keep_order_and_one_commit_per_epoch() -> Result<()> {
     const WRITERS_PER_STORE: usize = 3;
     const ROUNDS: usize = 15;
-    let (a, b, alice, groups) = two_stores().await?;
+    let (a, b, alice, groups, _db) = two_stores().await?;
     let groups = Arc::new(groups);
     let mut tasks = Vec::new();
     for (s, store) in [a.clone(), b].into_iter().enumerate() {
@@ -138,7 +138,7 @@ async fn two_shards_on_the_same_groups_keep_order_and_one_commit_per_epoch() -> 
 async fn readers_never_see_a_later_entry_first() -> Result<()> {
     const PER_WRITER: usize = 60;
     const WRITERS: usize = 4;
-    let (a, b, alice, groups) = two_stores().await?;
+    let (a, b, alice, groups, _db) = two_stores().await?;
     let group = groups[0].clone();
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -183,5 +183,80 @@ async fn readers_never_see_a_later_entry_first() -> Result<()> {
     done.store(true, Ordering::Release);
     let read = reader.await??;
     ensure!(read == (WRITERS * PER_WRITER) as u64, "read up to {read}");
+    Ok(())
+}
+
+async fn admin(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// An append whose caller gives up while its transaction is open (it has sent `BEGIN` and the
+/// group lock, and waits for the lock) must not leave that transaction open on a pooled
+/// connection, where it would keep the group locked: the group stays writable by every store,
+/// and nothing of the abandoned batch is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_append_releases_its_locks_and_commits_nothing() -> Result<()> {
+    let (a, b, alice, groups, db) = two_stores().await?;
+    let group = groups[0].clone();
+    a.append(&[app(&group, alice, 0, "warm")]).await?;
+
+    // Hold the group's row lock elsewhere, so the append stops inside its transaction.
+    let holder = admin(db.url()).await?;
+    holder.batch_execute("BEGIN").await?;
+    holder
+        .execute(
+            "SELECT 1 FROM groups WHERE group_id = $1 FOR UPDATE",
+            &[&group.as_bytes()],
+        )
+        .await?;
+    let abandoned = {
+        let (a, group) = (a.clone(), group.clone());
+        tokio::spawn(async move { a.append(&[app(&group, alice, 0, "abandoned")]).await })
+    };
+    let watcher = admin(db.url()).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        if waiting > 0 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the append never waited for the group lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    abandoned.abort();
+    ensure!(abandoned.await.is_err_and(|e| e.is_cancelled()));
+    holder.batch_execute("COMMIT").await?;
+
+    for (name, store) in [("after-b", &b), ("after-a", &a)] {
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            store.append(&[app(&group, alice, 0, name)]),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the group stayed locked ({name})"))??;
+        ensure!(
+            matches!(out[..], [AppendOutcome::Appended { .. }]),
+            "{out:?}"
+        );
+    }
+    let ids: Vec<String> = b
+        .read_log(&group, &alice, 0, 10)
+        .await?
+        .into_iter()
+        .map(|e| String::from_utf8_lossy(&e.message_id).into_owned())
+        .collect();
+    ensure!(ids == ["warm", "after-b", "after-a"], "{ids:?}");
     Ok(())
 }

@@ -170,11 +170,12 @@ async fn appender(
                 Err(_) => break,
             }
         }
-        let requests: Vec<AppendRequest> = batch.iter().map(|(r, _)| r.clone()).collect();
+        // Moved, not cloned: after the append each request becomes its published entry.
+        let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
         match store.append(&requests).await {
             Ok(outcomes) => {
                 let now = crate::store::embedded::now_micros();
-                for ((req, reply), outcome) in batch.drain(..).zip(outcomes) {
+                for ((req, reply), outcome) in requests.into_iter().zip(replies).zip(outcomes) {
                     if let AppendOutcome::Appended { seq, .. } = outcome {
                         if let Some(change) = &req.commit
                             && change.welcome.is_some()
@@ -199,8 +200,8 @@ async fn appender(
                 }
             }
             Err(e) => {
-                warn!(error = %e, size = batch.len(), "append batch failed");
-                for (_, reply) in batch.drain(..) {
+                warn!(error = %e, size = replies.len(), "append batch failed");
+                for reply in replies {
                     let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
             }

@@ -9,38 +9,41 @@ use tokio_postgres::NoTls;
 use super::StoreError;
 use super::postgres::describe;
 
-/// Opens connections whose sockets (and timers) belong to a runtime of the store's own: the
-/// `qpq-pg-io` thread. Callers on other runtimes talk to a connection through channels only.
+/// Opens connections whose sockets (and timers) belong to a runtime of the store's own: a
+/// current-thread runtime driven by the `qpq-pg-io` thread. Callers on other runtimes talk to a
+/// connection through channels only.
 pub(super) struct IoThreadConnect {
     handle: tokio::runtime::Handle,
-    /// `Some` until dropped; shut down in the background, as the pool may be dropped inside an
-    /// async context, where a blocking shutdown is not allowed.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Dropped with the pool: the thread then leaves `block_on` and drops its runtime, with
+    /// every connection task on it (closing their sockets).
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl IoThreadConnect {
     /// Starts the `qpq-pg-io` thread.
     pub(super) fn start() -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("qpq-pg-io")
+        let failed = |e: std::io::Error| {
+            StoreError::Unavailable(format!("starting the database I/O thread: {e}"))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| {
-                StoreError::Unavailable(format!("starting the database I/O thread: {e}"))
-            })?;
+            .map_err(failed)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("qpq-pg-io".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    // Err once the sender is dropped: that is the signal.
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(failed)?;
         Ok(Self {
-            handle: runtime.handle().clone(),
-            runtime: Some(runtime),
+            handle,
+            _stop: stop,
         })
-    }
-}
-
-impl Drop for IoThreadConnect {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 

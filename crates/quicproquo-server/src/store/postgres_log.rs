@@ -2,17 +2,19 @@
 //! tables in `sql/0002_delivery.sql`). It behaves exactly like the embedded store; the shared
 //! conformance suite checks both.
 //!
-//! An append batch is one transaction of four round trips, however many requests it holds:
-//! 1. `BEGIN`;
-//! 2. pipelined: lock the batch's groups rows in `group_id` order (`FOR UPDATE`) and read their
+//! An append batch is one transaction of two round trips, however many requests it holds
+//! (statements are pipelined: each is sent without waiting for the one before):
+//! 1. `BEGIN`; lock the batch's groups rows in `group_id` order (`FOR UPDATE`) and read their
 //!    state; read the memberships the batch depends on and the message ids it may repeat;
-//! 3. decide every request on its own, in batch order, against that state (in memory: the
-//!    [`plan`](super::postgres_plan) is the embedded store's row-by-row logic), then pipelined:
-//!    insert the log rows, update the groups rows, upsert the changed memberships, store each
-//!    Welcome once and append the inbox rows;
-//! 4. `COMMIT`.
+//! 2. then, having decided every request on its own, in batch order, against that state (in
+//!    memory: [`Plan::decide`] is the embedded store's row-by-row logic): insert the log rows,
+//!    update the groups rows, upsert the changed memberships, store each Welcome once and
+//!    append the inbox rows; `COMMIT`.
 //!
-//! Why this keeps the rules when several shards write the same group: every read in step 2
+//! If anything fails, or the caller gives up midway, the connection is closed rather than
+//! returned to the pool, and the server rolls the transaction back.
+//!
+//! Why this keeps the rules when several shards write the same group: every read in step 1
 //! happens after the group row locks are held (the server runs pipelined statements in order,
 //! each with a fresh snapshot), and the locks are held until commit. So a group's sequence
 //! numbers are taken under its row lock and become visible in order, a commit for epoch E
@@ -67,6 +69,34 @@ fn identity_of(bytes: &[u8]) -> Result<IdentityKey, StoreError> {
     IdentityKey::from_slice(bytes).map_err(|_| StoreError::Corrupt("stored identity".into()))
 }
 
+/// A transaction begun and ended by statements pipelined with its work rather than round
+/// trips of their own. Unless [`finished`](Self::finished) after its `COMMIT` succeeded,
+/// dropping it (an error, or the caller giving up) takes the connection out of the pool and
+/// closes it, so the server rolls the transaction back and releases its locks, and no later
+/// caller is handed a connection in the middle of a transaction.
+struct PipelinedTx(Option<deadpool_postgres::Client>);
+
+impl PipelinedTx {
+    fn client(&self) -> Result<&deadpool_postgres::Client, StoreError> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the transaction's connection is gone".into()))
+    }
+
+    /// The transaction ended cleanly: the connection goes back to the pool.
+    fn finished(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for PipelinedTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 impl PgStore {
     /// Runs one prepared statement (one round trip, one implicit transaction).
     async fn log_query(
@@ -87,7 +117,8 @@ impl PgStore {
         batch: &[AppendRequest],
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let keys = BatchKeys::of(batch);
-        let mut client = self.client().await?;
+        let tx = PipelinedTx(Some(self.client().await?));
+        let client = tx.client()?;
         let (lock, members, message_ids, insert_log, update_groups, upsert_members, inbox) =
             tokio::try_join!(
                 client.prepare_cached(sql::LOCK_GROUPS),
@@ -100,20 +131,20 @@ impl PgStore {
             )
             .map_err(|e| db_error(&e))?;
 
-        // Dropping the transaction before `commit` (an error, or the caller giving up) rolls
-        // it back.
-        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
+        // Round trip 1: BEGIN, then lock and read (each request is sent when first polled,
+        // so they go out in this order and the server runs them in this order).
         let lock_params: [&(dyn ToSql + Sync); 1] = [&keys.groups];
         let member_params: [&(dyn ToSql + Sync); 2] =
             [&keys.member_groups, &keys.member_identities];
         let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
         let (locked, member_rows, id_rows) = match tokio::join!(
-            tx.query(&lock, &lock_params),
-            tx.query(&members, &member_params),
-            tx.query(&message_ids, &id_params),
+            client.batch_execute("BEGIN"),
+            client.query(&lock, &lock_params),
+            client.query(&members, &member_params),
+            client.query(&message_ids, &id_params),
         ) {
-            (Ok(l), Ok(m), Ok(i)) => (l, m, i),
-            (l, m, i) => return Err(pipeline_error([l.err(), m.err(), i.err()])),
+            (Ok(()), Ok(l), Ok(m), Ok(i)) => (l, m, i),
+            (b, l, m, i) => return Err(pipeline_error([b.err(), l.err(), m.err(), i.err()])),
         };
 
         let mut state = State::new(&keys);
@@ -148,64 +179,82 @@ impl PgStore {
                 return Ok(0);
             }
             let l = &plan.log;
-            tx.execute(
-                &insert_log,
-                &[
-                    &l.groups,
-                    &l.seqs,
-                    &l.epochs,
-                    &l.kinds,
-                    &l.message_ids,
-                    &l.payloads,
-                ],
-            )
-            .await
+            client
+                .execute(
+                    &insert_log,
+                    &[
+                        &l.groups,
+                        &l.seqs,
+                        &l.epochs,
+                        &l.kinds,
+                        &l.message_ids,
+                        &l.payloads,
+                    ],
+                )
+                .await
         };
         let groups = async {
             if plan.groups.groups.is_empty() {
                 return Ok(0);
             }
             let g = &plan.groups;
-            tx.execute(
-                &update_groups,
-                &[&g.groups, &g.epochs, &g.last_seqs, &g.last_commit_seqs],
-            )
-            .await
+            client
+                .execute(
+                    &update_groups,
+                    &[&g.groups, &g.epochs, &g.last_seqs, &g.last_commit_seqs],
+                )
+                .await
         };
         let members = async {
             if plan.members.groups.is_empty() {
                 return Ok(0);
             }
             let m = &plan.members;
-            tx.execute(
-                &upsert_members,
-                &[&m.groups, &m.identities, &m.joined, &m.left],
-            )
-            .await
+            client
+                .execute(
+                    &upsert_members,
+                    &[&m.groups, &m.identities, &m.joined, &m.left],
+                )
+                .await
         };
         let welcomes = async {
             if plan.welcomes.groups.is_empty() {
                 return Ok(0);
             }
             let (w, i) = (&plan.welcomes, &plan.inbox);
-            tx.execute(
-                &inbox,
-                &[
-                    &w.groups,
-                    &w.commit_seqs,
-                    &w.payloads,
-                    &i.identities,
-                    &i.groups,
-                    &i.commit_seqs,
-                ],
-            )
-            .await
+            client
+                .execute(
+                    &inbox,
+                    &[
+                        &w.groups,
+                        &w.commit_seqs,
+                        &w.payloads,
+                        &i.identities,
+                        &i.groups,
+                        &i.commit_seqs,
+                    ],
+                )
+                .await
         };
-        let (l, g, m, w) = tokio::join!(log, groups, members, welcomes);
-        if l.is_err() || g.is_err() || m.is_err() || w.is_err() {
-            return Err(pipeline_error([l.err(), g.err(), m.err(), w.err()]));
+        // Round trip 2: the writes, then COMMIT (which the server turns into a rollback if
+        // any write failed).
+        let (l, g, m, w, c) = tokio::join!(
+            log,
+            groups,
+            members,
+            welcomes,
+            client.batch_execute("COMMIT")
+        );
+        if l.is_err() || g.is_err() || m.is_err() || w.is_err() || c.is_err() {
+            return Err(pipeline_error([
+                l.err(),
+                g.err(),
+                m.err(),
+                w.err(),
+                c.err(),
+            ]));
         }
-        tx.commit().await.map_err(|e| db_error(&e))?;
+        tx.finished();
         Ok(plan.outcomes)
     }
 }

@@ -4,6 +4,7 @@
 //! seeing the effects of the ones before it. The result is the outcomes plus the rows to write,
 //! as column arrays for `unnest`.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use super::StoreError;
@@ -85,8 +86,8 @@ pub(super) struct State<'a> {
     /// By group index; `None`: no such group.
     groups: Vec<Option<GroupState>>,
     members: HashMap<(usize, Identity), Membership>,
-    /// By group index: message id → seq.
-    message_ids: Vec<HashMap<Vec<u8>, u64>>,
+    /// By group index: message id → seq (stored ones copied, the batch's borrowed).
+    message_ids: Vec<HashMap<Cow<'a, [u8]>, u64>>,
 }
 
 impl<'a> State<'a> {
@@ -139,7 +140,7 @@ impl<'a> State<'a> {
     /// Records a stored message id.
     pub(super) fn set_message_id(&mut self, group: &[u8], message_id: &[u8], seq: u64) {
         if let Some(&g) = self.index.get(group) {
-            self.message_ids[g].insert(message_id.to_vec(), seq);
+            self.message_ids[g].insert(Cow::Owned(message_id.to_vec()), seq);
         }
     }
 }
@@ -255,7 +256,7 @@ impl<'a> Plan<'a> {
             plan.log.kinds.push(i16::from(req.kind.code()));
             plan.log.message_ids.push(&req.message_id);
             plan.log.payloads.push(&req.payload);
-            state.message_ids[g].insert(req.message_id.clone(), seq);
+            state.message_ids[g].insert(Cow::Borrowed(&req.message_id), seq);
             gs.last_seq = seq;
             gs.changed = true;
             if req.kind == EntryKind::Commit {
