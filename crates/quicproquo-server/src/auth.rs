@@ -136,6 +136,19 @@ pub(crate) fn store_error(e: StoreError) -> capnp::Error {
     }
 }
 
+/// Parses a list of at most [`MAX_FETCH`] identity keys.
+fn identity_list(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
+    if list.len() as usize > MAX_FETCH {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!("at most {MAX_FETCH} identities per call"),
+        ));
+    }
+    list.iter()
+        .map(|id| IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e)))
+        .collect()
+}
+
 fn key_package_error(e: &MlsError) -> capnp::Error {
     error(ErrorCode::BadKeyPackage, e)
 }
@@ -220,19 +233,7 @@ impl authentication_service::Server for AuthService {
         mut results: authentication_service::FetchKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
-        let list = params.get()?.get_identities()?;
-        if list.len() as usize > MAX_FETCH {
-            return Err(error(
-                ErrorCode::InvalidArgument,
-                format!("at most {MAX_FETCH} identities per fetch"),
-            ));
-        }
-        let mut targets = Vec::with_capacity(list.len() as usize);
-        for id in list.iter() {
-            let id =
-                IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
-            targets.push(id);
-        }
+        let targets = identity_list(params.get()?.get_identities()?)?;
         if !self.ctx.limiter.admit(self.identity, &targets) {
             return Err(error(
                 ErrorCode::RateLimited,
@@ -331,17 +332,9 @@ impl authentication_service::Server for AuthService {
         mut results: authentication_service::NamesOfResults,
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
-        let list = params.get()?.get_identities()?;
-        if list.len() as usize > MAX_FETCH {
-            return Err(error(
-                ErrorCode::InvalidArgument,
-                format!("at most {MAX_FETCH} identities per call"),
-            ));
-        }
-        let mut names = Vec::with_capacity(list.len() as usize);
-        for id in list.iter() {
-            let id =
-                IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+        let ids = identity_list(params.get()?.get_identities()?)?;
+        let mut names = Vec::with_capacity(ids.len());
+        for id in ids {
             let name = self.ctx.store.name_of(&id).await.map_err(store_error)?;
             names.push(name.map(|n| n.to_string()).unwrap_or_default());
         }
