@@ -1,0 +1,198 @@
+//! Tests of configuration layering and validation.
+use super::*;
+
+fn file(text: &str) -> Result<FileConfig, ConfigError> {
+    FileConfig::parse(text, Path::new("test.toml"))
+}
+
+#[test]
+fn layers_defaults_file_and_overrides() -> Result<(), ConfigError> {
+    let f = file("listen = \"127.0.0.1:9100\"\nworkers = 3\nhandshake_timeout = \"2s\"\n")?;
+    let o = Overrides {
+        workers: Some(5),
+        ..Overrides::default()
+    };
+    let c = ServerConfig::resolve(NodeRole::Standalone, f, o)?;
+    assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9100)));
+    assert_eq!(c.workers, 5, "override beats file");
+    assert_eq!(
+        c.handshake_timeout,
+        Duration::from_secs(2),
+        "file beats default"
+    );
+    assert_eq!(c.max_frame_bytes, 16 * 1024 * 1024, "default");
+    Ok(())
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_rejected() {
+    let err = file("listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("listen_adress"), "{err}");
+    assert!(file("workers = \"two\"").is_err());
+
+    let bad = |o: Overrides| ServerConfig::resolve(NodeRole::Edge, FileConfig::default(), o);
+    assert!(matches!(
+        bad(Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        }),
+        Err(ConfigError::Invalid { key: "workers", .. })
+    ));
+    assert!(matches!(
+        bad(Overrides {
+            max_frame_bytes: Some(1000),
+            ..Overrides::default()
+        }),
+        Err(ConfigError::Invalid {
+            key: "max_frame_bytes",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(Overrides {
+            handshake_timeout: Some("10".into()),
+            ..Overrides::default()
+        }),
+        Err(ConfigError::Invalid {
+            key: "handshake_timeout",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(Overrides {
+            listen: Some("not an address".into()),
+            ..Overrides::default()
+        }),
+        Err(ConfigError::Invalid { key: "listen", .. })
+    ));
+    assert!(matches!(
+        bad(Overrides {
+            max_connections: Some(10),
+            max_handshakes: Some(11),
+            ..Overrides::default()
+        }),
+        Err(ConfigError::Invalid {
+            key: "max_handshakes",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn key_package_settings_layer_and_validate() -> Result<(), ConfigError> {
+    let f = file("key_package_suites = [\"hybrid\"]\nkey_package_fetch_limit = 5\n")?;
+    let c = ServerConfig::resolve(NodeRole::Standalone, f, Overrides::default())?;
+    assert_eq!(c.auth.suites, vec![Suite::Hybrid]);
+    assert_eq!(c.auth.fetch_limit_per_minute, 5);
+    assert_eq!(c.auth.low_watermark, 10);
+    let bad = file("key_package_suites = [\"quantum\"]\n")?;
+    assert!(matches!(
+        ServerConfig::resolve(NodeRole::Standalone, bad, Overrides::default()),
+        Err(ConfigError::Invalid {
+            key: "key_package_suites",
+            ..
+        })
+    ));
+    Ok(())
+}
+
+#[test]
+fn database_url_layers_and_is_checked() -> Result<(), ConfigError> {
+    let c = ServerConfig::resolve(
+        NodeRole::Shard,
+        file("database_url = \"postgres://qpq@db/file\"\n")?,
+        Overrides::default(),
+    )?;
+    assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/file"));
+    let o = Overrides {
+        database_url: Some("postgres://qpq@db/flag".into()),
+        ..Overrides::default()
+    };
+    let c = ServerConfig::resolve(
+        NodeRole::Shard,
+        file("database_url = \"postgres://qpq@db/file\"\n")?,
+        o,
+    )?;
+    assert_eq!(c.database_url.as_deref(), Some("postgres://qpq@db/flag"));
+    assert!(
+        ServerConfig::for_role(NodeRole::Edge, PathBuf::new())
+            .database_url
+            .is_none()
+    );
+
+    let bad = ServerConfig::resolve(
+        NodeRole::Shard,
+        FileConfig::default(),
+        Overrides {
+            database_url: Some("postgres://u:hunter2@db:notaport/x".into()),
+            ..Overrides::default()
+        },
+    );
+    let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("database_url"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn edge_and_shard_need_a_database() -> Result<(), ConfigError> {
+    for role in [NodeRole::Edge, NodeRole::Shard] {
+        let err = ServerConfig::resolve(role, FileConfig::default(), Overrides::default());
+        let Err(ConfigError::Invalid {
+            key: "database_url",
+            message,
+        }) = err
+        else {
+            panic!("{role}: expected a database_url error, got {err:?}");
+        };
+        assert!(message.contains("standalone"), "{message}");
+        let with_db = Overrides {
+            database_url: Some("postgres://qpq@db/qpq".into()),
+            ..Overrides::default()
+        };
+        ServerConfig::resolve(role, FileConfig::default(), with_db)?;
+    }
+    let standalone = ServerConfig::resolve(
+        NodeRole::Standalone,
+        FileConfig::default(),
+        Overrides::default(),
+    )?;
+    assert!(standalone.database_url.is_none());
+    Ok(())
+}
+
+#[test]
+fn database_passwords_are_masked() {
+    assert_eq!(
+        redact_database_url("postgres://qpq:s3cret@db:5432/qpq?sslmode=disable"),
+        "postgres://qpq:***@db:5432/qpq?sslmode=disable"
+    );
+    assert_eq!(
+        redact_database_url("postgres://qpq@db/qpq"),
+        "postgres://qpq@db/qpq"
+    );
+    assert_eq!(
+        redact_database_url("host=db user=qpq password=s3cret"),
+        "host=db user=qpq password=***"
+    );
+    let mut c = ServerConfig::for_role(NodeRole::Shard, PathBuf::new());
+    c.database_url = Some("postgres://qpq:s3cret@db/qpq".into());
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert!(parse_duration("5 parsecs").is_err());
+    assert!(parse_duration("").is_err());
+}
+
+#[test]
+fn unknown_env_vars_are_found() {
+    let vars = ["QPQ_LISTEN", "QPQ_LISTN", "HOME"].map(String::from);
+    assert_eq!(unknown_env_vars(vars.into_iter()), vec!["QPQ_LISTN"]);
+}
