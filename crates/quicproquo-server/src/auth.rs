@@ -136,6 +136,14 @@ pub(crate) fn store_error(e: StoreError) -> capnp::Error {
     }
 }
 
+/// Parses and normalises a user name sent by a client.
+fn user_name(text: capnp::text::Reader<'_>) -> Result<UserName, capnp::Error> {
+    let raw = text
+        .to_str()
+        .map_err(|_| error(ErrorCode::InvalidName, "user name is not UTF-8"))?;
+    UserName::parse(raw).map_err(store_error)
+}
+
 /// Parses a list of at most [`MAX_FETCH`] identity keys.
 fn identity_list(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
     if list.len() as usize > MAX_FETCH {
@@ -283,12 +291,7 @@ impl authentication_service::Server for AuthService {
         _results: authentication_service::ClaimNameResults,
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
-        let raw = params
-            .get()?
-            .get_name()?
-            .to_str()
-            .map_err(|_| error(ErrorCode::InvalidName, "user name is not UTF-8"))?;
-        let name = UserName::parse(raw).map_err(store_error)?;
+        let name = user_name(params.get()?.get_name()?)?;
         self.ctx
             .store
             .claim_name(&self.identity, &name)
@@ -302,12 +305,7 @@ impl authentication_service::Server for AuthService {
         mut results: authentication_service::ResolveNameResults,
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
-        let raw = params
-            .get()?
-            .get_name()?
-            .to_str()
-            .map_err(|_| error(ErrorCode::InvalidName, "user name is not UTF-8"))?;
-        let name = UserName::parse(raw).map_err(store_error)?;
+        let name = user_name(params.get()?.get_name()?)?;
         match self
             .ctx
             .store
