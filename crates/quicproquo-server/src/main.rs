@@ -1,7 +1,10 @@
 //! `qpq-server`: runs a quicproquo node (standalone, edge or shard), or manages its keys and
 //! the cluster database's schema.
 
+mod cli;
+
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -38,6 +41,38 @@ enum Command {
         #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Show the cluster's shard ring: its version, the live shards and (with --group) the
+    /// shard that owns a group.
+    Ring {
+        /// The cluster database.
+        #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// A group id (hex) whose owner to show.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Run a local cluster on loopback: migrate, then start the shards and edges as child
+    /// processes, print their addresses, and stop them all on ctrl-c or SIGTERM.
+    DevCluster {
+        /// The cluster database.
+        #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Edge processes.
+        #[arg(long, default_value_t = 2)]
+        edges: usize,
+        /// Shard processes.
+        #[arg(long, default_value_t = 3)]
+        shards: usize,
+        /// Directory for the cluster key and each node's data directory.
+        #[arg(long, default_value = "qpq-dev-cluster")]
+        data_dir: PathBuf,
+        /// Loopback address the nodes listen on (port 0 each).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Shard lease length.
+        #[arg(long, default_value = "5s")]
+        lease_ttl: String,
+    },
     /// Apply the PostgreSQL migrations the cluster database lacks, and print what was applied.
     /// Safe to run from several replicas at once.
     Migrate {
@@ -66,16 +101,16 @@ fn init_logging() {
 ///
 /// Installed before the server announces itself, so a signal sent right after the
 /// "listening" line is never lost to the default action.
-fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> Result<Pin<Box<dyn Future<Output = ()>>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
+    Ok(Box::pin(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-    })
+    }))
 }
 
 fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
@@ -149,6 +184,25 @@ fn run(cli: Cli) -> Result<()> {
             database_url,
             config,
         } => migrate(database_url, config),
+        Command::Ring {
+            database_url,
+            group,
+        } => cli::ring(&database_url, group.as_deref()),
+        Command::DevCluster {
+            database_url,
+            edges,
+            shards,
+            data_dir,
+            host,
+            lease_ttl,
+        } => cli::dev_cluster::run(&cli::dev_cluster::Plan {
+            database_url,
+            edges,
+            shards,
+            base_dir: data_dir,
+            host,
+            lease_ttl,
+        }),
     }
 }
 

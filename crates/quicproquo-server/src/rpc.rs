@@ -7,14 +7,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use quicproquo_core::{IdentityKey, NodeRole};
 use quicproquo_proto::auth_capnp::authentication_service;
-use quicproquo_proto::bootstrap_capnp::bootstrap;
+use quicproquo_proto::bootstrap_capnp::{bootstrap, session_events};
 use quicproquo_proto::common_capnp;
 use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
 use tokio::sync::Notify;
 
 use crate::auth::{AuthContext, AuthService, store_error};
+use crate::cluster::service::ShardServiceImpl;
 use crate::delivery::DeliveryService;
+use crate::delivery::backend::Backend;
 use crate::delivery::shard::Shard;
 use crate::store::Store;
 
@@ -60,6 +62,25 @@ impl Drop for InFlightGuard {
 pub(crate) struct SessionInfo {
     pub(crate) handshake_hash: [u8; 32],
     pub(crate) client_static: [u8; 32],
+    /// The role a valid cluster certificate vouches for, when the peer is a node.
+    pub(crate) peer_node: Option<NodeRole>,
+}
+
+/// Where a connection keeps the client's `SessionEvents` capability, to warn it of a drain.
+#[derive(Clone, Default)]
+pub(crate) struct EventsSlot(Rc<RefCell<Option<session_events::Client>>>);
+
+impl EventsSlot {
+    /// Tells the client (if it asked to be told) that this node is draining. Fire and forget:
+    /// a client that does not answer is closed at the end of the drain anyway.
+    pub(crate) fn draining(&self) {
+        if let Some(events) = self.0.borrow().clone() {
+            let call = events.draining_request().send().promise;
+            tokio::task::spawn_local(async move {
+                let _ = call.await;
+            });
+        }
+    }
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
@@ -67,9 +88,11 @@ pub(crate) struct BootstrapImpl {
     role: NodeRole,
     session: SessionInfo,
     auth: Arc<AuthContext>,
-    shard: Arc<Shard>,
+    backend: Option<Backend>,
+    shard: Option<Arc<Shard>>,
     bound: RefCell<Option<(IdentityKey, Services)>>,
     in_flight: Rc<InFlight>,
+    events: EventsSlot,
 }
 
 /// The capabilities a bound session holds.
@@ -84,16 +107,20 @@ impl BootstrapImpl {
         role: NodeRole,
         session: SessionInfo,
         auth: Arc<AuthContext>,
-        shard: Arc<Shard>,
+        backend: Option<Backend>,
+        shard: Option<Arc<Shard>>,
         in_flight: Rc<InFlight>,
+        events: EventsSlot,
     ) -> Self {
         Self {
             role,
             session,
             auth,
+            backend,
             shard,
             bound: RefCell::new(None),
             in_flight,
+            events,
         }
     }
 }
@@ -132,6 +159,12 @@ impl bootstrap::Server for BootstrapImpl {
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
         let params = params.get()?;
+        let Some(backend) = self.backend.clone() else {
+            return Err(error(
+                ErrorCode::WrongRole,
+                format!("this node is a {}: clients connect to an edge", self.role),
+            ));
+        };
         let identity = IdentityKey::from_slice(params.get_identity_key()?)
             .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
         identity
@@ -174,7 +207,7 @@ impl bootstrap::Server for BootstrapImpl {
                         )),
                         delivery: capnp_rpc::new_client(DeliveryService::new(
                             identity,
-                            Arc::clone(&self.shard),
+                            backend,
                             Rc::clone(&self.in_flight),
                         )),
                     };
@@ -183,9 +216,38 @@ impl bootstrap::Server for BootstrapImpl {
                 }
             }
         };
+        if params.has_events() {
+            *self.events.0.borrow_mut() = Some(params.get_events()?);
+        }
         let mut out = results.get();
         out.set_auth(services.auth);
         out.set_delivery(services.delivery);
+        Ok(())
+    }
+
+    async fn cluster(
+        self: Rc<Self>,
+        _: bootstrap::ClusterParams,
+        mut results: bootstrap::ClusterResults,
+    ) -> Result<(), capnp::Error> {
+        if self.session.peer_node.is_none() {
+            return Err(error(
+                ErrorCode::NotANode,
+                "only cluster nodes may use the internal interface",
+            ));
+        }
+        let Some(shard) = self.shard.clone() else {
+            return Err(error(
+                ErrorCode::WrongRole,
+                format!("this node is a {}, not a shard", self.role),
+            ));
+        };
+        results
+            .get()
+            .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
+                shard,
+                Rc::clone(&self.in_flight),
+            )));
         Ok(())
     }
 }

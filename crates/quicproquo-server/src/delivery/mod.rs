@@ -1,15 +1,17 @@
-//! The Delivery Service as served to a bound connection (the edge side), forwarding to the
-//! [`shard::Shard`] that orders and stores group logs.
+//! The Delivery Service as served to a bound connection (the edge side), forwarding the calls
+//! that order a log to its [`backend::Backend`]: this process's own [`shard::Shard`], or the
+//! group's owner shard in the cluster.
 //!
 //! The service never decrypts anything: it reads a message's kind, group and epoch from the
 //! public MLS framing, checks the caller's membership through the store, and stores the
 //! opaque bytes. Every method acts for the bound identity only.
 
+pub mod backend;
+pub mod hub;
 pub mod shard;
-mod subscribe;
+pub(crate) mod subscribe;
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{MessageKind, inspect};
@@ -24,7 +26,7 @@ use crate::store::log::{
     AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore,
     MAX_MESSAGE_ID,
 };
-use shard::Shard;
+use backend::Backend;
 
 /// Most entries or Welcomes returned by one fetch.
 pub const MAX_FETCH: u32 = 1000;
@@ -74,15 +76,15 @@ pub(crate) fn write_envelope(mut out: envelope::Builder<'_>, group: &GroupId, en
 /// The Delivery Service of one bound connection.
 pub(crate) struct DeliveryService {
     identity: IdentityKey,
-    shard: Arc<Shard>,
+    backend: Backend,
     in_flight: Rc<InFlight>,
 }
 
 impl DeliveryService {
-    pub(crate) fn new(identity: IdentityKey, shard: Arc<Shard>, in_flight: Rc<InFlight>) -> Self {
+    pub(crate) fn new(identity: IdentityKey, backend: Backend, in_flight: Rc<InFlight>) -> Self {
         Self {
             identity,
-            shard,
+            backend,
             in_flight,
         }
     }
@@ -106,7 +108,7 @@ impl DeliveryService {
         } else {
             0
         };
-        let max = self.shard.max_message_bytes();
+        let max = self.backend.max_message_bytes();
         if payload.len() + welcome_len > max {
             return Err(error(
                 ErrorCode::TooLarge,
@@ -178,11 +180,7 @@ impl delivery_service::Server for DeliveryService {
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
         let group = group_id(params.get()?.get_group_id()?)?;
-        self.shard
-            .store()
-            .create_group(&group, &self.identity)
-            .await
-            .map_err(log_error)
+        self.backend.create_group(&group, &self.identity).await
     }
 
     async fn send(
@@ -192,7 +190,7 @@ impl delivery_service::Server for DeliveryService {
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
         let req = self.request(params.get()?)?;
-        let outcome = self.shard.append(req).await.map_err(log_error)?;
+        let outcome = self.backend.append(req).await?;
         let mut out = results.get().init_result();
         match outcome {
             AppendOutcome::Appended { seq, epoch } => {
@@ -225,7 +223,7 @@ impl delivery_service::Server for DeliveryService {
         let group = group_id(p.get_group_id()?)?;
         let limit = p.get_limit().clamp(1, MAX_FETCH);
         let entries = self
-            .shard
+            .backend
             .store()
             .read_log(&group, &self.identity, p.get_after_seq(), limit)
             .await
@@ -247,13 +245,13 @@ impl delivery_service::Server for DeliveryService {
         let group = group_id(p.get_group_id()?)?;
         // Only current members may subscribe (a removed member can still fetch the commit
         // that removed it); refuse up front rather than in the background task.
-        self.shard
+        self.backend
             .store()
             .group_summary(&group, &self.identity)
             .await
             .map_err(log_error)?;
         let subscription = subscribe::group(
-            Arc::clone(&self.shard),
+            self.backend.clone(),
             self.identity,
             group,
             p.get_after_seq(),
@@ -271,7 +269,7 @@ impl delivery_service::Server for DeliveryService {
         let _guard = self.in_flight.enter();
         let p = params.get()?;
         let group = group_id(p.get_group_id()?)?;
-        self.shard
+        self.backend
             .store()
             .set_cursor(&self.identity, &group, p.get_seq())
             .await
@@ -284,7 +282,7 @@ impl delivery_service::Server for DeliveryService {
         mut results: delivery_service::GroupsResults,
     ) -> Result<(), capnp::Error> {
         let _guard = self.in_flight.enter();
-        let store = self.shard.store();
+        let store = self.backend.store();
         let ids = store.groups_of(&self.identity).await.map_err(log_error)?;
         let mut summaries = Vec::with_capacity(ids.len());
         for g in &ids {
@@ -319,7 +317,7 @@ impl delivery_service::Server for DeliveryService {
         let p = params.get()?;
         let limit = p.get_limit().clamp(1, MAX_FETCH);
         let welcomes = self
-            .shard
+            .backend
             .store()
             .read_inbox(&self.identity, p.get_after_seq(), limit)
             .await
@@ -339,7 +337,7 @@ impl delivery_service::Server for DeliveryService {
         let _guard = self.in_flight.enter();
         let p = params.get()?;
         let subscription = subscribe::inbox(
-            Arc::clone(&self.shard),
+            self.backend.clone(),
             self.identity,
             p.get_after_seq(),
             p.get_stream()?,

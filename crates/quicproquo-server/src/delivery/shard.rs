@@ -9,70 +9,23 @@
 //! Publishing is an optimisation: subscribers that miss entries (lagging, or a gap after a
 //! restart) read them from the store, which stays the only truth.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use quicproquo_core::IdentityKey;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogEntry, LogStore};
+use super::hub::Hub;
+use crate::store::log::{AppendOutcome, AppendRequest, LogEntry, LogStore};
 use crate::store::{AnyStore, StoreError};
 
 /// Most requests written in one transaction.
 pub const MAX_BATCH: usize = 256;
 /// Queued appends beyond which senders wait.
 const QUEUE: usize = 8192;
-/// Entries a subscriber may fall behind the live feed before it catches up from the store.
-const FEED_CAPACITY: usize = 1024;
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
-
-/// Live feeds keyed by group (entries) and by identity (inbox notifications).
-#[derive(Default)]
-struct Hub {
-    groups: Mutex<HashMap<GroupId, broadcast::Sender<Arc<LogEntry>>>>,
-    inboxes: Mutex<HashMap<IdentityKey, broadcast::Sender<()>>>,
-}
-
-impl Hub {
-    fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
-        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups
-            .entry(group.clone())
-            .or_insert_with(|| broadcast::channel(FEED_CAPACITY).0)
-            .subscribe()
-    }
-
-    fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
-        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        inboxes
-            .entry(*identity)
-            .or_insert_with(|| broadcast::channel(16).0)
-            .subscribe()
-    }
-
-    fn publish(&self, group: &GroupId, entry: LogEntry) {
-        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = groups.get(group)
-            && tx.send(Arc::new(entry)).is_err()
-        {
-            // Nobody listens any more.
-            groups.remove(group);
-        }
-    }
-
-    fn notify_inbox(&self, identity: &IdentityKey) {
-        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = inboxes.get(identity)
-            && tx.send(()).is_err()
-        {
-            inboxes.remove(identity);
-        }
-    }
-}
 
 /// The Delivery Service shard: owns the appender and the live feeds.
 pub struct Shard {
@@ -135,14 +88,9 @@ impl Shard {
             .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?
     }
 
-    /// A live feed of entries appended to `group` from now on.
-    pub fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
-        self.hub.group_feed(group)
-    }
-
-    /// A live feed that ticks whenever `identity`'s inbox receives a Welcome.
-    pub fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
-        self.hub.inbox_feed(identity)
+    /// The live feeds the appender publishes to.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 }
 
@@ -180,20 +128,18 @@ async fn appender(
                         if let Some(change) = &req.commit
                             && change.welcome.is_some()
                         {
-                            for id in &change.added {
-                                hub.notify_inbox(id);
-                            }
+                            hub.notify_inboxes(&change.added);
                         }
                         hub.publish(
                             &req.group_id,
-                            LogEntry {
+                            Arc::new(LogEntry {
                                 seq,
                                 epoch: req.epoch,
                                 kind: req.kind,
                                 message_id: req.message_id,
                                 payload: req.payload,
                                 appended_at_micros: now,
-                            },
+                            }),
                         );
                     }
                     let _ = reply.send(Ok(outcome));

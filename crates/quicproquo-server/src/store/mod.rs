@@ -20,6 +20,7 @@ pub mod log;
 use quicproquo_core::IdentityKey;
 
 pub mod postgres;
+pub mod postgres_cluster;
 mod postgres_io;
 mod postgres_log;
 mod postgres_plan;

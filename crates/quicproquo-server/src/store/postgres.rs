@@ -50,6 +50,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_delivery",
         include_str!("../../../../sql/0002_delivery.sql"),
     ),
+    (
+        "0003_cluster",
+        include_str!("../../../../sql/0003_cluster.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
@@ -529,7 +533,7 @@ fn count(n: i64) -> u32 {
 }
 
 /// Maps a database error to a [`StoreError`].
-fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+pub(super) fn pg_error(e: &tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::NameTaken,
         Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => StoreError::UnknownIdentity,
