@@ -15,7 +15,7 @@ use quicproquo_client::{
 use serde_json::json;
 
 mod output;
-use output::{Names, Output, follow_live};
+use output::{Names, Output, Servers, follow_live};
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
 
@@ -329,19 +329,27 @@ async fn run(cli: Cli) -> Result<()> {
             conn.close().await;
         }
         Command::Recv { follow } => {
-            let (mut state, conn, session) = ctx.bound(&cli).await?;
-            let mut names = Names::new(&session);
-            let mut events = Vec::new();
-            Chat::new(&mut state, &cli.state, &session)
-                .receive_all(&mut |e| events.push(e))
-                .await?;
-            for e in events.drain(..) {
-                out.event(&mut names, e).await?;
-            }
+            let ctx = ctx.ready(&cli).await?;
+            let mut state = ClientState::load(&cli.state)?;
+            let conn = ctx.connect().await?;
+            let session = conn.bind(state.identity()).await?;
             if *follow {
-                follow_live(&mut state, &cli.state, &session, &out, &mut names).await?;
+                let servers = Servers {
+                    addrs: &ctx.addrs,
+                    options: &ctx.options,
+                };
+                follow_live(&mut state, &cli.state, &servers, conn, session, &out).await?;
+            } else {
+                let mut names = Names::new(&session);
+                let mut events = Vec::new();
+                Chat::new(&mut state, &cli.state, &session)
+                    .receive_all(&mut |e| events.push(e))
+                    .await?;
+                for e in events.drain(..) {
+                    out.event(&mut names, e).await?;
+                }
+                conn.close().await;
             }
-            conn.close().await;
         }
         Command::Groups => {
             let (state, conn, session) = ctx.bound(&cli).await?;
