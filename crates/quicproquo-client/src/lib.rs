@@ -29,6 +29,7 @@ pub mod auth;
 pub mod chat;
 pub mod delivery;
 pub mod events;
+pub mod follow;
 pub mod state;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
@@ -93,6 +94,9 @@ pub enum ClientError {
         /// The server's explanation.
         message: String,
     },
+    /// The node announced it is draining: connect to another one.
+    #[error("{0} is draining: connect to another node")]
+    Draining(SocketAddr),
     /// MLS key material could not be created or read.
     #[error(transparent)]
     Mls(#[from] quicproquo_core::mls::MlsError),

@@ -15,7 +15,8 @@ use quicproquo_client::{
 use serde_json::json;
 
 mod output;
-use output::{Names, Output, Servers, follow_live};
+use output::{Names, Output, follow_live};
+use quicproquo_client::follow::Follower;
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
 
@@ -311,9 +312,9 @@ async fn run(cli: Cli) -> Result<()> {
             Chat::new(&mut state, &cli.state, &session)
                 .join(&mut |e| events.push(e))
                 .await?;
-            let mut names = Names::new(&session);
+            let mut names = Names::default();
             for e in events {
-                out.event(&mut names, e).await?;
+                out.event(&mut names, &session, e).await?;
             }
             conn.close().await;
         }
@@ -333,33 +334,36 @@ async fn run(cli: Cli) -> Result<()> {
             let mut state = ClientState::load(&cli.state)?;
             let conn = ctx.connect().await?;
             let session = conn.bind(state.identity()).await?;
+            let mut names = Names::default();
+            let mut events = Vec::new();
+            Chat::new(&mut state, &cli.state, &session)
+                .receive_all(&mut |e| events.push(e))
+                .await?;
+            for e in events.drain(..) {
+                out.event(&mut names, &session, e).await?;
+            }
             if *follow {
-                let servers = Servers {
-                    addrs: &ctx.addrs,
-                    options: &ctx.options,
-                };
-                follow_live(&mut state, &cli.state, &servers, conn, session, &out).await?;
+                let follower = Follower::new(
+                    &mut state,
+                    &cli.state,
+                    ctx.addrs.clone(),
+                    ctx.options.clone(),
+                )
+                .with_connection(conn, session);
+                follow_live(follower, &out, &mut names).await?;
             } else {
-                let mut names = Names::new(&session);
-                let mut events = Vec::new();
-                Chat::new(&mut state, &cli.state, &session)
-                    .receive_all(&mut |e| events.push(e))
-                    .await?;
-                for e in events.drain(..) {
-                    out.event(&mut names, e).await?;
-                }
                 conn.close().await;
             }
         }
         Command::Groups => {
             let (state, conn, session) = ctx.bound(&cli).await?;
-            let mut names = Names::new(&session);
+            let mut names = Names::default();
             for g in session.delivery.groups().await? {
                 let label = state.groups.get(&g.group_id).map_or_else(
                     || hex::encode(&g.group_id[..4.min(g.group_id.len())]),
                     |m| m.name.clone(),
                 );
-                let members = names.describe(&g.members).await?;
+                let members = names.describe(&session, &g.members).await?;
                 out.line(
                     &format!(
                         "{label} ({}) epoch {} members: {}",

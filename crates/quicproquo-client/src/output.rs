@@ -1,20 +1,13 @@
 //! How `qpq` prints events: readable lines, or one JSON object per line with `--json`.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::Result;
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use quicproquo_client::chat::{Chat, ChatError, ChatEvent};
-use quicproquo_client::delivery::Envelope;
-use quicproquo_client::{
-    ClientError, ClientState, ConnectOptions, Connection, Session, connect_any_after,
-};
+use quicproquo_client::Session;
+use quicproquo_client::chat::ChatEvent;
+use quicproquo_client::follow::Follower;
 use quicproquo_core::IdentityKey;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 /// Where events go.
 pub(crate) struct Output {
@@ -32,7 +25,12 @@ impl Output {
     }
 
     /// Prints a chat event.
-    pub(crate) async fn event(&self, names: &mut Names<'_>, e: ChatEvent) -> Result<()> {
+    pub(crate) async fn event(
+        &self,
+        names: &mut Names,
+        session: &Session,
+        e: ChatEvent,
+    ) -> Result<()> {
         match e {
             ChatEvent::Message {
                 group,
@@ -40,7 +38,7 @@ impl Output {
                 sender,
                 body,
             } => {
-                let who = names.name(&sender).await?;
+                let who = names.name(session, &sender).await?;
                 let text = String::from_utf8_lossy(&body).into_owned();
                 self.line(
                     &format!("[{group} #{seq}] {who}: {text}"),
@@ -55,8 +53,8 @@ impl Output {
                 added,
                 removed,
             } => {
-                let added = names.describe(&added).await?;
-                let removed = names.describe(&removed).await?;
+                let added = names.describe(session, &added).await?;
+                let removed = names.describe(session, &removed).await?;
                 let mut what = Vec::new();
                 if !added.is_empty() {
                     what.push(format!("added {}", added.join(", ")));
@@ -86,7 +84,7 @@ impl Output {
                 epoch,
                 members,
             } => {
-                let members = names.describe(&members).await?;
+                let members = names.describe(session, &members).await?;
                 self.line(
                     &format!(
                         "joined group {group} (epoch {epoch}, members: {})",
@@ -101,33 +99,33 @@ impl Output {
 }
 
 /// Resolves identities to user names, caching answers for the command's lifetime.
-pub(crate) struct Names<'a> {
-    session: &'a Session,
+#[derive(Default)]
+pub(crate) struct Names {
     cache: HashMap<IdentityKey, String>,
 }
 
-impl<'a> Names<'a> {
-    pub(crate) fn new(session: &'a Session) -> Self {
-        Self {
-            session,
-            cache: HashMap::new(),
-        }
-    }
-
+impl Names {
     /// The user name, or the first fingerprint groups when the identity has none.
-    pub(crate) async fn name(&mut self, id: &IdentityKey) -> Result<String> {
-        Ok(self.describe(std::slice::from_ref(id)).await?.remove(0))
+    pub(crate) async fn name(&mut self, session: &Session, id: &IdentityKey) -> Result<String> {
+        Ok(self
+            .describe(session, std::slice::from_ref(id))
+            .await?
+            .remove(0))
     }
 
     /// Names of several identities, in order.
-    pub(crate) async fn describe(&mut self, ids: &[IdentityKey]) -> Result<Vec<String>> {
+    pub(crate) async fn describe(
+        &mut self,
+        session: &Session,
+        ids: &[IdentityKey],
+    ) -> Result<Vec<String>> {
         let missing: Vec<IdentityKey> = ids
             .iter()
             .filter(|i| !self.cache.contains_key(*i))
             .copied()
             .collect();
         if !missing.is_empty() {
-            let names = self.session.auth.names_of(&missing).await?;
+            let names = session.auth.names_of(&missing).await?;
             for (id, name) in missing.iter().zip(names) {
                 let label = name.unwrap_or_else(|| {
                     id.fingerprint()
@@ -146,180 +144,36 @@ impl<'a> Names<'a> {
     }
 }
 
-enum Pushed {
-    Group(Vec<u8>, Vec<Envelope>),
-    Inbox,
-    /// A subscription stream ended (the connection broke, or we left that group).
-    Ended,
-}
-
-/// Why one followed session ended.
-enum Ended {
-    Interrupted,
-    Lost(String),
-}
-
-/// Whether `e` means the connection (not the request) failed: then another node may serve us.
-fn connection_lost(e: &ChatError) -> bool {
-    matches!(e, ChatError::Client(c) if !matches!(c, ClientError::Service { .. }))
-}
-
-/// Where to reconnect.
-pub(crate) struct Servers<'a> {
-    pub(crate) addrs: &'a [SocketAddr],
-    pub(crate) options: &'a ConnectOptions,
-}
-
-/// Stays subscribed to every group and to the inbox, printing events until interrupted.
-///
-/// When the node goes away (its connection breaks, or it announces a drain), reconnects to
-/// the next server in the list, binds again, catches up from the saved cursors and
-/// resubscribes; nothing is missed and entries seen twice are skipped by sequence number.
+/// Follows every group and the inbox, printing events until interrupted; moves to another
+/// server of the list when the node dies or drains (see [`Follower`]).
 pub(crate) async fn follow_live(
-    state: &mut ClientState,
-    path: &Path,
-    servers: &Servers<'_>,
-    mut conn: Connection,
-    mut session: Session,
+    mut follower: Follower<'_>,
     out: &Output,
+    names: &mut Names,
 ) -> Result<()> {
     let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut reconnects = follower.reconnects();
     loop {
-        let ended = tokio::select! {
-            r = follow_session(state, path, &conn, &session, out) => r?,
-            _ = &mut stop => Ended::Interrupted,
+        let events = tokio::select! {
+            r = follower.next() => r?,
+            _ = &mut stop => break,
         };
-        let why = match ended {
-            Ended::Interrupted => {
-                conn.close().await;
-                return Ok(());
-            }
-            Ended::Lost(why) => why,
-        };
-        let old = conn.addr();
-        eprintln!("qpq: lost {old} ({why}); reconnecting");
-        let mut delay = Duration::from_millis(100);
-        let (next_conn, next_session) = loop {
-            let attempt = async {
-                let c = connect_any_after(servers.addrs, Some(old), servers.options).await?;
-                let s = c.bind(state.identity()).await?;
-                Ok::<_, ClientError>((c, s))
-            };
-            let failed = tokio::select! {
-                r = attempt => match r {
-                    Ok(pair) => break pair,
-                    Err(e) => e,
-                },
-                _ = &mut stop => return Ok(()),
-            };
-            eprintln!("qpq: reconnecting failed ({failed}); retrying in {delay:?}");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = &mut stop => return Ok(()),
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        };
-        // The old connection is gone or going; its in-flight calls finish on their own.
-        drop(conn);
-        conn = next_conn;
-        session = next_session;
-        eprintln!("qpq: reconnected to {}", conn.addr());
-    }
-}
-
-/// Follows one bound session: catches up, subscribes, prints, until it is lost or fails.
-async fn follow_session(
-    state: &mut ClientState,
-    path: &Path,
-    conn: &Connection,
-    session: &Session,
-    out: &Output,
-) -> Result<Ended> {
-    let mut names = Names::new(session);
-    let mut events = Vec::new();
-    match Chat::new(state, path, session)
-        .receive_all(&mut |e| events.push(e))
-        .await
-    {
-        Ok(()) => {}
-        Err(e) if connection_lost(&e) => return Ok(Ended::Lost(e.to_string())),
-        Err(e) => return Err(e.into()),
-    }
-    for e in events.drain(..) {
-        out.event(&mut names, e).await?;
-    }
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut followed = std::collections::HashSet::new();
-    let mut inbox = match session.delivery.subscribe_inbox(state.inbox_cursor).await {
-        Ok(s) => s,
-        Err(e) => return Ok(Ended::Lost(e.to_string())),
-    };
-    let inbox_tx = tx.clone();
-    tokio::task::spawn_local(async move {
-        while inbox.next().await.is_some() {
-            if inbox_tx.send(Pushed::Inbox).is_err() {
-                return;
+        if follower.reconnects() != reconnects {
+            reconnects = follower.reconnects();
+            if let Some(addr) = follower.addr() {
+                eprintln!(
+                    "qpq: reconnected to {addr} ({})",
+                    follower.last_loss().unwrap_or("connection lost")
+                );
             }
         }
-        let _ = inbox_tx.send(Pushed::Ended);
-    });
-    loop {
-        for (id, meta) in &state.groups {
-            if followed.insert(id.clone()) {
-                let mut sub = match session.delivery.subscribe(id, meta.cursor).await {
-                    Ok(s) => s,
-                    Err(ClientError::Service { .. }) => continue,
-                    Err(e) => return Ok(Ended::Lost(e.to_string())),
-                };
-                let (tx, id) = (tx.clone(), id.clone());
-                tokio::task::spawn_local(async move {
-                    while let Some(batch) = sub.next().await {
-                        if tx.send(Pushed::Group(id.clone(), batch)).is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(Pushed::Ended);
-                });
-            }
-        }
-        let pushed = tokio::select! {
-            p = rx.recv() => p,
-            () = session.draining.wait() => {
-                return Ok(Ended::Lost("the node is draining".into()));
-            }
+        let Some(session) = follower.session() else {
+            continue;
         };
-        let mut events = Vec::new();
-        let step = async {
-            let mut chat = Chat::new(state, path, session);
-            match pushed {
-                None => {}
-                Some(Pushed::Ended) => {
-                    // Our own removal ends a group's stream too; only a dead connection
-                    // sends us elsewhere.
-                    if let Err(e) = conn.ping(b"").await {
-                        return Err(ChatError::Client(e));
-                    }
-                }
-                Some(Pushed::Inbox) => {
-                    chat.join(&mut |e| events.push(e)).await?;
-                }
-                Some(Pushed::Group(id, batch)) => {
-                    chat.apply_batch(&id, &batch, &mut |e| events.push(e))?;
-                    state.save(path).map_err(ClientError::from)?;
-                    if let Some(meta) = state.groups.get(&id) {
-                        session.delivery.acknowledge(&id, meta.cursor).await?;
-                    }
-                }
-            }
-            Ok(())
-        };
-        match step.await {
-            Ok(()) => {}
-            Err(e) if connection_lost(&e) => return Ok(Ended::Lost(e.to_string())),
-            Err(e) => return Err(e.into()),
-        }
         for e in events {
-            out.event(&mut names, e).await?;
+            out.event(names, session, e).await?;
         }
     }
+    follower.close().await;
+    Ok(())
 }
