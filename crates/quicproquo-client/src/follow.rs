@@ -34,6 +34,8 @@ struct Live {
     tx: mpsc::UnboundedSender<Pushed>,
     rx: mpsc::UnboundedReceiver<Pushed>,
     followed: HashSet<Vec<u8>>,
+    /// Not yet caught up from the saved cursors and subscribed to the inbox.
+    fresh: bool,
 }
 
 /// Whether `e` means the connection (not the request) failed: then another node may serve us.
@@ -84,6 +86,7 @@ impl<'a> Follower<'a> {
             tx,
             rx,
             followed: HashSet::new(),
+            fresh: true,
         });
         self
     }
@@ -146,6 +149,7 @@ impl<'a> Follower<'a> {
                         tx,
                         rx,
                         followed: HashSet::new(),
+                        fresh: true,
                     });
                     return Ok(());
                 }
@@ -165,41 +169,45 @@ impl<'a> Follower<'a> {
 
     /// The next events (possibly several), connecting or reconnecting as needed. Cancel it
     /// (drop the future) to stop following; the state on disk stays consistent.
+    ///
+    /// Events are handed out exactly once: an event whose entry was processed (and its cursor
+    /// saved) is returned even when the connection breaks right after; the follower then
+    /// reconnects on the next call.
     pub async fn next(&mut self) -> Result<Vec<ChatEvent>, ChatError> {
         loop {
             if self.live.is_none() {
                 self.connect().await?;
-                // Catch up from the saved cursors, then subscribe from there.
-                let mut events = Vec::new();
-                let Some(live) = self.live.as_ref() else {
-                    continue;
-                };
-                let caught_up = Chat::new(self.state, self.path, &live.session)
-                    .receive_all(&mut |e| events.push(e))
-                    .await;
-                match caught_up {
-                    Ok(()) => {}
-                    Err(e) if connection_lost(&e) => {
-                        self.lose(e.to_string());
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-                if let Err(e) = self.subscribe_inbox().await {
-                    self.lose(e.to_string());
-                    continue;
-                }
-                if !events.is_empty() {
-                    return Ok(events);
-                }
             }
-            match self.step().await {
-                Ok(events) if events.is_empty() => {}
-                Ok(events) => return Ok(events),
+            let mut events = Vec::new();
+            let result = if self.live.as_ref().is_some_and(|l| l.fresh) {
+                self.catch_up(&mut events).await
+            } else {
+                self.step(&mut events).await
+            };
+            match result {
+                Ok(()) => {}
                 Err(e) if connection_lost(&e) => self.lose(e.to_string()),
                 Err(e) => return Err(e),
             }
+            if !events.is_empty() {
+                return Ok(events);
+            }
         }
+    }
+
+    /// Reads everything after the saved cursors, then subscribes to the inbox.
+    async fn catch_up(&mut self, events: &mut Vec<ChatEvent>) -> Result<(), ChatError> {
+        let Some(live) = self.live.as_ref() else {
+            return Ok(());
+        };
+        Chat::new(self.state, self.path, &live.session)
+            .receive_all(&mut |e| events.push(e))
+            .await?;
+        self.subscribe_inbox().await?;
+        if let Some(live) = self.live.as_mut() {
+            live.fresh = false;
+        }
+        Ok(())
     }
 
     async fn subscribe_inbox(&mut self) -> Result<(), ClientError> {
@@ -224,9 +232,9 @@ impl<'a> Follower<'a> {
     }
 
     /// Subscribes to new groups, waits for one push and processes it.
-    async fn step(&mut self) -> Result<Vec<ChatEvent>, ChatError> {
+    async fn step(&mut self, events: &mut Vec<ChatEvent>) -> Result<(), ChatError> {
         let Some(live) = self.live.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         for (id, meta) in &self.state.groups {
             if live.followed.insert(id.clone()) {
@@ -253,7 +261,6 @@ impl<'a> Follower<'a> {
                 return Err(ChatError::Client(ClientError::Draining(live.conn.addr())));
             }
         };
-        let mut events = Vec::new();
         let mut chat = Chat::new(self.state, self.path, &live.session);
         match pushed {
             // Every sender is held in `live`, so the channel never closes while we run.
@@ -274,6 +281,6 @@ impl<'a> Follower<'a> {
                 }
             }
         }
-        Ok(events)
+        Ok(())
     }
 }

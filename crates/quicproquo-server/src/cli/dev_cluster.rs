@@ -161,7 +161,13 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
                     for n in edges.iter_mut().chain(shards.iter_mut()).filter(|n| !n.exited) {
                         if let Ok(Some(status)) = n.child.try_wait() {
                             n.exited = true;
-                            println!("{} {} exited ({status})", n.role, n.address);
+                            // Whoever started us may no longer read our output.
+                            let _ = writeln!(
+                                std::io::stdout(),
+                                "{} {} exited ({status})",
+                                n.role,
+                                n.address
+                            );
                         }
                     }
                 }
@@ -171,6 +177,6 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
     // Edges first: they drain their clients while the shards still serve their last calls.
     terminate(&mut edges, Duration::from_secs(40));
     terminate(&mut shards, Duration::from_secs(40));
-    println!("stopped");
+    let _ = writeln!(std::io::stdout(), "stopped");
     Ok(())
 }

@@ -102,8 +102,16 @@ impl Router {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        // Read the ring once before serving, so an edge that says it is listening can route.
+        let first = match &store {
+            AnyStore::Postgres(pg) => rt
+                .block_on(pg.ring())
+                .map_err(|e| std::io::Error::other(format!("reading the shard ring: {e}")))?,
+            AnyStore::Embedded(_) => RingSnapshot::default(),
+        };
         let (thread_store, thread_hub, thread_status) =
             (store.clone(), Arc::clone(&hub), Arc::clone(&status));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("qpq-router".into())
             .spawn(move || {
@@ -114,8 +122,16 @@ impl Router {
                     settings,
                     thread_status,
                 ));
-                local.block_on(&rt, run(state, rx, stop));
+                local.block_on(&rt, async move {
+                    state.apply(first);
+                    let _ = ready_tx.send(());
+                    run(state, rx, stop).await;
+                });
             })?;
+        // The ring is in place before any worker can forward a call.
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the router thread failed to start"))?;
         let router = Self {
             store,
             hub,
