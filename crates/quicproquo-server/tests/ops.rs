@@ -111,7 +111,15 @@ async fn metrics_move_with_a_chat() -> Result<()> {
             .await?
             .context("subscription ended")?;
 
-        let (_, after) = get(ops, "/metrics")?;
+        // The push is counted once the subscriber has acknowledged it: poll briefly.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut after = get(ops, "/metrics")?.1;
+        while sample(&after, "qpq_fanout_entries_total") == 0.0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            after = get(ops, "/metrics")?.1;
+        }
         let send = "qpq_rpc_requests_total{rpc_service=\"DeliveryService\",rpc_method=\"send\",status=\"ok\"}";
         for series in [
             send,
