@@ -406,8 +406,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Logs (`QPQ_LOG`, `QPQ_LOG_FORMAT`, default: warnings) and, with
+    // OTEL_EXPORTER_OTLP_ENDPOINT set, the command's trace.
+    let telemetry = quicproquo_telemetry::LogFormat::from_env().and_then(|log_format| {
+        quicproquo_telemetry::init(&quicproquo_telemetry::Options {
+            service_name: "qpq".to_owned(),
+            log_format,
+            default_log_level: "warn".to_owned(),
+            otlp_endpoint: None,
+            export_traces: true,
+        })
+    });
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("qpq: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&runtime, run(cli)) {
+    let command = tracing::info_span!("qpq.command", otel.name = "qpq command");
+    let result = local.block_on(&runtime, tracing::Instrument::instrument(run(cli), command));
+    drop(local);
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qpq: error: {e:#}");

@@ -153,6 +153,9 @@ pub struct NodeIdentity {
     pub certificate: NodeCertificate,
     /// The cluster public key clients pin.
     pub cluster_public: ClusterPublicKey,
+    /// Hashes group ids for spans and logs under a key derived from the cluster secret, so
+    /// every node of the cluster names a group alike and no one else can recompute it.
+    pub redactor: quicproquo_telemetry::Redactor,
 }
 
 /// Loads the cluster signing key from `path`, which must exist (the key every node of a
@@ -186,6 +189,7 @@ impl NodeIdentity {
         };
         let noise = node_key(dir)?;
         Ok(Self {
+            redactor: quicproquo_telemetry::Redactor::new(cluster.secret_hex().as_bytes()),
             certificate: cluster.certify(role, noise.public()),
             cluster_public: cluster.public_key(),
             noise,

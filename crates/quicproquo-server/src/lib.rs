@@ -14,6 +14,9 @@
 //! subscriptions. [`cluster`] splits it over processes: shards register leases in Postgres,
 //! edges hash each group onto a ring of shards and forward its ordering calls to the owner.
 //!
+//! [`ops`] holds the metrics, the RPC and store spans, and the HTTP ops listener
+//! (`/metrics`, `/livez`, `/readyz`); tracing and log setup are in `quicproquo-telemetry`.
+//!
 //! What it is not: a client (see `quicproquo-client`). A standalone node plays every role in
 //! one process; an edge serves clients and routes; a shard orders logs for edges only.
 
@@ -24,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod keystore;
+pub mod ops;
 mod rpc;
 pub mod server;
 pub mod store;

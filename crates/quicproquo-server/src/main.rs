@@ -13,6 +13,7 @@ use quicproquo_core::NodeRole;
 use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
 use quicproquo_server::store::postgres;
 use quicproquo_server::{bind_and_start, keystore};
+use quicproquo_telemetry::{self as telemetry, Telemetry};
 use std::io::Write;
 use tracing::{info, warn};
 
@@ -87,14 +88,30 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QPQ_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Installs logging (`QPQ_LOG` / `RUST_LOG`, `QPQ_LOG_FORMAT`) and, for a serving node with an
+/// OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `otlp_endpoint` in the config file), trace
+/// export.
+fn init_telemetry(cli: &Cli) -> Result<Telemetry> {
+    let serving = match &cli.command {
+        Command::Standalone(o) => Some((NodeRole::Standalone, o)),
+        Command::Edge(o) => Some((NodeRole::Edge, o)),
+        Command::Shard(o) => Some((NodeRole::Shard, o)),
+        _ => None,
+    };
+    // A config file that fails to load is reported by `serve`, with its real error.
+    let otlp_endpoint = serving.and_then(|(_, o)| {
+        FileConfig::load(o.config.as_deref())
+            .ok()
+            .and_then(|f| f.otlp_endpoint)
+    });
+    let options = telemetry::Options {
+        service_name: serving.map_or_else(|| "qpq-server".to_owned(), |(r, _)| format!("qpq-{r}")),
+        log_format: telemetry::LogFormat::from_env()?,
+        default_log_level: "info".to_owned(),
+        otlp_endpoint,
+        export_traces: serving.is_some(),
+    };
+    Ok(telemetry::init(&options)?)
 }
 
 /// Installs the SIGTERM and SIGINT handlers; the returned future resolves when either arrives.
@@ -125,13 +142,22 @@ fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
         .context("building the signal runtime")?;
     let signal = runtime.block_on(async { shutdown_signal() })?;
     let handle = bind_and_start(config)?;
-    // One machine-readable line on stdout: scripts and tests read the bound address from it.
-    println!(
-        "qpq-server {role} listening on {} cluster-key {}",
+    // Machine-readable lines on stdout: scripts and tests read the bound addresses from them.
+    // Both lines go out in one write, so a reader that takes only the first still finds the
+    // pipe's buffer holding the second rather than a closed pipe.
+    let ops = handle
+        .ops_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let lines = format!(
+        "qpq-server {role} listening on {} cluster-key {}\nqpq-server {role} ops {ops}\n",
         handle.local_addr(),
         handle.cluster_key()
     );
-    std::io::stdout().flush().context("writing to stdout")?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(lines.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")?;
+    drop(out);
     runtime.block_on(signal);
     info!("shutting down");
     handle.shutdown();
@@ -208,8 +234,17 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let telemetry = match init_telemetry(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("qpq-server: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = run(cli);
+    // Flush the spans still queued (blocking; every runtime is gone by now).
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qpq-server: error: {e:#}");

@@ -37,6 +37,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::delivery::backend::Backend;
 use crate::delivery::shard::Shard;
 use crate::keystore::{KeyStoreError, NodeIdentity};
+use crate::ops::{self, Observer, OpsState};
 use crate::rpc::{BootstrapImpl, EventsSlot, InFlight, SessionInfo};
 use crate::store::postgres::PgStore;
 use crate::store::postgres_cluster::LeaseClaim;
@@ -98,6 +99,7 @@ struct Shared {
     /// The shard served to cluster nodes (shard role only).
     shard: Option<Arc<Shard>>,
     stats: Arc<Stats>,
+    observer: Arc<Observer>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
 }
@@ -114,6 +116,8 @@ pub struct ServerHandle {
     backend_threads: Vec<JoinHandle<()>>,
     router: Option<Arc<Router>>,
     node_id: Option<String>,
+    ops_addr: Option<SocketAddr>,
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -138,6 +142,16 @@ impl ServerHandle {
     /// Live counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Where the ops listener (`/metrics`, `/livez`, `/readyz`) is bound, if it runs.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_addr
+    }
+
+    /// The metrics and redaction key this server reports with.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
     }
 
     /// The ring as this edge knows it (`None` on other roles).
@@ -265,6 +279,7 @@ pub fn start(
     let shutdown = CancellationToken::new();
     let stats = Arc::new(Stats::default());
     let cluster_key = identity.cluster_public;
+    let observer = Arc::new(Observer::new(identity.redactor.clone()));
     let identity = Arc::new(identity);
     let backend_stop = CancellationToken::new();
     let mut backend_threads = Vec::new();
@@ -284,6 +299,7 @@ pub fn start(
                 store.clone(),
                 settings,
                 config.max_message_bytes,
+                Arc::clone(&observer),
                 backend_stop.clone(),
             )
             .map_err(io_err("starting the router"))?;
@@ -295,6 +311,7 @@ pub fn start(
             let (s, thread) = Shard::start(
                 store.clone(),
                 config.max_message_bytes,
+                Arc::clone(&observer),
                 backend_stop.clone(),
             )
             .map_err(io_err("starting the appender"))?;
@@ -323,6 +340,25 @@ pub fn start(
             }
         }
     }
+    // The ops listener serves until the backends stop, so /readyz answers 503 while the
+    // workers drain and /metrics stays scrapeable until the end.
+    let ops_addr = match config.ops_listen {
+        Some(addr) => {
+            let state = OpsState {
+                role: config.role,
+                observer: Arc::clone(&observer),
+                stats: Arc::clone(&stats),
+                store: store.clone(),
+                router: router.clone(),
+                draining: shutdown.clone(),
+            };
+            let listener = ops::start(addr, state, backend_stop.clone())
+                .map_err(io_err("binding the ops listener"))?;
+            backend_threads.push(listener.thread);
+            Some(listener.local_addr)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         auth: Arc::new(AuthContext::new(store, &config.auth)),
         backend,
@@ -333,6 +369,7 @@ pub fn start(
         config,
         identity,
         stats: Arc::clone(&stats),
+        observer: Arc::clone(&observer),
     });
 
     let mut threads = Vec::new();
@@ -359,6 +396,8 @@ pub fn start(
         backend_threads,
         router,
         node_id,
+        ops_addr,
+        observer,
     })
 }
 
@@ -459,6 +498,7 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = shared.observer.metrics.connection_opened();
     let config = &shared.config;
     let handshake = tokio::select! {
         () = shutdown.cancelled() => return,
@@ -496,7 +536,7 @@ async fn serve_connection(
         Side::Server,
         reader_options(config.max_frame_bytes),
     );
-    let in_flight = Rc::new(InFlight::default());
+    let in_flight = Rc::new(InFlight::new(Arc::clone(&shared.observer)));
     // A peer that presented a certificate the cluster key vouches for is a fellow node.
     let peer_node = outcome
         .peer_certificate

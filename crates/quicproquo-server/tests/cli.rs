@@ -15,6 +15,7 @@ fn server_cmd(dir: &std::path::Path) -> Command {
         .env_remove("QPQ_LISTEN")
         .env_remove("QPQ_DATA_DIR")
         .env_remove("QPQ_DATABASE_URL")
+        .env("QPQ_OPS_LISTEN", "127.0.0.1:0")
         .env("QPQ_LOG", "warn");
     c
 }

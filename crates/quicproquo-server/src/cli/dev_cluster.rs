@@ -48,6 +48,8 @@ fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Resu
         .arg(&plan.database_url)
         .arg("--lease-ttl")
         .arg(&plan.lease_ttl)
+        .arg("--ops-listen")
+        .arg(format!("{}:0", plan.host))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut child = cmd
@@ -55,7 +57,8 @@ fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Resu
         .with_context(|| format!("starting {role} {index}"))?;
     let stdout = child.stdout.take().context("reading the node's output")?;
     let mut line = String::new();
-    BufReader::new(stdout)
+    let mut reader = BufReader::new(stdout);
+    reader
         .read_line(&mut line)
         .with_context(|| format!("reading {role} {index}'s address"))?;
     // "qpq-server <role> listening on <addr> cluster-key <hex>"
@@ -67,8 +70,14 @@ fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Resu
             let _ = child.kill();
             format!("{role} {index} did not start (see its log above)")
         })?;
+    // "qpq-server <role> ops <addr>"
+    let mut ops_line = String::new();
+    reader
+        .read_line(&mut ops_line)
+        .with_context(|| format!("reading {role} {index}'s ops address"))?;
+    let ops = ops_line.split_whitespace().nth(3).unwrap_or("off");
     println!(
-        "{role} {address} pid {} data-dir {}",
+        "{role} {address} pid {} data-dir {} ops {ops}",
         child.id(),
         data_dir.display()
     );

@@ -26,12 +26,14 @@ use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
 use quicproquo_proto::errors::{ErrorCode, error};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, info, warn};
 
 use super::link::{Dialer, Link};
 use super::ring::Ring;
 use super::wire::{read_entry, read_outcome, write_request};
 use crate::delivery::hub::{FeedEvent, Hub};
+use crate::ops::Observer;
+use crate::ops::spans::{client_span, write_trace};
 use crate::store::AnyStore;
 use crate::store::log::{AppendOutcome, AppendRequest, GroupId};
 use crate::store::postgres_cluster::{RingSnapshot, ShardRecord};
@@ -41,9 +43,10 @@ const ATTEMPTS: usize = 3;
 
 type Reply<T> = oneshot::Sender<Result<T, capnp::Error>>;
 
+/// A forwarded call carries the span of its client side, whose context goes on the wire.
 enum Cmd {
-    Append(Box<AppendRequest>, Reply<AppendOutcome>),
-    CreateGroup(GroupId, IdentityKey, Reply<()>),
+    Append(Box<AppendRequest>, Reply<AppendOutcome>, Span),
+    CreateGroup(GroupId, IdentityKey, Reply<()>, Span),
     Watch(GroupId),
 }
 
@@ -74,6 +77,7 @@ pub struct Router {
     max_message_bytes: usize,
     cmds: mpsc::UnboundedSender<Cmd>,
     status: Arc<Mutex<RingStatus>>,
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for Router {
@@ -94,6 +98,7 @@ impl Router {
         store: AnyStore,
         settings: RouterSettings,
         max_message_bytes: usize,
+        observer: Arc<Observer>,
         stop: CancellationToken,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
         let (cmds, rx) = mpsc::unbounded_channel();
@@ -138,6 +143,7 @@ impl Router {
             max_message_bytes,
             cmds,
             status,
+            observer,
         };
         Ok((Arc::new(router), thread))
     }
@@ -155,6 +161,22 @@ impl Router {
     /// The largest message (with its Welcome) accepted.
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_bytes
+    }
+
+    /// The metrics and redaction key this edge reports with.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+
+    /// The client span of a call forwarded for `group` (child of the current span).
+    fn forward_span(&self, method: &'static str, group: &GroupId) -> Span {
+        self.observer
+            .metrics
+            .forwarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let span = client_span("ShardService", method);
+        span.record("qpq.group", self.observer.redactor.hash(group.as_bytes()));
+        span
     }
 
     /// What the router knows of the ring.
@@ -185,7 +207,8 @@ impl Router {
 
     /// Forwards an append to the group's owner shard.
     pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, capnp::Error> {
-        self.call(|tx| Cmd::Append(Box::new(req), tx)).await
+        let span = self.forward_span("append", &req.group_id);
+        self.call(|tx| Cmd::Append(Box::new(req), tx, span)).await
     }
 
     /// Forwards a group creation to the group's owner shard.
@@ -194,7 +217,9 @@ impl Router {
         group: GroupId,
         creator: IdentityKey,
     ) -> Result<(), capnp::Error> {
-        self.call(|tx| Cmd::CreateGroup(group, creator, tx)).await
+        let span = self.forward_span("createGroup", &group);
+        self.call(|tx| Cmd::CreateGroup(group, creator, tx, span))
+            .await
     }
 }
 
@@ -423,35 +448,43 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
             },
         };
         match cmd {
-            Cmd::Append(req, reply) => {
+            Cmd::Append(req, reply, span) => {
                 let state = Rc::clone(&state);
-                tokio::task::spawn_local(async move {
+                let task = async move {
                     let req = &*req;
+                    let span = &Span::current();
                     let result = state
                         .forward(&req.group_id, |link| async move {
                             let mut call = link.client.append_request();
+                            write_trace(call.get().init_trace(), span);
                             write_request(call.get().init_request(), req);
                             let response = call.send().promise.await?;
                             read_outcome(response.get()?.get_result()?)
                         })
                         .await;
+                    finish(span, &result);
                     let _ = reply.send(result);
-                });
+                };
+                tokio::task::spawn_local(task.instrument(span));
             }
-            Cmd::CreateGroup(group, creator, reply) => {
+            Cmd::CreateGroup(group, creator, reply, span) => {
                 let state = Rc::clone(&state);
-                tokio::task::spawn_local(async move {
+                let task = async move {
                     let (g, c) = (&group, &creator);
+                    let span = &Span::current();
                     let result = state
                         .forward(g, |link| async move {
                             let mut call = link.client.create_group_request();
+                            write_trace(call.get().init_trace(), span);
                             call.get().set_group_id(g.as_bytes());
                             call.get().set_creator(c.as_bytes());
                             call.send().promise.await.map(drop)
                         })
                         .await;
+                    finish(span, &result);
                     let _ = reply.send(result);
-                });
+                };
+                tokio::task::spawn_local(task.instrument(span));
             }
             Cmd::Watch(group) => {
                 let mut watches = state.watches.borrow_mut();
@@ -468,6 +501,13 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
     }
     for stop in state.inbox_watches.borrow().values() {
         stop.cancel();
+    }
+}
+
+/// Marks a forwarded call's span with its outcome.
+fn finish<T>(span: &Span, result: &Result<T, capnp::Error>) {
+    if result.is_err() {
+        crate::ops::spans::record_error(span, crate::ops::spans::status_of(result));
     }
 }
 

@@ -19,6 +19,8 @@ use crate::delivery::hub::FeedEvent;
 use crate::delivery::shard::Shard;
 use crate::delivery::subscribe::spawn;
 use crate::delivery::{log_error, write_envelope};
+use crate::ops::Observer;
+use crate::ops::spans::trace_of;
 use crate::rpc::InFlight;
 use crate::store::log::{GroupId, LogEntry, LogStore};
 
@@ -47,16 +49,21 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::CreateGroupParams,
         _: shard_service::CreateGroupResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let group = group_id(p.get_group_id()?)?;
-        let creator = IdentityKey::from_slice(p.get_creator()?)
-            .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
-        self.shard
-            .store()
-            .create_group(&group, &creator)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("ShardService", "createGroup", trace, async move {
+                let p = params.get()?;
+                let group = group_id(p.get_group_id()?)?;
+                let creator = IdentityKey::from_slice(p.get_creator()?)
+                    .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+                self.shard
+                    .store()
+                    .create_group(&group, &creator)
+                    .await
+                    .map_err(log_error)
+            })
             .await
-            .map_err(log_error)
     }
 
     async fn append(
@@ -64,13 +71,25 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::AppendParams,
         mut results: shard_service::AppendResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let req = read_request(params.get()?.get_request()?)?;
-        if req.payload.len() > self.shard.max_message_bytes() {
-            return Err(error(ErrorCode::TooLarge, "message too large"));
-        }
-        let outcome = self.shard.append(req).await.map_err(log_error)?;
-        write_outcome(results.get().init_result(), outcome)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("ShardService", "append", trace, async move {
+                let req = read_request(params.get()?.get_request()?)?;
+                tracing::Span::current().record(
+                    "qpq.group",
+                    self.in_flight
+                        .observer()
+                        .redactor
+                        .hash(req.group_id.as_bytes()),
+                );
+                if req.payload.len() > self.shard.max_message_bytes() {
+                    return Err(error(ErrorCode::TooLarge, "message too large"));
+                }
+                let outcome = self.shard.append(req).await.map_err(log_error)?;
+                write_outcome(results.get().init_result(), outcome)
+            })
+            .await
     }
 
     async fn watch(
@@ -82,8 +101,9 @@ impl shard_service::Server for ShardServiceImpl {
         let group = group_id(p.get_group_id()?)?;
         let sink = p.get_sink()?;
         let feed = self.shard.hub().group_feed(&group).0;
+        let observer = Arc::clone(self.shard.observer());
         let subscription = spawn(move |_| async move {
-            if let Err(e) = push_group(&group, feed, &sink).await {
+            if let Err(e) = push_group(&group, feed, &sink, &observer).await {
                 debug!(error = %e, "group watch ended");
             }
         });
@@ -129,6 +149,7 @@ async fn push_group(
     group: &GroupId,
     mut feed: tokio::sync::broadcast::Receiver<FeedEvent>,
     sink: &entry_sink::Client,
+    observer: &Observer,
 ) -> Result<(), capnp::Error> {
     loop {
         let mut resync = false;
@@ -156,5 +177,6 @@ async fn push_group(
             }
         }
         req.send().promise.await?;
+        observer.metrics.fanout(batch.len());
     }
 }

@@ -20,6 +20,9 @@ pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "qpq-data";
+/// Default ops (metrics and health) listen address: loopback, so nothing is exposed unless
+/// configured.
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:9090";
 
 /// Smallest accepted `max_frame_bytes`: one Noise message must fit.
 const MIN_FRAME_BYTES: usize = 64 * 1024;
@@ -159,6 +162,10 @@ pub struct Overrides {
     /// How often an edge re-reads the set of shards, e.g. `1s` [default: 1s].
     #[arg(long, env = "QPQ_RING_REFRESH")]
     pub ring_refresh: Option<String>,
+    /// HTTP listener for /metrics, /livez and /readyz, `host:port` or `off`
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "QPQ_OPS_LISTEN")]
+    pub ops_listen: Option<String>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -201,6 +208,11 @@ pub struct FileConfig {
     pub lease_ttl: Option<String>,
     /// See [`Overrides::ring_refresh`].
     pub ring_refresh: Option<String>,
+    /// See [`Overrides::ops_listen`].
+    pub ops_listen: Option<String>,
+    /// OTLP/HTTP collector base URL for traces, e.g. `http://collector:4318`; the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable wins over it [default: none, tracing off].
+    pub otlp_endpoint: Option<String>,
 }
 
 impl FileConfig {
@@ -258,6 +270,10 @@ pub struct ServerConfig {
     pub database_url: Option<String>,
     /// Cluster settings (shards and edges).
     pub cluster: ClusterSettings,
+    /// Where the ops listener (metrics, health) binds; `None`: no ops listener.
+    pub ops_listen: Option<SocketAddr>,
+    /// The OTLP collector named in the configuration file, if any.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How a node takes part in the cluster.
@@ -306,6 +322,8 @@ impl std::fmt::Debug for ServerConfig {
                 &self.database_url.as_deref().map(redact_database_url),
             )
             .field("cluster", &self.cluster)
+            .field("ops_listen", &self.ops_listen)
+            .field("otlp_endpoint", &self.otlp_endpoint)
             .finish()
     }
 }
@@ -327,6 +345,8 @@ impl ServerConfig {
             auth: AuthSettings::default(),
             database_url: None,
             cluster: ClusterSettings::default(),
+            ops_listen: None,
+            otlp_endpoint: None,
         }
     }
 
@@ -346,6 +366,11 @@ impl ServerConfig {
             .map_err(|e| invalid("listen", format!("`{listen_text}`: {e}")))?
             .next()
             .ok_or_else(|| invalid("listen", format!("`{listen_text}` resolves to nothing")))?;
+        let ops_text = overrides
+            .ops_listen
+            .or(file.ops_listen)
+            .unwrap_or_else(|| DEFAULT_OPS_LISTEN.to_owned());
+        let ops_listen = parse_ops_listen(&ops_text)?;
         let duration = |key: &'static str, v: Option<String>, default: Duration| match v {
             Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
             None => Ok(default),
@@ -423,6 +448,8 @@ impl ServerConfig {
                     defaults.cluster.ring_refresh,
                 )?,
             },
+            ops_listen,
+            otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         };
         // Without an explicit limit, messages may use the frame minus room for the call.
         config.max_message_bytes = overrides
@@ -532,6 +559,19 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+/// Parses `ops_listen`: `host:port`, or `off` / `none` / empty for no ops listener.
+pub fn parse_ops_listen(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    t.to_socket_addrs()
+        .map_err(|e| invalid("ops_listen", format!("`{t}`: {e} (use host:port or off)")))?
+        .next()
+        .map(Some)
+        .ok_or_else(|| invalid("ops_listen", format!("`{t}` resolves to nothing")))
 }
 
 fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> {

@@ -14,6 +14,7 @@ use super::hub::FeedEvent;
 use super::log_error;
 use super::shard::Shard;
 use crate::cluster::router::Router;
+use crate::ops::Observer;
 use crate::store::AnyStore;
 use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogStore};
 
@@ -32,6 +33,14 @@ impl Backend {
         match self {
             Self::Local(s) => s.store(),
             Self::Routed(r) => r.store(),
+        }
+    }
+
+    /// The metrics and redaction key of this node.
+    pub fn observer(&self) -> &Arc<Observer> {
+        match self {
+            Self::Local(s) => s.observer(),
+            Self::Routed(r) => r.observer(),
         }
     }
 

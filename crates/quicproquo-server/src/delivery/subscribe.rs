@@ -122,6 +122,7 @@ async fn follow_group(
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
             let boxed: Vec<Box<LogEntry>> = entries.into_iter().map(Box::new).collect();
             deliver(stream, group, &boxed).await?;
+            backend.observer().metrics.fanout(boxed.len());
             if had_commit && store.group_summary(group, &reader).await.is_err() {
                 // Removed (or the group is gone): everything readable has been delivered.
                 return Ok(());
@@ -163,6 +164,7 @@ async fn follow_group(
             }
             next += batch.len() as u64;
             deliver(stream, group, &batch).await?;
+            backend.observer().metrics.fanout(batch.len());
             if back_to_store {
                 break 'live;
             }

@@ -220,6 +220,27 @@ impl PgStore {
             .collect())
     }
 
+    /// One round trip to the database (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| pg_error(&e))
+    }
+
+    /// The pool's use now.
+    pub fn pool_use(&self) -> super::PoolUse {
+        let s = self.pool.status();
+        super::PoolUse {
+            max: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
+    }
+
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }
