@@ -83,7 +83,7 @@ impl Cluster {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words[..] {
                 ["cluster-key", hex] => key = Some(ClusterPublicKey::from_hex(hex)?),
-                [role @ ("shard" | "edge"), addr, "pid", pid, "data-dir", dir] => {
+                [role @ ("shard" | "edge"), addr, "pid", pid, "data-dir", dir, ..] => {
                     let node = NodeInfo {
                         role: role.to_owned(),
                         address: addr.to_owned(),
@@ -143,6 +143,7 @@ impl Cluster {
             .arg(self.base.join("cluster.key"))
             .args(["--database-url", &self.database_url])
             .args(["--lease-ttl", "2s", "--ring-refresh", "200ms"])
+            .args(["--ops-listen", "127.0.0.1:0"])
             .env("QPQ_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
