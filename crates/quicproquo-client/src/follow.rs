@@ -38,6 +38,20 @@ struct Live {
     fresh: bool,
 }
 
+impl Live {
+    fn new(conn: Connection, session: Session) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            conn,
+            session,
+            tx,
+            rx,
+            followed: HashSet::new(),
+            fresh: true,
+        }
+    }
+}
+
 /// Whether `e` means the connection (not the request) failed: then another node may serve us.
 fn connection_lost(e: &ChatError) -> bool {
     matches!(e, ChatError::Client(c) if !matches!(c, ClientError::Service { .. }))
@@ -78,16 +92,8 @@ impl<'a> Follower<'a> {
 
     /// Starts from an already bound connection instead of connecting.
     pub fn with_connection(mut self, conn: Connection, session: Session) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         self.last = Some(conn.addr());
-        self.live = Some(Live {
-            conn,
-            session,
-            tx,
-            rx,
-            followed: HashSet::new(),
-            fresh: true,
-        });
+        self.live = Some(Live::new(conn, session));
         self
     }
 
@@ -141,16 +147,8 @@ impl<'a> Follower<'a> {
             };
             match attempt.await {
                 Ok((conn, session)) => {
-                    let (tx, rx) = mpsc::unbounded_channel();
                     self.last = Some(conn.addr());
-                    self.live = Some(Live {
-                        conn,
-                        session,
-                        tx,
-                        rx,
-                        followed: HashSet::new(),
-                        fresh: true,
-                    });
+                    self.live = Some(Live::new(conn, session));
                     return Ok(());
                 }
                 Err(e @ ClientError::WrongClusterKey { .. }) => return Err(e.into()),

@@ -18,7 +18,7 @@ pub mod link;
 pub mod ring;
 pub mod router;
 pub mod service;
-mod wire;
+pub(crate) mod wire;
 
 /// Errors of the cluster machinery.
 #[derive(Debug, thiserror::Error)]

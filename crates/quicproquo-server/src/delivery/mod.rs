@@ -24,8 +24,7 @@ use crate::ops::spans::trace_of;
 use crate::rpc::InFlight;
 use crate::store::StoreError;
 use crate::store::log::{
-    AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore,
-    MAX_MESSAGE_ID,
+    AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore, MAX_MESSAGE_ID,
 };
 use backend::Backend;
 
@@ -211,25 +210,7 @@ impl delivery_service::Server for DeliveryService {
                 span.record("messaging.operation.type", "send");
                 span.record("messaging.message.body.size", req.payload.len());
                 let outcome = self.backend.append(req).await?;
-                let mut out = results.get().init_result();
-                match outcome {
-                    AppendOutcome::Appended { seq, epoch } => {
-                        let mut a = out.init_appended();
-                        a.set_seq(seq);
-                        a.set_epoch(epoch);
-                    }
-                    AppendOutcome::Duplicate { seq } => out.set_duplicate(seq),
-                    AppendOutcome::StaleEpoch {
-                        current_epoch,
-                        winner_seq,
-                    } => {
-                        let mut s = out.init_stale_epoch();
-                        s.set_current_epoch(current_epoch);
-                        s.set_winner_seq(winner_seq);
-                    }
-                    AppendOutcome::NotMember => return Err(log_error(StoreError::NotMember)),
-                    AppendOutcome::UnknownGroup => return Err(log_error(StoreError::UnknownGroup)),
-                }
+                crate::cluster::wire::write_outcome(results.get().init_result(), outcome)?;
                 Ok(())
             })
             .await
