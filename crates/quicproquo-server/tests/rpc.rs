@@ -151,3 +151,63 @@ async fn shutdown_stops_every_thread_and_closes_clients() -> Result<()> {
     })
     .await
 }
+
+/// A shard's internal interface answers only peers whose Noise handshake carried a certificate
+/// from the cluster key: a fellow node gets it; a peer whose certificate another key signed is
+/// refused with `not_a_node`, and so is a client (a shard also refuses to bind clients).
+#[tokio::test]
+async fn a_shard_serves_its_internal_interface_to_cluster_nodes_only() -> Result<()> {
+    use quicproquo_core::NodeVerifier;
+    use quicproquo_proto::errors::{ErrorCode, code_of};
+    use quicproquo_server::NodeIdentity;
+    use quicproquo_server::cluster::ClusterError;
+    use quicproquo_server::cluster::link::Dialer;
+    use quicproquo_server::keystore;
+
+    local(async {
+        let server = TestServer::start(NodeRole::Shard, |_| {})?;
+        let data = server.data_dir();
+        let shard_key = *keystore::node_key(&data)?.public();
+        let cluster_key = server.handle()?.cluster_key();
+        let addr = server.addr.to_string();
+        let tmp = tempfile::tempdir()?;
+        let dial = |identity: NodeIdentity| {
+            let dialer = Dialer {
+                identity: std::sync::Arc::new(identity),
+                verifier: NodeVerifier::new(cluster_key),
+                timeout: Duration::from_secs(5),
+                max_frame_bytes: 1 << 20,
+            };
+            let addr = addr.clone();
+            async move { dialer.dial("shard", &addr, &shard_key).await }
+        };
+
+        // A node of this cluster.
+        let member = NodeIdentity::load(
+            &tmp.path().join("edge"),
+            Some(&data.join(keystore::CLUSTER_KEY_FILE)),
+            NodeRole::Edge,
+        )?;
+        let link = dial(member).await?;
+        link.close();
+
+        // A node of another cluster (its certificate signed by another key).
+        let stranger = NodeIdentity::load_or_create(&tmp.path().join("other"), NodeRole::Edge)?;
+        match dial(stranger).await {
+            Err(ClusterError::Rpc(e)) => assert_eq!(code_of(&e), Some(ErrorCode::NotANode)),
+            Err(e) => anyhow::bail!("expected not_a_node, got {e}"),
+            Ok(_) => anyhow::bail!("a stranger got the shard interface"),
+        }
+
+        // A client: no certificate, and no client service on a shard either.
+        let conn = server.connect().await?;
+        let identity = quicproquo_core::IdentityKeypair::generate()?;
+        let bound = conn.bind(&identity).await;
+        assert_eq!(
+            bound.err().and_then(|e| e.code()),
+            Some(ErrorCode::WrongRole)
+        );
+        Ok(())
+    })
+    .await
+}

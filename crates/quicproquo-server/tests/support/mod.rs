@@ -60,6 +60,12 @@ impl TestServer {
         })
     }
 
+    /// The server's data directory (its cluster and node keys).
+    #[allow(dead_code)]
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn handle(&self) -> Result<&ServerHandle> {
         self.handle
             .as_ref()
