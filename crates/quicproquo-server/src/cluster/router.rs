@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
 use quicproquo_proto::errors::{ErrorCode, error};
+use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
@@ -33,7 +34,7 @@ use super::ring::Ring;
 use super::wire::{read_entry, read_outcome, write_request};
 use crate::delivery::hub::{FeedEvent, Hub};
 use crate::ops::Observer;
-use crate::ops::spans::{client_span, write_trace};
+use crate::ops::spans::{client_span, trace_of, write_trace};
 use crate::store::AnyStore;
 use crate::store::log::{AppendOutcome, AppendRequest, GroupId};
 use crate::store::postgres_cluster::{RingSnapshot, ShardRecord};
@@ -643,8 +644,18 @@ impl entry_sink::Server for EntrySink {
         let p = params.get()?;
         let group =
             GroupId::new(p.get_group_id()?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
-        for e in p.get_entries()? {
-            self.hub.publish(&group, Arc::new(read_entry(e)?));
+        let entries = p.get_entries()?;
+        // Present only when the shard traced some of these appends: one context per entry.
+        let origins = if p.has_origins() {
+            Some(p.get_origins()?)
+        } else {
+            None
+        };
+        for (i, e) in entries.iter().enumerate() {
+            let origin = origins
+                .filter(|o| i < o.len() as usize)
+                .and_then(|o| LinkContext::from_wire(&trace_of(Ok(o.get(i as u32)))));
+            self.hub.publish(&group, read_entry(e)?, origin);
         }
         if p.get_resync() {
             self.hub.resync(&group);
