@@ -379,6 +379,16 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
                     child(&all, forward, "qpq-shard", "quicproquo.ShardService/append").ok()?;
                 let batch = child(&all, shard, "qpq-shard", "appender batch").ok()?;
                 let store = child(&all, batch, "qpq-shard", "postgresql append").ok()?;
+                // Every client call has its client span, parent of the edge's server span.
+                for name in [
+                    "quicproquo.Bootstrap/bind",
+                    "quicproquo.AuthenticationService/claimName",
+                    "quicproquo.DeliveryService/subscribe",
+                ] {
+                    all.iter()
+                        .filter(|g| g.service == "qpq" && g.span.name == name && g.span.kind == 3)
+                        .find(|g| child(&all, &g.span, "qpq-edge", name).is_ok())?;
+                }
                 // The fan-out: pushes in traces of their own, linked to the shard's append.
                 linked(&all, shard, "qpq-shard", "quicproquo.EntrySink/deliver")?;
                 linked(&all, shard, "qpq-edge", "quicproquo.MessageStream/deliver")?;
