@@ -83,7 +83,15 @@ impl Cluster {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words[..] {
                 ["cluster-key", hex] => key = Some(ClusterPublicKey::from_hex(hex)?),
-                [role @ ("shard" | "edge"), addr, "pid", pid, "data-dir", dir, ..] => {
+                [
+                    role @ ("shard" | "edge"),
+                    addr,
+                    "pid",
+                    pid,
+                    "data-dir",
+                    dir,
+                    ..,
+                ] => {
                     let node = NodeInfo {
                         role: role.to_owned(),
                         address: addr.to_owned(),
