@@ -38,9 +38,13 @@ struct AppendRequest {
 }
 
 interface EntrySink {
-  deliver @0 (groupId :Data, entries :List(Envelope), resync :Bool) -> ();
+  deliver @0 (groupId :Data, entries :List(Envelope), resync :Bool,
+              origins :List(Common.TraceContext)) -> ();
   # `resync`: the shard may have dropped entries for this group (it fell behind); readers
-  # should check the log.
+  # should check the log. `origins`: when the shard is tracing, one trace context per entry,
+  # in order, naming the append call that produced it (empty for an entry appended untraced);
+  # the edge links the spans that push the entry to its subscribers to it. Absent when no
+  # entry of the batch was traced.
 }
 
 interface InboxSink {

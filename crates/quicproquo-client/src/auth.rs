@@ -6,6 +6,7 @@ use std::time::Duration;
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::auth_capnp::authentication_service;
 
+use crate::trace::{rpc_span, traced, write_trace};
 use crate::{ClientError, call_error, timed};
 
 /// A KeyPackage fetched for another identity.
@@ -50,9 +51,11 @@ impl AuthClient {
         packages: &[Vec<u8>],
         last_resort: Option<&[u8]>,
     ) -> Result<u32, ClientError> {
+        let span = rpc_span("AuthenticationService", "uploadKeyPackages");
         let mut req = self.cap.upload_key_packages_request();
         {
             let mut p = req.get();
+            write_trace(p.reborrow().init_trace(), &span);
             let count = u32::try_from(packages.len()).map_err(|_| ClientError::Service {
                 code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
                 message: "too many KeyPackages".into(),
@@ -65,7 +68,8 @@ impl AuthClient {
                 p.set_last_resort(lr);
             }
         }
-        let resp = timed(self.addr, self.timeout, "upload", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "upload", req.send().promise);
+        let resp = traced(&span, call).await?;
         Ok(resp.get().map_err(call_error)?.get_remaining())
     }
 
@@ -74,7 +78,9 @@ impl AuthClient {
         &self,
         identities: &[IdentityKey],
     ) -> Result<Vec<FetchedKeyPackage>, ClientError> {
+        let span = rpc_span("AuthenticationService", "fetchKeyPackages");
         let mut req = self.cap.fetch_key_packages_request();
+        write_trace(req.get().init_trace(), &span);
         {
             let count = u32::try_from(identities.len()).map_err(|_| ClientError::Service {
                 code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
@@ -85,7 +91,8 @@ impl AuthClient {
                 list.set(i as u32, id.as_bytes());
             }
         }
-        let resp = timed(self.addr, self.timeout, "fetch", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "fetch", req.send().promise);
+        let resp = traced(&span, call).await?;
         let packages = resp
             .get()
             .map_err(call_error)?
@@ -105,17 +112,23 @@ impl AuthClient {
 
     /// How many KeyPackages the server holds for us, and whether we should upload more.
     pub async fn key_package_count(&self) -> Result<(u32, bool), ClientError> {
-        let req = self.cap.key_package_count_request();
-        let resp = timed(self.addr, self.timeout, "count", req.send().promise).await?;
+        let span = rpc_span("AuthenticationService", "keyPackageCount");
+        let mut req = self.cap.key_package_count_request();
+        write_trace(req.get().init_trace(), &span);
+        let call = timed(self.addr, self.timeout, "count", req.send().promise);
+        let resp = traced(&span, call).await?;
         let r = resp.get().map_err(call_error)?;
         Ok((r.get_remaining(), r.get_low()))
     }
 
     /// Claims a user name for our identity.
     pub async fn claim_name(&self, name: &str) -> Result<(), ClientError> {
+        let span = rpc_span("AuthenticationService", "claimName");
         let mut req = self.cap.claim_name_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_name(name);
-        timed(self.addr, self.timeout, "claim name", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "claim name", req.send().promise);
+        traced(&span, call).await?;
         Ok(())
     }
 
@@ -124,14 +137,17 @@ impl AuthClient {
         &self,
         identities: &[IdentityKey],
     ) -> Result<Vec<Option<String>>, ClientError> {
+        let span = rpc_span("AuthenticationService", "namesOf");
         let mut req = self.cap.names_of_request();
+        write_trace(req.get().init_trace(), &span);
         {
             let mut list = req.get().init_identities(identities.len() as u32);
             for (i, id) in identities.iter().enumerate() {
                 list.set(i as u32, id.as_bytes());
             }
         }
-        let resp = timed(self.addr, self.timeout, "names", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "names", req.send().promise);
+        let resp = traced(&span, call).await?;
         let names = resp
             .get()
             .map_err(call_error)?
@@ -150,9 +166,12 @@ impl AuthClient {
 
     /// The identity that owns a user name.
     pub async fn resolve_name(&self, name: &str) -> Result<IdentityKey, ClientError> {
+        let span = rpc_span("AuthenticationService", "resolveName");
         let mut req = self.cap.resolve_name_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_name(name);
-        let resp = timed(self.addr, self.timeout, "resolve name", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "resolve name", req.send().promise);
+        let resp = traced(&span, call).await?;
         let id = resp
             .get()
             .map_err(call_error)?

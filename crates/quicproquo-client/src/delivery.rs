@@ -10,8 +10,8 @@ use quicproquo_proto::delivery_capnp::{
 };
 use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
-use tracing::Instrument;
 
+use crate::trace::{rpc_span, traced, write_trace};
 use crate::{ClientError, call_error, timed};
 
 /// What kind of message an envelope holds.
@@ -216,9 +216,12 @@ impl DeliveryClient {
 
     /// Registers a new group with us as its only member.
     pub async fn create_group(&self, group_id: &[u8]) -> Result<(), ClientError> {
+        let span = rpc_span("DeliveryService", "createGroup");
         let mut req = self.cap.create_group_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_group_id(group_id);
-        timed(self.addr, self.timeout, "create group", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "create group", req.send().promise);
+        traced(&span, call).await?;
         Ok(())
     }
 
@@ -230,28 +233,14 @@ impl DeliveryClient {
         message: &[u8],
         commit: Option<&CommitParts>,
     ) -> Result<SendOutcome, ClientError> {
-        let span = tracing::info_span!(
-            "rpc.client",
-            otel.name = "quicproquo.DeliveryService/send",
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            rpc.system = "capnp",
-            rpc.service = "quicproquo.DeliveryService",
-            rpc.method = "send",
-            messaging.system = "quicproquo",
-            "messaging.operation.type" = "send",
-            "messaging.message.body.size" = message.len(),
-            "error.type" = tracing::field::Empty,
-        );
+        let span = rpc_span("DeliveryService", "send");
+        span.record("messaging.system", "quicproquo");
+        span.record("messaging.operation.type", "send");
+        span.record("messaging.message.body.size", message.len());
         let mut req = self.cap.send_request();
         {
             let mut p = req.get();
-            let trace = quicproquo_telemetry::propagation::inject(&span);
-            if !trace.is_empty() {
-                let mut t = p.reborrow().init_trace();
-                t.set_traceparent(&trace.traceparent);
-                t.set_tracestate(&trace.tracestate);
-            }
+            write_trace(p.reborrow().init_trace(), &span);
             p.set_group_id(group_id);
             p.set_message_id(message_id);
             p.set_message(message);
@@ -270,13 +259,8 @@ impl DeliveryClient {
                 }
             }
         }
-        let resp = timed(self.addr, self.timeout, "send", req.send().promise)
-            .instrument(span.clone())
-            .await
-            .inspect_err(|e| {
-                span.record("otel.status_code", "ERROR");
-                span.record("error.type", e.code().map_or("error", |c| c.as_str()));
-            })?;
+        let call = timed(self.addr, self.timeout, "send", req.send().promise);
+        let resp = traced(&span, call).await?;
         let result = resp
             .get()
             .map_err(call_error)?
@@ -308,14 +292,17 @@ impl DeliveryClient {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<Envelope>, ClientError> {
+        let span = rpc_span("DeliveryService", "fetch");
         let mut req = self.cap.fetch_request();
         {
             let mut p = req.get();
+            write_trace(p.reborrow().init_trace(), &span);
             p.set_group_id(group_id);
             p.set_after_seq(after_seq);
             p.set_limit(limit);
         }
-        let resp = timed(self.addr, self.timeout, "fetch", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "fetch", req.send().promise);
+        let resp = traced(&span, call).await?;
         let list = resp
             .get()
             .map_err(call_error)?
@@ -326,17 +313,23 @@ impl DeliveryClient {
 
     /// Stores our cursor for `group_id`.
     pub async fn acknowledge(&self, group_id: &[u8], seq: u64) -> Result<(), ClientError> {
+        let span = rpc_span("DeliveryService", "acknowledge");
         let mut req = self.cap.acknowledge_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_group_id(group_id);
         req.get().set_seq(seq);
-        timed(self.addr, self.timeout, "acknowledge", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "acknowledge", req.send().promise);
+        traced(&span, call).await?;
         Ok(())
     }
 
     /// The groups we are a member of.
     pub async fn groups(&self) -> Result<Vec<GroupInfo>, ClientError> {
-        let req = self.cap.groups_request();
-        let resp = timed(self.addr, self.timeout, "groups", req.send().promise).await?;
+        let span = rpc_span("DeliveryService", "groups");
+        let mut req = self.cap.groups_request();
+        write_trace(req.get().init_trace(), &span);
+        let call = timed(self.addr, self.timeout, "groups", req.send().promise);
+        let resp = traced(&span, call).await?;
         let list = resp
             .get()
             .map_err(call_error)?
@@ -361,10 +354,13 @@ impl DeliveryClient {
 
     /// Up to `limit` Welcomes after `after_seq` from our inbox.
     pub async fn inbox(&self, after_seq: u64, limit: u32) -> Result<Vec<Welcome>, ClientError> {
+        let span = rpc_span("DeliveryService", "inbox");
         let mut req = self.cap.inbox_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_after_seq(after_seq);
         req.get().set_limit(limit);
-        let resp = timed(self.addr, self.timeout, "inbox", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "inbox", req.send().promise);
+        let resp = traced(&span, call).await?;
         let list = resp
             .get()
             .map_err(call_error)?
@@ -383,14 +379,17 @@ impl DeliveryClient {
     ) -> Result<Subscription<Envelope>, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink: message_stream::Client = capnp_rpc::new_client(StreamSink(tx));
+        let span = rpc_span("DeliveryService", "subscribe");
         let mut req = self.cap.subscribe_request();
         {
             let mut p = req.get();
+            write_trace(p.reborrow().init_trace(), &span);
             p.set_group_id(group_id);
             p.set_after_seq(after_seq);
             p.set_stream(sink);
         }
-        let resp = timed(self.addr, self.timeout, "subscribe", req.send().promise).await?;
+        let call = timed(self.addr, self.timeout, "subscribe", req.send().promise);
+        let resp = traced(&span, call).await?;
         let cap = resp
             .get()
             .map_err(call_error)?
@@ -406,16 +405,18 @@ impl DeliveryClient {
     ) -> Result<Subscription<Welcome>, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink: inbox_stream::Client = capnp_rpc::new_client(InboxSink(tx));
+        let span = rpc_span("DeliveryService", "subscribeInbox");
         let mut req = self.cap.subscribe_inbox_request();
+        write_trace(req.get().init_trace(), &span);
         req.get().set_after_seq(after_seq);
         req.get().set_stream(sink);
-        let resp = timed(
+        let call = timed(
             self.addr,
             self.timeout,
             "subscribe inbox",
             req.send().promise,
-        )
-        .await?;
+        );
+        let resp = traced(&span, call).await?;
         let cap = resp
             .get()
             .map_err(call_error)?

@@ -31,6 +31,7 @@ pub mod delivery;
 pub mod events;
 pub mod follow;
 pub mod state;
+mod trace;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
 pub use delivery::{DeliveryClient, Envelope, SendOutcome};
@@ -277,10 +278,12 @@ impl Connection {
 
     /// Sends `payload` and waits for it to be echoed back.
     pub async fn ping(&self, payload: &[u8]) -> Result<Pong, ClientError> {
+        let span = trace::rpc_span("Bootstrap", "ping");
         let mut request = self.bootstrap.ping_request();
+        trace::write_trace(request.get().init_trace(), &span);
         request.get().set_payload(payload);
         let started = Instant::now();
-        let response = self.timed("ping", request.send().promise).await?;
+        let response = trace::traced(&span, self.timed("ping", request.send().promise)).await?;
         let rtt = started.elapsed();
         let payload = response.get()?.get_payload()?.to_vec();
         Ok(Pong { payload, rtt })
@@ -316,14 +319,16 @@ impl Connection {
         signature: &[u8],
     ) -> Result<Session, ClientError> {
         let draining = events::Draining::default();
+        let span = trace::rpc_span("Bootstrap", "bind");
         let mut request = self.bootstrap.bind_request();
         {
             let mut p = request.get();
+            trace::write_trace(p.reborrow().init_trace(), &span);
             p.set_identity_key(identity);
             p.set_signature(signature);
             p.set_events(capnp_rpc::new_client(events::Events(draining.clone())));
         }
-        let response = self.timed("bind", request.send().promise).await?;
+        let response = trace::traced(&span, self.timed("bind", request.send().promise)).await?;
         let r = response.get().map_err(call_error)?;
         Ok(Session {
             auth: AuthClient::new(r.get_auth().map_err(call_error)?, self.addr, self.timeout),

@@ -66,6 +66,39 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), KeyStoreError> {
         .map_err(io_err("creating data directory", dir))
 }
 
+/// What is wrong with a key file of permission bits `mode`, if anything.
+///
+/// The rule: no one but the owner (and its group, read-only) may touch a key.
+/// - any access by others: always wrong;
+/// - group write: always wrong (the group could replace the key);
+/// - group read: accepted only when the file is read-only (no write bit at all), as a key
+///   provisioned onto a read-only mount is: a Kubernetes Secret with `defaultMode: 0400`
+///   becomes 0440 under the pod's `fsGroup`. A writable, group-readable key is one somebody
+///   copied carelessly, and the warning says so.
+fn exposure(mode: u32) -> Option<&'static str> {
+    if mode & 0o007 != 0 {
+        Some("key file is accessible by others; chmod 600 it")
+    } else if mode & 0o020 != 0 {
+        Some("key file is writable by its group; chmod 600 it")
+    } else if mode & 0o040 != 0 && mode & 0o222 != 0 {
+        Some(
+            "key file is readable by its group and writable; chmod 600 it (group read is \
+             accepted only on a read-only file, e.g. a Kubernetes Secret of mode 0440)",
+        )
+    } else {
+        None
+    }
+}
+
+/// Logs a warning when the key file at `path` is exposed (see [`exposure`]).
+fn warn_if_exposed(path: &Path) {
+    if let Ok(meta) = fs::metadata(path)
+        && let Some(problem) = exposure(meta.permissions().mode() & 0o777)
+    {
+        tracing::warn!(file = %path.display(), "{problem}");
+    }
+}
+
 /// Reads the hex secret at `dir/name`, creating it with `generate` if it does not exist.
 fn load_or_create(
     dir: &Path,
@@ -77,11 +110,7 @@ fn load_or_create(
     match fs::read_to_string(&path) {
         Ok(text) => {
             let text = Zeroizing::new(text);
-            if let Ok(meta) = fs::metadata(&path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                tracing::warn!(file = %path.display(), "key file is readable by group or others; chmod 600 it");
-            }
+            warn_if_exposed(&path);
             return Ok(text);
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -164,6 +193,7 @@ pub fn cluster_key_file(path: &Path) -> Result<ClusterSigningKey, KeyStoreError>
     let text = fs::read_to_string(path)
         .map(Zeroizing::new)
         .map_err(io_err("reading", path))?;
+    warn_if_exposed(path);
     ClusterSigningKey::from_secret_hex(&text).map_err(|source| KeyStoreError::Invalid {
         path: path.to_owned(),
         source,
@@ -222,6 +252,16 @@ mod tests {
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(&dir)?.count(), 2);
         Ok(())
+    }
+
+    #[test]
+    fn exposed_key_modes_warn_and_read_only_group_mounts_do_not() {
+        for private in [0o600, 0o400, 0o440] {
+            assert_eq!(exposure(private), None, "{private:o}");
+        }
+        for exposed in [0o644, 0o604, 0o444, 0o640, 0o660, 0o620, 0o460] {
+            assert!(exposure(exposed).is_some(), "{exposed:o}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One message send yields one trace across the client, the edge, the owning shard and
-//! Postgres, exported over OTLP/HTTP to a receiver in this test; and nothing exported or
-//! logged during the run names an identity, a user, a group or a message.
+//! Postgres, exported over OTLP/HTTP to a receiver in this test; the pushes that fan the
+//! message out (shard to edge, edge to the subscriber) link back to that trace; and nothing
+//! exported or logged during the run names an identity, a user, a group or a message.
 //!
 //! The edge and the shard run as real `qpq-server` processes configured only through the
 //! standard `OTEL_*` variables; the client runs in this process.
@@ -260,6 +261,29 @@ fn child<'a>(all: &'a [Got], parent: &Span, service: &str, name: &str) -> Result
         })
 }
 
+/// A span named `name` from `service` that links to `target` (same trace and span id); it
+/// must not be in `target`'s trace itself (a push is not a child of the send).
+fn linked<'a>(all: &'a [Got], target: &Span, service: &str, name: &str) -> Option<&'a Span> {
+    all.iter()
+        .find(|g| {
+            g.service == service
+                && g.span.name == name
+                && g.span.trace_id != target.trace_id
+                && g.span
+                    .links
+                    .iter()
+                    .any(|l| l.trace_id == target.trace_id && l.span_id == target.span_id)
+        })
+        .map(|g| &g.span)
+}
+
+/// The value of the unlabelled counter `name` in a Prometheus text page (0 when absent).
+fn counter(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody() -> Result<()> {
     let db = fresh_database().await?;
@@ -305,6 +329,20 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
         bob.chat().receive_all(&mut |_| {}).await?;
         let cursor = bob.state.groups.get(&group).map_or(0, |m| m.cursor);
         let mut sub = bob.session.delivery.subscribe(&group, cursor).await?;
+        // The edge follows the group on the shard once bob subscribes; until that watch is
+        // up, entries reach bob from the log (no live push to link). Send until the shard
+        // has pushed an entry to the edge: from then on a send is fanned out live.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while counter(&get(shard.ops, "/metrics")?, "qpq_fanout_entries_total") == 0 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the edge never followed the group on the shard"
+            );
+            alice.chat().send("g", b"warm-up").await?;
+            tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await?
+                .context("subscription ended")?;
+        }
         alice.chat().send("g", secret).await?;
         tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await?
@@ -341,6 +379,19 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
                     child(&all, forward, "qpq-shard", "quicproquo.ShardService/append").ok()?;
                 let batch = child(&all, shard, "qpq-shard", "appender batch").ok()?;
                 let store = child(&all, batch, "qpq-shard", "postgresql append").ok()?;
+                // Every client call has its client span, parent of the edge's server span.
+                for name in [
+                    "quicproquo.Bootstrap/bind",
+                    "quicproquo.AuthenticationService/claimName",
+                    "quicproquo.DeliveryService/subscribe",
+                ] {
+                    all.iter()
+                        .filter(|g| g.service == "qpq" && g.span.name == name && g.span.kind == 3)
+                        .find(|g| child(&all, &g.span, "qpq-edge", name).is_ok())?;
+                }
+                // The fan-out: pushes in traces of their own, linked to the shard's append.
+                linked(&all, shard, "qpq-shard", "quicproquo.EntrySink/deliver")?;
+                linked(&all, shard, "qpq-edge", "quicproquo.MessageStream/deliver")?;
                 Some(vec![
                     (*client).clone(),
                     edge.clone(),
@@ -363,7 +414,13 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
             let shard = child(&all, forward, "qpq-shard", "quicproquo.ShardService/append")?;
             let batch = child(&all, shard, "qpq-shard", "appender batch")?;
             child(&all, batch, "qpq-shard", "postgresql append")?;
-            bail!("unreachable");
+            bail!(
+                "no fan-out span links to the send's trace: {:?}",
+                all.iter()
+                    .filter(|g| g.span.name.ends_with("/deliver"))
+                    .map(|g| (g.service.as_str(), g.span.name.as_str(), g.span.links.len()))
+                    .collect::<Vec<_>>()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -381,6 +438,15 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
         "same hash on the shard"
     );
     ensure!(text(&chain[5].attributes, "db.system.name").as_deref() == Some("postgresql"));
+    let push = linked(
+        &all,
+        &chain[3],
+        "qpq-edge",
+        "quicproquo.MessageStream/deliver",
+    )
+    .context("the edge's push to the subscriber links to the send")?;
+    ensure!(push.kind == 3, "a push is a client call: {}", push.kind);
+    ensure!(text(&push.attributes, "messaging.operation.type").as_deref() == Some("process"));
 
     // Stop the nodes (they flush their spans), then scan everything that left them.
     edge.stop()?;

@@ -9,6 +9,7 @@
 //!   to owners (moving on when a shard is down), and one upstream feed per group that local
 //!   subscribers share.
 //! - [`service`]: the shard's side of the internal interface (`ShardService`).
+//! - `sinks`: what an edge serves to the shards it follows (`EntrySink`, `InboxSink`).
 //!
 //! Correctness never rests on ownership: Postgres arbitrates sequence numbers, epochs and
 //! message ids, so two shards that both believe they own a group cannot fork its log.
@@ -18,6 +19,7 @@ pub mod link;
 pub mod ring;
 pub mod router;
 pub mod service;
+mod sinks;
 pub(crate) mod wire;
 
 /// Errors of the cluster machinery.

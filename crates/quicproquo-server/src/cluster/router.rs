@@ -30,7 +30,8 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use super::link::{Dialer, Link};
 use super::ring::Ring;
-use super::wire::{read_entry, read_outcome, write_request};
+use super::sinks::{EntrySink, InboxSink};
+use super::wire::{read_outcome, write_request};
 use crate::delivery::hub::{FeedEvent, Hub};
 use crate::ops::Observer;
 use crate::ops::spans::{client_span, write_trace};
@@ -626,57 +627,5 @@ async fn follow_inboxes(state: Rc<State>, rec: ShardRecord, stop: CancellationTo
             () = link.closed() => {}
         }
         drop(subscription);
-    }
-}
-
-/// Receives a shard's pushed entries for one group and publishes them to local subscribers.
-struct EntrySink {
-    hub: Arc<Hub>,
-}
-
-impl entry_sink::Server for EntrySink {
-    async fn deliver(
-        self: Rc<Self>,
-        params: entry_sink::DeliverParams,
-        _: entry_sink::DeliverResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let group =
-            GroupId::new(p.get_group_id()?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
-        for e in p.get_entries()? {
-            self.hub.publish(&group, Arc::new(read_entry(e)?));
-        }
-        if p.get_resync() {
-            self.hub.resync(&group);
-        }
-        Ok(())
-    }
-}
-
-/// Receives a shard's inbox notifications.
-struct InboxSink {
-    hub: Arc<Hub>,
-}
-
-impl inbox_sink::Server for InboxSink {
-    async fn notify(
-        self: Rc<Self>,
-        params: inbox_sink::NotifyParams,
-        _: inbox_sink::NotifyResults,
-    ) -> Result<(), capnp::Error> {
-        let ids = params.get()?.get_identities()?;
-        if ids.is_empty() {
-            // The shard dropped notifications: every inbox must look.
-            self.hub.resync_all_inboxes();
-            return Ok(());
-        }
-        let identities = ids
-            .iter()
-            .map(|id| {
-                IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.hub.notify_inboxes(&identities);
-        Ok(())
     }
 }

@@ -10,19 +10,19 @@ use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, shard_service};
-use quicproquo_proto::errors::{ErrorCode, error};
+use quicproquo_proto::errors::{ErrorCode, code_of, error};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::wire::{read_request, write_outcome};
-use crate::delivery::hub::FeedEvent;
+use crate::delivery::hub::{FeedEvent, Published};
 use crate::delivery::shard::Shard;
 use crate::delivery::subscribe::spawn;
 use crate::delivery::{log_error, write_envelope};
 use crate::ops::Observer;
-use crate::ops::spans::trace_of;
+use crate::ops::spans::{PushTarget, push_span, record_error, trace_of, write_wire};
 use crate::rpc::InFlight;
-use crate::store::log::{GroupId, LogEntry, LogStore};
+use crate::store::log::{GroupId, LogStore};
 
 /// Entries pushed per call at most.
 const BATCH: usize = 256;
@@ -153,7 +153,7 @@ async fn push_group(
 ) -> Result<(), capnp::Error> {
     loop {
         let mut resync = false;
-        let mut batch: Vec<Arc<LogEntry>> = Vec::new();
+        let mut batch: Vec<Arc<Published>> = Vec::new();
         match feed.recv().await {
             Ok(FeedEvent::Entry(e)) => batch.push(e),
             Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => resync = true,
@@ -166,17 +166,35 @@ async fn push_group(
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
+        let span = push_span(
+            PushTarget::Edge,
+            batch.len(),
+            batch.iter().map(|e| e.origin.as_ref()),
+        );
         let mut req = sink.deliver_request();
         {
             let mut p = req.get();
             p.set_group_id(group.as_bytes());
             p.set_resync(resync);
-            let mut list = p.init_entries(batch.len() as u32);
+            let mut list = p.reborrow().init_entries(batch.len() as u32);
             for (i, e) in batch.iter().enumerate() {
                 write_envelope(list.reborrow().get(i as u32), group, e);
             }
+            // Only a traced batch carries origins, so an untraced push costs nothing more.
+            if batch.iter().any(|e| e.origin.is_some()) {
+                let mut origins = p.init_origins(batch.len() as u32);
+                for (i, e) in batch.iter().enumerate() {
+                    if let Some(origin) = &e.origin {
+                        write_wire(origins.reborrow().get(i as u32), &origin.to_wire());
+                    }
+                }
+            }
         }
-        req.send().promise.await?;
+        let result = req.send().promise.instrument(span.clone()).await;
+        if let Err(e) = &result {
+            record_error(&span, code_of(e).map_or("error", ErrorCode::as_str));
+        }
+        result?;
         observer.metrics.fanout(batch.len());
     }
 }

@@ -9,10 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quicproquo_core::NodeRole;
-use quicproquo_core::mls::Suite;
 use serde::Deserialize;
 
 use crate::auth::AuthSettings;
+
+mod cluster;
+mod parse;
+
+pub use cluster::ClusterSettings;
+use parse::parse_suites;
+pub use parse::{check_database_url, parse_duration, parse_ops_listen, redact_database_url};
 
 /// Default configuration file, read from the working directory when it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
@@ -276,33 +282,6 @@ pub struct ServerConfig {
     pub otlp_endpoint: Option<String>,
 }
 
-/// How a node takes part in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterSettings {
-    /// Address a shard registers for edges to reach it; `None`: the bound address.
-    pub advertise: Option<String>,
-    /// The shared cluster key file; `None`: `DATA_DIR/cluster.key`, created on first use.
-    pub cluster_key_file: Option<PathBuf>,
-    /// A shard's place on the ring; `None`: derived from its Noise key.
-    pub node_id: Option<String>,
-    /// A shard's lease length.
-    pub lease_ttl: Duration,
-    /// How often an edge re-reads the shard set.
-    pub ring_refresh: Duration,
-}
-
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        Self {
-            advertise: None,
-            cluster_key_file: None,
-            node_id: None,
-            lease_ttl: Duration::from_secs(10),
-            ring_refresh: Duration::from_secs(1),
-        }
-    }
-}
-
 impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
@@ -528,125 +507,12 @@ impl ServerConfig {
         if let Some(url) = &self.database_url {
             check_database_url(url)?;
         }
-        self.validate_cluster()
+        self.cluster.validate()
     }
-
-    fn validate_cluster(&self) -> Result<(), ConfigError> {
-        let c = &self.cluster;
-        if c.lease_ttl < Duration::from_millis(300) || c.lease_ttl > Duration::from_secs(600) {
-            return Err(invalid("lease_ttl", "must be between 300ms and 10m"));
-        }
-        if c.ring_refresh < Duration::from_millis(50) || c.ring_refresh > Duration::from_secs(60) {
-            return Err(invalid("ring_refresh", "must be between 50ms and 1m"));
-        }
-        if let Some(a) = &c.advertise
-            && (a.len() > 255
-                || a.rsplit_once(':')
-                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
-        {
-            return Err(invalid("advertise", "must be host:port"));
-        }
-        if let Some(n) = &c.node_id
-            && (n.len() > 128
-                || !n
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')))
-        {
-            return Err(invalid(
-                "node_id",
-                "must be at most 128 letters, digits, '-', '_' or '.'",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Parses `ops_listen`: `host:port`, or `off` / `none` / empty for no ops listener.
-pub fn parse_ops_listen(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
-    let t = text.trim();
-    if t.is_empty() || t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
-        return Ok(None);
-    }
-    t.to_socket_addrs()
-        .map_err(|e| invalid("ops_listen", format!("`{t}`: {e} (use host:port or off)")))?
-        .next()
-        .map(Some)
-        .ok_or_else(|| invalid("ops_listen", format!("`{t}` resolves to nothing")))
-}
-
-fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> {
-    names
-        .iter()
-        .map(|n| {
-            Suite::parse(n.trim()).ok_or_else(|| {
-                invalid(
-                    "key_package_suites",
-                    format!("unknown suite `{n}` (use hybrid, classical)"),
-                )
-            })
-        })
-        .collect()
-}
-
-/// Checks that `url` is a PostgreSQL connection URL or `key=value` string. The error never
-/// quotes it: it may hold a password.
-pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
-    url.parse::<tokio_postgres::Config>()
-        .map(drop)
-        .map_err(|_| {
-            invalid(
-                "database_url",
-                "not a PostgreSQL connection string (expected postgres://user@host:port/database)",
-            )
-        })
-}
-
-/// `url` with its password (if any) replaced by `***`, for logs and messages.
-pub fn redact_database_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
-        if let Some(at) = authority.rfind('@')
-            && let Some(colon) = authority[..at].find(':')
-        {
-            let start = scheme_end + 3 + colon + 1;
-            let end = scheme_end + 3 + at;
-            return format!("{}***{}", &url[..start], &url[end..]);
-        }
-        return url.to_owned();
-    }
-    // key=value form: mask the value of `password`.
-    url.split_whitespace()
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => pair.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
-/// Parses `250ms`, `10s`, `5m` or `1h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s, 5m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("`{text}` has an unknown unit (use ms, s, m or h)")),
-    };
-    Ok(d)
 }
 
 /// `QPQ_*` variables in `vars` that nothing reads (likely typos).

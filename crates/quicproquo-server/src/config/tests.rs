@@ -1,5 +1,6 @@
 //! Tests of configuration layering and validation.
 use super::*;
+use quicproquo_core::mls::Suite;
 
 fn file(text: &str) -> Result<FileConfig, ConfigError> {
     FileConfig::parse(text, Path::new("test.toml"))

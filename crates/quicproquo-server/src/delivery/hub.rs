@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use quicproquo_core::IdentityKey;
+use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::broadcast;
 
 use crate::store::log::{GroupId, LogEntry};
@@ -21,11 +22,29 @@ const INBOX_CAPACITY: usize = 16;
 /// Batches of inbox notifications kept for the cluster-wide inbox feed.
 const ALL_INBOXES_CAPACITY: usize = 1024;
 
+/// A newly appended entry as its group's feed carries it.
+#[derive(Debug)]
+pub struct Published {
+    /// The entry.
+    pub entry: LogEntry,
+    /// The span context of the call that appended it, when that call was traced: the spans
+    /// that push the entry to subscribers link to it. `None` (nothing allocated) otherwise.
+    pub origin: Option<LinkContext>,
+}
+
+impl std::ops::Deref for Published {
+    type Target = LogEntry;
+
+    fn deref(&self) -> &LogEntry {
+        &self.entry
+    }
+}
+
 /// What a group's live feed carries.
 #[derive(Debug, Clone)]
 pub enum FeedEvent {
     /// A newly appended entry.
-    Entry(Arc<LogEntry>),
+    Entry(Arc<Published>),
     /// Entries may have been missed (the upstream changed or fell behind): read the log.
     Resync,
 }
@@ -85,9 +104,12 @@ impl Hub {
         }
     }
 
-    /// Publishes a new entry of `group`.
-    pub fn publish(&self, group: &GroupId, entry: Arc<LogEntry>) {
-        self.send_group(group, FeedEvent::Entry(entry));
+    /// Publishes a new entry of `group`, appended by a call with span context `origin`.
+    pub fn publish(&self, group: &GroupId, entry: LogEntry, origin: Option<LinkContext>) {
+        self.send_group(
+            group,
+            FeedEvent::Entry(Arc::new(Published { entry, origin })),
+        );
     }
 
     /// Tells `group`'s subscribers to check the log.

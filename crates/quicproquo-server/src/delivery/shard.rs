@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use quicproquo_telemetry::propagation;
+use quicproquo_telemetry::propagation::{self, LinkContext};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, warn};
@@ -181,7 +181,6 @@ async fn appender(
             calls.push(call);
         }
         let span = batch_span(&calls);
-        drop(calls);
         metrics.append_batch_size.observe(requests.len() as f64);
         let started = Instant::now();
         let result = store.append(&requests).instrument(span).await;
@@ -191,7 +190,8 @@ async fn appender(
         match result {
             Ok(outcomes) => {
                 let now = crate::store::embedded::now_micros();
-                for ((req, reply), outcome) in requests.into_iter().zip(replies).zip(outcomes) {
+                let answers = requests.into_iter().zip(replies).zip(calls);
+                for (((req, reply), call), outcome) in answers.zip(outcomes) {
                     metrics.append(result_of(&outcome));
                     if let AppendOutcome::Appended { seq, .. } = outcome {
                         if let Some(change) = &req.commit
@@ -199,17 +199,16 @@ async fn appender(
                         {
                             hub.notify_inboxes(&change.added);
                         }
-                        hub.publish(
-                            &req.group_id,
-                            Arc::new(LogEntry {
-                                seq,
-                                epoch: req.epoch,
-                                kind: req.kind,
-                                message_id: req.message_id,
-                                payload: req.payload,
-                                appended_at_micros: now,
-                            }),
-                        );
+                        let entry = LogEntry {
+                            seq,
+                            epoch: req.epoch,
+                            kind: req.kind,
+                            message_id: req.message_id,
+                            payload: req.payload,
+                            appended_at_micros: now,
+                        };
+                        // The fan-out of this entry links back to the call that appended it.
+                        hub.publish(&req.group_id, entry, LinkContext::of(&call));
                     }
                     let _ = reply.send(Ok(outcome));
                 }

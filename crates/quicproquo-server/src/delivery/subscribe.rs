@@ -9,13 +9,16 @@
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription, welcome};
+use quicproquo_proto::errors::{ErrorCode, code_of};
+use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::backend::Backend;
 use super::hub::FeedEvent;
 use super::write_envelope;
+use crate::ops::spans::{PushTarget, push_span, record_error};
 use crate::store::StoreError;
 use crate::store::log::{EntryKind, GroupId, InboxEntry, LogEntry, LogStore};
 
@@ -84,22 +87,29 @@ enum FollowError {
     FeedClosed,
 }
 
-async fn deliver(
+/// Pushes `entries` to the subscriber in one call, inside a push span linked to `origins`
+/// (the appends of the entries that were traced; none for entries read from the store).
+async fn deliver<'a>(
     stream: &message_stream::Client,
     group: &GroupId,
-    entries: &[impl std::ops::Deref<Target = LogEntry>],
+    entries: impl ExactSizeIterator<Item = &'a LogEntry>,
+    origins: impl Iterator<Item = Option<&'a LinkContext>>,
 ) -> Result<(), capnp::Error> {
+    let span = push_span(PushTarget::Client, entries.len(), origins);
     let mut req = stream.deliver_request();
     {
         let mut p = req.get();
         p.set_group_id(group.as_bytes());
         let mut list = p.init_entries(entries.len() as u32);
-        for (i, e) in entries.iter().enumerate() {
+        for (i, e) in entries.enumerate() {
             write_envelope(list.reborrow().get(i as u32), group, e);
         }
     }
-    req.send().promise.await?;
-    Ok(())
+    let result = req.send().promise.instrument(span.clone()).await;
+    if let Err(e) = &result {
+        record_error(&span, code_of(e).map_or("error", ErrorCode::as_str));
+    }
+    result.map(drop)
 }
 
 async fn follow_group(
@@ -120,14 +130,13 @@ async fn follow_group(
             let Some(last) = entries.last() else { break };
             next = last.seq + 1;
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
-            let boxed: Vec<Box<LogEntry>> = entries.into_iter().map(Box::new).collect();
-            deliver(stream, group, &boxed).await?;
-            backend.observer().metrics.fanout(boxed.len());
+            deliver(stream, group, entries.iter(), std::iter::empty()).await?;
+            backend.observer().metrics.fanout(entries.len());
             if had_commit && store.group_summary(group, &reader).await.is_err() {
                 // Removed (or the group is gone): everything readable has been delivered.
                 return Ok(());
             }
-            if boxed.len() < BATCH as usize {
+            if entries.len() < BATCH as usize {
                 break;
             }
         }
@@ -163,7 +172,14 @@ async fn follow_group(
                 }
             }
             next += batch.len() as u64;
-            deliver(stream, group, &batch).await?;
+            let entries = batch.iter().map(|e| &e.entry);
+            deliver(
+                stream,
+                group,
+                entries,
+                batch.iter().map(|e| e.origin.as_ref()),
+            )
+            .await?;
             backend.observer().metrics.fanout(batch.len());
             if back_to_store {
                 break 'live;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use quicproquo_proto::common_capnp::trace_context;
 use quicproquo_proto::errors::{ErrorCode, code_of};
-use quicproquo_telemetry::propagation::{self, WireContext};
+use quicproquo_telemetry::propagation::{self, LinkContext, WireContext};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
@@ -37,8 +37,12 @@ pub(crate) fn trace_of(r: capnp::Result<trace_context::Reader<'_>>) -> WireConte
 }
 
 /// Writes `span`'s context into a request's `trace` field.
-pub(crate) fn write_trace(mut out: trace_context::Builder<'_>, span: &Span) {
-    let wire = propagation::inject(span);
+pub(crate) fn write_trace(out: trace_context::Builder<'_>, span: &Span) {
+    write_wire(out, &propagation::inject(span));
+}
+
+/// Writes `wire` into a `TraceContext` (nothing when it is empty).
+pub(crate) fn write_wire(mut out: trace_context::Builder<'_>, wire: &WireContext) {
     if !wire.is_empty() {
         out.set_traceparent(&wire.traceparent);
         out.set_tracestate(&wire.tracestate);
@@ -83,6 +87,55 @@ pub(crate) fn client_span(service: &'static str, method: &'static str) -> Span {
         "error.type" = Empty,
         qpq.group = Empty,
     )
+}
+
+/// Who a push of log entries goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushTarget {
+    /// A subscribed client (`MessageStream.deliver`, from an edge or standalone node).
+    Client,
+    /// An edge following a group (`EntrySink.deliver`, from a shard).
+    Edge,
+}
+
+/// A client span for one push of `count` log entries to `target`.
+///
+/// Pushes run in subscription tasks, outside any call, so the span starts a trace of its own
+/// and, following the messaging conventions for deliveries, links to the append of each
+/// entry that was traced (`origins`): from the send's trace, the links lead to every push
+/// that carried the message. It names no group (the group hash would cost a hash per push
+/// even when nothing is traced).
+pub(crate) fn push_span<'a>(
+    target: PushTarget,
+    count: usize,
+    origins: impl Iterator<Item = Option<&'a LinkContext>>,
+) -> Span {
+    let (name, service) = match target {
+        PushTarget::Client => (
+            "quicproquo.MessageStream/deliver",
+            "quicproquo.MessageStream",
+        ),
+        PushTarget::Edge => ("quicproquo.EntrySink/deliver", "quicproquo.EntrySink"),
+    };
+    let span = tracing::info_span!(
+        parent: None,
+        "rpc.client",
+        otel.name = name,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system = RPC_SYSTEM,
+        rpc.service = service,
+        rpc.method = "deliver",
+        "error.type" = Empty,
+        messaging.system = "quicproquo",
+        "messaging.operation.type" = "process",
+        messaging.operation.name = "deliver",
+        messaging.batch.message_count = count,
+    );
+    for origin in origins.flatten() {
+        origin.link_from(&span);
+    }
+    span
 }
 
 /// A span for one store call (child of the current span).
