@@ -22,15 +22,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use quicproquo_core::IdentityKey;
-use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
 use quicproquo_proto::errors::{ErrorCode, error};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
 
+mod upstream;
+
+use upstream::{follow_group, follow_inboxes};
+
 use super::link::{Dialer, Link};
 use super::ring::Ring;
-use super::sinks::{EntrySink, InboxSink};
 use super::wire::{read_outcome, write_request};
 use crate::delivery::hub::{FeedEvent, Hub};
 use crate::ops::Observer;
@@ -527,105 +529,5 @@ async fn refresh(state: Rc<State>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(state.settings.ring_refresh) => {}
         }
-    }
-}
-
-/// Waits `delay`, or less if the ring changes; `false` when stopped.
-async fn pause(state: &State, stop: &CancellationToken, delay: Duration) -> bool {
-    let mut changed = state.ring_changed.subscribe();
-    tokio::select! {
-        () = stop.cancelled() => false,
-        _ = changed.changed() => true,
-        () = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// Keeps one upstream feed of `group` from its current owner until `stop`.
-async fn follow_group(state: Rc<State>, group: GroupId, stop: CancellationToken) {
-    let mut ring = state.ring_changed.subscribe();
-    while !stop.is_cancelled() {
-        let Some(rec) = state.pick(group.as_bytes()) else {
-            if !pause(&state, &stop, state.retry_delay()).await {
-                return;
-            }
-            continue;
-        };
-        let Ok(link) = state.link(&rec).await else {
-            if !pause(&state, &stop, state.retry_delay()).await {
-                return;
-            }
-            continue;
-        };
-        let sink: entry_sink::Client = capnp_rpc::new_client(EntrySink {
-            hub: Arc::clone(&state.hub),
-        });
-        let mut call = link.client.watch_request();
-        call.get().set_group_id(group.as_bytes());
-        call.get().set_sink(sink);
-        let subscription = match call.send().promise.await {
-            Ok(r) => r.get().and_then(|r| r.get_subscription()),
-            Err(e) => Err(e),
-        };
-        let Ok(subscription) = subscription else {
-            state.suspect(&rec.node_id);
-            if !pause(&state, &stop, state.retry_delay()).await {
-                return;
-            }
-            continue;
-        };
-        // Whatever was appended while no feed was held is in the log only.
-        state.hub.resync(&group);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = link.closed() => {
-                    state.suspect(&rec.node_id);
-                    break;
-                }
-                r = ring.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    let owner = state.pick(group.as_bytes()).map(|r| r.node_id);
-                    if owner.as_deref() != Some(rec.node_id.as_str()) {
-                        break;
-                    }
-                }
-            }
-        }
-        drop(subscription);
-    }
-}
-
-/// Keeps the inbox feed of shard `rec` until `stop`.
-async fn follow_inboxes(state: Rc<State>, rec: ShardRecord, stop: CancellationToken) {
-    while !stop.is_cancelled() {
-        let Ok(link) = state.link(&rec).await else {
-            if !pause(&state, &stop, state.retry_delay()).await {
-                return;
-            }
-            continue;
-        };
-        let sink: inbox_sink::Client = capnp_rpc::new_client(InboxSink {
-            hub: Arc::clone(&state.hub),
-        });
-        let mut call = link.client.watch_inboxes_request();
-        call.get().set_sink(sink);
-        let subscription = match call.send().promise.await {
-            Ok(r) => r.get().and_then(|r| r.get_subscription()),
-            Err(e) => Err(e),
-        };
-        let Ok(subscription) = subscription else {
-            if !pause(&state, &stop, state.retry_delay()).await {
-                return;
-            }
-            continue;
-        };
-        state.hub.resync_all_inboxes();
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = link.closed() => {}
-        }
-        drop(subscription);
     }
 }
