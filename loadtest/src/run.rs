@@ -209,6 +209,13 @@ impl Driver<'_> {
         self.phase("subscribe", Command::Subscribe, s.members)
             .await?;
         for (n, &rate) in s.rates.iter().enumerate() {
+            if n > 0 {
+                // Start each further rate from an empty backlog, so that it measures only
+                // its own traffic.
+                let deadline = Instant::now() + s.drain;
+                self.phase("settle backlog", Command::Settle(deadline), s.members)
+                    .await?;
+            }
             let steady = SteadyPlan {
                 phase: u32::try_from(n).unwrap_or(u32::MAX),
                 start: Instant::now() + SETTLE,

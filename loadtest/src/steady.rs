@@ -123,6 +123,84 @@ pub(crate) async fn run_member(
     *inbox_cursor = cursor.get();
 }
 
+/// Works off what an earlier phase left behind before the next one starts: processes each
+/// group's log up to the end the server reports (decrypting, but not measuring: such messages
+/// count as late), at most until `deadline`.
+pub(crate) async fn settle_member(
+    member: &mut Member,
+    plan: &Plan,
+    deadline: Instant,
+    stats: &Rc<RefCell<Stats>>,
+) {
+    let Member {
+        index,
+        mls,
+        provider,
+        session,
+        slots,
+        inbox_cursor,
+        ..
+    } = member;
+    let Some(session) = session.as_ref() else {
+        return;
+    };
+    let infos = match session.delivery.groups().await {
+        Ok(infos) => infos,
+        Err(e) => {
+            fail(stats, &plan.progress, error_kind("groups", &e));
+            return;
+        }
+    };
+    // No phase has this number: everything processed here is counted as late.
+    let none = SteadyPlan {
+        phase: u32::MAX,
+        start: Instant::now(),
+        rate: 1.0,
+        duration: Duration::ZERO,
+        drain: Duration::ZERO,
+    };
+    let cursor = Cell::new(*inbox_cursor);
+    let ctx = Ctx {
+        index: *index,
+        provider,
+        mls,
+        session,
+        inbox_cursor: &cursor,
+        plan,
+        steady: &none,
+        stats,
+    };
+    let infos = &infos;
+    let ctx = &ctx;
+    futures::future::join_all(slots.iter_mut().filter(|s| s.sub.is_some()).map(
+        |slot| async move {
+            let Some(last) = infos
+                .iter()
+                .find(|g| g.group_id == slot.id)
+                .map(|g| g.last_seq)
+            else {
+                return;
+            };
+            let (mut received, mut standing) = (0, Standing::In);
+            while slot.cursor < last && matches!(standing, Standing::In) {
+                let batch = tokio::select! {
+                    b = next_batch(&mut slot.sub) => b,
+                    () = tokio::time::sleep_until(deadline.into()) => break,
+                };
+                let Some(batch) = batch else { break };
+                if handle_batch(ctx, slot, batch, &mut received, &mut standing)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        },
+    ))
+    .await;
+    *inbox_cursor = cursor.get();
+}
+
 /// Where a member stands in a group during the phase.
 enum Standing {
     /// A member: sends and receives.

@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use quicproquo_core::IdentityKeypair;
@@ -14,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::member::{Member, Plan, Progress};
 use crate::stats::Stats;
-use crate::steady::{SteadyPlan, run_member};
+use crate::steady::{SteadyPlan, run_member, settle_member};
 use crate::sys::WORKER_THREAD_PREFIX;
 
 /// What a worker is asked to do.
@@ -34,6 +35,8 @@ pub(crate) enum Command {
     Subscribe,
     /// One steady-state phase.
     Steady(SteadyPlan),
+    /// Work off the backlog of an earlier phase, until the given deadline at most.
+    Settle(Instant),
     /// Close every connection.
     Close,
 }
@@ -135,9 +138,17 @@ async fn run(
     let progress: &Progress = &plan.progress;
     let stats_ref: &RefCell<Stats> = stats;
     let each = members.iter_mut().map(|m| async move {
-        if let Command::Steady(steady) = cmd {
-            run_member(m, plan, steady, stats).await;
-            return;
+        match cmd {
+            Command::Steady(steady) => {
+                run_member(m, plan, steady, stats).await;
+                return;
+            }
+            Command::Settle(deadline) => {
+                settle_member(m, plan, *deadline, stats).await;
+                Progress::tick(&progress.done);
+                return;
+            }
+            _ => {}
         }
         let Ok(_permit) = limit.acquire().await else {
             return;
@@ -159,7 +170,7 @@ async fn run(
                 m.close().await;
                 Ok(())
             }
-            Command::Steady(_) => Ok(()),
+            Command::Steady(_) | Command::Settle(_) => Ok(()),
         };
         if ok.is_ok() {
             Progress::tick(&progress.done);

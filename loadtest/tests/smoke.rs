@@ -53,6 +53,8 @@ fn messages_scenario_delivers_everything_and_checks_its_thresholds() -> Result<(
         "3",
         "--rate",
         "12",
+        "--sweep",
+        "6",
         "--duration",
         "2s",
         "--drain",
@@ -69,14 +71,27 @@ fn messages_scenario_delivers_everything_and_checks_its_thresholds() -> Result<(
     // 3 groups of 6 from 12 members: 15 joins (some members are in two groups).
     let join = phase(&report, "join")?;
     assert_eq!(join["stats"]["counters"]["joins"], 15);
-    let steady = phase(&report, "steady state")?;
-    let counters = &steady["stats"]["counters"];
-    let delivered = counters["deliveries"].as_u64().context("deliveries")?;
-    assert!(delivered > 0);
-    assert_eq!(Some(delivered), counters["deliveries expected"].as_u64());
-    let h = &steady["stats"]["latency_ms"]["delivery (planned send -> decrypted)"];
-    assert_eq!(h["count"].as_u64(), Some(delivered));
-    assert!(h["p50"].as_f64().is_some_and(|p| p > 0.0));
+    // Both rates (--rate, then --sweep) deliver every message to every other member.
+    let steady: Vec<&Value> = report["phases"]
+        .as_array()
+        .context("phases")?
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("steady state"))
+        })
+        .collect();
+    assert_eq!(steady.len(), 2);
+    for p in steady {
+        let counters = &p["stats"]["counters"];
+        let delivered = counters["deliveries"].as_u64().context("deliveries")?;
+        assert!(delivered > 0);
+        assert_eq!(Some(delivered), counters["deliveries expected"].as_u64());
+        let h = &p["stats"]["latency_ms"]["delivery (planned send -> decrypted)"];
+        assert_eq!(h["count"].as_u64(), Some(delivered));
+        assert!(h["p50"].as_f64().is_some_and(|p| p > 0.0));
+    }
     assert!(
         report["memory"]["process_peak_bytes"]
             .as_u64()
