@@ -17,12 +17,13 @@
 //! CPU use is reported next to the server's.
 //!
 //! Layout: `cli` (options), `run` (the controller and its phases), `worker` (threads that own
-//! members), `member` (connect, register, create, join), `steady` (sending, receiving, churn),
+//! members), `member` (connect, register, create, join), `steady` (sending, receiving), `churn`,
 //! `stats` (HDR histograms, errors), `sys` (CPU and memory from `/proc`), `server` (the server
 //! under test), `report` (table and JSON), `threshold` (pass/fail rules).
 
 #![forbid(unsafe_code)]
 
+mod churn;
 mod cli;
 mod member;
 mod report;

@@ -36,6 +36,8 @@ pub(crate) struct Progress {
     pub(crate) sent: AtomicU64,
     /// Deliveries decrypted.
     pub(crate) delivered: AtomicU64,
+    /// When the current phase started, µs after [`Plan::epoch`].
+    pub(crate) phase_start_us: AtomicU64,
 }
 
 impl Progress {
@@ -63,6 +65,8 @@ pub(crate) struct Plan {
     pub(crate) identities: Vec<IdentityKey>,
     pub(crate) groups: Vec<GroupPlan>,
     pub(crate) progress: Arc<Progress>,
+    /// The run's time origin, for phase-relative times.
+    pub(crate) epoch: Instant,
 }
 
 impl Plan {
@@ -193,7 +197,15 @@ impl Member {
             .bind(&self.identity)
             .await
             .map_err(|e| fail(stats, &plan.progress, error_kind("bind", &e)))?;
-        stats.borrow_mut().record(metric::BIND, connected.elapsed());
+        let mut s = stats.borrow_mut();
+        s.record(metric::BIND, connected.elapsed());
+        let since_start = u64::try_from(plan.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let phase_start = plan.progress.phase_start_us.load(Ordering::Relaxed);
+        s.max(
+            counter::LAST_BOUND_US,
+            since_start.saturating_sub(phase_start),
+        );
+        drop(s);
         self.conn = Some(conn);
         self.session = Some(session);
         Ok(())

@@ -72,6 +72,7 @@ pub(crate) fn run(args: &Args, settings: Settings) -> Result<Report> {
         options,
         settings: settings.clone(),
         progress: Arc::new(Progress::default()),
+        epoch: Instant::now(),
     });
     let mut shares: Vec<Vec<(usize, IdentityKeypair)>> =
         (0..settings.threads).map(|_| Vec::new()).collect();
@@ -273,6 +274,11 @@ impl Driver<'_> {
         let in_process = self.target.in_process();
         let cpu0 = cpu_snapshot(child);
         let started = Instant::now();
+        let since_epoch = started.saturating_duration_since(self.plan.epoch);
+        progress.phase_start_us.store(
+            u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let rate = match &cmd {
             Command::Steady(p) => Some(p.rate),
             _ => None,
@@ -331,8 +337,11 @@ impl Driver<'_> {
             // delivered, or the drain time over).
             Some(delivered / window.as_secs_f64().max(1e-3))
         } else if name == "connect" {
-            let n = stats.summary(metric::CONNECT).map_or(0, |h| h.count);
-            Some(n as f64 / wall.as_secs_f64().max(1e-3))
+            // Bound connections per second until the last one was bound (a straggler that
+            // ends in a timeout does not stretch the figure).
+            let n = stats.counter(counter::LAST_BOUND_US).max(1);
+            let bound = stats.summary(metric::BIND).map_or(0, |h| h.count);
+            Some(bound as f64 / (n as f64 / 1e6))
         } else {
             None
         };

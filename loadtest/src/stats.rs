@@ -69,6 +69,8 @@ pub(crate) mod counter {
     pub(crate) const JOINED: &str = "joins";
     /// Churn removals and re-additions.
     pub(crate) const CHURN: &str = "churn commits";
+    /// When the last connection of the connect phase was bound, µs after the phase began.
+    pub(crate) const LAST_BOUND_US: &str = "last connection bound at (us into the phase)";
     /// Size of the largest commit sent (bytes).
     pub(crate) const COMMIT_BYTES: &str = "largest commit bytes";
     /// Size of the largest Welcome (bytes).
@@ -76,7 +78,11 @@ pub(crate) mod counter {
 }
 
 /// Counters that hold a maximum rather than a sum.
-const MAX_COUNTERS: [&str; 2] = [counter::COMMIT_BYTES, counter::WELCOME_BYTES];
+const MAX_COUNTERS: [&str; 3] = [
+    counter::COMMIT_BYTES,
+    counter::WELCOME_BYTES,
+    counter::LAST_BOUND_US,
+];
 
 /// Histograms, errors and counters of one worker (or merged).
 #[derive(Debug, Default)]

@@ -13,18 +13,16 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use quicproquo_client::delivery::{CommitParts, Envelope, EnvelopeKind, Subscription, Welcome};
+use quicproquo_client::delivery::{Envelope, EnvelopeKind, Subscription, Welcome};
 use quicproquo_client::{SendOutcome, Session};
-use quicproquo_core::IdentityKey;
-use quicproquo_core::group::{Event, Group, GroupError};
+use quicproquo_core::group::{Event, GroupError};
 use quicproquo_core::mls::{MlsIdentity, MlsProvider};
 use quicproquo_proto::errors::ErrorCode;
 use tokio::task::JoinHandle;
 
+use crate::churn;
 use crate::cli::HEADER_BYTES;
-use crate::member::{
-    Counted, GroupSlot, Member, Plan, Progress, fail, is_own, message_id, send_commit,
-};
+use crate::member::{Counted, GroupSlot, Member, Plan, Progress, fail, is_own, message_id};
 use crate::stats::{Stats, counter, error_kind, metric};
 
 /// Marks our plaintexts.
@@ -72,15 +70,15 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// What one member's groups share during the phase.
-struct Ctx<'a> {
-    index: usize,
-    provider: &'a MlsProvider,
-    mls: &'a MlsIdentity,
-    session: &'a Session,
-    inbox_cursor: &'a Cell<u64>,
-    plan: &'a Plan,
-    steady: &'a SteadyPlan,
-    stats: &'a Rc<RefCell<Stats>>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) index: usize,
+    pub(crate) provider: &'a MlsProvider,
+    pub(crate) mls: &'a MlsIdentity,
+    pub(crate) session: &'a Session,
+    pub(crate) inbox_cursor: &'a Cell<u64>,
+    pub(crate) plan: &'a Plan,
+    pub(crate) steady: &'a SteadyPlan,
+    pub(crate) stats: &'a Rc<RefCell<Stats>>,
 }
 
 /// Runs the phase for one member (all its groups at once).
@@ -202,7 +200,7 @@ pub(crate) async fn settle_member(
 }
 
 /// Where a member stands in a group during the phase.
-enum Standing {
+pub(crate) enum Standing {
     /// A member: sends and receives.
     In,
     /// Removed by churn at this moment; waiting for the Welcome that adds it back.
@@ -261,7 +259,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
                     fail(ctx.stats, &ctx.plan.progress, "inbox subscription ended".into());
                     break;
                 };
-                if rejoin(ctx, slot, welcomes, &mut standing).await.is_err() {
+                if churn::rejoin(ctx, slot, welcomes, &mut standing).await.is_err() {
                     break;
                 }
             },
@@ -278,7 +276,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
             },
             () = sleep_until(churn_due) => {
                 churn_at = churn_at.map(|t| t + s.churn_every);
-                if churn(ctx, slot, churn_round).await.is_err() {
+                if churn::step(ctx, slot, churn_round).await.is_err() {
                     churn_at = None;
                 }
                 churn_round += 1;
@@ -485,129 +483,6 @@ async fn handle_batch(
             }
         }
     }
-    Ok(())
-}
-
-/// Joins again from the Welcome of the commit that re-added us, and resubscribes.
-async fn rejoin(
-    ctx: &Ctx<'_>,
-    slot: &mut GroupSlot,
-    welcomes: Vec<Welcome>,
-    standing: &mut Standing,
-) -> Result<(), Counted> {
-    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
-    let Standing::Out(removed_at, _) = standing else {
-        return Ok(());
-    };
-    let removed_at = *removed_at;
-    for w in welcomes {
-        ctx.inbox_cursor.set(ctx.inbox_cursor.get().max(w.seq));
-        if w.group_id != slot.id || w.commit_seq <= slot.cursor {
-            continue;
-        }
-        let t = Instant::now();
-        let group = Group::join(ctx.provider, &w.welcome)
-            .map_err(|_| fail(stats, progress, "welcome processing (rejoin)".into()))?;
-        stats
-            .borrow_mut()
-            .record(metric::WELCOME_PROCESS, t.elapsed());
-        slot.group = Some(group);
-        slot.cursor = w.commit_seq;
-        let sub = ctx
-            .session
-            .delivery
-            .subscribe(&slot.id, w.commit_seq)
-            .await
-            .map_err(|e| fail(stats, progress, error_kind("resubscribe", &e)))?;
-        slot.sub = Some(sub);
-        *standing = Standing::In;
-        stats
-            .borrow_mut()
-            .record(metric::REJOIN, removed_at.elapsed());
-        return Ok(());
-    }
-    Ok(())
-}
-
-/// One churn step by the group's creator: remove `churn` members in one commit, then add
-/// them back (fresh KeyPackages, one batch fetch) in another.
-async fn churn(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> Result<(), Counted> {
-    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
-    let n = ctx.plan.settings.churn;
-    let members = &ctx.plan.groups[slot.index].members;
-    let others = members.len() - 1;
-    let victims: Vec<IdentityKey> = (0..n)
-        .map(|k| members[1 + (round * n + k) % others])
-        .map(|m| ctx.plan.identities[m])
-        .collect();
-    let Some(group) = slot.group.as_mut() else {
-        return Err(Counted);
-    };
-    let t = Instant::now();
-    let out = group
-        .remove_members(ctx.provider, ctx.mls, &victims)
-        .map_err(|_| fail(stats, progress, "commit build (remove)".into()))?;
-    let parts = CommitParts {
-        added: Vec::new(),
-        removed: out.removed.clone(),
-        welcome: None,
-    };
-    send_commit(
-        ctx.session,
-        group,
-        ctx.provider,
-        ctx.index,
-        &slot.id,
-        &out.commit,
-        &parts,
-        stats,
-        progress,
-    )
-    .await?;
-    {
-        let mut s = stats.borrow_mut();
-        s.record(metric::COMMIT, t.elapsed());
-        s.count(counter::CHURN, 1);
-    }
-    let t = Instant::now();
-    let fetched = ctx
-        .session
-        .auth
-        .fetch_key_packages(&victims)
-        .await
-        .map_err(|e| fail(stats, progress, error_kind("keypackage fetch", &e)))?;
-    stats.borrow_mut().record(metric::KP_FETCH, t.elapsed());
-    if fetched.len() < victims.len() {
-        return Err(fail(
-            stats,
-            progress,
-            "no keypackage available (churn)".into(),
-        ));
-    }
-    let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
-    let out = group
-        .add_members(ctx.provider, ctx.mls, &packages)
-        .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
-    let parts = CommitParts {
-        added: out.added.clone(),
-        removed: Vec::new(),
-        welcome: out.welcome.clone(),
-    };
-    send_commit(
-        ctx.session,
-        group,
-        ctx.provider,
-        ctx.index,
-        &slot.id,
-        &out.commit,
-        &parts,
-        stats,
-        progress,
-    )
-    .await?;
-    let mut s = stats.borrow_mut();
-    s.record(metric::COMMIT, t.elapsed());
-    s.count(counter::CHURN, 1);
     Ok(())
 }
 
