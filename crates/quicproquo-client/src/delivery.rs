@@ -10,6 +10,7 @@ use quicproquo_proto::delivery_capnp::{
 };
 use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::{ClientError, call_error, timed};
 
@@ -229,9 +230,28 @@ impl DeliveryClient {
         message: &[u8],
         commit: Option<&CommitParts>,
     ) -> Result<SendOutcome, ClientError> {
+        let span = tracing::info_span!(
+            "rpc.client",
+            otel.name = "quicproquo.DeliveryService/send",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "capnp",
+            rpc.service = "quicproquo.DeliveryService",
+            rpc.method = "send",
+            messaging.system = "quicproquo",
+            "messaging.operation.type" = "send",
+            "messaging.message.body.size" = message.len(),
+            "error.type" = tracing::field::Empty,
+        );
         let mut req = self.cap.send_request();
         {
             let mut p = req.get();
+            let trace = quicproquo_telemetry::propagation::inject(&span);
+            if !trace.is_empty() {
+                let mut t = p.reborrow().init_trace();
+                t.set_traceparent(&trace.traceparent);
+                t.set_tracestate(&trace.tracestate);
+            }
             p.set_group_id(group_id);
             p.set_message_id(message_id);
             p.set_message(message);
@@ -250,7 +270,13 @@ impl DeliveryClient {
                 }
             }
         }
-        let resp = timed(self.addr, self.timeout, "send", req.send().promise).await?;
+        let resp = timed(self.addr, self.timeout, "send", req.send().promise)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", e.code().map_or("error", |c| c.as_str()));
+            })?;
         let result = resp
             .get()
             .map_err(call_error)?

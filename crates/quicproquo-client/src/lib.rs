@@ -28,6 +28,8 @@ use quicproquo_proto::errors::{ErrorCode, code_of};
 pub mod auth;
 pub mod chat;
 pub mod delivery;
+pub mod events;
+pub mod follow;
 pub mod state;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
@@ -92,6 +94,9 @@ pub enum ClientError {
         /// The server's explanation.
         message: String,
     },
+    /// The node announced it is draining: connect to another one.
+    #[error("{0} is draining: connect to another node")]
+    Draining(SocketAddr),
     /// MLS key material could not be created or read.
     #[error(transparent)]
     Mls(#[from] quicproquo_core::mls::MlsError),
@@ -164,6 +169,8 @@ pub struct Session {
     pub auth: AuthClient,
     /// Group logs and Welcomes.
     pub delivery: DeliveryClient,
+    /// Set when the node announces it is draining.
+    pub draining: events::Draining,
 }
 
 /// An authenticated connection to one server node.
@@ -308,11 +315,13 @@ impl Connection {
         identity: &[u8],
         signature: &[u8],
     ) -> Result<Session, ClientError> {
+        let draining = events::Draining::default();
         let mut request = self.bootstrap.bind_request();
         {
             let mut p = request.get();
             p.set_identity_key(identity);
             p.set_signature(signature);
+            p.set_events(capnp_rpc::new_client(events::Events(draining.clone())));
         }
         let response = self.timed("bind", request.send().promise).await?;
         let r = response.get().map_err(call_error)?;
@@ -323,6 +332,7 @@ impl Connection {
                 self.addr,
                 self.timeout,
             ),
+            draining,
         })
     }
 
@@ -374,6 +384,24 @@ pub async fn resolve(servers: &[String]) -> Result<Vec<SocketAddr>, ClientError>
         return Err(ClientError::NoServers);
     }
     Ok(out)
+}
+
+/// Like [`connect_any`], but starts with the server after `after` in `addrs` and tries
+/// `after` itself last: how a client moves off a node that failed or is draining.
+pub async fn connect_any_after(
+    addrs: &[SocketAddr],
+    after: Option<SocketAddr>,
+    options: &ConnectOptions,
+) -> Result<Connection, ClientError> {
+    let start = after
+        .and_then(|a| addrs.iter().position(|x| *x == a))
+        .map_or(0, |i| i + 1);
+    let rotated: Vec<SocketAddr> = addrs[start.min(addrs.len())..]
+        .iter()
+        .chain(&addrs[..start.min(addrs.len())])
+        .copied()
+        .collect();
+    connect_any(&rotated, options).await
 }
 
 /// Connects to the first server in `addrs` that answers and is vouched for.

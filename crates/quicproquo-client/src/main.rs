@@ -16,6 +16,7 @@ use serde_json::json;
 
 mod output;
 use output::{Names, Output, follow_live};
+use quicproquo_client::follow::Follower;
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
 
@@ -311,9 +312,9 @@ async fn run(cli: Cli) -> Result<()> {
             Chat::new(&mut state, &cli.state, &session)
                 .join(&mut |e| events.push(e))
                 .await?;
-            let mut names = Names::new(&session);
+            let mut names = Names::default();
             for e in events {
-                out.event(&mut names, e).await?;
+                out.event(&mut names, &session, e).await?;
             }
             conn.close().await;
         }
@@ -329,29 +330,40 @@ async fn run(cli: Cli) -> Result<()> {
             conn.close().await;
         }
         Command::Recv { follow } => {
-            let (mut state, conn, session) = ctx.bound(&cli).await?;
-            let mut names = Names::new(&session);
+            let ctx = ctx.ready(&cli).await?;
+            let mut state = ClientState::load(&cli.state)?;
+            let conn = ctx.connect().await?;
+            let session = conn.bind(state.identity()).await?;
+            let mut names = Names::default();
             let mut events = Vec::new();
             Chat::new(&mut state, &cli.state, &session)
                 .receive_all(&mut |e| events.push(e))
                 .await?;
             for e in events.drain(..) {
-                out.event(&mut names, e).await?;
+                out.event(&mut names, &session, e).await?;
             }
             if *follow {
-                follow_live(&mut state, &cli.state, &session, &out, &mut names).await?;
+                let follower = Follower::new(
+                    &mut state,
+                    &cli.state,
+                    ctx.addrs.clone(),
+                    ctx.options.clone(),
+                )
+                .with_connection(conn, session);
+                follow_live(follower, &out, &mut names).await?;
+            } else {
+                conn.close().await;
             }
-            conn.close().await;
         }
         Command::Groups => {
             let (state, conn, session) = ctx.bound(&cli).await?;
-            let mut names = Names::new(&session);
+            let mut names = Names::default();
             for g in session.delivery.groups().await? {
                 let label = state.groups.get(&g.group_id).map_or_else(
                     || hex::encode(&g.group_id[..4.min(g.group_id.len())]),
                     |m| m.name.clone(),
                 );
-                let members = names.describe(&g.members).await?;
+                let members = names.describe(&session, &g.members).await?;
                 out.line(
                     &format!(
                         "{label} ({}) epoch {} members: {}",
@@ -394,8 +406,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Logs (`QPQ_LOG`, `QPQ_LOG_FORMAT`, default: warnings) and, with
+    // OTEL_EXPORTER_OTLP_ENDPOINT set, the command's trace.
+    let telemetry = quicproquo_telemetry::LogFormat::from_env().and_then(|log_format| {
+        quicproquo_telemetry::init(&quicproquo_telemetry::Options {
+            service_name: "qpq".to_owned(),
+            log_format,
+            default_log_level: "warn".to_owned(),
+            otlp_endpoint: None,
+            export_traces: true,
+        })
+    });
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("qpq: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&runtime, run(cli)) {
+    let command = tracing::info_span!("qpq.command", otel.name = "qpq command");
+    let result = local.block_on(&runtime, tracing::Instrument::instrument(run(cli), command));
+    drop(local);
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qpq: error: {e:#}");

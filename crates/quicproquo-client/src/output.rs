@@ -1,15 +1,13 @@
 //! How `qpq` prints events: readable lines, or one JSON object per line with `--json`.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::Result;
-use quicproquo_client::chat::{Chat, ChatEvent};
-use quicproquo_client::delivery::Envelope;
-use quicproquo_client::{ClientState, Session};
+use quicproquo_client::Session;
+use quicproquo_client::chat::ChatEvent;
+use quicproquo_client::follow::Follower;
 use quicproquo_core::IdentityKey;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 /// Where events go.
 pub(crate) struct Output {
@@ -27,7 +25,12 @@ impl Output {
     }
 
     /// Prints a chat event.
-    pub(crate) async fn event(&self, names: &mut Names<'_>, e: ChatEvent) -> Result<()> {
+    pub(crate) async fn event(
+        &self,
+        names: &mut Names,
+        session: &Session,
+        e: ChatEvent,
+    ) -> Result<()> {
         match e {
             ChatEvent::Message {
                 group,
@@ -35,7 +38,7 @@ impl Output {
                 sender,
                 body,
             } => {
-                let who = names.name(&sender).await?;
+                let who = names.name(session, &sender).await?;
                 let text = String::from_utf8_lossy(&body).into_owned();
                 self.line(
                     &format!("[{group} #{seq}] {who}: {text}"),
@@ -50,8 +53,8 @@ impl Output {
                 added,
                 removed,
             } => {
-                let added = names.describe(&added).await?;
-                let removed = names.describe(&removed).await?;
+                let added = names.describe(session, &added).await?;
+                let removed = names.describe(session, &removed).await?;
                 let mut what = Vec::new();
                 if !added.is_empty() {
                     what.push(format!("added {}", added.join(", ")));
@@ -81,7 +84,7 @@ impl Output {
                 epoch,
                 members,
             } => {
-                let members = names.describe(&members).await?;
+                let members = names.describe(session, &members).await?;
                 self.line(
                     &format!(
                         "joined group {group} (epoch {epoch}, members: {})",
@@ -96,33 +99,33 @@ impl Output {
 }
 
 /// Resolves identities to user names, caching answers for the command's lifetime.
-pub(crate) struct Names<'a> {
-    session: &'a Session,
+#[derive(Default)]
+pub(crate) struct Names {
     cache: HashMap<IdentityKey, String>,
 }
 
-impl<'a> Names<'a> {
-    pub(crate) fn new(session: &'a Session) -> Self {
-        Self {
-            session,
-            cache: HashMap::new(),
-        }
-    }
-
+impl Names {
     /// The user name, or the first fingerprint groups when the identity has none.
-    pub(crate) async fn name(&mut self, id: &IdentityKey) -> Result<String> {
-        Ok(self.describe(std::slice::from_ref(id)).await?.remove(0))
+    pub(crate) async fn name(&mut self, session: &Session, id: &IdentityKey) -> Result<String> {
+        Ok(self
+            .describe(session, std::slice::from_ref(id))
+            .await?
+            .remove(0))
     }
 
     /// Names of several identities, in order.
-    pub(crate) async fn describe(&mut self, ids: &[IdentityKey]) -> Result<Vec<String>> {
+    pub(crate) async fn describe(
+        &mut self,
+        session: &Session,
+        ids: &[IdentityKey],
+    ) -> Result<Vec<String>> {
         let missing: Vec<IdentityKey> = ids
             .iter()
             .filter(|i| !self.cache.contains_key(*i))
             .copied()
             .collect();
         if !missing.is_empty() {
-            let names = self.session.auth.names_of(&missing).await?;
+            let names = session.auth.names_of(&missing).await?;
             for (id, name) in missing.iter().zip(names) {
                 let label = name.unwrap_or_else(|| {
                     id.fingerprint()
@@ -141,66 +144,36 @@ impl<'a> Names<'a> {
     }
 }
 
-enum Pushed {
-    Group(Vec<u8>, Vec<Envelope>),
-    Inbox,
-}
-
-/// Stays subscribed to every group and to the inbox, printing events until interrupted.
+/// Follows every group and the inbox, printing events until interrupted; moves to another
+/// server of the list when the node dies or drains (see [`Follower`]).
 pub(crate) async fn follow_live(
-    state: &mut ClientState,
-    path: &Path,
-    session: &Session,
+    mut follower: Follower<'_>,
     out: &Output,
-    names: &mut Names<'_>,
+    names: &mut Names,
 ) -> Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut followed = std::collections::HashSet::new();
-    let mut inbox = session.delivery.subscribe_inbox(state.inbox_cursor).await?;
-    let inbox_tx = tx.clone();
-    tokio::task::spawn_local(async move {
-        while inbox.next().await.is_some() {
-            if inbox_tx.send(Pushed::Inbox).is_err() {
-                break;
-            }
-        }
-    });
     let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut reconnects = follower.reconnects();
     loop {
-        for (id, meta) in &state.groups {
-            if followed.insert(id.clone()) {
-                let mut sub = session.delivery.subscribe(id, meta.cursor).await?;
-                let (tx, id) = (tx.clone(), id.clone());
-                tokio::task::spawn_local(async move {
-                    while let Some(batch) = sub.next().await {
-                        if tx.send(Pushed::Group(id.clone(), batch)).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
-        let pushed = tokio::select! {
-            _ = &mut stop => return Ok(()),
-            p = rx.recv() => p,
+        let events = tokio::select! {
+            r = follower.next() => r?,
+            _ = &mut stop => break,
         };
-        let mut events = Vec::new();
-        let mut chat = Chat::new(state, path, session);
-        match pushed {
-            None => return Ok(()),
-            Some(Pushed::Inbox) => {
-                chat.join(&mut |e| events.push(e)).await?;
-            }
-            Some(Pushed::Group(id, batch)) => {
-                chat.apply_batch(&id, &batch, &mut |e| events.push(e))?;
-                state.save(path)?;
-                if let Some(meta) = state.groups.get(&id) {
-                    session.delivery.acknowledge(&id, meta.cursor).await?;
-                }
+        if follower.reconnects() != reconnects {
+            reconnects = follower.reconnects();
+            if let Some(addr) = follower.addr() {
+                eprintln!(
+                    "qpq: reconnected to {addr} ({})",
+                    follower.last_loss().unwrap_or("connection lost")
+                );
             }
         }
+        let Some(session) = follower.session() else {
+            continue;
+        };
         for e in events {
-            out.event(names, e).await?;
+            out.event(names, session, e).await?;
         }
     }
+    follower.close().await;
+    Ok(())
 }

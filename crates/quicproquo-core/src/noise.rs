@@ -76,6 +76,9 @@ pub struct HandshakeOutcome {
     pub remote_static: [u8; 32],
     /// The role the server's certificate vouches for (initiator side only).
     pub server_role: Option<NodeRole>,
+    /// The certificate the initiator presented in message 3, if any (responder side only).
+    /// Unverified: the responder checks it against its cluster key and `remote_static`.
+    pub peer_certificate: Option<NodeCertificate>,
 }
 
 fn snow_error(e: snow::Error) -> TransportError {
@@ -136,6 +139,7 @@ async fn read_exact_or_closed<S: AsyncRead + Unpin>(
 fn finish(
     hs: snow::HandshakeState,
     server_role: Option<NodeRole>,
+    peer_certificate: Option<NodeCertificate>,
 ) -> Result<HandshakeOutcome, TransportError> {
     let remote_static: [u8; 32] = hs
         .get_remote_static()
@@ -151,6 +155,7 @@ fn finish(
         handshake_hash,
         remote_static,
         server_role,
+        peer_certificate,
     })
 }
 
@@ -171,6 +176,29 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     local: &NoiseKeypair,
     verifier: &NodeVerifier,
+    deadline: Duration,
+) -> Result<HandshakeOutcome, TransportError> {
+    initiate_with(io, local, verifier, None, deadline).await
+}
+
+/// Runs the initiator side as a cluster node: like [`initiate`], and also presents
+/// `certificate` (this node's, signed by the cluster key) in message 3, so the responder can
+/// tell a fellow node from a client.
+pub async fn initiate_as_node<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local: &NoiseKeypair,
+    verifier: &NodeVerifier,
+    certificate: &NodeCertificate,
+    deadline: Duration,
+) -> Result<HandshakeOutcome, TransportError> {
+    initiate_with(io, local, verifier, Some(certificate), deadline).await
+}
+
+async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local: &NoiseKeypair,
+    verifier: &NodeVerifier,
+    certificate: Option<&NodeCertificate>,
     deadline: Duration,
 ) -> Result<HandshakeOutcome, TransportError> {
     with_deadline(deadline, async {
@@ -194,9 +222,13 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             .verify(&cert, &server_static)
             .map_err(|_| TransportError::WrongClusterKey)?;
 
-        let n = hs.write_message(&[], &mut msg).map_err(snow_error)?;
+        // Message 3 is encrypted to the responder: the certificate is not visible on the wire.
+        let own = certificate.map(NodeCertificate::encode);
+        let n = hs
+            .write_message(own.as_ref().map_or(&[][..], |c| &c[..]), &mut msg)
+            .map_err(snow_error)?;
         write_handshake(io, &msg[..n]).await?;
-        finish(hs, Some(role))
+        finish(hs, Some(role), None)
     })
     .await
 }
@@ -223,9 +255,16 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         write_handshake(io, &msg[..n]).await?;
 
         let n = read_handshake(io, &mut msg).await?;
-        hs.read_message(&msg[..n], &mut payload)
+        let p = hs
+            .read_message(&msg[..n], &mut payload)
             .map_err(snow_error)?;
-        finish(hs, None)
+        // A client sends nothing; a cluster node sends its certificate.
+        let peer_certificate = if p == 0 {
+            None
+        } else {
+            Some(NodeCertificate::decode(&payload[..p])?)
+        };
+        finish(hs, None, peer_certificate)
     })
     .await
 }

@@ -13,6 +13,7 @@ const SCHEMAS: &[&str] = &[
     "envelope.capnp",
     "auth.capnp",
     "delivery.capnp",
+    "cluster.capnp",
     "bootstrap.capnp",
 ];
 

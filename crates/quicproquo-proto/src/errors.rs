@@ -45,10 +45,14 @@ pub enum ErrorCode {
     /// The message is not an MLS message the Delivery Service accepts (garbage, wrong group,
     /// a commit without its membership change, ...).
     BadMessage,
+    /// This node does not serve the call in its role (e.g. a client binding on a shard).
+    WrongRole,
+    /// The peer is not a cluster node (the call is for cluster nodes only).
+    NotANode,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 18] = [
+    const ALL: [Self; 20] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -67,6 +71,8 @@ impl ErrorCode {
         Self::UnknownGroup,
         Self::GroupExists,
         Self::BadMessage,
+        Self::WrongRole,
+        Self::NotANode,
     ];
 
     /// The code as written on the wire.
@@ -90,6 +96,8 @@ impl ErrorCode {
             Self::UnknownGroup => "unknown_group",
             Self::GroupExists => "group_exists",
             Self::BadMessage => "bad_message",
+            Self::WrongRole => "wrong_role",
+            Self::NotANode => "not_a_node",
         }
     }
 

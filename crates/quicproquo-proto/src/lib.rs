@@ -33,6 +33,8 @@ generated! {
     auth_capnp => "auth_capnp.rs",
     /// The Delivery Service, message stream and subscription interfaces.
     delivery_capnp => "delivery_capnp.rs",
+    /// The internal interface between cluster nodes (edge to shard).
+    cluster_capnp => "cluster_capnp.rs",
     /// The bootstrap interface handed out after the Noise handshake.
     bootstrap_capnp => "bootstrap_capnp.rs",
 }

@@ -181,6 +181,7 @@ async fn start_cluster(url: &str, settings: &Settings) -> Result<Cluster> {
         let (shard, appender) = Shard::start(
             store,
             quicproquo_server::config::DEFAULT_MAX_MESSAGE_BYTES,
+            Arc::default(),
             stop.clone(),
         )?;
         shards.push(shard);

@@ -15,6 +15,7 @@ use quicproquo_proto::auth_capnp::authentication_service;
 use quicproquo_proto::errors::{ErrorCode, error};
 use tracing::warn;
 
+use crate::ops::spans::trace_of;
 use crate::rpc::InFlight;
 use crate::store::{AnyStore, KeyPackageRecord, Store, StoreError, UserName};
 
@@ -206,33 +207,43 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::UploadKeyPackagesParams,
         mut results: authentication_service::UploadKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let params = params.get()?;
-        let packages = params.get_packages()?;
-        if packages.len() as usize > MAX_UPLOAD {
-            return Err(error(
-                ErrorCode::InvalidArgument,
-                format!("at most {MAX_UPLOAD} KeyPackages per upload"),
-            ));
-        }
-        // Validate everything before storing anything.
-        let mut records = Vec::with_capacity(packages.len() as usize);
-        for kp in packages.iter() {
-            records.push(self.check_upload(kp?)?);
-        }
-        let last_resort = if params.has_last_resort() {
-            Some(self.check_upload(params.get_last_resort()?)?)
-        } else {
-            None
-        };
-        let remaining = self
-            .ctx
-            .store
-            .add_key_packages(&self.identity, &records, last_resort.as_ref())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "AuthenticationService",
+                "uploadKeyPackages",
+                trace,
+                async move {
+                    let params = params.get()?;
+                    let packages = params.get_packages()?;
+                    if packages.len() as usize > MAX_UPLOAD {
+                        return Err(error(
+                            ErrorCode::InvalidArgument,
+                            format!("at most {MAX_UPLOAD} KeyPackages per upload"),
+                        ));
+                    }
+                    // Validate everything before storing anything.
+                    let mut records = Vec::with_capacity(packages.len() as usize);
+                    for kp in packages.iter() {
+                        records.push(self.check_upload(kp?)?);
+                    }
+                    let last_resort = if params.has_last_resort() {
+                        Some(self.check_upload(params.get_last_resort()?)?)
+                    } else {
+                        None
+                    };
+                    let remaining = self
+                        .ctx
+                        .store
+                        .add_key_packages(&self.identity, &records, last_resort.as_ref())
+                        .await
+                        .map_err(store_error)?;
+                    results.get().set_remaining(remaining);
+                    Ok(())
+                },
+            )
             .await
-            .map_err(store_error)?;
-        results.get().set_remaining(remaining);
-        Ok(())
     }
 
     async fn fetch_key_packages(
@@ -240,49 +251,70 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::FetchKeyPackagesParams,
         mut results: authentication_service::FetchKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let targets = identity_list(params.get()?.get_identities()?)?;
-        if !self.ctx.limiter.admit(self.identity, &targets) {
-            return Err(error(
-                ErrorCode::RateLimited,
-                "too many KeyPackage fetches for this identity; retry later",
-            ));
-        }
-        let fetched = self
-            .ctx
-            .store
-            .fetch_key_packages(&targets)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "AuthenticationService",
+                "fetchKeyPackages",
+                trace,
+                async move {
+                    let targets = identity_list(params.get()?.get_identities()?)?;
+                    if !self.ctx.limiter.admit(self.identity, &targets) {
+                        return Err(error(
+                            ErrorCode::RateLimited,
+                            "too many KeyPackage fetches for this identity; retry later",
+                        ));
+                    }
+                    let fetched = self
+                        .ctx
+                        .store
+                        .fetch_key_packages(&targets)
+                        .await
+                        .map_err(store_error)?;
+                    let found: Vec<_> = fetched.into_iter().flatten().collect();
+                    let mut out = results.get().init_packages(
+                        u32::try_from(found.len())
+                            .map_err(|_| error(ErrorCode::Internal, "too many"))?,
+                    );
+                    for (i, kp) in found.iter().enumerate() {
+                        let mut entry = out.reborrow().get(i as u32);
+                        entry.set_identity(kp.identity.as_bytes());
+                        entry.set_package(&kp.data);
+                        entry.set_last_resort(kp.last_resort);
+                    }
+                    Ok(())
+                },
+            )
             .await
-            .map_err(store_error)?;
-        let found: Vec<_> = fetched.into_iter().flatten().collect();
-        let mut out = results.get().init_packages(
-            u32::try_from(found.len()).map_err(|_| error(ErrorCode::Internal, "too many"))?,
-        );
-        for (i, kp) in found.iter().enumerate() {
-            let mut entry = out.reborrow().get(i as u32);
-            entry.set_identity(kp.identity.as_bytes());
-            entry.set_package(&kp.data);
-            entry.set_last_resort(kp.last_resort);
-        }
-        Ok(())
     }
 
     async fn key_package_count(
         self: Rc<Self>,
-        _params: authentication_service::KeyPackageCountParams,
+        params: authentication_service::KeyPackageCountParams,
         mut results: authentication_service::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let remaining = self
-            .ctx
-            .store
-            .key_package_count(&self.identity)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "AuthenticationService",
+                "keyPackageCount",
+                trace,
+                async move {
+                    let remaining = self
+                        .ctx
+                        .store
+                        .key_package_count(&self.identity)
+                        .await
+                        .map_err(store_error)?;
+                    let mut out = results.get();
+                    out.set_remaining(remaining);
+                    out.set_low(remaining < self.ctx.low_watermark);
+                    Ok(())
+                },
+            )
             .await
-            .map_err(store_error)?;
-        let mut out = results.get();
-        out.set_remaining(remaining);
-        out.set_low(remaining < self.ctx.low_watermark);
-        Ok(())
     }
 
     async fn claim_name(
@@ -290,13 +322,18 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::ClaimNameParams,
         _results: authentication_service::ClaimNameResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let name = user_name(params.get()?.get_name()?)?;
-        self.ctx
-            .store
-            .claim_name(&self.identity, &name)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("AuthenticationService", "claimName", trace, async move {
+                let name = user_name(params.get()?.get_name()?)?;
+                self.ctx
+                    .store
+                    .claim_name(&self.identity, &name)
+                    .await
+                    .map_err(store_error)
+            })
             .await
-            .map_err(store_error)
     }
 
     async fn resolve_name(
@@ -304,24 +341,29 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::ResolveNameParams,
         mut results: authentication_service::ResolveNameResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let name = user_name(params.get()?.get_name()?)?;
-        match self
-            .ctx
-            .store
-            .resolve_name(&name)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("AuthenticationService", "resolveName", trace, async move {
+                let name = user_name(params.get()?.get_name()?)?;
+                match self
+                    .ctx
+                    .store
+                    .resolve_name(&name)
+                    .await
+                    .map_err(store_error)?
+                {
+                    Some(id) => {
+                        results.get().set_identity(id.as_bytes());
+                        Ok(())
+                    }
+                    None => Err(error(
+                        ErrorCode::UnknownName,
+                        format!("no user is named {name}"),
+                    )),
+                }
+            })
             .await
-            .map_err(store_error)?
-        {
-            Some(id) => {
-                results.get().set_identity(id.as_bytes());
-                Ok(())
-            }
-            None => Err(error(
-                ErrorCode::UnknownName,
-                format!("no user is named {name}"),
-            )),
-        }
     }
 
     async fn names_of(
@@ -329,18 +371,23 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::NamesOfParams,
         mut results: authentication_service::NamesOfResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let ids = identity_list(params.get()?.get_identities()?)?;
-        let mut names = Vec::with_capacity(ids.len());
-        for id in ids {
-            let name = self.ctx.store.name_of(&id).await.map_err(store_error)?;
-            names.push(name.map(|n| n.to_string()).unwrap_or_default());
-        }
-        let mut out = results.get().init_names(names.len() as u32);
-        for (i, n) in names.iter().enumerate() {
-            out.set(i as u32, n.as_str());
-        }
-        Ok(())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("AuthenticationService", "namesOf", trace, async move {
+                let ids = identity_list(params.get()?.get_identities()?)?;
+                let mut names = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let name = self.ctx.store.name_of(&id).await.map_err(store_error)?;
+                    names.push(name.map(|n| n.to_string()).unwrap_or_default());
+                }
+                let mut out = results.get().init_names(names.len() as u32);
+                for (i, n) in names.iter().enumerate() {
+                    out.set(i as u32, n.as_str());
+                }
+                Ok(())
+            })
+            .await
     }
 }
 

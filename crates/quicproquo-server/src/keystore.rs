@@ -153,14 +153,43 @@ pub struct NodeIdentity {
     pub certificate: NodeCertificate,
     /// The cluster public key clients pin.
     pub cluster_public: ClusterPublicKey,
+    /// Hashes group ids for spans and logs under a key derived from the cluster secret, so
+    /// every node of the cluster names a group alike and no one else can recompute it.
+    pub redactor: quicproquo_telemetry::Redactor,
+}
+
+/// Loads the cluster signing key from `path`, which must exist (the key every node of a
+/// cluster shares, e.g. mounted from a secret).
+pub fn cluster_key_file(path: &Path) -> Result<ClusterSigningKey, KeyStoreError> {
+    let text = fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(io_err("reading", path))?;
+    ClusterSigningKey::from_secret_hex(&text).map_err(|source| KeyStoreError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl NodeIdentity {
     /// Loads (or creates) the keys in `dir` and certifies the node key for `role`.
     pub fn load_or_create(dir: &Path, role: NodeRole) -> Result<Self, KeyStoreError> {
-        let cluster = cluster_key(dir)?;
+        Self::load(dir, None, role)
+    }
+
+    /// Like [`NodeIdentity::load_or_create`], but takes the cluster key from
+    /// `cluster_key_file` when given (it must exist) instead of the data directory.
+    pub fn load(
+        dir: &Path,
+        cluster_key_file: Option<&Path>,
+        role: NodeRole,
+    ) -> Result<Self, KeyStoreError> {
+        let cluster = match cluster_key_file {
+            Some(path) => self::cluster_key_file(path)?,
+            None => cluster_key(dir)?,
+        };
         let noise = node_key(dir)?;
         Ok(Self {
+            redactor: quicproquo_telemetry::Redactor::new(cluster.secret_hex().as_bytes()),
             certificate: cluster.certify(role, noise.public()),
             cluster_public: cluster.public_key(),
             noise,

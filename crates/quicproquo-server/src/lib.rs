@@ -10,16 +10,24 @@
 //! [`auth`] is the Authentication Service (identities, names, KeyPackages) over a [`store`]
 //! (Postgres or the embedded file).
 //!
-//! What it is not: a client (see `quicproquo-client`), and not yet the Delivery Service or the
-//! edge-to-shard routing: today every role serves the bootstrap interface (`ping`, `bind`)
-//! and the Authentication Service; the roles differ in what their certificate vouches for.
+//! [`delivery`] is the Delivery Service: ordered group logs with group commit, live feeds and
+//! subscriptions. [`cluster`] splits it over processes: shards register leases in Postgres,
+//! edges hash each group onto a ring of shards and forward its ordering calls to the owner.
+//!
+//! [`ops`] holds the metrics, the RPC and store spans, and the HTTP ops listener
+//! (`/metrics`, `/livez`, `/readyz`); tracing and log setup are in `quicproquo-telemetry`.
+//!
+//! What it is not: a client (see `quicproquo-client`). A standalone node plays every role in
+//! one process; an edge serves clients and routes; a shard orders logs for edges only.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod keystore;
+pub mod ops;
 mod rpc;
 pub mod server;
 pub mod store;

@@ -1,7 +1,10 @@
 //! `qpq-server`: runs a quicproquo node (standalone, edge or shard), or manages its keys and
 //! the cluster database's schema.
 
+mod cli;
+
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -10,6 +13,7 @@ use quicproquo_core::NodeRole;
 use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
 use quicproquo_server::store::postgres;
 use quicproquo_server::{bind_and_start, keystore};
+use quicproquo_telemetry::{self as telemetry, Telemetry};
 use std::io::Write;
 use tracing::{info, warn};
 
@@ -38,6 +42,38 @@ enum Command {
         #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Show the cluster's shard ring: its version, the live shards and (with --group) the
+    /// shard that owns a group.
+    Ring {
+        /// The cluster database.
+        #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// A group id (hex) whose owner to show.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Run a local cluster on loopback: migrate, then start the shards and edges as child
+    /// processes, print their addresses, and stop them all on ctrl-c or SIGTERM.
+    DevCluster {
+        /// The cluster database.
+        #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Edge processes.
+        #[arg(long, default_value_t = 2)]
+        edges: usize,
+        /// Shard processes.
+        #[arg(long, default_value_t = 3)]
+        shards: usize,
+        /// Directory for the cluster key and each node's data directory.
+        #[arg(long, default_value = "qpq-dev-cluster")]
+        data_dir: PathBuf,
+        /// Loopback address the nodes listen on (port 0 each).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Shard lease length.
+        #[arg(long, default_value = "5s")]
+        lease_ttl: String,
+    },
     /// Apply the PostgreSQL migrations the cluster database lacks, and print what was applied.
     /// Safe to run from several replicas at once.
     Migrate {
@@ -52,30 +88,46 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QPQ_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Installs logging (`QPQ_LOG` / `RUST_LOG`, `QPQ_LOG_FORMAT`) and, for a serving node with an
+/// OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `otlp_endpoint` in the config file), trace
+/// export.
+fn init_telemetry(cli: &Cli) -> Result<Telemetry> {
+    let serving = match &cli.command {
+        Command::Standalone(o) => Some((NodeRole::Standalone, o)),
+        Command::Edge(o) => Some((NodeRole::Edge, o)),
+        Command::Shard(o) => Some((NodeRole::Shard, o)),
+        _ => None,
+    };
+    // A config file that fails to load is reported by `serve`, with its real error.
+    let otlp_endpoint = serving.and_then(|(_, o)| {
+        FileConfig::load(o.config.as_deref())
+            .ok()
+            .and_then(|f| f.otlp_endpoint)
+    });
+    let options = telemetry::Options {
+        service_name: serving.map_or_else(|| "qpq-server".to_owned(), |(r, _)| format!("qpq-{r}")),
+        log_format: telemetry::LogFormat::from_env()?,
+        default_log_level: "info".to_owned(),
+        otlp_endpoint,
+        export_traces: serving.is_some(),
+    };
+    Ok(telemetry::init(&options)?)
 }
 
 /// Installs the SIGTERM and SIGINT handlers; the returned future resolves when either arrives.
 ///
 /// Installed before the server announces itself, so a signal sent right after the
 /// "listening" line is never lost to the default action.
-fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> Result<Pin<Box<dyn Future<Output = ()>>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
+    Ok(Box::pin(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-    })
+    }))
 }
 
 fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
@@ -90,13 +142,22 @@ fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
         .context("building the signal runtime")?;
     let signal = runtime.block_on(async { shutdown_signal() })?;
     let handle = bind_and_start(config)?;
-    // One machine-readable line on stdout: scripts and tests read the bound address from it.
-    println!(
-        "qpq-server {role} listening on {} cluster-key {}",
+    // Machine-readable lines on stdout: scripts and tests read the bound addresses from them.
+    // Both lines go out in one write, so a reader that takes only the first still finds the
+    // pipe's buffer holding the second rather than a closed pipe.
+    let ops = handle
+        .ops_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let lines = format!(
+        "qpq-server {role} listening on {} cluster-key {}\nqpq-server {role} ops {ops}\n",
         handle.local_addr(),
         handle.cluster_key()
     );
-    std::io::stdout().flush().context("writing to stdout")?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(lines.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")?;
+    drop(out);
     runtime.block_on(signal);
     info!("shutting down");
     handle.shutdown();
@@ -149,13 +210,41 @@ fn run(cli: Cli) -> Result<()> {
             database_url,
             config,
         } => migrate(database_url, config),
+        Command::Ring {
+            database_url,
+            group,
+        } => cli::ring(&database_url, group.as_deref()),
+        Command::DevCluster {
+            database_url,
+            edges,
+            shards,
+            data_dir,
+            host,
+            lease_ttl,
+        } => cli::dev_cluster::run(&cli::dev_cluster::Plan {
+            database_url,
+            edges,
+            shards,
+            base_dir: data_dir,
+            host,
+            lease_ttl,
+        }),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let telemetry = match init_telemetry(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("qpq-server: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = run(cli);
+    // Flush the spans still queued (blocking; every runtime is gone by now).
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qpq-server: error: {e:#}");

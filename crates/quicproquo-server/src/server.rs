@@ -20,7 +20,7 @@ use std::time::Duration;
 use capnp::message::ReaderOptions;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use quicproquo_core::channel::{ChannelLimits, channel};
-use quicproquo_core::{ClusterPublicKey, noise};
+use quicproquo_core::{ClusterPublicKey, NodeRole, NodeVerifier, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,11 +30,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::AuthContext;
+use crate::cluster::lease;
+use crate::cluster::link::Dialer;
+use crate::cluster::router::{RingStatus, Router, RouterSettings};
 use crate::config::{ConfigError, ServerConfig};
+use crate::delivery::backend::Backend;
 use crate::delivery::shard::Shard;
 use crate::keystore::{KeyStoreError, NodeIdentity};
-use crate::rpc::{BootstrapImpl, InFlight, SessionInfo};
+use crate::ops::{self, Observer, OpsState};
+use crate::rpc::{BootstrapImpl, EventsSlot, InFlight, SessionInfo};
 use crate::store::postgres::PgStore;
+use crate::store::postgres_cluster::LeaseClaim;
 use crate::store::{AnyStore, StoreError, embedded};
 
 /// Errors starting or running a server.
@@ -84,10 +90,16 @@ pub struct Stats {
 
 struct Shared {
     config: ServerConfig,
-    identity: NodeIdentity,
+    identity: Arc<NodeIdentity>,
+    verifier: NodeVerifier,
     auth: Arc<AuthContext>,
-    shard: Arc<Shard>,
+    /// What client-facing Delivery Services forward to (`None` on a shard, which serves no
+    /// clients).
+    backend: Option<Backend>,
+    /// The shard served to cluster nodes (shard role only).
+    shard: Option<Arc<Shard>>,
     stats: Arc<Stats>,
+    observer: Arc<Observer>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
 }
@@ -99,8 +111,13 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     threads: Vec<JoinHandle<()>>,
-    appender_stop: CancellationToken,
-    appender: Option<JoinHandle<()>>,
+    /// Stopped after the workers: the appender or router serving their last calls.
+    backend_stop: CancellationToken,
+    backend_threads: Vec<JoinHandle<()>>,
+    router: Option<Arc<Router>>,
+    node_id: Option<String>,
+    ops_addr: Option<SocketAddr>,
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -127,6 +144,26 @@ impl ServerHandle {
         &self.stats
     }
 
+    /// Where the ops listener (`/metrics`, `/livez`, `/readyz`) is bound, if it runs.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_addr
+    }
+
+    /// The metrics and redaction key this server reports with.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+
+    /// The ring as this edge knows it (`None` on other roles).
+    pub fn ring_status(&self) -> Option<RingStatus> {
+        self.router.as_ref().map(|r| r.status())
+    }
+
+    /// A shard's place on the ring (`None` on other roles).
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
     /// A token that, when cancelled, shuts the server down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -137,21 +174,23 @@ impl ServerHandle {
         self.shutdown.cancel();
     }
 
-    /// Waits (blocking) until every server thread has exited. The appender stops last, after
-    /// the workers have finished their in-flight calls, so no acknowledged append is cut off.
+    /// Waits (blocking) until every server thread has exited. The appender (or the edge's
+    /// router) stops last, after the workers have finished their in-flight calls, so no
+    /// acknowledged append is cut off.
     pub fn join(self) -> Result<(), ServerError> {
         let mut result = Ok(());
-        for t in self.threads {
+        let mut join = |t: JoinHandle<()>| {
             let name = t.thread().name().unwrap_or("?").to_owned();
             if t.join().is_err() {
                 result = Err(ServerError::ThreadPanicked(name));
             }
+        };
+        for t in self.threads {
+            join(t);
         }
-        self.appender_stop.cancel();
-        if let Some(t) = self.appender
-            && t.join().is_err()
-        {
-            result = Err(ServerError::ThreadPanicked("qpq-appender".into()));
+        self.backend_stop.cancel();
+        for t in self.backend_threads {
+            join(t);
         }
         result
     }
@@ -212,7 +251,11 @@ fn connect_postgres(url: &str, pool_size: usize) -> Result<PgStore, ServerError>
 /// and starts serving.
 pub fn bind_and_start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     config.validate()?;
-    let identity = NodeIdentity::load_or_create(&config.data_dir, config.role)?;
+    let identity = NodeIdentity::load(
+        &config.data_dir,
+        config.cluster.cluster_key_file.as_deref(),
+        config.role,
+    )?;
     let store = open_store(&config)?;
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(io_err("binding the listener"))?;
@@ -236,21 +279,97 @@ pub fn start(
     let shutdown = CancellationToken::new();
     let stats = Arc::new(Stats::default());
     let cluster_key = identity.cluster_public;
-    let appender_stop = CancellationToken::new();
-    let (shard, appender) = Shard::start(
-        store.clone(),
-        config.max_message_bytes,
-        appender_stop.clone(),
-    )
-    .map_err(io_err("starting the appender"))?;
+    let observer = Arc::new(Observer::new(identity.redactor.clone()));
+    let identity = Arc::new(identity);
+    let backend_stop = CancellationToken::new();
+    let mut backend_threads = Vec::new();
+    let (mut backend, mut shard, mut router, mut node_id) = (None, None, None, None);
+    match config.role {
+        NodeRole::Edge => {
+            let settings = RouterSettings {
+                ring_refresh: config.cluster.ring_refresh,
+                dialer: Dialer {
+                    identity: Arc::clone(&identity),
+                    verifier: NodeVerifier::new(cluster_key),
+                    timeout: config.handshake_timeout.min(Duration::from_secs(5)),
+                    max_frame_bytes: config.max_frame_bytes,
+                },
+            };
+            let (r, thread) = Router::start(
+                store.clone(),
+                settings,
+                config.max_message_bytes,
+                Arc::clone(&observer),
+                backend_stop.clone(),
+            )
+            .map_err(io_err("starting the router"))?;
+            backend_threads.push(thread);
+            backend = Some(Backend::Routed(Arc::clone(&r)));
+            router = Some(r);
+        }
+        _ => {
+            let (s, thread) = Shard::start(
+                store.clone(),
+                config.max_message_bytes,
+                Arc::clone(&observer),
+                backend_stop.clone(),
+            )
+            .map_err(io_err("starting the appender"))?;
+            backend_threads.push(thread);
+            if config.role == NodeRole::Shard {
+                let id = config
+                    .cluster
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| hex::encode(&identity.noise.public()[..8]));
+                if let AnyStore::Postgres(pg) = &store {
+                    let claim = LeaseClaim {
+                        node_id: id.clone(),
+                        address: advertised(&config, local_addr)?,
+                        noise_key: *identity.noise.public(),
+                        ttl: config.cluster.lease_ttl,
+                    };
+                    let thread = lease::start(pg.clone(), claim, shutdown.clone())
+                        .map_err(io_err("starting the shard lease"))?;
+                    backend_threads.push(thread);
+                }
+                node_id = Some(id);
+                shard = Some(s);
+            } else {
+                backend = Some(Backend::Local(s));
+            }
+        }
+    }
+    // The ops listener serves until the backends stop, so /readyz answers 503 while the
+    // workers drain and /metrics stays scrapeable until the end.
+    let ops_addr = match config.ops_listen {
+        Some(addr) => {
+            let state = OpsState {
+                role: config.role,
+                observer: Arc::clone(&observer),
+                stats: Arc::clone(&stats),
+                store: store.clone(),
+                router: router.clone(),
+                draining: shutdown.clone(),
+            };
+            let listener = ops::start(addr, state, backend_stop.clone())
+                .map_err(io_err("binding the ops listener"))?;
+            backend_threads.push(listener.thread);
+            Some(listener.local_addr)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         auth: Arc::new(AuthContext::new(store, &config.auth)),
+        backend,
         shard,
+        verifier: NodeVerifier::new(cluster_key),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
         config,
         identity,
         stats: Arc::clone(&stats),
+        observer: Arc::clone(&observer),
     });
 
     let mut threads = Vec::new();
@@ -273,9 +392,30 @@ pub fn start(
         shutdown,
         stats,
         threads,
-        appender_stop,
-        appender: Some(appender),
+        backend_stop,
+        backend_threads,
+        router,
+        node_id,
+        ops_addr,
+        observer,
     })
+}
+
+/// The address a shard registers: `advertise`, or the bound address when that is specific.
+fn advertised(config: &ServerConfig, local: SocketAddr) -> Result<String, ServerError> {
+    if let Some(a) = &config.cluster.advertise {
+        return Ok(a.clone());
+    }
+    if local.ip().is_unspecified() {
+        return Err(ServerError::Config(ConfigError::Invalid {
+            key: "advertise",
+            message: format!(
+                "a shard listening on {local} must say where edges reach it (e.g. \
+                 advertise = \"shard-0.example:7100\")"
+            ),
+        }));
+    }
+    Ok(local.to_string())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
@@ -358,6 +498,7 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = shared.observer.metrics.connection_opened();
     let config = &shared.config;
     let handshake = tokio::select! {
         () = shutdown.cancelled() => return,
@@ -395,17 +536,25 @@ async fn serve_connection(
         Side::Server,
         reader_options(config.max_frame_bytes),
     );
-    let in_flight = Rc::new(InFlight::default());
+    let in_flight = Rc::new(InFlight::new(Arc::clone(&shared.observer)));
+    // A peer that presented a certificate the cluster key vouches for is a fellow node.
+    let peer_node = outcome
+        .peer_certificate
+        .and_then(|cert| shared.verifier.verify(&cert, &outcome.remote_static).ok());
     let session = SessionInfo {
         handshake_hash: outcome.handshake_hash,
         client_static: outcome.remote_static,
+        peer_node,
     };
+    let events = EventsSlot::default();
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
         config.role,
         session,
         Arc::clone(&shared.auth),
-        Arc::clone(&shared.shard),
+        shared.backend.clone(),
+        shared.shard.clone(),
         Rc::clone(&in_flight),
+        events.clone(),
     ));
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
     let disconnector = rpc.get_disconnector();
@@ -421,7 +570,9 @@ async fn serve_connection(
         }
         () = shutdown.cancelled() => {}
     }
-    // Draining: keep serving the calls in progress, then close politely.
+    // Draining: tell the client to move to another node, keep serving the calls in progress,
+    // then close politely.
+    events.draining();
     let drain = async {
         in_flight.idle().await;
         let _ = disconnector.await;

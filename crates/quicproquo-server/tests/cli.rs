@@ -15,6 +15,7 @@ fn server_cmd(dir: &std::path::Path) -> Command {
         .env_remove("QPQ_LISTEN")
         .env_remove("QPQ_DATA_DIR")
         .env_remove("QPQ_DATABASE_URL")
+        .env("QPQ_OPS_LISTEN", "127.0.0.1:0")
         .env("QPQ_LOG", "warn");
     c
 }
@@ -187,9 +188,17 @@ fn edge_and_shard_without_a_database_are_refused_before_binding() -> Result<()> 
 }
 
 /// The documented cluster path: `migrate`, then a node with `--database-url` keeps its
-/// Authentication and Delivery Service state in Postgres.
+fn first_line(child: &mut std::process::Child) -> Result<String> {
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// A shard and an edge as separate processes keep the Authentication and Delivery Service
+/// state in Postgres; clients are served by the edge only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_keeps_its_state_in_postgres_after_migrate() -> Result<()> {
+async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
     use quicproquo_server::store::log::{GroupId, LogStore};
     use quicproquo_server::store::{Store, UserName};
 
@@ -199,7 +208,7 @@ async fn a_shard_keeps_its_state_in_postgres_after_migrate() -> Result<()> {
         .args(["migrate", "--database-url", db.url()])
         .output()?;
     assert!(out.status.success(), "{out:?}");
-    let mut child = server_cmd(tmp.path())
+    let mut shard = server_cmd(tmp.path())
         .args([
             "shard",
             "--listen",
@@ -208,43 +217,87 @@ async fn a_shard_keeps_its_state_in_postgres_after_migrate() -> Result<()> {
             db.url(),
         ])
         .arg("--data-dir")
-        .arg(tmp.path().join("data"))
+        .arg(tmp.path().join("shard"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let line = tokio::task::spawn_blocking(move || -> Result<String> {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        Ok(line)
+    let shard_line = tokio::task::spawn_blocking(move || {
+        let line = first_line(&mut shard);
+        (shard, line)
     })
-    .await??;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let [_, "shard", _, _, addr, _, key] = words[..] else {
-        let _ = child.kill();
-        bail!("unexpected first line: {line:?}");
+    .await?;
+    let (mut shard, shard_line) = (shard_line.0, shard_line.1?);
+    let mut edge = server_cmd(tmp.path())
+        .args([
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("edge"))
+        .arg("--cluster-key-file")
+        .arg(tmp.path().join("shard").join("cluster.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let edge_line = tokio::task::spawn_blocking(move || {
+        let line = first_line(&mut edge);
+        (edge, line)
+    })
+    .await?;
+    let (mut edge, edge_line) = (edge_line.0, edge_line.1?);
+    let parse = |line: &str, role: &str| -> Result<(std::net::SocketAddr, String)> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [_, r, _, _, addr, _, key] if r == role => Ok((addr.parse()?, key.to_owned())),
+            _ => bail!("unexpected first line: {line:?}"),
+        }
     };
-    let (addr, key) = (
-        addr.parse()?,
-        quicproquo_core::ClusterPublicKey::from_hex(key)?,
+    let (shard_addr, shard_key) = parse(&shard_line, "shard")?;
+    let (edge_addr, edge_key) = parse(&edge_line, "edge")?;
+    assert_eq!(
+        shard_key, edge_key,
+        "both nodes vouched for by one cluster key"
     );
+    let key = quicproquo_core::ClusterPublicKey::from_hex(&edge_key)?;
     let carol = quicproquo_core::IdentityKeypair::generate()?;
     let used = tokio::task::LocalSet::new()
         .run_until(async {
             let options = quicproquo_client::ConnectOptions::new(key);
-            let conn = quicproquo_client::Connection::connect(addr, &options).await?;
+            // A shard serves cluster nodes only.
+            let direct = quicproquo_client::Connection::connect(shard_addr, &options).await?;
+            let refused = direct.bind(&carol).await;
+            anyhow::ensure!(
+                refused.as_ref().err().and_then(|e| e.code())
+                    == Some(quicproquo_proto::errors::ErrorCode::WrongRole),
+                "binding on a shard: {:?}",
+                refused.err()
+            );
+            let conn = quicproquo_client::Connection::connect(edge_addr, &options).await?;
             let session = conn.bind(&carol).await?;
             session.auth.claim_name("carol").await?;
             session.delivery.create_group(b"pg-group").await?;
             anyhow::Ok(())
         })
         .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    for child in [&edge, &shard] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    let edge_status = edge.wait()?;
+    let shard_status = shard.wait()?;
     used?;
-    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(
+        edge_status.success(),
+        "edge exit after SIGTERM: {edge_status}"
+    );
+    assert!(
+        shard_status.success(),
+        "shard exit after SIGTERM: {shard_status}"
+    );
 
     let store = quicproquo_server::store::postgres::PgStore::connect(db.url(), 1).await?;
     assert_eq!(

@@ -20,6 +20,9 @@ pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "qpq-data";
+/// Default ops (metrics and health) listen address: loopback, so nothing is exposed unless
+/// configured.
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:9090";
 
 /// Smallest accepted `max_frame_bytes`: one Noise message must fit.
 const MIN_FRAME_BYTES: usize = 64 * 1024;
@@ -42,10 +45,17 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_MESSAGE_BYTES",
     "QPQ_SHUTDOWN_GRACE",
     "QPQ_DATABASE_URL",
+    "QPQ_ADVERTISE",
+    "QPQ_CLUSTER_KEY_FILE",
+    "QPQ_NODE_ID",
+    "QPQ_LEASE_TTL",
+    "QPQ_RING_REFRESH",
     "QPQ_LOG",
     "QPQ_KEY_PACKAGE_SUITES",
     "QPQ_KEY_PACKAGE_FETCH_LIMIT",
     "QPQ_KEY_PACKAGE_LOW_WATERMARK",
+    "QPQ_OPS_LISTEN",
+    "QPQ_LOG_FORMAT",
     "QPQ_SERVER",
     "QPQ_SERVER_KEY",
     "QPQ_STATE",
@@ -136,6 +146,26 @@ pub struct Overrides {
     /// PostgreSQL database of a cluster, e.g. `postgres://qpq@db:5432/qpq` [default: none].
     #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Address other nodes use to reach this shard, `host:port` [default: the bound address].
+    #[arg(long, env = "QPQ_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// File holding the cluster signing key, shared by every node [default: DATA_DIR/cluster.key,
+    /// created on first use].
+    #[arg(long, env = "QPQ_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// A shard's stable identity, its place on the ring [default: derived from its node key].
+    #[arg(long, env = "QPQ_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long a shard's lease lasts without renewal, e.g. `10s` [default: 10s].
+    #[arg(long, env = "QPQ_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// How often an edge re-reads the set of shards, e.g. `1s` [default: 1s].
+    #[arg(long, env = "QPQ_RING_REFRESH")]
+    pub ring_refresh: Option<String>,
+    /// HTTP listener for /metrics, /livez and /readyz, `host:port` or `off`
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "QPQ_OPS_LISTEN")]
+    pub ops_listen: Option<String>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -168,6 +198,21 @@ pub struct FileConfig {
     pub key_package_low_watermark: Option<u32>,
     /// See [`Overrides::database_url`].
     pub database_url: Option<String>,
+    /// See [`Overrides::advertise`].
+    pub advertise: Option<String>,
+    /// See [`Overrides::cluster_key_file`].
+    pub cluster_key_file: Option<PathBuf>,
+    /// See [`Overrides::node_id`].
+    pub node_id: Option<String>,
+    /// See [`Overrides::lease_ttl`].
+    pub lease_ttl: Option<String>,
+    /// See [`Overrides::ring_refresh`].
+    pub ring_refresh: Option<String>,
+    /// See [`Overrides::ops_listen`].
+    pub ops_listen: Option<String>,
+    /// OTLP/HTTP collector base URL for traces, e.g. `http://collector:4318`; the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable wins over it [default: none, tracing off].
+    pub otlp_endpoint: Option<String>,
 }
 
 impl FileConfig {
@@ -223,6 +268,39 @@ pub struct ServerConfig {
     pub auth: AuthSettings,
     /// The cluster's PostgreSQL database (libpq-style URL or `key=value` string), if any.
     pub database_url: Option<String>,
+    /// Cluster settings (shards and edges).
+    pub cluster: ClusterSettings,
+    /// Where the ops listener (metrics, health) binds; `None`: no ops listener.
+    pub ops_listen: Option<SocketAddr>,
+    /// The OTLP collector named in the configuration file, if any.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// How a node takes part in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Address a shard registers for edges to reach it; `None`: the bound address.
+    pub advertise: Option<String>,
+    /// The shared cluster key file; `None`: `DATA_DIR/cluster.key`, created on first use.
+    pub cluster_key_file: Option<PathBuf>,
+    /// A shard's place on the ring; `None`: derived from its Noise key.
+    pub node_id: Option<String>,
+    /// A shard's lease length.
+    pub lease_ttl: Duration,
+    /// How often an edge re-reads the shard set.
+    pub ring_refresh: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            advertise: None,
+            cluster_key_file: None,
+            node_id: None,
+            lease_ttl: Duration::from_secs(10),
+            ring_refresh: Duration::from_secs(1),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -243,6 +321,9 @@ impl std::fmt::Debug for ServerConfig {
                 "database_url",
                 &self.database_url.as_deref().map(redact_database_url),
             )
+            .field("cluster", &self.cluster)
+            .field("ops_listen", &self.ops_listen)
+            .field("otlp_endpoint", &self.otlp_endpoint)
             .finish()
     }
 }
@@ -263,6 +344,9 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             auth: AuthSettings::default(),
             database_url: None,
+            cluster: ClusterSettings::default(),
+            ops_listen: None,
+            otlp_endpoint: None,
         }
     }
 
@@ -282,6 +366,11 @@ impl ServerConfig {
             .map_err(|e| invalid("listen", format!("`{listen_text}`: {e}")))?
             .next()
             .ok_or_else(|| invalid("listen", format!("`{listen_text}` resolves to nothing")))?;
+        let ops_text = overrides
+            .ops_listen
+            .or(file.ops_listen)
+            .unwrap_or_else(|| DEFAULT_OPS_LISTEN.to_owned());
+        let ops_listen = parse_ops_listen(&ops_text)?;
         let duration = |key: &'static str, v: Option<String>, default: Duration| match v {
             Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
             None => Ok(default),
@@ -338,6 +427,29 @@ impl ServerConfig {
                 .database_url
                 .or(file.database_url)
                 .filter(|url| !url.trim().is_empty()),
+            cluster: ClusterSettings {
+                advertise: overrides
+                    .advertise
+                    .or(file.advertise)
+                    .filter(|a| !a.trim().is_empty()),
+                cluster_key_file: overrides.cluster_key_file.or(file.cluster_key_file),
+                node_id: overrides
+                    .node_id
+                    .or(file.node_id)
+                    .filter(|n| !n.trim().is_empty()),
+                lease_ttl: duration(
+                    "lease_ttl",
+                    overrides.lease_ttl.or(file.lease_ttl),
+                    defaults.cluster.lease_ttl,
+                )?,
+                ring_refresh: duration(
+                    "ring_refresh",
+                    overrides.ring_refresh.or(file.ring_refresh),
+                    defaults.cluster.ring_refresh,
+                )?,
+            },
+            ops_listen,
+            otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         };
         // Without an explicit limit, messages may use the frame minus room for the call.
         config.max_message_bytes = overrides
@@ -416,8 +528,50 @@ impl ServerConfig {
         if let Some(url) = &self.database_url {
             check_database_url(url)?;
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.lease_ttl < Duration::from_millis(300) || c.lease_ttl > Duration::from_secs(600) {
+            return Err(invalid("lease_ttl", "must be between 300ms and 10m"));
+        }
+        if c.ring_refresh < Duration::from_millis(50) || c.ring_refresh > Duration::from_secs(60) {
+            return Err(invalid("ring_refresh", "must be between 50ms and 1m"));
+        }
+        if let Some(a) = &c.advertise
+            && (a.len() > 255
+                || a.rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
+        {
+            return Err(invalid("advertise", "must be host:port"));
+        }
+        if let Some(n) = &c.node_id
+            && (n.len() > 128
+                || !n
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')))
+        {
+            return Err(invalid(
+                "node_id",
+                "must be at most 128 letters, digits, '-', '_' or '.'",
+            ));
+        }
         Ok(())
     }
+}
+
+/// Parses `ops_listen`: `host:port`, or `off` / `none` / empty for no ops listener.
+pub fn parse_ops_listen(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    t.to_socket_addrs()
+        .map_err(|e| invalid("ops_listen", format!("`{t}`: {e} (use host:port or off)")))?
+        .next()
+        .map(Some)
+        .ok_or_else(|| invalid("ops_listen", format!("`{t}` resolves to nothing")))
 }
 
 fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> {

@@ -196,3 +196,24 @@ fn unknown_env_vars_are_found() {
     let vars = ["QPQ_LISTEN", "QPQ_LISTN", "HOME"].map(String::from);
     assert_eq!(unknown_env_vars(vars.into_iter()), vec!["QPQ_LISTN"]);
 }
+
+#[test]
+fn ops_listener_defaults_to_loopback_and_can_be_turned_off() -> Result<(), ConfigError> {
+    let c = ServerConfig::resolve(NodeRole::Standalone, file("")?, Overrides::default())?;
+    assert_eq!(c.ops_listen, Some(SocketAddr::from(([127, 0, 0, 1], 9090))));
+    let o = Overrides {
+        ops_listen: Some("off".into()),
+        ..Overrides::default()
+    };
+    let c = ServerConfig::resolve(NodeRole::Standalone, file("")?, o)?;
+    assert_eq!(c.ops_listen, None);
+    let c = ServerConfig::resolve(
+        NodeRole::Standalone,
+        file("ops_listen = \"127.0.0.1:0\"\notlp_endpoint = \"http://c:4318\"\n")?,
+        Overrides::default(),
+    )?;
+    assert_eq!(c.ops_listen, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+    assert_eq!(c.otlp_endpoint.as_deref(), Some("http://c:4318"));
+    assert!(parse_ops_listen("not an address").is_err());
+    Ok(())
+}

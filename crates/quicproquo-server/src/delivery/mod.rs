@@ -1,15 +1,17 @@
-//! The Delivery Service as served to a bound connection (the edge side), forwarding to the
-//! [`shard::Shard`] that orders and stores group logs.
+//! The Delivery Service as served to a bound connection (the edge side), forwarding the calls
+//! that order a log to its [`backend::Backend`]: this process's own [`shard::Shard`], or the
+//! group's owner shard in the cluster.
 //!
 //! The service never decrypts anything: it reads a message's kind, group and epoch from the
 //! public MLS framing, checks the caller's membership through the store, and stores the
 //! opaque bytes. Every method acts for the bound identity only.
 
+pub mod backend;
+pub mod hub;
 pub mod shard;
-mod subscribe;
+pub(crate) mod subscribe;
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{MessageKind, inspect};
@@ -18,13 +20,13 @@ use quicproquo_proto::envelope_capnp::envelope;
 use quicproquo_proto::errors::{ErrorCode, error};
 
 use crate::auth::store_error;
+use crate::ops::spans::trace_of;
 use crate::rpc::InFlight;
 use crate::store::StoreError;
 use crate::store::log::{
-    AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore,
-    MAX_MESSAGE_ID,
+    AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore, MAX_MESSAGE_ID,
 };
-use shard::Shard;
+use backend::Backend;
 
 /// Most entries or Welcomes returned by one fetch.
 pub const MAX_FETCH: u32 = 1000;
@@ -74,15 +76,15 @@ pub(crate) fn write_envelope(mut out: envelope::Builder<'_>, group: &GroupId, en
 /// The Delivery Service of one bound connection.
 pub(crate) struct DeliveryService {
     identity: IdentityKey,
-    shard: Arc<Shard>,
+    backend: Backend,
     in_flight: Rc<InFlight>,
 }
 
 impl DeliveryService {
-    pub(crate) fn new(identity: IdentityKey, shard: Arc<Shard>, in_flight: Rc<InFlight>) -> Self {
+    pub(crate) fn new(identity: IdentityKey, backend: Backend, in_flight: Rc<InFlight>) -> Self {
         Self {
             identity,
-            shard,
+            backend,
             in_flight,
         }
     }
@@ -106,7 +108,7 @@ impl DeliveryService {
         } else {
             0
         };
-        let max = self.shard.max_message_bytes();
+        let max = self.backend.max_message_bytes();
         if payload.len() + welcome_len > max {
             return Err(error(
                 ErrorCode::TooLarge,
@@ -176,13 +178,14 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::CreateGroupParams,
         _results: delivery_service::CreateGroupResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let group = group_id(params.get()?.get_group_id()?)?;
-        self.shard
-            .store()
-            .create_group(&group, &self.identity)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "createGroup", trace, async move {
+                let group = group_id(params.get()?.get_group_id()?)?;
+                self.backend.create_group(&group, &self.identity).await
+            })
             .await
-            .map_err(log_error)
     }
 
     async fn send(
@@ -190,29 +193,27 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SendParams,
         mut results: delivery_service::SendResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let req = self.request(params.get()?)?;
-        let outcome = self.shard.append(req).await.map_err(log_error)?;
-        let mut out = results.get().init_result();
-        match outcome {
-            AppendOutcome::Appended { seq, epoch } => {
-                let mut a = out.init_appended();
-                a.set_seq(seq);
-                a.set_epoch(epoch);
-            }
-            AppendOutcome::Duplicate { seq } => out.set_duplicate(seq),
-            AppendOutcome::StaleEpoch {
-                current_epoch,
-                winner_seq,
-            } => {
-                let mut s = out.init_stale_epoch();
-                s.set_current_epoch(current_epoch);
-                s.set_winner_seq(winner_seq);
-            }
-            AppendOutcome::NotMember => return Err(log_error(StoreError::NotMember)),
-            AppendOutcome::UnknownGroup => return Err(log_error(StoreError::UnknownGroup)),
-        }
-        Ok(())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "send", trace, async move {
+                let req = self.request(params.get()?)?;
+                let span = tracing::Span::current();
+                span.record(
+                    "qpq.group",
+                    self.in_flight
+                        .observer()
+                        .redactor
+                        .hash(req.group_id.as_bytes()),
+                );
+                span.record("messaging.system", "quicproquo");
+                span.record("messaging.operation.type", "send");
+                span.record("messaging.message.body.size", req.payload.len());
+                let outcome = self.backend.append(req).await?;
+                crate::cluster::wire::write_outcome(results.get().init_result(), outcome)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn fetch(
@@ -220,21 +221,26 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::FetchParams,
         mut results: delivery_service::FetchResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let group = group_id(p.get_group_id()?)?;
-        let limit = p.get_limit().clamp(1, MAX_FETCH);
-        let entries = self
-            .shard
-            .store()
-            .read_log(&group, &self.identity, p.get_after_seq(), limit)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "fetch", trace, async move {
+                let p = params.get()?;
+                let group = group_id(p.get_group_id()?)?;
+                let limit = p.get_limit().clamp(1, MAX_FETCH);
+                let entries = self
+                    .backend
+                    .store()
+                    .read_log(&group, &self.identity, p.get_after_seq(), limit)
+                    .await
+                    .map_err(log_error)?;
+                let mut list = results.get().init_entries(entries.len() as u32);
+                for (i, e) in entries.iter().enumerate() {
+                    write_envelope(list.reborrow().get(i as u32), &group, e);
+                }
+                Ok(())
+            })
             .await
-            .map_err(log_error)?;
-        let mut list = results.get().init_entries(entries.len() as u32);
-        for (i, e) in entries.iter().enumerate() {
-            write_envelope(list.reborrow().get(i as u32), &group, e);
-        }
-        Ok(())
     }
 
     async fn subscribe(
@@ -242,25 +248,30 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SubscribeParams,
         mut results: delivery_service::SubscribeResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let group = group_id(p.get_group_id()?)?;
-        // Only current members may subscribe (a removed member can still fetch the commit
-        // that removed it); refuse up front rather than in the background task.
-        self.shard
-            .store()
-            .group_summary(&group, &self.identity)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "subscribe", trace, async move {
+                let p = params.get()?;
+                let group = group_id(p.get_group_id()?)?;
+                // Only current members may subscribe (a removed member can still fetch the commit
+                // that removed it); refuse up front rather than in the background task.
+                self.backend
+                    .store()
+                    .group_summary(&group, &self.identity)
+                    .await
+                    .map_err(log_error)?;
+                let subscription = subscribe::group(
+                    self.backend.clone(),
+                    self.identity,
+                    group,
+                    p.get_after_seq(),
+                    p.get_stream()?,
+                );
+                results.get().set_subscription(subscription);
+                Ok(())
+            })
             .await
-            .map_err(log_error)?;
-        let subscription = subscribe::group(
-            Arc::clone(&self.shard),
-            self.identity,
-            group,
-            p.get_after_seq(),
-            p.get_stream()?,
-        );
-        results.get().set_subscription(subscription);
-        Ok(())
     }
 
     async fn acknowledge(
@@ -268,46 +279,56 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::AcknowledgeParams,
         _results: delivery_service::AcknowledgeResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let group = group_id(p.get_group_id()?)?;
-        self.shard
-            .store()
-            .set_cursor(&self.identity, &group, p.get_seq())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "acknowledge", trace, async move {
+                let p = params.get()?;
+                let group = group_id(p.get_group_id()?)?;
+                self.backend
+                    .store()
+                    .set_cursor(&self.identity, &group, p.get_seq())
+                    .await
+                    .map_err(log_error)
+            })
             .await
-            .map_err(log_error)
     }
 
     async fn groups(
         self: Rc<Self>,
-        _params: delivery_service::GroupsParams,
+        params: delivery_service::GroupsParams,
         mut results: delivery_service::GroupsResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let store = self.shard.store();
-        let ids = store.groups_of(&self.identity).await.map_err(log_error)?;
-        let mut summaries = Vec::with_capacity(ids.len());
-        for g in &ids {
-            let summary = store
-                .group_summary(g, &self.identity)
-                .await
-                .map_err(log_error)?;
-            let cursor = store.cursor(&self.identity, g).await.map_err(log_error)?;
-            summaries.push((summary, cursor));
-        }
-        let mut list = results.get().init_groups(summaries.len() as u32);
-        for (i, (s, cursor)) in summaries.iter().enumerate() {
-            let mut g = list.reborrow().get(i as u32);
-            g.set_group_id(s.group_id.as_bytes());
-            g.set_epoch(s.epoch);
-            g.set_last_seq(s.last_seq);
-            g.set_cursor(*cursor);
-            let mut members = g.init_members(s.members.len() as u32);
-            for (j, m) in s.members.iter().enumerate() {
-                members.set(j as u32, m.as_bytes());
-            }
-        }
-        Ok(())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "groups", trace, async move {
+                let store = self.backend.store();
+                let ids = store.groups_of(&self.identity).await.map_err(log_error)?;
+                let mut summaries = Vec::with_capacity(ids.len());
+                for g in &ids {
+                    let summary = store
+                        .group_summary(g, &self.identity)
+                        .await
+                        .map_err(log_error)?;
+                    let cursor = store.cursor(&self.identity, g).await.map_err(log_error)?;
+                    summaries.push((summary, cursor));
+                }
+                let mut list = results.get().init_groups(summaries.len() as u32);
+                for (i, (s, cursor)) in summaries.iter().enumerate() {
+                    let mut g = list.reborrow().get(i as u32);
+                    g.set_group_id(s.group_id.as_bytes());
+                    g.set_epoch(s.epoch);
+                    g.set_last_seq(s.last_seq);
+                    g.set_cursor(*cursor);
+                    let mut members = g.init_members(s.members.len() as u32);
+                    for (j, m) in s.members.iter().enumerate() {
+                        members.set(j as u32, m.as_bytes());
+                    }
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn inbox(
@@ -315,20 +336,25 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::InboxParams,
         mut results: delivery_service::InboxResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let limit = p.get_limit().clamp(1, MAX_FETCH);
-        let welcomes = self
-            .shard
-            .store()
-            .read_inbox(&self.identity, p.get_after_seq(), limit)
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "inbox", trace, async move {
+                let p = params.get()?;
+                let limit = p.get_limit().clamp(1, MAX_FETCH);
+                let welcomes = self
+                    .backend
+                    .store()
+                    .read_inbox(&self.identity, p.get_after_seq(), limit)
+                    .await
+                    .map_err(log_error)?;
+                let mut list = results.get().init_welcomes(welcomes.len() as u32);
+                for (i, w) in welcomes.iter().enumerate() {
+                    subscribe::write_welcome(list.reborrow().get(i as u32), w);
+                }
+                Ok(())
+            })
             .await
-            .map_err(log_error)?;
-        let mut list = results.get().init_welcomes(welcomes.len() as u32);
-        for (i, w) in welcomes.iter().enumerate() {
-            subscribe::write_welcome(list.reborrow().get(i as u32), w);
-        }
-        Ok(())
     }
 
     async fn subscribe_inbox(
@@ -336,15 +362,20 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SubscribeInboxParams,
         mut results: delivery_service::SubscribeInboxResults,
     ) -> Result<(), capnp::Error> {
-        let _guard = self.in_flight.enter();
-        let p = params.get()?;
-        let subscription = subscribe::inbox(
-            Arc::clone(&self.shard),
-            self.identity,
-            p.get_after_seq(),
-            p.get_stream()?,
-        );
-        results.get().set_subscription(subscription);
-        Ok(())
+        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("DeliveryService", "subscribeInbox", trace, async move {
+                let p = params.get()?;
+                let subscription = subscribe::inbox(
+                    self.backend.clone(),
+                    self.identity,
+                    p.get_after_seq(),
+                    p.get_stream()?,
+                );
+                results.get().set_subscription(subscription);
+                Ok(())
+            })
+            .await
     }
 }

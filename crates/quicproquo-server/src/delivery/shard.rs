@@ -9,77 +9,38 @@
 //! Publishing is an optimisation: subscribers that miss entries (lagging, or a gap after a
 //! restart) read them from the store, which stays the only truth.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use quicproquo_core::IdentityKey;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use quicproquo_telemetry::propagation;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{Instrument, Span, warn};
 
-use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogEntry, LogStore};
+use super::hub::Hub;
+use crate::ops::Observer;
+use crate::ops::metrics::AppendResult;
+use crate::store::log::{AppendOutcome, AppendRequest, LogEntry, LogStore};
 use crate::store::{AnyStore, StoreError};
 
 /// Most requests written in one transaction.
 pub const MAX_BATCH: usize = 256;
 /// Queued appends beyond which senders wait.
 const QUEUE: usize = 8192;
-/// Entries a subscriber may fall behind the live feed before it catches up from the store.
-const FEED_CAPACITY: usize = 1024;
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
-
-/// Live feeds keyed by group (entries) and by identity (inbox notifications).
-#[derive(Default)]
-struct Hub {
-    groups: Mutex<HashMap<GroupId, broadcast::Sender<Arc<LogEntry>>>>,
-    inboxes: Mutex<HashMap<IdentityKey, broadcast::Sender<()>>>,
-}
-
-impl Hub {
-    fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
-        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups
-            .entry(group.clone())
-            .or_insert_with(|| broadcast::channel(FEED_CAPACITY).0)
-            .subscribe()
-    }
-
-    fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
-        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        inboxes
-            .entry(*identity)
-            .or_insert_with(|| broadcast::channel(16).0)
-            .subscribe()
-    }
-
-    fn publish(&self, group: &GroupId, entry: LogEntry) {
-        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = groups.get(group)
-            && tx.send(Arc::new(entry)).is_err()
-        {
-            // Nobody listens any more.
-            groups.remove(group);
-        }
-    }
-
-    fn notify_inbox(&self, identity: &IdentityKey) {
-        let mut inboxes = self.inboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = inboxes.get(identity)
-            && tx.send(()).is_err()
-        {
-            inboxes.remove(identity);
-        }
-    }
-}
+/// A queued append: the request, where to answer, and the span of the call that made it
+/// (the batch's span is its child or links to it).
+type Queued = (AppendRequest, Reply, Span);
 
 /// The Delivery Service shard: owns the appender and the live feeds.
 pub struct Shard {
     store: AnyStore,
     max_message_bytes: usize,
-    queue: mpsc::Sender<(AppendRequest, Reply)>,
+    queue: mpsc::Sender<Queued>,
     hub: Arc<Hub>,
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -94,6 +55,7 @@ impl Shard {
     pub fn start(
         store: AnyStore,
         max_message_bytes: usize,
+        observer: Arc<Observer>,
         shutdown: CancellationToken,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -101,15 +63,25 @@ impl Shard {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (appender_store, appender_hub) = (store.clone(), Arc::clone(&hub));
+        let (appender_store, appender_hub, appender_observer) =
+            (store.clone(), Arc::clone(&hub), Arc::clone(&observer));
         let thread = std::thread::Builder::new()
             .name("qpq-appender".into())
-            .spawn(move || rt.block_on(appender(appender_store, appender_hub, rx, shutdown)))?;
+            .spawn(move || {
+                rt.block_on(appender(
+                    appender_store,
+                    appender_hub,
+                    appender_observer,
+                    rx,
+                    shutdown,
+                ))
+            })?;
         let shard = Self {
             store,
             max_message_bytes,
             queue,
             hub,
+            observer,
         };
         Ok((Arc::new(shard), thread))
     }
@@ -128,30 +100,59 @@ impl Shard {
     pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.queue
-            .send((req, tx))
+            .send((req, tx, Span::current()))
             .await
             .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?
     }
 
-    /// A live feed of entries appended to `group` from now on.
-    pub fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<Arc<LogEntry>> {
-        self.hub.group_feed(group)
+    /// The live feeds the appender publishes to.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
-    /// A live feed that ticks whenever `identity`'s inbox receives a Welcome.
-    pub fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
-        self.hub.inbox_feed(identity)
+    /// The metrics and redaction key this shard reports with.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+}
+
+/// The span of one append transaction: a child of the first request's call, linked to the
+/// calls of the others (so each send's trace reaches the store, and a batch shows whom it
+/// served).
+fn batch_span(calls: &[Span]) -> Span {
+    let parent = calls.first().and_then(Span::id);
+    let span = tracing::info_span!(
+        parent: parent,
+        "shard.append_batch",
+        otel.name = "appender batch",
+        otel.kind = "internal",
+        qpq.batch_size = calls.len(),
+    );
+    for call in calls.iter().skip(1) {
+        propagation::link(&span, call);
+    }
+    span
+}
+
+fn result_of(outcome: &AppendOutcome) -> AppendResult {
+    match outcome {
+        AppendOutcome::Appended { .. } => AppendResult::Appended,
+        AppendOutcome::Duplicate { .. } => AppendResult::Duplicate,
+        AppendOutcome::StaleEpoch { .. } => AppendResult::StaleEpoch,
+        _ => AppendResult::Refused,
     }
 }
 
 async fn appender(
     store: AnyStore,
     hub: Arc<Hub>,
-    mut rx: mpsc::Receiver<(AppendRequest, Reply)>,
+    observer: Arc<Observer>,
+    mut rx: mpsc::Receiver<Queued>,
     shutdown: CancellationToken,
 ) {
+    let metrics = &observer.metrics;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -171,29 +172,43 @@ async fn appender(
             }
         }
         // Moved, not cloned: after the append each request becomes its published entry.
-        let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
-        match store.append(&requests).await {
+        let mut requests = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut calls = Vec::with_capacity(batch.len());
+        for (req, reply, call) in batch.drain(..) {
+            requests.push(req);
+            replies.push(reply);
+            calls.push(call);
+        }
+        let span = batch_span(&calls);
+        drop(calls);
+        metrics.append_batch_size.observe(requests.len() as f64);
+        let started = Instant::now();
+        let result = store.append(&requests).instrument(span).await;
+        metrics
+            .append_batch_seconds
+            .observe_duration(started.elapsed());
+        match result {
             Ok(outcomes) => {
                 let now = crate::store::embedded::now_micros();
                 for ((req, reply), outcome) in requests.into_iter().zip(replies).zip(outcomes) {
+                    metrics.append(result_of(&outcome));
                     if let AppendOutcome::Appended { seq, .. } = outcome {
                         if let Some(change) = &req.commit
                             && change.welcome.is_some()
                         {
-                            for id in &change.added {
-                                hub.notify_inbox(id);
-                            }
+                            hub.notify_inboxes(&change.added);
                         }
                         hub.publish(
                             &req.group_id,
-                            LogEntry {
+                            Arc::new(LogEntry {
                                 seq,
                                 epoch: req.epoch,
                                 kind: req.kind,
                                 message_id: req.message_id,
                                 payload: req.payload,
                                 appended_at_micros: now,
-                            },
+                            }),
                         );
                     }
                     let _ = reply.send(Ok(outcome));
@@ -202,6 +217,7 @@ async fn appender(
             Err(e) => {
                 warn!(error = %e, size = replies.len(), "append batch failed");
                 for reply in replies {
+                    metrics.append(AppendResult::Failed);
                     let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
             }

@@ -7,15 +7,14 @@
 //! after delivering the commit that removed the subscriber). Each batch is delivered with one
 //! call, awaited before the next (flow control).
 
-use std::sync::Arc;
-
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription, welcome};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::debug;
 
-use super::shard::Shard;
+use super::backend::Backend;
+use super::hub::FeedEvent;
 use super::write_envelope;
 use crate::store::StoreError;
 use crate::store::log::{EntryKind, GroupId, InboxEntry, LogEntry, LogStore};
@@ -40,7 +39,8 @@ impl subscription::Server for SubscriptionImpl {
     }
 }
 
-fn spawn<F>(task: impl FnOnce(CancellationToken) -> F) -> subscription::Client
+/// Runs `task` as a local task until it ends or the returned capability is dropped or closed.
+pub(crate) fn spawn<F>(task: impl FnOnce(CancellationToken) -> F) -> subscription::Client
 where
     F: Future<Output = ()> + 'static,
 {
@@ -61,14 +61,14 @@ where
 
 /// Subscribes `reader` to `group` after `after_seq`.
 pub(super) fn group(
-    shard: Arc<Shard>,
+    backend: Backend,
     reader: IdentityKey,
     group: GroupId,
     after_seq: u64,
     stream: message_stream::Client,
 ) -> subscription::Client {
     spawn(move |_| async move {
-        if let Err(e) = follow_group(&shard, reader, &group, after_seq, &stream).await {
+        if let Err(e) = follow_group(&backend, reader, &group, after_seq, &stream).await {
             debug!(error = %e, "group subscription ended");
         }
     })
@@ -103,15 +103,15 @@ async fn deliver(
 }
 
 async fn follow_group(
-    shard: &Shard,
+    backend: &Backend,
     reader: IdentityKey,
     group: &GroupId,
     after_seq: u64,
     stream: &message_stream::Client,
 ) -> Result<(), FollowError> {
-    let store = shard.store();
+    let store = backend.store();
     // Subscribe to the live feed before reading the store, so nothing falls in between.
-    let mut feed = shard.group_feed(group);
+    let mut feed = backend.group_feed(group);
     let mut next = after_seq.saturating_add(1);
     loop {
         // Catch up from the store (it enforces the read window).
@@ -122,6 +122,7 @@ async fn follow_group(
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
             let boxed: Vec<Box<LogEntry>> = entries.into_iter().map(Box::new).collect();
             deliver(stream, group, &boxed).await?;
+            backend.observer().metrics.fanout(boxed.len());
             if had_commit && store.group_summary(group, &reader).await.is_err() {
                 // Removed (or the group is gone): everything readable has been delivered.
                 return Ok(());
@@ -133,8 +134,8 @@ async fn follow_group(
         // Follow the live feed while it continues the sequence.
         'live: loop {
             let first = match feed.recv().await {
-                Ok(e) => e,
-                Err(RecvError::Lagged(_)) => break 'live,
+                Ok(FeedEvent::Entry(e)) => e,
+                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => break 'live,
                 Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
             };
             if first.seq < next {
@@ -147,10 +148,12 @@ async fn follow_group(
             let mut back_to_store = false;
             while batch.len() < BATCH as usize {
                 match feed.try_recv() {
-                    Ok(e) if e.seq == next + batch.len() as u64 && e.kind != EntryKind::Commit => {
+                    Ok(FeedEvent::Entry(e))
+                        if e.seq == next + batch.len() as u64 && e.kind != EntryKind::Commit =>
+                    {
                         batch.push(e);
                     }
-                    Ok(e) if e.seq < next + batch.len() as u64 => {}
+                    Ok(FeedEvent::Entry(e)) if e.seq < next + batch.len() as u64 => {}
                     Ok(_) | Err(TryRecvError::Lagged(_)) => {
                         back_to_store = true;
                         break;
@@ -161,6 +164,7 @@ async fn follow_group(
             }
             next += batch.len() as u64;
             deliver(stream, group, &batch).await?;
+            backend.observer().metrics.fanout(batch.len());
             if back_to_store {
                 break 'live;
             }
@@ -177,29 +181,29 @@ pub(super) fn write_welcome(mut out: welcome::Builder<'_>, w: &InboxEntry) {
 
 /// Subscribes `identity` to its own inbox after `after_seq`.
 pub(super) fn inbox(
-    shard: Arc<Shard>,
+    backend: Backend,
     identity: IdentityKey,
     after_seq: u64,
     stream: inbox_stream::Client,
 ) -> subscription::Client {
     spawn(move |_| async move {
-        if let Err(e) = follow_inbox(&shard, identity, after_seq, &stream).await {
+        if let Err(e) = follow_inbox(&backend, identity, after_seq, &stream).await {
             debug!(error = %e, "inbox subscription ended");
         }
     })
 }
 
 async fn follow_inbox(
-    shard: &Shard,
+    backend: &Backend,
     identity: IdentityKey,
     after_seq: u64,
     stream: &inbox_stream::Client,
 ) -> Result<(), FollowError> {
-    let mut feed = shard.inbox_feed(&identity);
+    let mut feed = backend.inbox_feed(&identity);
     let mut after = after_seq;
     loop {
         loop {
-            let welcomes = shard.store().read_inbox(&identity, after, BATCH).await?;
+            let welcomes = backend.store().read_inbox(&identity, after, BATCH).await?;
             let Some(last) = welcomes.last() else { break };
             after = last.seq;
             let mut req = stream.deliver_request();

@@ -20,6 +20,7 @@ pub mod log;
 use quicproquo_core::IdentityKey;
 
 pub mod postgres;
+pub mod postgres_cluster;
 mod postgres_io;
 mod postgres_log;
 mod postgres_plan;
@@ -178,30 +179,62 @@ pub enum AnyStore {
     Postgres(postgres::PgStore),
 }
 
+/// Runs the store call `$e` on whichever store this is, inside a span named after `$op`.
 macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
+    ($self:ident, $op:literal, $s:ident => $e:expr) => {
         match $self {
-            AnyStore::Embedded($s) => $e.await,
-            AnyStore::Postgres($s) => $e.await,
+            AnyStore::Embedded($s) => crate::ops::spans::store_call("redb", $op, $e).await,
+            AnyStore::Postgres($s) => crate::ops::spans::store_call("postgresql", $op, $e).await,
         }
     };
 }
 
+/// How much of the store's connection pool is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// Most connections the pool may open.
+    pub max: usize,
+    /// Connections it holds.
+    pub size: usize,
+    /// Of those, the idle ones.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+impl AnyStore {
+    /// Checks that the store answers (a round trip to Postgres; the embedded store is local).
+    pub async fn check(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(_) => Ok(()),
+            Self::Postgres(pg) => pg.ping().await,
+        }
+    }
+
+    /// The connection pool's use (`None` for the embedded store, which has no pool).
+    pub fn pool_use(&self) -> Option<PoolUse> {
+        match self {
+            Self::Embedded(_) => None,
+            Self::Postgres(pg) => Some(pg.pool_use()),
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn register_identity(&self, identity: &IdentityKey) -> Result<(), StoreError> {
-        dispatch!(self, s => s.register_identity(identity))
+        dispatch!(self, "register_identity", s => s.register_identity(identity))
     }
 
     async fn claim_name(&self, identity: &IdentityKey, name: &UserName) -> Result<(), StoreError> {
-        dispatch!(self, s => s.claim_name(identity, name))
+        dispatch!(self, "claim_name", s => s.claim_name(identity, name))
     }
 
     async fn resolve_name(&self, name: &UserName) -> Result<Option<IdentityKey>, StoreError> {
-        dispatch!(self, s => s.resolve_name(name))
+        dispatch!(self, "resolve_name", s => s.resolve_name(name))
     }
 
     async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
-        dispatch!(self, s => s.name_of(identity))
+        dispatch!(self, "name_of", s => s.name_of(identity))
     }
 
     async fn add_key_packages(
@@ -210,18 +243,18 @@ impl Store for AnyStore {
         packages: &[KeyPackageRecord],
         last_resort: Option<&KeyPackageRecord>,
     ) -> Result<u32, StoreError> {
-        dispatch!(self, s => s.add_key_packages(identity, packages, last_resort))
+        dispatch!(self, "add_key_packages", s => s.add_key_packages(identity, packages, last_resort))
     }
 
     async fn fetch_key_packages(
         &self,
         targets: &[IdentityKey],
     ) -> Result<Vec<Option<FetchedKeyPackage>>, StoreError> {
-        dispatch!(self, s => s.fetch_key_packages(targets))
+        dispatch!(self, "fetch_key_packages", s => s.fetch_key_packages(targets))
     }
 
     async fn key_package_count(&self, identity: &IdentityKey) -> Result<u32, StoreError> {
-        dispatch!(self, s => s.key_package_count(identity))
+        dispatch!(self, "key_package_count", s => s.key_package_count(identity))
     }
 }
 
@@ -231,14 +264,14 @@ impl log::LogStore for AnyStore {
         group_id: &log::GroupId,
         creator: &IdentityKey,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_group(group_id, creator))
+        dispatch!(self, "create_group", s => s.create_group(group_id, creator))
     }
 
     async fn append(
         &self,
         batch: &[log::AppendRequest],
     ) -> Result<Vec<log::AppendOutcome>, StoreError> {
-        dispatch!(self, s => s.append(batch))
+        dispatch!(self, "append", s => s.append(batch))
     }
 
     async fn read_log(
@@ -248,7 +281,7 @@ impl log::LogStore for AnyStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<log::LogEntry>, StoreError> {
-        dispatch!(self, s => s.read_log(group_id, reader, after_seq, limit))
+        dispatch!(self, "read_log", s => s.read_log(group_id, reader, after_seq, limit))
     }
 
     async fn group_summary(
@@ -256,11 +289,11 @@ impl log::LogStore for AnyStore {
         group_id: &log::GroupId,
         reader: &IdentityKey,
     ) -> Result<log::GroupSummary, StoreError> {
-        dispatch!(self, s => s.group_summary(group_id, reader))
+        dispatch!(self, "group_summary", s => s.group_summary(group_id, reader))
     }
 
     async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<log::GroupId>, StoreError> {
-        dispatch!(self, s => s.groups_of(identity))
+        dispatch!(self, "groups_of", s => s.groups_of(identity))
     }
 
     async fn read_inbox(
@@ -269,7 +302,7 @@ impl log::LogStore for AnyStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<log::InboxEntry>, StoreError> {
-        dispatch!(self, s => s.read_inbox(identity, after_seq, limit))
+        dispatch!(self, "read_inbox", s => s.read_inbox(identity, after_seq, limit))
     }
 
     async fn set_cursor(
@@ -278,7 +311,7 @@ impl log::LogStore for AnyStore {
         group_id: &log::GroupId,
         seq: u64,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.set_cursor(identity, group_id, seq))
+        dispatch!(self, "set_cursor", s => s.set_cursor(identity, group_id, seq))
     }
 
     async fn cursor(
@@ -286,7 +319,7 @@ impl log::LogStore for AnyStore {
         identity: &IdentityKey,
         group_id: &log::GroupId,
     ) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.cursor(identity, group_id))
+        dispatch!(self, "cursor", s => s.cursor(identity, group_id))
     }
 }
 

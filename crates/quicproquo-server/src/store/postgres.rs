@@ -50,6 +50,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_delivery",
         include_str!("../../../../sql/0002_delivery.sql"),
     ),
+    (
+        "0003_cluster",
+        include_str!("../../../../sql/0003_cluster.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
@@ -214,6 +218,27 @@ impl PgStore {
             .filter(|(v, _)| !done.contains(*v))
             .map(|(v, _)| (*v).to_owned())
             .collect())
+    }
+
+    /// One round trip to the database (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| pg_error(&e))
+    }
+
+    /// The pool's use now.
+    pub fn pool_use(&self) -> super::PoolUse {
+        let s = self.pool.status();
+        super::PoolUse {
+            max: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -529,7 +554,7 @@ fn count(n: i64) -> u32 {
 }
 
 /// Maps a database error to a [`StoreError`].
-fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+pub(super) fn pg_error(e: &tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::NameTaken,
         Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => StoreError::UnknownIdentity,

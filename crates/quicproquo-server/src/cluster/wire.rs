@@ -1,0 +1,147 @@
+//! Conversions between the store's types and the internal interface's messages.
+
+use quicproquo_core::IdentityKey;
+use quicproquo_proto::cluster_capnp::append_request;
+use quicproquo_proto::delivery_capnp::send_result;
+use quicproquo_proto::envelope_capnp::envelope;
+use quicproquo_proto::errors::{ErrorCode, error};
+
+use crate::store::log::{AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry};
+
+fn invalid(e: impl std::fmt::Display) -> capnp::Error {
+    error(ErrorCode::InvalidArgument, e)
+}
+
+fn kind_to_wire(kind: EntryKind) -> envelope::Kind {
+    match kind {
+        EntryKind::Application => envelope::Kind::Application,
+        EntryKind::Commit => envelope::Kind::Commit,
+        EntryKind::Proposal => envelope::Kind::Proposal,
+    }
+}
+
+fn kind_from_wire(kind: envelope::Kind) -> Result<EntryKind, capnp::Error> {
+    match kind {
+        envelope::Kind::Application => Ok(EntryKind::Application),
+        envelope::Kind::Commit => Ok(EntryKind::Commit),
+        envelope::Kind::Proposal => Ok(EntryKind::Proposal),
+        envelope::Kind::Welcome => Err(invalid("a Welcome is not a log entry")),
+    }
+}
+
+fn identities(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
+    list.iter()
+        .map(|id| IdentityKey::from_slice(id?).map_err(invalid))
+        .collect()
+}
+
+/// Writes `req` into an internal append request.
+pub(crate) fn write_request(mut out: append_request::Builder<'_>, req: &AppendRequest) {
+    out.set_group_id(req.group_id.as_bytes());
+    out.set_sender(req.sender.as_bytes());
+    out.set_message_id(&req.message_id);
+    out.set_kind(kind_to_wire(req.kind));
+    out.set_epoch(req.epoch);
+    out.set_payload(&req.payload);
+    if let Some(change) = &req.commit {
+        out.set_has_commit(true);
+        let mut c = out.init_commit();
+        let mut added = c.reborrow().init_added(change.added.len() as u32);
+        for (i, id) in change.added.iter().enumerate() {
+            added.set(i as u32, id.as_bytes());
+        }
+        let mut removed = c.reborrow().init_removed(change.removed.len() as u32);
+        for (i, id) in change.removed.iter().enumerate() {
+            removed.set(i as u32, id.as_bytes());
+        }
+        if let Some(w) = &change.welcome {
+            c.set_welcome(w);
+        }
+    }
+}
+
+/// Reads an internal append request (sent by a cluster node, which checked the framing).
+pub(crate) fn read_request(r: append_request::Reader<'_>) -> Result<AppendRequest, capnp::Error> {
+    let commit = if r.get_has_commit() {
+        let c = r.get_commit()?;
+        let welcome = c.get_welcome()?;
+        Some(CommitChange {
+            added: identities(c.get_added()?)?,
+            removed: identities(c.get_removed()?)?,
+            welcome: (!welcome.is_empty()).then(|| welcome.to_vec()),
+        })
+    } else {
+        None
+    };
+    Ok(AppendRequest {
+        group_id: GroupId::new(r.get_group_id()?).map_err(invalid)?,
+        sender: IdentityKey::from_slice(r.get_sender()?).map_err(invalid)?,
+        message_id: r.get_message_id()?.to_vec(),
+        kind: kind_from_wire(r.get_kind()?)?,
+        epoch: r.get_epoch(),
+        payload: r.get_payload()?.to_vec(),
+        commit,
+    })
+}
+
+/// Writes an append outcome as the Delivery Service's `SendResult` (membership and group
+/// refusals travel as typed errors instead).
+pub(crate) fn write_outcome(
+    mut out: send_result::Builder<'_>,
+    outcome: AppendOutcome,
+) -> Result<(), capnp::Error> {
+    match outcome {
+        AppendOutcome::Appended { seq, epoch } => {
+            let mut a = out.init_appended();
+            a.set_seq(seq);
+            a.set_epoch(epoch);
+        }
+        AppendOutcome::Duplicate { seq } => out.set_duplicate(seq),
+        AppendOutcome::StaleEpoch {
+            current_epoch,
+            winner_seq,
+        } => {
+            let mut s = out.init_stale_epoch();
+            s.set_current_epoch(current_epoch);
+            s.set_winner_seq(winner_seq);
+        }
+        AppendOutcome::NotMember => {
+            return Err(error(ErrorCode::NotMember, "not a member of this group"));
+        }
+        AppendOutcome::UnknownGroup => return Err(error(ErrorCode::UnknownGroup, "no such group")),
+    }
+    Ok(())
+}
+
+/// Reads a `SendResult` back into an append outcome.
+pub(crate) fn read_outcome(r: send_result::Reader<'_>) -> Result<AppendOutcome, capnp::Error> {
+    Ok(match r.which()? {
+        send_result::Appended(a) => {
+            let a = a?;
+            AppendOutcome::Appended {
+                seq: a.get_seq(),
+                epoch: a.get_epoch(),
+            }
+        }
+        send_result::Duplicate(seq) => AppendOutcome::Duplicate { seq },
+        send_result::StaleEpoch(s) => {
+            let s = s?;
+            AppendOutcome::StaleEpoch {
+                current_epoch: s.get_current_epoch(),
+                winner_seq: s.get_winner_seq(),
+            }
+        }
+    })
+}
+
+/// Reads a log entry pushed by a shard.
+pub(crate) fn read_entry(r: envelope::Reader<'_>) -> Result<LogEntry, capnp::Error> {
+    Ok(LogEntry {
+        seq: r.get_seq(),
+        epoch: r.get_epoch(),
+        kind: kind_from_wire(r.get_kind()?)?,
+        message_id: r.get_message_id()?.to_vec(),
+        payload: r.get_payload()?.to_vec(),
+        appended_at_micros: r.get_appended_at_micros(),
+    })
+}

@@ -1,0 +1,94 @@
+//! Where the client-facing Delivery Service sends the calls that order a group's log.
+//!
+//! A standalone node orders logs itself ([`Backend::Local`]: its own [`Shard`]); an edge
+//! forwards them to the group's owner shard ([`Backend::Routed`]: the [`Router`]). Reads
+//! (fetch, catch-up, cursors, inboxes) go to the store either way: the log in the store is the
+//! only truth, and a shard holds nothing but its live feeds.
+
+use std::sync::Arc;
+
+use quicproquo_core::IdentityKey;
+use tokio::sync::broadcast;
+
+use super::hub::FeedEvent;
+use super::log_error;
+use super::shard::Shard;
+use crate::cluster::router::Router;
+use crate::ops::Observer;
+use crate::store::AnyStore;
+use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogStore};
+
+/// The ordering side behind a client-facing Delivery Service.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// This process's own shard (standalone).
+    Local(Arc<Shard>),
+    /// The owner shards of the cluster, reached through the edge's router.
+    Routed(Arc<Router>),
+}
+
+impl Backend {
+    /// The store holding the logs.
+    pub fn store(&self) -> &AnyStore {
+        match self {
+            Self::Local(s) => s.store(),
+            Self::Routed(r) => r.store(),
+        }
+    }
+
+    /// The metrics and redaction key of this node.
+    pub fn observer(&self) -> &Arc<Observer> {
+        match self {
+            Self::Local(s) => s.observer(),
+            Self::Routed(r) => r.observer(),
+        }
+    }
+
+    /// The largest message (with its Welcome) accepted.
+    pub fn max_message_bytes(&self) -> usize {
+        match self {
+            Self::Local(s) => s.max_message_bytes(),
+            Self::Routed(r) => r.max_message_bytes(),
+        }
+    }
+
+    /// A live feed of `group`'s new entries.
+    pub fn group_feed(&self, group: &GroupId) -> broadcast::Receiver<FeedEvent> {
+        match self {
+            Self::Local(s) => s.hub().group_feed(group).0,
+            Self::Routed(r) => r.group_feed(group),
+        }
+    }
+
+    /// A live feed that ticks when `identity`'s inbox receives a Welcome.
+    pub fn inbox_feed(&self, identity: &IdentityKey) -> broadcast::Receiver<()> {
+        match self {
+            Self::Local(s) => s.hub().inbox_feed(identity),
+            Self::Routed(r) => r.hub().inbox_feed(identity),
+        }
+    }
+
+    /// Appends one message; resolves once it is durable (or refused).
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, capnp::Error> {
+        match self {
+            Self::Local(s) => s.append(req).await.map_err(log_error),
+            Self::Routed(r) => r.append(req).await,
+        }
+    }
+
+    /// Creates `group` with `creator` as its only member.
+    pub async fn create_group(
+        &self,
+        group: &GroupId,
+        creator: &IdentityKey,
+    ) -> Result<(), capnp::Error> {
+        match self {
+            Self::Local(s) => s
+                .store()
+                .create_group(group, creator)
+                .await
+                .map_err(log_error),
+            Self::Routed(r) => r.create_group(group.clone(), *creator).await,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The server's metrics: lock-free counters and fixed-bucket histograms, rendered in the
+//! Prometheus text format on `/metrics`.
+//!
+//! Labels come from small closed sets only (RPC service and method names, error codes,
+//! append outcomes): never a user, identity or group, so the number of series is bounded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upper bounds of the batch-size histogram's buckets.
+const SIZE_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum of observations, in millionths of the unit.
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a duration in seconds.
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {total}", braces(labels));
+    }
+}
+
+/// Calls and latency of one RPC method.
+#[derive(Debug)]
+struct RpcSeries {
+    by_status: BTreeMap<&'static str, u64>,
+    latency: Histogram,
+}
+
+/// How an append ended, as counted by `qpq_appends_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AppendResult {
+    /// Appended at a new sequence number.
+    Appended,
+    /// A repeated message id.
+    Duplicate,
+    /// A commit (or proposal) for an old epoch.
+    StaleEpoch,
+    /// Refused: not a member, or no such group.
+    Refused,
+    /// The store failed.
+    Failed,
+}
+
+impl AppendResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Appended => "appended",
+            Self::Duplicate => "duplicate",
+            Self::StaleEpoch => "stale_epoch",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+
+    const ALL: [Self; 5] = [
+        Self::Appended,
+        Self::Duplicate,
+        Self::StaleEpoch,
+        Self::Refused,
+        Self::Failed,
+    ];
+}
+
+/// Every metric one server process keeps (beyond the connection [`crate::Stats`]).
+#[derive(Debug)]
+pub struct Metrics {
+    rpc: Mutex<BTreeMap<(&'static str, &'static str), RpcSeries>>,
+    connections_open: AtomicU64,
+    appends: [AtomicU64; 5],
+    /// Requests per append transaction.
+    pub append_batch_size: Histogram,
+    /// Time of one append transaction.
+    pub append_batch_seconds: Histogram,
+    /// Log entries pushed to subscribers (clients, or edges watching a shard).
+    pub fanout_entries: AtomicU64,
+    /// Push calls made to subscribers.
+    pub fanout_calls: AtomicU64,
+    /// Calls an edge forwarded to an owner shard.
+    pub forwarded: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            rpc: Mutex::default(),
+            connections_open: AtomicU64::new(0),
+            appends: Default::default(),
+            append_batch_size: Histogram::new(&SIZE_BUCKETS),
+            append_batch_seconds: Histogram::new(&LATENCY_BUCKETS),
+            fanout_entries: AtomicU64::new(0),
+            fanout_calls: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counts an open connection until dropped.
+#[derive(Debug)]
+pub struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Records one finished RPC (`status`: `ok` or an error code).
+    pub fn rpc(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        status: &'static str,
+        d: Duration,
+    ) {
+        let mut rpc = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = rpc.entry((service, method)).or_insert_with(|| RpcSeries {
+            by_status: BTreeMap::new(),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        });
+        *series.by_status.entry(status).or_insert(0) += 1;
+        series.latency.observe_duration(d);
+    }
+
+    /// Marks a connection open; it counts as closed when the guard drops.
+    pub fn connection_opened(&self) -> OpenConnection<'_> {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    /// Counts one append's outcome.
+    pub fn append(&self, result: AppendResult) {
+        if let Some(i) = AppendResult::ALL.iter().position(|r| *r == result) {
+            self.appends[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one push of `entries` to a subscriber.
+    pub fn fanout(&self, entries: usize) {
+        self.fanout_calls.fetch_add(1, Ordering::Relaxed);
+        self.fanout_entries
+            .fetch_add(entries as u64, Ordering::Relaxed);
+    }
+
+    /// Renders the RPC, append and fan-out families.
+    pub(crate) fn render(&self, out: &mut String) {
+        family(
+            out,
+            "qpq_connections_open",
+            "gauge",
+            "Client and node connections open now.",
+        );
+        let _ = writeln!(
+            out,
+            "qpq_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        family(
+            out,
+            "qpq_rpc_requests_total",
+            "counter",
+            "RPCs served, by service, method and status (ok or the error code).",
+        );
+        let rpc = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((service, method), s) in rpc.iter() {
+            for (status, n) in &s.by_status {
+                let _ = writeln!(
+                    out,
+                    "qpq_rpc_requests_total{{rpc_service=\"{service}\",rpc_method=\"{method}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        family(
+            out,
+            "qpq_rpc_duration_seconds",
+            "histogram",
+            "Time to serve an RPC, from the call arriving to its answer.",
+        );
+        for ((service, method), s) in rpc.iter() {
+            let labels = format!("rpc_service=\"{service}\",rpc_method=\"{method}\"");
+            s.latency.render(out, "qpq_rpc_duration_seconds", &labels);
+        }
+        drop(rpc);
+        family(
+            out,
+            "qpq_appends_total",
+            "counter",
+            "Appends decided by this node's appender, by outcome.",
+        );
+        for (r, n) in AppendResult::ALL.iter().zip(&self.appends) {
+            let _ = writeln!(
+                out,
+                "qpq_appends_total{{outcome=\"{}\"}} {}",
+                r.as_str(),
+                n.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            out,
+            "qpq_append_batch_size",
+            "histogram",
+            "Append requests written per store transaction (group commit).",
+        );
+        self.append_batch_size
+            .render(out, "qpq_append_batch_size", "");
+        family(
+            out,
+            "qpq_append_batch_duration_seconds",
+            "histogram",
+            "Time of one append transaction, from the store call to its commit.",
+        );
+        self.append_batch_seconds
+            .render(out, "qpq_append_batch_duration_seconds", "");
+        counter(
+            out,
+            "qpq_fanout_entries_total",
+            "Log entries pushed to live subscribers.",
+            self.fanout_entries.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_fanout_calls_total",
+            "Push calls to live subscribers (each carries a batch of entries).",
+            self.fanout_calls.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_forwarded_calls_total",
+            "Calls an edge forwarded to an owner shard.",
+            self.forwarded.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes a label-less counter.
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    family(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Writes a label-less gauge.
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let h = Histogram::new(&SIZE_BUCKETS);
+        h.observe(1.0);
+        h.observe(3.0);
+        h.observe(1000.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "");
+        assert!(out.contains("x_bucket{le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"4\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn rpc_series_render_with_bounded_labels() {
+        let m = Metrics::default();
+        m.rpc("DeliveryService", "send", "ok", Duration::from_millis(2));
+        m.rpc(
+            "DeliveryService",
+            "send",
+            "not_member",
+            Duration::from_millis(1),
+        );
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains(
+            "qpq_rpc_requests_total{rpc_service=\"DeliveryService\",rpc_method=\"send\",status=\"ok\"} 1"
+        ));
+        assert!(out.contains(
+            "qpq_rpc_duration_seconds_count{rpc_service=\"DeliveryService\",rpc_method=\"send\"} 2"
+        ));
+    }
+}

@@ -1,0 +1,249 @@
+//! Observability shared by the quicproquo server and client: structured logs, OpenTelemetry
+//! traces exported over OTLP/HTTP, W3C trace context for the Cap'n Proto calls, and the keyed
+//! hash that lets logs and spans correlate a group or identity without naming it.
+//!
+//! What it is: [`init`] installs the process's `tracing` subscriber once (logs to stderr as
+//! text or JSON, filtered by `QPQ_LOG` / `RUST_LOG`; spans of the quicproquo crates to an
+//! OTLP exporter when one is configured) and returns a [`Telemetry`] guard whose
+//! [`Telemetry::shutdown`] flushes the traces. [`propagation`] turns the current span into a
+//! `traceparent`/`tracestate` pair and back. [`Redactor`] is the keyed hash.
+//!
+//! What it is not: a metrics library (the server's `/metrics` lives in the server crate) or
+//! an HTTPS client: [`otlp`] speaks plain HTTP/1.1 to a collector on a trusted network.
+//!
+//! Export never blocks the data path: finished spans go into a bounded queue drained by the
+//! OpenTelemetry SDK's batch thread, and spans are dropped when the queue is full.
+
+#![forbid(unsafe_code)]
+
+pub mod otlp;
+pub mod propagation;
+mod redact;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+pub use redact::Redactor;
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// `QPQ_LOG_FORMAT` (or the given format) is neither `text` nor `json`.
+    #[error("unknown log format `{0}` (use text or json)")]
+    LogFormat(String),
+    /// The OTLP endpoint is not a plain `http://host:port[/path]` URL.
+    #[error("invalid OTLP endpoint `{endpoint}`: {message}")]
+    Endpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The OTLP exporter could not be built.
+    #[error("building the OTLP exporter: {0}")]
+    Exporter(String),
+    /// A global subscriber was already installed in this process.
+    #[error("the tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `text` or `json` (case-insensitive).
+    pub fn parse(text: &str) -> Result<Self, TelemetryError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(TelemetryError::LogFormat(text.to_owned())),
+        }
+    }
+
+    /// The format named by `QPQ_LOG_FORMAT` (text when unset).
+    pub fn from_env() -> Result<Self, TelemetryError> {
+        std::env::var("QPQ_LOG_FORMAT").map_or(Ok(Self::Text), |v| Self::parse(&v))
+    }
+}
+
+/// What to set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `service.name` when `OTEL_SERVICE_NAME` is unset (e.g. `qpq-edge`).
+    pub service_name: String,
+    /// The log format.
+    pub log_format: LogFormat,
+    /// Level filter when neither `QPQ_LOG` nor `RUST_LOG` is set (e.g. `info`).
+    pub default_log_level: String,
+    /// The OTLP/HTTP collector base URL from the configuration file; the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` variables win.
+    pub otlp_endpoint: Option<String>,
+    /// Whether to export traces at all (a one-shot command does not, whatever the
+    /// environment says).
+    pub export_traces: bool,
+}
+
+/// The installed telemetry; call [`Telemetry::shutdown`] before exiting to flush traces.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    endpoint: Option<String>,
+}
+
+impl Telemetry {
+    /// Whether spans are being exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// The collector's trace URL, when exporting.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
+    }
+
+    /// Exports the spans still queued and stops the exporter. Blocks (up to the exporter's
+    /// timeout): call it outside any async runtime, as the last step before exiting.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces failed");
+        }
+    }
+}
+
+/// The traces URL to export to: the traces-specific variable, the generic one (with
+/// `/v1/traces` appended, as the specification says), or the configured base URL. `None`
+/// when tracing is off (no endpoint, `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`).
+pub fn traces_endpoint(configured: Option<&str>) -> Option<String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
+    {
+        return None;
+    }
+    if let Some(url) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return Some(url);
+    }
+    let base = env("OTEL_EXPORTER_OTLP_ENDPOINT").or_else(|| {
+        configured
+            .map(str::to_owned)
+            .filter(|v| !v.trim().is_empty())
+    })?;
+    Some(format!("{}/v1/traces", base.trim_end_matches('/')))
+}
+
+/// The log filter: `QPQ_LOG`, else `RUST_LOG`, else `default`.
+///
+/// tokio-postgres logs every statement's parameters at `debug`, which would put identity keys
+/// and group ids in the log: it stays at `info` unless the filter names it explicitly.
+fn log_filter(default: &str) -> EnvFilter {
+    let text = std::env::var("QPQ_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_owned());
+    let filter = EnvFilter::try_new(&text).unwrap_or_else(|_| EnvFilter::new(default));
+    if text.contains("tokio_postgres") {
+        return filter;
+    }
+    match "tokio_postgres=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// Spans exported: the quicproquo crates' spans at `info` and above, whatever the log level.
+fn span_filter() -> Targets {
+    Targets::new()
+        .with_target("quicproquo_server", LevelFilter::INFO)
+        .with_target("quicproquo_client", LevelFilter::INFO)
+        .with_target("quicproquo_telemetry", LevelFilter::INFO)
+        .with_target("qpq", LevelFilter::INFO)
+        .with_target("qpq_server", LevelFilter::INFO)
+}
+
+/// Builds the tracer provider exporting to `endpoint`.
+fn provider(service_name: &str, endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+    let client = otlp::MiniHttpClient::new(endpoint)?;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    // The SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default: parent-based,
+    // always on) and the OTEL_BSP_* queue settings itself.
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Installs the process's subscriber: logs to stderr, and spans to OTLP when an endpoint is
+/// configured (see [`traces_endpoint`]). Call once, early in `main`.
+pub fn init(options: &Options) -> Result<Telemetry, TelemetryError> {
+    let endpoint =
+        traces_endpoint(options.otlp_endpoint.as_deref()).filter(|_| options.export_traces);
+    let provider = endpoint
+        .as_deref()
+        .map(|e| provider(&options.service_name, e))
+        .transpose()?;
+    let fmt = match options.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(log_filter(&options.default_log_level));
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("quicproquo"))
+            .with_filter(span_filter())
+    });
+    Registry::default()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+    if let Some(url) = &endpoint {
+        tracing::info!(endpoint = %url, "exporting traces over OTLP/HTTP");
+    }
+    Ok(Telemetry { provider, endpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_formats_parse() {
+        assert_eq!(LogFormat::parse("JSON").ok(), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse("text").ok(), Some(LogFormat::Text));
+        assert!(LogFormat::parse("xml").is_err());
+    }
+}

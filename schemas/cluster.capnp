@@ -1,0 +1,48 @@
+# The internal interface between cluster nodes. An edge forwards the calls that order a group's
+# log (createGroup, send) to the group's owner shard, and follows the live feeds of the groups
+# and inboxes its clients subscribe to. A node obtains this capability from `Bootstrap.cluster`,
+# which only answers peers whose Noise handshake presented a certificate signed by the cluster
+# key.
+@0xd7c3f16a2e0b9c41;
+
+using Common = import "common.capnp";
+using Envelope = import "envelope.capnp".Envelope;
+using Delivery = import "delivery.capnp";
+
+interface ShardService {
+  createGroup @0 (trace :Common.TraceContext, groupId :Data, creator :Data) -> ();
+  # Register a new group with `creator` as its only member, at epoch 0.
+
+  append @1 (trace :Common.TraceContext, request :AppendRequest)
+      -> (result :Delivery.SendResult);
+  # Append one message the edge has already checked (framing, group, sizes). Acknowledged once
+  # durable. Membership and group errors come back as typed errors.
+
+  watch @2 (groupId :Data, sink :EntrySink) -> (subscription :Delivery.Subscription);
+  # Push entries this shard appends to the group from now on. Best effort: the edge's
+  # subscribers read whatever they miss from the log.
+
+  watchInboxes @3 (sink :InboxSink) -> (subscription :Delivery.Subscription);
+  # Push the identities whose inbox received a Welcome through this shard, from now on.
+}
+
+struct AppendRequest {
+  groupId @0 :Data;
+  sender @1 :Data;              # the bound identity of the client that sent it
+  messageId @2 :Data;
+  kind @3 :Envelope.Kind;       # application, commit or proposal
+  epoch @4 :UInt64;
+  payload @5 :Data;
+  commit @6 :Delivery.CommitInfo;
+  hasCommit @7 :Bool;           # a commit carries its membership change
+}
+
+interface EntrySink {
+  deliver @0 (groupId :Data, entries :List(Envelope), resync :Bool) -> ();
+  # `resync`: the shard may have dropped entries for this group (it fell behind); readers
+  # should check the log.
+}
+
+interface InboxSink {
+  notify @0 (identities :List(Data)) -> ();
+}
