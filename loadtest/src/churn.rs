@@ -6,6 +6,7 @@ use std::time::Instant;
 use quicproquo_client::delivery::{CommitParts, Welcome};
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::Group;
+use quicproquo_proto::errors::ErrorCode;
 
 use crate::member::{Counted, GroupSlot, fail, send_commit};
 use crate::stats::{counter, error_kind, metric};
@@ -27,6 +28,11 @@ pub(crate) async fn rejoin(
         ctx.inbox_cursor.set(ctx.inbox_cursor.get().max(w.seq));
         if w.group_id != slot.id || w.commit_seq <= slot.cursor {
             continue;
+        }
+        // A removal we never saw (the subscription ended first) leaves the old state active,
+        // and joining would refuse to replace it.
+        if let Some(old) = slot.group.take_if(|g| g.is_active()) {
+            let _ = old.delete(ctx.provider);
         }
         let t = Instant::now();
         let group = Group::join(ctx.provider, &w.welcome)
@@ -132,4 +138,38 @@ pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> R
     s.record(metric::COMMIT, t.elapsed());
     s.count(counter::CHURN, 1);
     Ok(())
+}
+
+/// After the server ended our subscription without our having seen a removal: subscribe again
+/// from our cursor, as a client would. If the server says we are no longer a member, churn
+/// removed us (the commit fell outside what we were sent): wait for the Welcome instead.
+pub(crate) async fn resubscribe(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    match ctx.session.delivery.subscribe(&slot.id, slot.cursor).await {
+        Ok(sub) => {
+            slot.sub = Some(sub);
+            stats.borrow_mut().count(counter::RESUBSCRIBED, 1);
+            Ok(())
+        }
+        Err(e) if ctx.plan.settings.churn > 0 && e.code() == Some(ErrorCode::NotMember) => {
+            let inbox = ctx
+                .session
+                .delivery
+                .subscribe_inbox(ctx.inbox_cursor.get())
+                .await
+                .map_err(|e| fail(stats, progress, error_kind("subscribe inbox", &e)))?;
+            stats.borrow_mut().count(counter::RESUBSCRIBED, 1);
+            *standing = Standing::Out(Instant::now(), inbox);
+            Ok(())
+        }
+        Err(e) => Err(fail(
+            stats,
+            progress,
+            error_kind("subscription ended; resubscribe", &e),
+        )),
+    }
 }

@@ -65,6 +65,8 @@ pub(crate) mod counter {
     pub(crate) const BEFORE_JOIN: &str = "messages from before a rejoin (not for the rejoiner)";
     /// Sends refused because churn had removed the sender (it had not processed that yet).
     pub(crate) const REFUSED_REMOVED: &str = "sends refused: sender removed meanwhile";
+    /// Subscriptions the server ended that the member opened again.
+    pub(crate) const RESUBSCRIBED: &str = "subscriptions ended by the server and reopened";
     /// Members joined from a Welcome.
     pub(crate) const JOINED: &str = "joins";
     /// Churn removals and re-additions.

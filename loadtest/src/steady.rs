@@ -25,6 +25,9 @@ use crate::cli::HEADER_BYTES;
 use crate::member::{Counted, GroupSlot, Member, Plan, Progress, fail, is_own, message_id};
 use crate::stats::{Stats, counter, error_kind, metric};
 
+/// How often a member subscribes again after its subscription ended, per group and phase.
+const MAX_RESUBSCRIBES: usize = 3;
+
 /// Marks our plaintexts.
 const MAGIC: &[u8; 4] = b"QPQL";
 
@@ -231,6 +234,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
     let mut churn_at = (churning && slot.position == 0).then(|| st.start + s.churn_every);
     let mut churn_round = 0usize;
     let mut sends: Vec<JoinHandle<()>> = Vec::new();
+    let mut resubscribes = 0;
 
     loop {
         if !churning && received >= expected && next_j >= total {
@@ -249,8 +253,12 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
                 None => {
                     slot.sub = None;
                     if matches!(standing, Standing::In) {
-                        fail(ctx.stats, &ctx.plan.progress, "subscription ended".into());
-                        break;
+                        resubscribes += 1;
+                        if resubscribes > MAX_RESUBSCRIBES
+                            || churn::resubscribe(ctx, slot, &mut standing).await.is_err()
+                        {
+                            break;
+                        }
                     }
                 }
             },
