@@ -1,0 +1,175 @@
+//! Churn during the steady state: a group's creator removes members and adds them back
+//! (two commits per step), and a removed member joins again from the new Welcome.
+
+use std::time::Instant;
+
+use quicproquo_client::delivery::{CommitParts, Welcome};
+use quicproquo_core::IdentityKey;
+use quicproquo_core::group::Group;
+use quicproquo_proto::errors::ErrorCode;
+
+use crate::member::{Counted, GroupSlot, fail, send_commit};
+use crate::stats::{counter, error_kind, metric};
+use crate::steady::{Ctx, Standing};
+
+/// Joins again from the Welcome of the commit that re-added us, and resubscribes.
+pub(crate) async fn rejoin(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    welcomes: Vec<Welcome>,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    let Standing::Out(removed_at, _) = standing else {
+        return Ok(());
+    };
+    let removed_at = *removed_at;
+    for w in welcomes {
+        ctx.inbox_cursor.set(ctx.inbox_cursor.get().max(w.seq));
+        if w.group_id != slot.id || w.commit_seq <= slot.cursor {
+            continue;
+        }
+        // A removal we never saw (the subscription ended first) leaves the old state active,
+        // and joining would refuse to replace it.
+        if let Some(old) = slot.group.take_if(|g| g.is_active()) {
+            let _ = old.delete(ctx.provider);
+        }
+        let t = Instant::now();
+        let group = Group::join(ctx.provider, &w.welcome)
+            .map_err(|_| fail(stats, progress, "welcome processing (rejoin)".into()))?;
+        stats
+            .borrow_mut()
+            .record(metric::WELCOME_PROCESS, t.elapsed());
+        slot.group = Some(group);
+        slot.cursor = w.commit_seq;
+        let sub = ctx
+            .session
+            .delivery
+            .subscribe(&slot.id, w.commit_seq)
+            .await
+            .map_err(|e| fail(stats, progress, error_kind("resubscribe", &e)))?;
+        slot.sub = Some(sub);
+        *standing = Standing::In;
+        stats
+            .borrow_mut()
+            .record(metric::REJOIN, removed_at.elapsed());
+        return Ok(());
+    }
+    Ok(())
+}
+
+/// One churn step by the group's creator: remove `churn` members in one commit, then add
+/// them back (fresh KeyPackages, one batch fetch) in another.
+pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    let n = ctx.plan.settings.churn;
+    let members = &ctx.plan.groups[slot.index].members;
+    let others = members.len() - 1;
+    let victims: Vec<IdentityKey> = (0..n)
+        .map(|k| members[1 + (round * n + k) % others])
+        .map(|m| ctx.plan.identities[m])
+        .collect();
+    let Some(group) = slot.group.as_mut() else {
+        return Err(Counted);
+    };
+    let t = Instant::now();
+    let out = group
+        .remove_members(ctx.provider, ctx.mls, &victims)
+        .map_err(|_| fail(stats, progress, "commit build (remove)".into()))?;
+    let parts = CommitParts {
+        added: Vec::new(),
+        removed: out.removed.clone(),
+        welcome: None,
+    };
+    send_commit(
+        ctx.session,
+        group,
+        ctx.provider,
+        ctx.index,
+        &slot.id,
+        &out.commit,
+        &parts,
+        stats,
+        progress,
+    )
+    .await?;
+    {
+        let mut s = stats.borrow_mut();
+        s.record(metric::COMMIT, t.elapsed());
+        s.count(counter::CHURN, 1);
+    }
+    let t = Instant::now();
+    let fetched = ctx
+        .session
+        .auth
+        .fetch_key_packages(&victims)
+        .await
+        .map_err(|e| fail(stats, progress, error_kind("keypackage fetch", &e)))?;
+    stats.borrow_mut().record(metric::KP_FETCH, t.elapsed());
+    if fetched.len() < victims.len() {
+        return Err(fail(
+            stats,
+            progress,
+            "no keypackage available (churn)".into(),
+        ));
+    }
+    let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
+    let out = group
+        .add_members(ctx.provider, ctx.mls, &packages)
+        .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
+    let parts = CommitParts {
+        added: out.added.clone(),
+        removed: Vec::new(),
+        welcome: out.welcome.clone(),
+    };
+    send_commit(
+        ctx.session,
+        group,
+        ctx.provider,
+        ctx.index,
+        &slot.id,
+        &out.commit,
+        &parts,
+        stats,
+        progress,
+    )
+    .await?;
+    let mut s = stats.borrow_mut();
+    s.record(metric::COMMIT, t.elapsed());
+    s.count(counter::CHURN, 1);
+    Ok(())
+}
+
+/// After the server ended our subscription without our having seen a removal: subscribe again
+/// from our cursor, as a client would. If the server says we are no longer a member, churn
+/// removed us (the commit fell outside what we were sent): wait for the Welcome instead.
+pub(crate) async fn resubscribe(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    match ctx.session.delivery.subscribe(&slot.id, slot.cursor).await {
+        Ok(sub) => {
+            slot.sub = Some(sub);
+            stats.borrow_mut().count(counter::RESUBSCRIBED, 1);
+            Ok(())
+        }
+        Err(e) if ctx.plan.settings.churn > 0 && e.code() == Some(ErrorCode::NotMember) => {
+            let inbox = ctx
+                .session
+                .delivery
+                .subscribe_inbox(ctx.inbox_cursor.get())
+                .await
+                .map_err(|e| fail(stats, progress, error_kind("subscribe inbox", &e)))?;
+            stats.borrow_mut().count(counter::RESUBSCRIBED, 1);
+            *standing = Standing::Out(Instant::now(), inbox);
+            Ok(())
+        }
+        Err(e) => Err(fail(
+            stats,
+            progress,
+            error_kind("subscription ended; resubscribe", &e),
+        )),
+    }
+}

@@ -1,0 +1,77 @@
+//! `qpq-loadtest`: the quicproquo load test.
+//!
+//! What it is: a load generator that drives *real* members: each has its own TCP connection
+//! with a Noise_XX handshake and identity binding, its own Ed25519 identity, real KeyPackages
+//! and its own MLS state (the client library's groups over openmls). Groups are built the way
+//! clients build them (the creator fetches KeyPackages in one batch and adds everyone in as
+//! few commits as it can; every member processes its Welcome), then members send application
+//! messages at a fixed total rate and decrypt everyone else's, optionally while members are
+//! removed and re-added (churn). Latency runs from each message's *planned* send time to each
+//! recipient's decryption (no coordinated omission), in HDR histograms. Without `--target` it
+//! starts an in-process `standalone` server on the embedded store; the `connections` scenario
+//! holds many idle authenticated connections and reports the server's memory per connection.
+//!
+//! What it is not: a functional test suite (it checks agreement and counts errors, but a run
+//! with errors still reports), nor a model of realistic user behaviour beyond a fixed send
+//! rate. Members share a few worker threads (one per core by default), so the generator's own
+//! CPU use is reported next to the server's.
+//!
+//! Layout: `cli` (options), `run` (the controller and its phases), `worker` (threads that own
+//! members), `member` (connect, register, create, join), `steady` (sending, receiving), `churn`,
+//! `stats` (HDR histograms, errors), `sys` (CPU and memory from `/proc`), `server` (the server
+//! under test), `report` (table and JSON), `threshold` (pass/fail rules).
+
+#![forbid(unsafe_code)]
+
+mod churn;
+mod cli;
+mod member;
+mod report;
+mod run;
+mod server;
+mod stats;
+mod steady;
+mod sys;
+mod threshold;
+mod worker;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::cli::{Args, Internal};
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qpq-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let args = Args::parse();
+    if let Some(Internal::Serve {
+        dir,
+        max_connections,
+    }) = &args.internal
+    {
+        server::serve(dir, *max_connections)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = args.settings()?;
+    let report = run::run(&args, settings)?;
+    println!("{}", report::table(&report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,524 @@
+//! One simulated member: a device with its own identity, Noise connection, bound session,
+//! KeyPackages and MLS state (the client's own `quicproquo-core` groups over an in-memory
+//! openmls store), and the setup steps it takes: connect and bind, register, create a group
+//! and add members, join from Welcomes.
+//!
+//! The messenger's state file is left out on purpose: the load generator keeps each member's
+//! MLS state in memory so that saving files is not what it measures.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use quicproquo_client::delivery::{CommitParts, Envelope, EnvelopeKind, Subscription};
+use quicproquo_client::{ConnectOptions, Connection, SendOutcome, Session, connect_any};
+use quicproquo_core::group::{Event, Group};
+use quicproquo_core::mls::{MlsIdentity, MlsProvider, Suite};
+use quicproquo_core::{IdentityKey, IdentityKeypair};
+
+use crate::stats::{Stats, counter, error_kind, metric};
+
+/// Entries read per fetch while catching up.
+const FETCH_BATCH: u32 = 200;
+/// Most identities per KeyPackage fetch (the Authentication Service's limit).
+const FETCH_LIMIT: usize = 1000;
+
+/// Counters the controller prints once a second.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Members (or steps) done in the current phase.
+    pub(crate) done: AtomicU64,
+    /// Errors so far.
+    pub(crate) errors: AtomicU64,
+    /// Application messages acknowledged by the server.
+    pub(crate) sent: AtomicU64,
+    /// Deliveries decrypted.
+    pub(crate) delivered: AtomicU64,
+    /// When the current phase started, µs after [`Plan::epoch`].
+    pub(crate) phase_start_us: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn tick(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One group as the whole run knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupPlan {
+    /// The group id.
+    pub(crate) id: Vec<u8>,
+    /// Member indices; the first is the creator.
+    pub(crate) members: Vec<usize>,
+}
+
+/// Everything the members of a run share.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) settings: crate::cli::Settings,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) options: ConnectOptions,
+    pub(crate) run_id: String,
+    pub(crate) identities: Vec<IdentityKey>,
+    pub(crate) groups: Vec<GroupPlan>,
+    pub(crate) progress: Arc<Progress>,
+    /// The run's time origin, for phase-relative times.
+    pub(crate) epoch: Instant,
+}
+
+impl Plan {
+    /// KeyPackages member `index` uploads: one per group it joins, plus one per time churn
+    /// may re-add it.
+    fn key_packages_for(&self, joins: usize) -> usize {
+        let s = &self.settings;
+        let churn = if s.churn > 0 {
+            let steps = s.duration.as_secs_f64() / s.churn_every.as_secs_f64().max(1e-3);
+            let steps = steps.ceil() as usize * s.rates.len();
+            (steps * s.churn).div_ceil(s.group_size.saturating_sub(1).max(1)) + 1
+        } else {
+            0
+        };
+        (joins + churn).max(1)
+    }
+}
+
+/// A member's place in one group.
+pub(crate) struct GroupSlot {
+    /// Which group (index into [`Plan::groups`]).
+    pub(crate) index: usize,
+    /// Position in the group; 0 is the creator.
+    pub(crate) position: usize,
+    /// The group id.
+    pub(crate) id: Vec<u8>,
+    /// Our MLS state, once created or joined.
+    pub(crate) group: Option<Group>,
+    /// Last log entry processed.
+    pub(crate) cursor: u64,
+    /// The epoch we (last) joined at: application messages of earlier epochs were never
+    /// meant for us.
+    pub(crate) joined_epoch: u64,
+    /// Live subscription to the group's log.
+    pub(crate) sub: Option<Subscription<Envelope>>,
+}
+
+/// A simulated device.
+pub(crate) struct Member {
+    pub(crate) index: usize,
+    identity: IdentityKeypair,
+    pub(crate) mls: MlsIdentity,
+    pub(crate) provider: MlsProvider,
+    pub(crate) conn: Option<Connection>,
+    pub(crate) session: Option<Session>,
+    pub(crate) slots: Vec<GroupSlot>,
+    pub(crate) inbox_cursor: u64,
+}
+
+/// An error already counted in the stats: the member sits out the rest of the run.
+#[derive(Debug)]
+pub(crate) struct Counted;
+
+/// Records `kind` in `stats` and the progress counter, and returns [`Counted`].
+pub(crate) fn fail(stats: &RefCell<Stats>, progress: &Progress, kind: String) -> Counted {
+    stats.borrow_mut().error(kind);
+    Progress::tick(&progress.errors);
+    Counted
+}
+
+/// A message id: our index (so we recognise our own entries in the log), then 12 random
+/// bytes.
+pub(crate) fn message_id(index: usize) -> Result<Vec<u8>, getrandom::Error> {
+    let mut id = vec![0u8; 16];
+    id[..4].copy_from_slice(&(index as u32).to_be_bytes());
+    getrandom::fill(&mut id[4..])?;
+    Ok(id)
+}
+
+/// Whether a message id is one of member `index`'s.
+pub(crate) fn is_own(id: &[u8], index: usize) -> bool {
+    id.get(..4) == Some(&(index as u32).to_be_bytes()[..])
+}
+
+impl Member {
+    /// A member with `identity`, not yet connected; `plan` says which groups it is in.
+    pub(crate) fn new(index: usize, identity: IdentityKeypair, plan: &Plan) -> Self {
+        let mls = MlsIdentity::new(&identity);
+        let slots = plan
+            .groups
+            .iter()
+            .enumerate()
+            .filter_map(|(g, gp)| {
+                let position = gp.members.iter().position(|&m| m == index)?;
+                Some(GroupSlot {
+                    index: g,
+                    position,
+                    id: gp.id.clone(),
+                    group: None,
+                    cursor: 0,
+                    joined_epoch: 0,
+                    sub: None,
+                })
+            })
+            .collect();
+        Self {
+            index,
+            identity,
+            mls,
+            provider: MlsProvider::default(),
+            conn: None,
+            session: None,
+            slots,
+            inbox_cursor: 0,
+        }
+    }
+
+    fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// Connects (TCP + Noise handshake, certificate checked) to the member's edge, trying the
+    /// others in turn, and binds the identity.
+    pub(crate) async fn connect(
+        &mut self,
+        plan: &Plan,
+        stats: &RefCell<Stats>,
+    ) -> Result<(), Counted> {
+        let n = plan.addrs.len();
+        let addrs: Vec<SocketAddr> = (0..n).map(|k| plan.addrs[(self.index + k) % n]).collect();
+        let t = Instant::now();
+        let conn = connect_any(&addrs, &plan.options)
+            .await
+            .map_err(|e| fail(stats, &plan.progress, error_kind("connect", &e)))?;
+        let connected = Instant::now();
+        stats.borrow_mut().record(metric::CONNECT, connected - t);
+        let session = conn
+            .bind(&self.identity)
+            .await
+            .map_err(|e| fail(stats, &plan.progress, error_kind("bind", &e)))?;
+        let mut s = stats.borrow_mut();
+        s.record(metric::BIND, connected.elapsed());
+        let since_start = u64::try_from(plan.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let phase_start = plan.progress.phase_start_us.load(Ordering::Relaxed);
+        s.max(
+            counter::LAST_BOUND_US,
+            since_start.saturating_sub(phase_start),
+        );
+        drop(s);
+        self.conn = Some(conn);
+        self.session = Some(session);
+        Ok(())
+    }
+
+    /// Pings the server over the (idle) connection.
+    pub(crate) async fn ping(&self, plan: &Plan, stats: &RefCell<Stats>) -> Result<(), Counted> {
+        let Some(conn) = &self.conn else {
+            return Err(Counted);
+        };
+        let pong = conn
+            .ping(b"loadtest")
+            .await
+            .map_err(|e| fail(stats, &plan.progress, error_kind("ping", &e)))?;
+        stats.borrow_mut().record(metric::PING, pong.rtt);
+        Ok(())
+    }
+
+    /// Claims a user name and uploads KeyPackages (one per group to join, plus churn spares).
+    pub(crate) async fn register(
+        &mut self,
+        plan: &Plan,
+        stats: &RefCell<Stats>,
+    ) -> Result<(), Counted> {
+        let Some(session) = self.session().cloned() else {
+            return Err(Counted);
+        };
+        let progress = &plan.progress;
+        let t = Instant::now();
+        let name = format!("lt-{}-{}", plan.run_id, self.index);
+        session
+            .auth
+            .claim_name(&name)
+            .await
+            .map_err(|e| fail(stats, progress, error_kind("claim name", &e)))?;
+        let joins = self.slots.iter().filter(|s| s.position > 0).count();
+        let count = plan.key_packages_for(joins);
+        let g = Instant::now();
+        let kps = self
+            .mls
+            .key_packages(&self.provider, plan.settings.suite, count)
+            .map_err(|_| fail(stats, progress, "keypackage generation".into()))?;
+        let generated = g.elapsed();
+        session
+            .auth
+            .upload_key_packages(&kps, None)
+            .await
+            .map_err(|e| fail(stats, progress, error_kind("upload", &e)))?;
+        let mut s = stats.borrow_mut();
+        s.record(metric::KP_GENERATE, generated);
+        s.record(metric::REGISTER, t.elapsed());
+        Ok(())
+    }
+
+    /// Creates every group this member is the creator of, and adds the other members in
+    /// commits of `add_batch` (KeyPackages fetched in batches).
+    pub(crate) async fn create_groups(
+        &mut self,
+        plan: &Plan,
+        stats: &RefCell<Stats>,
+    ) -> Result<(), Counted> {
+        let Some(session) = self.session().cloned() else {
+            return Err(Counted);
+        };
+        let progress = &plan.progress;
+        let suite: Suite = plan.settings.suite;
+        for slot in self.slots.iter_mut().filter(|s| s.position == 0) {
+            let group = Group::create(&self.provider, &self.mls, suite, &slot.id)
+                .map_err(|_| fail(stats, progress, "group create".into()))?;
+            session
+                .delivery
+                .create_group(&slot.id)
+                .await
+                .map_err(|e| fail(stats, progress, error_kind("create group", &e)))?;
+            let group = slot.group.insert(group);
+            let others = &plan.groups[slot.index].members[1..];
+            for batch in others.chunks(plan.settings.add_batch) {
+                let wanted: Vec<IdentityKey> = batch.iter().map(|&m| plan.identities[m]).collect();
+                let mut packages = Vec::with_capacity(wanted.len());
+                for chunk in wanted.chunks(FETCH_LIMIT) {
+                    let t = Instant::now();
+                    let fetched =
+                        session.auth.fetch_key_packages(chunk).await.map_err(|e| {
+                            fail(stats, progress, error_kind("keypackage fetch", &e))
+                        })?;
+                    stats.borrow_mut().record(metric::KP_FETCH, t.elapsed());
+                    if fetched.len() < chunk.len() {
+                        for _ in fetched.len()..chunk.len() {
+                            fail(stats, progress, "no keypackage available".into());
+                        }
+                    }
+                    packages.extend(fetched.into_iter().map(|k| k.data));
+                }
+                if packages.is_empty() {
+                    continue;
+                }
+                let t = Instant::now();
+                let out = group
+                    .add_members(&self.provider, &self.mls, &packages)
+                    .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
+                {
+                    let mut s = stats.borrow_mut();
+                    s.record(metric::COMMIT_BUILD, t.elapsed());
+                    s.max(counter::COMMIT_BYTES, out.commit.len() as u64);
+                    s.max(
+                        counter::WELCOME_BYTES,
+                        out.welcome.as_ref().map_or(0, |w| w.len() as u64),
+                    );
+                }
+                let parts = CommitParts {
+                    added: out.added.clone(),
+                    removed: Vec::new(),
+                    welcome: out.welcome.clone(),
+                };
+                let seq = send_commit(
+                    &session,
+                    group,
+                    &self.provider,
+                    self.index,
+                    &slot.id,
+                    &out.commit,
+                    &parts,
+                    stats,
+                    progress,
+                )
+                .await?;
+                slot.cursor = slot.cursor.max(seq);
+                stats.borrow_mut().record(metric::COMMIT, t.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins every group this member was added to: fetches each Welcome from the inbox,
+    /// processes it, and catches up with the group's log after the commit that added it.
+    pub(crate) async fn join(
+        &mut self,
+        plan: &Plan,
+        stats: &RefCell<Stats>,
+    ) -> Result<(), Counted> {
+        let Some(session) = self.session().cloned() else {
+            return Err(Counted);
+        };
+        let progress = &plan.progress;
+        loop {
+            if self.slots.iter().all(|s| s.group.is_some()) {
+                return Ok(());
+            }
+            let t = Instant::now();
+            let welcomes = session
+                .delivery
+                .inbox(self.inbox_cursor, 1)
+                .await
+                .map_err(|e| fail(stats, progress, error_kind("inbox", &e)))?;
+            stats
+                .borrow_mut()
+                .record(metric::WELCOME_FETCH, t.elapsed());
+            if welcomes.is_empty() {
+                break;
+            }
+            for w in welcomes {
+                self.inbox_cursor = w.seq;
+                let Some(slot) = self
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.id == w.group_id && s.group.is_none())
+                else {
+                    continue;
+                };
+                let p = Instant::now();
+                let group = Group::join(&self.provider, &w.welcome)
+                    .map_err(|_| fail(stats, progress, "welcome processing".into()))?;
+                stats
+                    .borrow_mut()
+                    .record(metric::WELCOME_PROCESS, p.elapsed());
+                slot.joined_epoch = group.epoch();
+                let group = slot.group.insert(group);
+                slot.cursor = w.commit_seq;
+                catch_up(
+                    &session,
+                    group,
+                    &self.provider,
+                    self.index,
+                    &mut slot.cursor,
+                    &slot.id,
+                    stats,
+                    progress,
+                )
+                .await?;
+                let mut s = stats.borrow_mut();
+                s.record(metric::JOIN, t.elapsed());
+                s.count(counter::JOINED, 1);
+            }
+        }
+        let missing = self.slots.iter().filter(|s| s.group.is_none()).count();
+        for _ in 0..missing {
+            fail(stats, progress, "no welcome in the inbox".into());
+        }
+        if missing > 0 { Err(Counted) } else { Ok(()) }
+    }
+
+    /// The group views for the agreement check: (group, epoch, epoch authenticator).
+    pub(crate) fn views(&self) -> Vec<(usize, u64, Vec<u8>)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let g = s.group.as_ref()?;
+                Some((s.index, g.epoch(), g.epoch_authenticator()))
+            })
+            .collect()
+    }
+
+    /// Subscribes to the log of every group we are in, from our cursor.
+    pub(crate) async fn subscribe(
+        &mut self,
+        plan: &Plan,
+        stats: &RefCell<Stats>,
+    ) -> Result<(), Counted> {
+        let Some(session) = self.session().cloned() else {
+            return Err(Counted);
+        };
+        for slot in self.slots.iter_mut().filter(|s| s.group.is_some()) {
+            let sub = session
+                .delivery
+                .subscribe(&slot.id, slot.cursor)
+                .await
+                .map_err(|e| fail(stats, &plan.progress, error_kind("subscribe", &e)))?;
+            slot.sub = Some(sub);
+        }
+        Ok(())
+    }
+
+    /// Ends subscriptions and closes the connection politely.
+    pub(crate) async fn close(&mut self) {
+        for slot in &mut self.slots {
+            slot.sub = None;
+        }
+        self.session = None;
+        if let Some(conn) = self.conn.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
+        }
+    }
+}
+
+/// Sends a staged commit and merges it once appended; returns its sequence number.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_commit(
+    session: &Session,
+    group: &mut Group,
+    provider: &MlsProvider,
+    index: usize,
+    id: &[u8],
+    commit: &[u8],
+    parts: &CommitParts,
+    stats: &RefCell<Stats>,
+    progress: &Progress,
+) -> Result<u64, Counted> {
+    let mid = message_id(index).map_err(|_| fail(stats, progress, "rng".into()))?;
+    match session.delivery.send(id, &mid, commit, Some(parts)).await {
+        Ok(SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq }) => {
+            group
+                .merge_pending_commit(provider)
+                .map_err(|_| fail(stats, progress, "commit merge".into()))?;
+            Ok(seq)
+        }
+        Ok(SendOutcome::StaleEpoch { .. }) => {
+            let _ = group.discard_pending_commit(provider);
+            Err(fail(stats, progress, "commit lost the epoch".into()))
+        }
+        Err(e) => {
+            let _ = group.discard_pending_commit(provider);
+            Err(fail(stats, progress, error_kind("commit send", &e)))
+        }
+    }
+}
+
+/// Reads and processes the group's log after `cursor` until its end.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    session: &Session,
+    group: &mut Group,
+    provider: &MlsProvider,
+    index: usize,
+    cursor: &mut u64,
+    id: &[u8],
+    stats: &RefCell<Stats>,
+    progress: &Progress,
+) -> Result<(), Counted> {
+    loop {
+        let entries = session
+            .delivery
+            .fetch(id, *cursor, FETCH_BATCH)
+            .await
+            .map_err(|e| fail(stats, progress, error_kind("fetch", &e)))?;
+        for e in &entries {
+            *cursor = e.seq;
+            if is_own(&e.message_id, index) || e.kind != EnvelopeKind::Commit {
+                continue;
+            }
+            let t = Instant::now();
+            match group.process(provider, &e.payload) {
+                Ok(Event::Commit { .. }) => stats
+                    .borrow_mut()
+                    .record(metric::COMMIT_PROCESS, t.elapsed()),
+                Ok(_) => {}
+                Err(err) if err.is_stale() => {}
+                Err(_) => {
+                    fail(stats, progress, "commit processing".into());
+                }
+            }
+        }
+        if entries.len() < FETCH_BATCH as usize {
+            return Ok(());
+        }
+    }
+}

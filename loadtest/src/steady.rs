@@ -1,0 +1,509 @@
+//! The steady state: every member sends application messages on a fixed schedule and decrypts
+//! everyone else's; optionally each group's creator churns members (removes and re-adds them)
+//! meanwhile.
+//!
+//! Message `j` of group `g` is sent by the member at position `j mod group_size`, at the
+//! *planned* time `start + j / group_rate`. Its plaintext starts with a header carrying the
+//! phase and that planned offset, so a recipient computes latency from the planned time to
+//! the moment it has decrypted the message: a stalled server, a slow generator or a late send
+//! all show up in the figure (no coordinated omission). Sends are issued as separate tasks, so
+//! one slow acknowledgement does not hold back the next send.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use quicproquo_client::delivery::{Envelope, EnvelopeKind, Subscription, Welcome};
+use quicproquo_client::{SendOutcome, Session};
+use quicproquo_core::group::{Event, GroupError};
+use quicproquo_core::mls::{MlsIdentity, MlsProvider};
+use quicproquo_proto::errors::ErrorCode;
+use tokio::task::JoinHandle;
+
+use crate::churn;
+use crate::cli::HEADER_BYTES;
+use crate::member::{Counted, GroupSlot, Member, Plan, Progress, fail, is_own, message_id};
+use crate::stats::{Stats, counter, error_kind, metric};
+
+/// How often a member subscribes again after its subscription ended, per group and phase.
+const MAX_RESUBSCRIBES: usize = 3;
+
+/// Marks our plaintexts.
+const MAGIC: &[u8; 4] = b"QPQL";
+
+/// One steady-state phase.
+#[derive(Debug, Clone)]
+pub(crate) struct SteadyPlan {
+    /// Phase number (in the plaintext header, so late messages of an earlier phase are told
+    /// apart).
+    pub(crate) phase: u32,
+    /// Planned time of message 0.
+    pub(crate) start: Instant,
+    /// Messages per second, all groups together.
+    pub(crate) rate: f64,
+    /// How long messages are sent.
+    pub(crate) duration: Duration,
+    /// How long to wait for outstanding deliveries afterwards.
+    pub(crate) drain: Duration,
+}
+
+/// The plaintext of one message: magic, phase, planned offset (µs), sender; zero padding.
+fn plaintext(phase: u32, offset_us: u64, sender: usize, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(len.max(HEADER_BYTES));
+    p.extend_from_slice(MAGIC);
+    p.extend_from_slice(&phase.to_be_bytes());
+    p.extend_from_slice(&offset_us.to_be_bytes());
+    p.extend_from_slice(&(sender as u64).to_be_bytes());
+    p.resize(len.max(HEADER_BYTES), 0);
+    p
+}
+
+/// Phase and planned offset (µs) from a plaintext, if it is one of ours.
+fn header(p: &[u8]) -> Option<(u32, u64)> {
+    if p.get(..4)? != MAGIC {
+        return None;
+    }
+    let phase = u32::from_be_bytes(p.get(4..8)?.try_into().ok()?);
+    let offset = u64::from_be_bytes(p.get(8..16)?.try_into().ok()?);
+    Some((phase, offset))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What one member's groups share during the phase.
+pub(crate) struct Ctx<'a> {
+    pub(crate) index: usize,
+    pub(crate) provider: &'a MlsProvider,
+    pub(crate) mls: &'a MlsIdentity,
+    pub(crate) session: &'a Session,
+    pub(crate) inbox_cursor: &'a Cell<u64>,
+    pub(crate) plan: &'a Plan,
+    pub(crate) steady: &'a SteadyPlan,
+    pub(crate) stats: &'a Rc<RefCell<Stats>>,
+}
+
+/// Runs the phase for one member (all its groups at once).
+pub(crate) async fn run_member(
+    member: &mut Member,
+    plan: &Plan,
+    steady: &SteadyPlan,
+    stats: &Rc<RefCell<Stats>>,
+) {
+    let Member {
+        index,
+        mls,
+        provider,
+        session,
+        slots,
+        inbox_cursor,
+        ..
+    } = member;
+    let Some(session) = session.as_ref() else {
+        return;
+    };
+    let cursor = Cell::new(*inbox_cursor);
+    let ctx = Ctx {
+        index: *index,
+        provider,
+        mls,
+        session,
+        inbox_cursor: &cursor,
+        plan,
+        steady,
+        stats,
+    };
+    futures::future::join_all(
+        slots
+            .iter_mut()
+            .filter(|s| s.group.is_some())
+            .map(|slot| run_slot(&ctx, slot)),
+    )
+    .await;
+    *inbox_cursor = cursor.get();
+}
+
+/// Works off what an earlier phase left behind before the next one starts: processes each
+/// group's log up to the end the server reports (decrypting, but not measuring: such messages
+/// count as late), at most until `deadline`.
+pub(crate) async fn settle_member(
+    member: &mut Member,
+    plan: &Plan,
+    deadline: Instant,
+    stats: &Rc<RefCell<Stats>>,
+) {
+    let Member {
+        index,
+        mls,
+        provider,
+        session,
+        slots,
+        inbox_cursor,
+        ..
+    } = member;
+    let Some(session) = session.as_ref() else {
+        return;
+    };
+    let infos = match session.delivery.groups().await {
+        Ok(infos) => infos,
+        Err(e) => {
+            fail(stats, &plan.progress, error_kind("groups", &e));
+            return;
+        }
+    };
+    // No phase has this number: everything processed here is counted as late.
+    let none = SteadyPlan {
+        phase: u32::MAX,
+        start: Instant::now(),
+        rate: 1.0,
+        duration: Duration::ZERO,
+        drain: Duration::ZERO,
+    };
+    let cursor = Cell::new(*inbox_cursor);
+    let ctx = Ctx {
+        index: *index,
+        provider,
+        mls,
+        session,
+        inbox_cursor: &cursor,
+        plan,
+        steady: &none,
+        stats,
+    };
+    let infos = &infos;
+    let ctx = &ctx;
+    futures::future::join_all(slots.iter_mut().filter(|s| s.sub.is_some()).map(
+        |slot| async move {
+            let Some(last) = infos
+                .iter()
+                .find(|g| g.group_id == slot.id)
+                .map(|g| g.last_seq)
+            else {
+                return;
+            };
+            let (mut received, mut standing) = (0, Standing::In);
+            while slot.cursor < last && matches!(standing, Standing::In) {
+                let batch = tokio::select! {
+                    b = next_batch(&mut slot.sub) => b,
+                    () = tokio::time::sleep_until(deadline.into()) => break,
+                };
+                let Some(batch) = batch else { break };
+                if handle_batch(ctx, slot, batch, &mut received, &mut standing)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        },
+    ))
+    .await;
+    *inbox_cursor = cursor.get();
+}
+
+/// Where a member stands in a group during the phase.
+pub(crate) enum Standing {
+    /// A member: sends and receives.
+    In,
+    /// Removed by churn at this moment; waiting for the Welcome that adds it back.
+    Out(Instant, Subscription<Welcome>),
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
+    let s = &ctx.plan.settings;
+    let st = ctx.steady;
+    let size = ctx.plan.groups[slot.index].members.len() as u64;
+    let group_rate = st.rate / ctx.plan.groups.len() as f64;
+    let interval = Duration::from_secs_f64(1.0 / group_rate);
+    let total = (st.duration.as_secs_f64() * group_rate).ceil().max(1.0) as u64;
+    let position = slot.position as u64;
+    let own = if position < total {
+        (total - position).div_ceil(size)
+    } else {
+        0
+    };
+    let expected = total - own;
+    let churning = s.churn > 0;
+    let end = st.start + st.duration;
+    let deadline = end + st.drain;
+    let mut next_j = position;
+    let mut received = 0u64;
+    let mut standing = Standing::In;
+    let mut churn_at = (churning && slot.position == 0).then(|| st.start + s.churn_every);
+    let mut churn_round = 0usize;
+    let mut sends: Vec<JoinHandle<()>> = Vec::new();
+    let mut resubscribes = 0;
+
+    loop {
+        if !churning && received >= expected && next_j >= total {
+            break;
+        }
+        let send_at = (next_j < total).then(|| st.start + interval.mul_f64(next_j as f64));
+        let churn_due = churn_at.filter(|t| *t < end);
+        tokio::select! {
+            biased;
+            batch = next_batch(&mut slot.sub) => match batch {
+                Some(batch) => {
+                    if handle_batch(ctx, slot, batch, &mut received, &mut standing).await.is_err() {
+                        break;
+                    }
+                }
+                None => {
+                    slot.sub = None;
+                    if matches!(standing, Standing::In) {
+                        resubscribes += 1;
+                        if resubscribes > MAX_RESUBSCRIBES
+                            || churn::resubscribe(ctx, slot, &mut standing).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            },
+            welcomes = next_welcomes(&mut standing) => {
+                let Some(welcomes) = welcomes else {
+                    fail(ctx.stats, &ctx.plan.progress, "inbox subscription ended".into());
+                    break;
+                };
+                if churn::rejoin(ctx, slot, welcomes, &mut standing).await.is_err() {
+                    break;
+                }
+            },
+            () = sleep_until(send_at) => {
+                let j = next_j;
+                next_j += size;
+                if matches!(standing, Standing::In) {
+                    if let Some(task) = send(ctx, slot, j, interval) {
+                        sends.push(task);
+                    }
+                } else {
+                    ctx.stats.borrow_mut().count(counter::SKIPPED, 1);
+                }
+            },
+            () = sleep_until(churn_due) => {
+                churn_at = churn_at.map(|t| t + s.churn_every);
+                if churn::step(ctx, slot, churn_round).await.is_err() {
+                    churn_at = None;
+                }
+                churn_round += 1;
+            },
+            () = tokio::time::sleep_until(deadline.into()) => break,
+        }
+    }
+    for task in sends {
+        let _ = task.await;
+    }
+    let mut stats = ctx.stats.borrow_mut();
+    if !churning {
+        stats.count(counter::EXPECTED, expected);
+        if received < expected {
+            for _ in received..expected {
+                stats.error("undelivered within the drain time");
+            }
+        }
+    }
+}
+
+async fn next_batch(sub: &mut Option<Subscription<Envelope>>) -> Option<Vec<Envelope>> {
+    match sub {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_welcomes(standing: &mut Standing) -> Option<Vec<Welcome>> {
+    match standing {
+        Standing::Out(_, sub) => sub.next().await,
+        Standing::In => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Encrypts message `j` and sends it in a task of its own.
+fn send(ctx: &Ctx<'_>, slot: &mut GroupSlot, j: u64, interval: Duration) -> Option<JoinHandle<()>> {
+    let st = ctx.steady;
+    let planned_offset = interval.mul_f64(j as f64);
+    let planned = st.start + planned_offset;
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    stats.borrow_mut().record(
+        metric::SEND_LAG,
+        Instant::now().saturating_duration_since(planned),
+    );
+    let group = slot.group.as_mut()?;
+    let body = plaintext(
+        st.phase,
+        micros(planned_offset),
+        ctx.index,
+        ctx.plan.settings.payload_bytes,
+    );
+    let t = Instant::now();
+    let Ok(message) = group.encrypt(ctx.provider, ctx.mls, &body) else {
+        fail(stats, progress, "encrypt".into());
+        return None;
+    };
+    stats.borrow_mut().record(metric::ENCRYPT, t.elapsed());
+    let Ok(mid) = message_id(ctx.index) else {
+        fail(stats, progress, "rng".into());
+        return None;
+    };
+    let churning = ctx.plan.settings.churn > 0;
+    let (delivery, id) = (ctx.session.delivery.clone(), slot.id.clone());
+    let (stats, progress) = (Rc::clone(stats), std::sync::Arc::clone(progress));
+    Some(tokio::task::spawn_local(async move {
+        let r = delivery.send(&id, &mid, &message, None).await;
+        let mut s = stats.borrow_mut();
+        match r {
+            Ok(SendOutcome::Appended { .. }) => {
+                s.record(metric::SEND_ACK, planned.elapsed());
+                s.count(counter::SENT, 1);
+                Progress::tick(&progress.sent);
+            }
+            Ok(other) => {
+                s.error(format!("send: unexpected {}", outcome_name(&other)));
+                Progress::tick(&progress.errors);
+            }
+            // Churn removed the sender before it had processed its removal: the server
+            // refuses, as it should.
+            Err(e) if churning && e.code() == Some(ErrorCode::NotMember) => {
+                s.count(counter::REFUSED_REMOVED, 1);
+            }
+            Err(e) => {
+                s.error(error_kind("send", &e));
+                Progress::tick(&progress.errors);
+            }
+        }
+    }))
+}
+
+/// A short name for a group error (no message content).
+pub(crate) fn group_error_kind(e: &GroupError) -> &'static str {
+    match e {
+        GroupError::WrongEpoch { expected, got } if got < expected => {
+            "older than the kept past epochs"
+        }
+        GroupError::WrongEpoch { .. } => "from a future epoch",
+        GroupError::Undecryptable => "undecryptable (epoch keys gone)",
+        GroupError::NotMember => "not a member",
+        GroupError::Rejected(_) => "rejected as invalid",
+        GroupError::OwnCommitLost => "own commit lost",
+        GroupError::Malformed => "malformed",
+        GroupError::Storage(_) => "storage",
+        _ => "other",
+    }
+}
+
+fn outcome_name(o: &SendOutcome) -> &'static str {
+    match o {
+        SendOutcome::Appended { .. } => "appended",
+        SendOutcome::Duplicate { .. } => "duplicate",
+        SendOutcome::StaleEpoch { .. } => "stale epoch",
+    }
+}
+
+/// Processes pushed log entries in order.
+async fn handle_batch(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    batch: Vec<Envelope>,
+    received: &mut u64,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    for e in batch {
+        if e.seq <= slot.cursor {
+            continue;
+        }
+        if e.seq != slot.cursor + 1 {
+            fail(stats, progress, "gap in the log".into());
+        }
+        slot.cursor = e.seq;
+        if is_own(&e.message_id, ctx.index) {
+            continue;
+        }
+        if e.kind == EnvelopeKind::Application && e.epoch < slot.joined_epoch {
+            // Encrypted before churn re-added us: not for us (MLS gives a new member no
+            // earlier epoch's keys).
+            stats.borrow_mut().count(counter::BEFORE_JOIN, 1);
+            continue;
+        }
+        let Some(group) = slot.group.as_mut() else {
+            continue;
+        };
+        let t = Instant::now();
+        let result = group.process(ctx.provider, &e.payload);
+        let done = Instant::now();
+        match (e.kind, result) {
+            (_, Ok(Event::Application { plaintext, .. })) => {
+                stats.borrow_mut().record(metric::DECRYPT, done - t);
+                match header(&plaintext) {
+                    Some((phase, offset)) if phase == ctx.steady.phase => {
+                        let planned = ctx.steady.start + Duration::from_micros(offset);
+                        let mut s = stats.borrow_mut();
+                        s.record(metric::DELIVERY, done.saturating_duration_since(planned));
+                        s.count(counter::DELIVERED, 1);
+                        *received += 1;
+                        Progress::tick(&progress.delivered);
+                    }
+                    Some(_) => stats.borrow_mut().count("late from an earlier phase", 1),
+                    None => {
+                        fail(stats, progress, "foreign plaintext".into());
+                    }
+                }
+            }
+            (
+                _,
+                Ok(Event::Commit {
+                    we_were_removed, ..
+                }),
+            ) => {
+                stats.borrow_mut().record(metric::COMMIT_PROCESS, done - t);
+                if we_were_removed {
+                    slot.sub = None;
+                    let inbox = ctx
+                        .session
+                        .delivery
+                        .subscribe_inbox(ctx.inbox_cursor.get())
+                        .await
+                        .map_err(|e| fail(stats, progress, error_kind("subscribe inbox", &e)))?;
+                    *standing = Standing::Out(Instant::now(), inbox);
+                    return Ok(());
+                }
+            }
+            (_, Ok(_)) => {}
+            (EnvelopeKind::Application, Err(err)) => {
+                fail(
+                    stats,
+                    progress,
+                    format!("decrypt: {}", group_error_kind(&err)),
+                );
+            }
+            (_, Err(err)) => {
+                let kind = format!("commit processing: {}", group_error_kind(&err));
+                fail(stats, progress, kind);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_pads() {
+        let p = plaintext(3, 1_234_567, 42, 100);
+        assert_eq!(p.len(), 100);
+        assert_eq!(header(&p), Some((3, 1_234_567)));
+        assert_eq!(header(b"nope"), None);
+        assert_eq!(plaintext(0, 0, 0, 1).len(), HEADER_BYTES);
+    }
+}
