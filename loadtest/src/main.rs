@@ -63,7 +63,22 @@ fn real_main() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let settings = args.settings()?;
-    let report = run::run(&args, settings)?;
+    // Logs (`QPQ_LOG`, `QPQ_LOG_FORMAT`, default: warnings) and, with
+    // OTEL_EXPORTER_OTLP_ENDPOINT set, traces of the members' calls and of the in-process
+    // server, so the cost of tracing can be measured with the same workload.
+    let telemetry = quicproquo_telemetry::init(&quicproquo_telemetry::Options {
+        service_name: "qpq-loadtest".to_owned(),
+        log_format: quicproquo_telemetry::LogFormat::from_env()?,
+        default_log_level: "warn".to_owned(),
+        otlp_endpoint: None,
+        export_traces: true,
+    })?;
+    if let Some(endpoint) = telemetry.endpoint() {
+        eprintln!("exporting traces to {endpoint}");
+    }
+    let report = run::run(&args, settings);
+    telemetry.shutdown();
+    let report = report?;
     println!("{}", report::table(&report));
     if let Some(path) = &args.json {
         let json = serde_json::to_vec_pretty(&report)?;

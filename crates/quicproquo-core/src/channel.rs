@@ -34,8 +34,10 @@ const LEN_PREFIX: usize = 2;
 const PENDING_LIMIT: usize = 256 * 1024;
 /// Sealed bytes are written out once this many accumulate while sending a large frame.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Initial size of a receive buffer; buffers grow to fit the traffic.
-const INITIAL_READ: usize = 16 * 1024;
+/// Initial size of a receive buffer; buffers grow (doubling) to fit the traffic. Small, so an
+/// idle connection — most of a server's connections — holds little: its buffer is allocated
+/// (and zero-filled) at this size by the first read and kept while the peer is silent.
+const INITIAL_READ: usize = 2 * 1024;
 /// Largest single read from the socket.
 const MAX_READ: usize = 256 * 1024;
 
