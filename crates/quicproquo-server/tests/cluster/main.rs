@@ -50,6 +50,23 @@ async fn owner(url: &str, group: &[u8]) -> Result<String> {
     Ok(record.address.clone())
 }
 
+/// Waits (polling, with a deadline) until the database's ring lists `n` live shards.
+async fn live_shards_become(url: &str, n: usize) -> Result<()> {
+    let store = PgStore::connect(url, 1).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let live = store.ring().await?.shards.len();
+        if live == n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the ring has {live} shards, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Three shards, two edges, three groups (a sender and two receivers each, receivers spread
 /// over both edges), messages at a steady rate while: one shard is killed with SIGKILL and
 /// later restarted; one edge drains on SIGTERM and is restarted; the other edge is killed
@@ -160,7 +177,11 @@ async fn failures() -> Result<()> {
                 faults.push(("shard SIGKILL", Instant::now()));
             }
             35 => {
+                // The dead shard stopped renewing: its lease expires and it leaves the ring;
+                // restarted, it registers again and the ring has three shards once more.
+                live_shards_become(db.url(), 2).await?;
                 cluster.restart(&shard_info)?;
+                live_shards_become(db.url(), 3).await?;
                 faults.push(("shard restarted", Instant::now()));
             }
             50 => {
