@@ -2,56 +2,19 @@
 
 mod support;
 
-use std::path::PathBuf;
-
 use anyhow::{Result, ensure};
-use quicproquo_client::chat::{Chat, ChatEvent, random_id};
+use quicproquo_client::ClientState;
+use quicproquo_client::chat::{ChatEvent, random_id};
 use quicproquo_client::delivery::SendOutcome;
-use quicproquo_client::{ClientState, Connection, Session};
 use quicproquo_core::NodeRole;
 use quicproquo_core::group::Group;
 use quicproquo_core::mls::Suite;
 use quicproquo_proto::errors::ErrorCode;
 use quicproquo_server::ServerConfig;
 use quicproquo_server::store::AnyStore;
-use support::{TestServer, local};
-
-/// A registered user with a state file and a bound session.
-struct User {
-    state: ClientState,
-    path: PathBuf,
-    conn: Connection,
-    session: Session,
-}
+use support::{TestServer, User, local};
 
 impl User {
-    async fn register(
-        server: &TestServer,
-        dir: &std::path::Path,
-        name: &str,
-        suite: Suite,
-    ) -> Result<Self> {
-        let path = dir.join(format!("{name}.bin"));
-        let mut state = ClientState::create(suite)?;
-        state.name = Some(name.to_owned());
-        let conn = server.connect().await?;
-        let session = conn.bind(state.identity()).await?;
-        session.auth.claim_name(name).await?;
-        let kps = state.mls_identity().key_packages(&state.mls, suite, 3)?;
-        state.save(&path)?;
-        session.auth.upload_key_packages(&kps, None).await?;
-        Ok(Self {
-            state,
-            path,
-            conn,
-            session,
-        })
-    }
-
-    fn chat(&mut self) -> Chat<'_> {
-        Chat::new(&mut self.state, &self.path, &self.session)
-    }
-
     async fn recv(&mut self) -> Result<Vec<ChatEvent>> {
         let mut events = Vec::new();
         self.chat().receive_all(&mut |e| events.push(e)).await?;

@@ -5,17 +5,14 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use quicproquo_client::chat::Chat;
-use quicproquo_client::{ClientState, Connection, Session};
 use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
 use quicproquo_server::store::AnyStore;
-use support::{TestServer, local, postgres_store};
+use support::{TestServer, User, local, postgres_store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qpq-server");
 
@@ -46,39 +43,6 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-struct User {
-    state: ClientState,
-    path: PathBuf,
-    _conn: Connection,
-    session: Session,
-}
-
-impl User {
-    async fn register(server: &TestServer, dir: &Path, name: &str) -> Result<Self> {
-        let path = dir.join(format!("{name}.bin"));
-        let mut state = ClientState::create(Suite::Classical)?;
-        state.name = Some(name.to_owned());
-        let conn = server.connect().await?;
-        let session = conn.bind(state.identity()).await?;
-        session.auth.claim_name(name).await?;
-        let kps = state
-            .mls_identity()
-            .key_packages(&state.mls, Suite::Classical, 2)?;
-        state.save(&path)?;
-        session.auth.upload_key_packages(&kps, None).await?;
-        Ok(Self {
-            state,
-            path,
-            _conn: conn,
-            session,
-        })
-    }
-
-    fn chat(&mut self) -> Chat<'_> {
-        Chat::new(&mut self.state, &self.path, &self.session)
-    }
-}
-
 fn ops_server(store: Option<AnyStore>, grace: Duration) -> Result<TestServer> {
     TestServer::start_with(NodeRole::Standalone, store, |c| {
         c.ops_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -99,8 +63,8 @@ async fn metrics_move_with_a_chat() -> Result<()> {
         ensure!(before.contains("qpq_info{role=\"standalone\""), "{before}");
 
         let dir = tempfile::tempdir()?;
-        let mut alice = User::register(&server, dir.path(), "alice").await?;
-        let mut bob = User::register(&server, dir.path(), "bob").await?;
+        let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+        let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
         let id = alice.chat().create_group("g").await?;
         alice.chat().invite("g", &["bob".into()]).await?;
         bob.chat().receive_all(&mut |_| {}).await?;
@@ -152,7 +116,7 @@ async fn readyz_fails_during_a_drain_while_in_flight_calls_finish() -> Result<()
         let mut server = ops_server(store, Duration::from_secs(20))?;
         let ops = server.handle()?.ops_addr().context("ops listener")?;
         let dir = tempfile::tempdir()?;
-        let mut alice = User::register(&server, dir.path(), "alice").await?;
+        let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
         let id = alice.chat().create_group("g").await?;
         ensure!(get(ops, "/readyz")?.0 == 200);
 

@@ -22,13 +22,12 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
-use quicproquo_client::chat::Chat;
-use quicproquo_client::{ClientState, ConnectOptions, Connection, Session};
+use quicproquo_client::{ConnectOptions, Connection};
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
 use quicproquo_server::store::postgres::migrate;
 use quicproquo_testkit::postgres::fresh_database;
-use support::local;
+use support::{User, local};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qpq-server");
 
@@ -193,44 +192,6 @@ fn get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(answer)
 }
 
-struct User {
-    state: ClientState,
-    path: PathBuf,
-    _conn: Connection,
-    session: Session,
-}
-
-impl User {
-    async fn register(
-        edge: SocketAddr,
-        key: ClusterPublicKey,
-        dir: &Path,
-        name: &str,
-    ) -> Result<Self> {
-        let path = dir.join(format!("{name}.bin"));
-        let mut state = ClientState::create(Suite::Classical)?;
-        state.name = Some(name.to_owned());
-        let conn = Connection::connect(edge, &ConnectOptions::new(key)).await?;
-        let session = conn.bind(state.identity()).await?;
-        session.auth.claim_name(name).await?;
-        let kps = state
-            .mls_identity()
-            .key_packages(&state.mls, Suite::Classical, 2)?;
-        state.save(&path)?;
-        session.auth.upload_key_packages(&kps, None).await?;
-        Ok(Self {
-            state,
-            path,
-            _conn: conn,
-            session,
-        })
-    }
-
-    fn chat(&mut self) -> Chat<'_> {
-        Chat::new(&mut self.state, &self.path, &self.session)
-    }
-}
-
 /// The one span named `name` from `service` whose parent is `parent`.
 fn child<'a>(all: &'a [Got], parent: &Span, service: &str, name: &str) -> Result<&'a Span> {
     all.iter()
@@ -322,8 +283,20 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
     let secret = b"zq7 the secret plaintext";
     let (names, identities, group) = local(async {
         let users = tempfile::tempdir()?;
-        let mut alice = User::register(edge.addr, key, users.path(), "alicezq7").await?;
-        let mut bob = User::register(edge.addr, key, users.path(), "bobzq7").await?;
+        let mut alice = User::register_on(
+            Connection::connect(edge.addr, &ConnectOptions::new(key)).await?,
+            users.path(),
+            "alicezq7",
+            Suite::Classical,
+        )
+        .await?;
+        let mut bob = User::register_on(
+            Connection::connect(edge.addr, &ConnectOptions::new(key)).await?,
+            users.path(),
+            "bobzq7",
+            Suite::Classical,
+        )
+        .await?;
         let group = alice.chat().create_group("g").await?;
         alice.chat().invite("g", &["bobzq7".into()]).await?;
         bob.chat().receive_all(&mut |_| {}).await?;

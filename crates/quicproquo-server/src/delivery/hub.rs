@@ -154,12 +154,4 @@ impl Hub {
         }
         unused
     }
-
-    /// Groups with a live feed (at least one receiver when last published to).
-    pub fn group_count(&self) -> usize {
-        self.groups
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
 }

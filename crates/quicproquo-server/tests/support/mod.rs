@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use quicproquo_client::{ConnectOptions, Connection};
+use quicproquo_client::chat::Chat;
+use quicproquo_client::{ClientState, ConnectOptions, Connection, Session};
 use quicproquo_core::NodeRole;
+use quicproquo_core::mls::Suite;
 use quicproquo_server::store::AnyStore;
 use quicproquo_server::store::embedded::{self, EmbeddedStore};
 use quicproquo_server::store::postgres::{PgStore, migrate};
@@ -141,4 +143,53 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> Re
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// A registered user: a device state file and a session bound on its own connection.
+pub struct User {
+    pub state: ClientState,
+    pub path: std::path::PathBuf,
+    pub conn: Connection,
+    pub session: Session,
+}
+
+impl User {
+    /// Connects to `server` and registers `name` (see [`User::register_on`]).
+    pub async fn register(
+        server: &TestServer,
+        dir: &std::path::Path,
+        name: &str,
+        suite: Suite,
+    ) -> Result<Self> {
+        Self::register_on(server.connect().await?, dir, name, suite).await
+    }
+
+    /// Creates a device in `dir`, binds it on `conn`, claims `name` and uploads three
+    /// KeyPackages (saved before they are uploaded).
+    pub async fn register_on(
+        conn: Connection,
+        dir: &std::path::Path,
+        name: &str,
+        suite: Suite,
+    ) -> Result<Self> {
+        let path = dir.join(format!("{name}.bin"));
+        let mut state = ClientState::create(suite)?;
+        state.name = Some(name.to_owned());
+        let session = conn.bind(state.identity()).await?;
+        session.auth.claim_name(name).await?;
+        let kps = state.mls_identity().key_packages(&state.mls, suite, 3)?;
+        state.save(&path)?;
+        session.auth.upload_key_packages(&kps, None).await?;
+        Ok(Self {
+            state,
+            path,
+            conn,
+            session,
+        })
+    }
+
+    /// The messenger over this user's state and session.
+    pub fn chat(&mut self) -> Chat<'_> {
+        Chat::new(&mut self.state, &self.path, &self.session)
+    }
 }
