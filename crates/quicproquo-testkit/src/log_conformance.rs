@@ -209,6 +209,78 @@ pub async fn batched_appends<S: Store + LogStore>(store: &S) -> Result<()> {
     Ok(())
 }
 
+/// Batches repeating stored message ids among new requests: each repeat gets its original
+/// sequence number, the rest are appended as if the repeats were not there (no gap), and
+/// nothing is written twice. Also after many batches without repeats, and right after one.
+pub async fn repeats_among_new<S: Store + LogStore>(store: &S) -> Result<()> {
+    let (alice, bob) = (registered(store).await?, registered(store).await?);
+    let (g1, g2) = (gid("repeat-1")?, gid("repeat-2")?);
+    store.create_group(&g1, &alice).await?;
+    store.create_group(&g2, &alice).await?;
+    let first = store
+        .append(&[app(&g1, alice, 0, "m1"), app(&g2, alice, 0, "n1")])
+        .await?;
+    ensure!(first == vec![AppendOutcome::Appended { seq: 1, epoch: 0 }; 2]);
+
+    let mixed = vec![
+        app(&g1, alice, 0, "a1"),
+        app(&g1, alice, 0, "m1"),
+        commit(&g2, alice, 0, "c1", &[bob], &[]),
+        app(&g2, alice, 0, "n1"),
+        app(&g1, alice, 0, "a1"),
+    ];
+    let out = store.append(&mixed).await?;
+    let expected = vec![
+        AppendOutcome::Appended { seq: 2, epoch: 0 },
+        AppendOutcome::Duplicate { seq: 1 },
+        AppendOutcome::Appended { seq: 2, epoch: 1 },
+        AppendOutcome::Duplicate { seq: 1 },
+        AppendOutcome::Duplicate { seq: 2 },
+    ];
+    ensure!(out == expected, "mixed batch outcomes {out:?}");
+
+    // Many clean batches, then repeats again (of an old entry and of the last one).
+    let mut last = 2;
+    for i in 0..70 {
+        last += 1;
+        let out = store
+            .append(&[app(&g1, alice, 0, &format!("b{i}"))])
+            .await?;
+        ensure!(
+            out == vec![AppendOutcome::Appended {
+                seq: last,
+                epoch: 0
+            }]
+        );
+    }
+    let out = store
+        .append(&[
+            app(&g1, alice, 0, "m1"),
+            app(&g1, alice, 0, "b69"),
+            app(&g1, alice, 0, "z"),
+        ])
+        .await?;
+    let expected = vec![
+        AppendOutcome::Duplicate { seq: 1 },
+        AppendOutcome::Duplicate { seq: last },
+        AppendOutcome::Appended {
+            seq: last + 1,
+            epoch: 0,
+        },
+    ];
+    ensure!(out == expected, "late repeat outcomes {out:?}");
+
+    let log = store.read_log(&g1, &alice, 0, 1000).await?;
+    ensure!(log.len() as u64 == last + 1);
+    ensure!(log.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
+    let ids: HashSet<_> = log.iter().map(|e| e.message_id.clone()).collect();
+    ensure!(ids.len() == log.len(), "a message id was written twice");
+    ensure!(store.read_inbox(&bob, 0, 10).await?.len() == 1);
+    let summary = store.group_summary(&g2, &alice).await?;
+    ensure!(summary.epoch == 1 && summary.last_seq == 2);
+    Ok(())
+}
+
 /// Concurrent appenders to one group: gap-free sequence numbers, each message once.
 pub async fn concurrent_appends<S: Store + LogStore>(store: S) -> Result<()> {
     const TASKS: usize = 8;
@@ -269,6 +341,11 @@ macro_rules! log_conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn log_conformance_batched_appends() -> anyhow::Result<()> {
             $crate::log_conformance::batched_appends(&$make.await?).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn log_conformance_repeats_among_new() -> anyhow::Result<()> {
+            $crate::log_conformance::repeats_among_new(&$make.await?).await
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -29,6 +29,8 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -143,6 +145,9 @@ async fn applied_versions(
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// How many coming append batches look for stored repeats of their message ids before
+    /// inserting (see `postgres_log`): set after a batch repeated one, shared by all clones.
+    pub(super) probing_batches: Arc<AtomicU32>,
 }
 
 impl fmt::Debug for PgStore {
@@ -198,7 +203,10 @@ impl PgStore {
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("building the connection pool: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            probing_batches: Arc::default(),
+        })
     }
 
     /// The migrations in [`MIGRATIONS`] the database has not applied.

@@ -5,7 +5,8 @@
 //! An append batch is one transaction of two round trips, however many requests it holds
 //! (statements are pipelined: each is sent without waiting for the one before):
 //! 1. `BEGIN`; lock the batch's groups rows in `group_id` order (`FOR UPDATE`) and read their
-//!    state; read the memberships the batch depends on and the message ids it may repeat;
+//!    state; read the memberships the batch depends on (and, when probing, the message ids it
+//!    may repeat: see below);
 //! 2. then, having decided every request on its own, in batch order, against that state (in
 //!    memory: [`Plan::decide`] is the embedded store's row-by-row logic): insert the log rows,
 //!    update the groups rows, upsert the changed memberships, store each Welcome once and
@@ -23,7 +24,17 @@
 //! by identity), so concurrent batches cannot deadlock. A refused request writes nothing and
 //! does not disturb the others.
 //!
+//! Repeated message ids are rare (a send retried after a lost answer), so a batch does not
+//! look them up first: the unique index on `(group_id, message_id)` checks every inserted row
+//! anyway. If it finds a repeat, the transaction fails as a whole (nothing of it is written)
+//! and the batch is decided again, this time reading its stored message ids in step 1, so the
+//! repeat gets its `Duplicate` outcome. After a repeat the next [`PROBING_AFTER_REPEAT`]
+//! batches read them first too, so a stream of retries (or a client replaying ids on purpose)
+//! costs at most one wasted attempt in that many batches rather than one each.
+//!
 //! Reads are one statement each (one snapshot): a log read never sees seq N + 1 without N.
+
+use std::sync::atomic::Ordering;
 
 use quicproquo_core::IdentityKey;
 use tokio_postgres::Row;
@@ -53,6 +64,28 @@ fn pipeline_error<const N: usize>(errors: [Option<tokio_postgres::Error>; N]) ->
         .map(|e| db_error(&e))
         .or(first)
         .unwrap_or_else(|| StoreError::Unavailable("a pipelined statement failed".into()))
+}
+
+/// How many batches after one that repeated a stored message id read the stored ids before
+/// inserting.
+const PROBING_AFTER_REPEAT: u32 = 64;
+
+/// The name of the unique index that makes a message id appear once per group.
+const MESSAGE_ID_INDEX: &str = "group_log_message_id";
+
+/// How one attempt at an append batch ended.
+enum Attempt {
+    /// Committed (or refused request by request): the outcomes, in batch order.
+    Done(Vec<AppendOutcome>),
+    /// Rolled back because a request repeated a stored message id the attempt did not read.
+    RepeatedMessageId,
+}
+
+/// Whether `e` is the unique index refusing a stored message id again.
+fn is_repeated_message_id(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(MESSAGE_ID_INDEX)
+    })
 }
 
 /// A stored non-negative number as `u64`.
@@ -112,11 +145,40 @@ impl PgStore {
             .map_err(|e| db_error(&e))
     }
 
+    /// Appends `batch`: without reading stored message ids first unless a recent batch repeated
+    /// one, and again with reading them if this one does.
     async fn append_batch(
         &self,
         batch: &[AppendRequest],
     ) -> Result<Vec<AppendOutcome>, StoreError> {
-        let keys = BatchKeys::of(batch);
+        let probing = self
+            .probing_batches
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !probing {
+            match self.attempt_batch(batch, false).await? {
+                Attempt::Done(outcomes) => return Ok(outcomes),
+                Attempt::RepeatedMessageId => {
+                    self.probing_batches
+                        .store(PROBING_AFTER_REPEAT, Ordering::Relaxed);
+                }
+            }
+        }
+        match self.attempt_batch(batch, true).await? {
+            Attempt::Done(outcomes) => Ok(outcomes),
+            Attempt::RepeatedMessageId => Err(StoreError::Corrupt(
+                "a message id read as absent was found by its unique index".into(),
+            )),
+        }
+    }
+
+    /// One transaction for `batch`; `probe` reads the stored message ids it may repeat.
+    async fn attempt_batch(
+        &self,
+        batch: &[AppendRequest],
+        probe: bool,
+    ) -> Result<Attempt, StoreError> {
+        let keys = BatchKeys::of(batch, probe);
         let tx = PipelinedTx(Some(self.client().await?));
         let client = tx.client()?;
         let (lock, members, message_ids, insert_log, update_groups, upsert_members, inbox) =
@@ -137,11 +199,18 @@ impl PgStore {
         let member_params: [&(dyn ToSql + Sync); 2] =
             [&keys.member_groups, &keys.member_identities];
         let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
+        let stored_ids = async {
+            if probe {
+                client.query(&message_ids, &id_params).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
         let (locked, member_rows, id_rows) = match tokio::join!(
             client.batch_execute("BEGIN"),
             client.query(&lock, &lock_params),
             client.query(&members, &member_params),
-            client.query(&message_ids, &id_params),
+            stored_ids,
         ) {
             (Ok(()), Ok(l), Ok(m), Ok(i)) => (l, m, i),
             (b, l, m, i) => return Err(pipeline_error([b.err(), l.err(), m.err(), i.err()])),
@@ -245,6 +314,16 @@ impl PgStore {
             welcomes,
             client.batch_execute("COMMIT")
         );
+        if let Err(e) = &l
+            && !probe
+            && is_repeated_message_id(e)
+            && c.is_ok()
+        {
+            // Every later statement failed as "aborted" and COMMIT rolled back: nothing was
+            // written, and the connection is idle again.
+            tx.finished();
+            return Ok(Attempt::RepeatedMessageId);
+        }
         if l.is_err() || g.is_err() || m.is_err() || w.is_err() || c.is_err() {
             return Err(pipeline_error([
                 l.err(),
@@ -255,7 +334,7 @@ impl PgStore {
             ]));
         }
         tx.finished();
-        Ok(plan.outcomes)
+        Ok(Attempt::Done(plan.outcomes))
     }
 }
 

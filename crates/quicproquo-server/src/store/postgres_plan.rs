@@ -11,7 +11,8 @@ use super::StoreError;
 use super::log::{AppendOutcome, AppendRequest, EntryKind};
 
 /// What a batch must read: its distinct groups, the memberships its requests depend on (each
-/// sender, each member a commit removes) and its message ids, as `unnest` parameter arrays.
+/// sender, each member a commit removes) and, when it probes for them, its message ids, as
+/// `unnest` parameter arrays.
 pub(super) struct BatchKeys<'a> {
     index: HashMap<&'a [u8], usize>,
     /// Distinct group ids, in first-use order (a group's index is its position).
@@ -23,8 +24,8 @@ pub(super) struct BatchKeys<'a> {
 }
 
 impl<'a> BatchKeys<'a> {
-    /// The keys of `batch`.
-    pub(super) fn of(batch: &'a [AppendRequest]) -> Self {
+    /// The keys of `batch` (its message ids only if `with_message_ids`).
+    pub(super) fn of(batch: &'a [AppendRequest], with_message_ids: bool) -> Self {
         let mut keys = Self {
             index: HashMap::new(),
             groups: Vec::new(),
@@ -52,7 +53,7 @@ impl<'a> BatchKeys<'a> {
                     keys.member_identities.push(who.as_bytes().as_slice());
                 }
             }
-            if ids.insert((g, req.message_id.as_slice())) {
+            if with_message_ids && ids.insert((g, req.message_id.as_slice())) {
                 keys.id_groups.push(group);
                 keys.message_ids.push(&req.message_id);
             }
@@ -379,7 +380,9 @@ mod tests {
             req("g", alice, EntryKind::Application, 5, "b1"),
             req("nope", alice, EntryKind::Application, 0, "x"),
         ];
-        let keys = BatchKeys::of(&batch);
+        let keys = BatchKeys::of(&batch, true);
+        assert_eq!(keys.message_ids.len(), 7, "one per distinct (group, id)");
+        assert!(BatchKeys::of(&batch, false).message_ids.is_empty());
         assert_eq!(keys.groups.len(), 2);
         assert_eq!(
             keys.member_groups.len(),
