@@ -65,6 +65,9 @@ pub(crate) mod counter {
     pub(crate) const BEFORE_JOIN: &str = "messages from before a rejoin (not for the rejoiner)";
     /// Sends refused because churn had removed the sender (it had not processed that yet).
     pub(crate) const REFUSED_REMOVED: &str = "sends refused: sender removed meanwhile";
+    /// Sends refused because churn moved the group on beyond the epochs members keep secrets
+    /// for before the sender had processed the commits (the sender is told; nothing is lost).
+    pub(crate) const REFUSED_BEHIND: &str = "sends refused: sender too many epochs behind";
     /// Subscriptions the server ended that the member opened again.
     pub(crate) const RESUBSCRIBED: &str = "subscriptions ended by the server and reopened";
     /// Members joined from a Welcome.

@@ -366,6 +366,11 @@ fn send(ctx: &Ctx<'_>, slot: &mut GroupSlot, j: u64, interval: Duration) -> Opti
                 s.count(counter::SENT, 1);
                 Progress::tick(&progress.sent);
             }
+            // Churn's commits moved the group on beyond the epochs members keep secrets for
+            // before the sender had processed them: refused rather than unreadable to all.
+            Ok(SendOutcome::StaleEpoch { .. }) if churning => {
+                s.count(counter::REFUSED_BEHIND, 1);
+            }
             Ok(other) => {
                 s.error(format!("send: unexpected {}", outcome_name(&other)));
                 Progress::tick(&progress.errors);

@@ -120,9 +120,12 @@ fn churn_removes_and_re_adds_members_during_traffic() -> Result<()> {
         "--ciphersuite",
         "classical",
     ])?;
-    // A member that lags more than the kept past epochs behind the commits loses messages:
-    // that is MLS, not a fault, and a debug build on a busy machine lags. Nothing else may go
-    // wrong.
+    // A sender more than the kept past epochs behind the commits is refused by the server
+    // (counted, not an error). What may still happen on a busy debug build: the load test's
+    // churning creator merges its commit before reading the messages appended just ahead of
+    // it, so it can find them too old (the messenger client reads them first); and messages
+    // openmls cannot decrypt although their epoch is within the kept ones (see the churn
+    // figures in docs/benchmarks.md). Nothing else may go wrong.
     for p in report["phases"].as_array().context("phases")? {
         for (kind, _) in p["stats"]["errors"].as_object().context("errors")? {
             assert!(

@@ -3,9 +3,13 @@
 //! The server's log is the order everyone follows. Sending a commit leaves it *pending* until
 //! the server appends it: if another member's commit won the epoch, ours is discarded, the
 //! winner is read from the log, and ours is rebuilt and sent again (up to
-//! [`COMMIT_ATTEMPTS`] times). Our own messages come back through the log; we recognise them
-//! by message id and skip them. Everything is saved to the state file after each step, so a
-//! crash loses at most the step in progress (message ids make a retried send harmless).
+//! [`COMMIT_ATTEMPTS`] times). An application message the server refuses because the group
+//! moved on more epochs than members keep secrets for is encrypted again after catching up.
+//! Whatever arrives while catching up for a commit or a send is handed to the caller's
+//! `on_event`, exactly as [`Chat::receive_group`] would hand it: it is read only once. Our own
+//! messages come back through the log; we recognise them by message id and skip them.
+//! Everything is saved to the state file after each step, so a crash loses at most the step
+//! in progress (message ids make a retried send harmless).
 
 use std::path::Path;
 
@@ -16,7 +20,8 @@ use crate::delivery::{CommitParts, Envelope, SendOutcome};
 use crate::state::{ClientState, GroupMeta};
 use crate::{ClientError, Session};
 
-/// How often a commit is rebuilt after losing its epoch before giving up.
+/// How often a commit is rebuilt after losing its epoch (or an application message encrypted
+/// again after the group moved on) before giving up.
 pub const COMMIT_ATTEMPTS: usize = 8;
 /// Entries read per fetch while catching up.
 const FETCH_BATCH: u32 = 500;
@@ -37,7 +42,7 @@ pub enum ChatError {
     /// No KeyPackage could be had for a user.
     #[error("{0} has no KeyPackage available")]
     NoKeyPackage(String),
-    /// Our commit kept losing the epoch race.
+    /// Our commit kept losing the epoch race (or our message kept finding a newer epoch).
     #[error("gave up after {0} attempts: other members keep committing")]
     Contended(usize),
     /// The server answered a commit in a way that breaks the protocol.
@@ -175,8 +180,14 @@ impl<'a> Chat<'a> {
         Ok(id)
     }
 
-    /// Adds users (by name) to a group in one commit; returns the new epoch.
-    pub async fn invite(&mut self, group: &str, names: &[String]) -> Result<u64, ChatError> {
+    /// Adds users (by name) to a group in one commit; returns the new epoch. What arrives while
+    /// catching up first goes to `on_event`.
+    pub async fn invite(
+        &mut self,
+        group: &str,
+        names: &[String],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
         let mut targets = Vec::with_capacity(names.len());
         for n in names {
@@ -189,29 +200,40 @@ impl<'a> Chat<'a> {
             }
         }
         let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
-        self.commit(&id, |g, state| {
+        self.commit(&id, on_event, |g, state| {
             Ok(g.add_members(&state.mls, state.mls_identity(), &packages)?)
         })
         .await
     }
 
-    /// Removes users (by name) from a group in one commit; returns the new epoch.
-    pub async fn remove(&mut self, group: &str, names: &[String]) -> Result<u64, ChatError> {
+    /// Removes users (by name) from a group in one commit; returns the new epoch. What arrives
+    /// while catching up first goes to `on_event`.
+    pub async fn remove(
+        &mut self,
+        group: &str,
+        names: &[String],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
         let mut targets = Vec::with_capacity(names.len());
         for n in names {
             targets.push(self.session.auth.resolve_name(n).await?);
         }
-        self.commit(&id, |g, state| {
+        self.commit(&id, on_event, |g, state| {
             Ok(g.remove_members(&state.mls, state.mls_identity(), &targets)?)
         })
         .await
     }
 
-    /// Rotates our own leaf keys; returns the new epoch.
-    pub async fn update(&mut self, group: &str) -> Result<u64, ChatError> {
+    /// Rotates our own leaf keys; returns the new epoch. What arrives while catching up first
+    /// goes to `on_event`.
+    pub async fn update(
+        &mut self,
+        group: &str,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
-        self.commit(&id, |g, state| {
+        self.commit(&id, on_event, |g, state| {
             Ok(g.self_update(&state.mls, state.mls_identity())?)
         })
         .await
@@ -221,11 +243,12 @@ impl<'a> Chat<'a> {
     async fn commit(
         &mut self,
         id: &[u8],
+        on_event: &mut dyn FnMut(ChatEvent),
         build: impl Fn(&mut Group, &ClientState) -> Result<CommitOutput, ChatError>,
     ) -> Result<u64, ChatError> {
         for _ in 0..COMMIT_ATTEMPTS {
             // Catch up first: a commit must be for the group's current epoch.
-            self.receive_group(id, &mut |_| {}).await?;
+            self.receive_group(id, on_event).await?;
             let mut group = self.load(id)?;
             let out = build(&mut group, self.state)?;
             let message_id = random_id()?;
@@ -242,8 +265,12 @@ impl<'a> Chat<'a> {
                 .send(id, &message_id, &out.commit, Some(&parts))
                 .await?
             {
-                SendOutcome::Appended { .. } | SendOutcome::Duplicate { .. } => {
-                    let epoch = group.merge_pending_commit(&self.state.mls)?;
+                SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => {
+                    // Entries appended between our catch-up and our commit belong to the epoch
+                    // it ends: read them before merging, as every other member does.
+                    drop(group);
+                    self.read_group(id, seq.saturating_sub(1), on_event).await?;
+                    let epoch = self.load(id)?.merge_pending_commit(&self.state.mls)?;
                     self.save()?;
                     return Ok(epoch);
                 }
@@ -269,25 +296,46 @@ impl<'a> Chat<'a> {
         }
     }
 
-    /// Encrypts and sends an application message; returns its sequence number.
-    pub async fn send(&mut self, group: &str, body: &[u8]) -> Result<u64, ChatError> {
+    /// Encrypts and sends an application message; returns its sequence number. If the server
+    /// refuses it because the group moved on beyond the epochs members keep secrets for, reads
+    /// the group's news (handed to `on_event`) and encrypts it again in the current epoch.
+    pub async fn send(
+        &mut self,
+        group: &str,
+        body: &[u8],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
-        let mut g = self.load(&id)?;
-        let message = g.encrypt(&self.state.mls, self.state.mls_identity(), body)?;
-        let message_id = random_id()?;
-        self.remember_own(&id, &message_id);
-        self.save()?;
-        match self
-            .session
-            .delivery
-            .send(&id, &message_id, &message, None)
-            .await?
-        {
-            SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => Ok(seq),
-            SendOutcome::StaleEpoch { current_epoch, .. } => Err(ChatError::Protocol(format!(
-                "application message refused: the group is at epoch {current_epoch}"
-            ))),
+        for _ in 0..COMMIT_ATTEMPTS {
+            let mut g = self.load(&id)?;
+            let message = g.encrypt(&self.state.mls, self.state.mls_identity(), body)?;
+            let message_id = random_id()?;
+            self.remember_own(&id, &message_id);
+            self.save()?;
+            match self
+                .session
+                .delivery
+                .send(&id, &message_id, &message, None)
+                .await?
+            {
+                SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => {
+                    return Ok(seq);
+                }
+                SendOutcome::StaleEpoch { current_epoch, .. } => {
+                    self.forget_own(&id, &message_id);
+                    self.save()?;
+                    if current_epoch <= g.epoch() {
+                        return Err(ChatError::Protocol(format!(
+                            "application message for epoch {} refused by a group at epoch \
+                             {current_epoch}",
+                            g.epoch()
+                        )));
+                    }
+                    self.receive_group(&id, on_event).await?;
+                }
+            }
         }
+        Err(ChatError::Contended(COMMIT_ATTEMPTS))
     }
 
     /// Processes pending Welcomes: joins their groups.
@@ -413,9 +461,24 @@ impl<'a> Chat<'a> {
         id: &[u8],
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<(), ChatError> {
+        self.read_group(id, u64::MAX, on_event).await
+    }
+
+    /// Reads and processes the new entries of group `id` up to and including `last`;
+    /// acknowledges the cursor.
+    async fn read_group(
+        &mut self,
+        id: &[u8],
+        last: u64,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
         loop {
             let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
-            let entries = match self.session.delivery.fetch(id, cursor, FETCH_BATCH).await {
+            if cursor >= last {
+                return Ok(());
+            }
+            let limit = u32::try_from(last - cursor).map_or(FETCH_BATCH, |n| n.min(FETCH_BATCH));
+            let entries = match self.session.delivery.fetch(id, cursor, limit).await {
                 Ok(e) => e,
                 // Removed members can no longer read: nothing more to do.
                 Err(e) if e.code() == Some(quicproquo_proto::errors::ErrorCode::NotMember) => {
@@ -430,7 +493,7 @@ impl<'a> Chat<'a> {
             self.save()?;
             let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
             self.session.delivery.acknowledge(id, cursor).await?;
-            if entries.len() < FETCH_BATCH as usize {
+            if entries.len() < limit as usize {
                 return Ok(());
             }
         }

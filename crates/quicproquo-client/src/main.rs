@@ -286,9 +286,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Invite { group, names } => {
             let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let mut events = Vec::new();
             let epoch = Chat::new(&mut state, &cli.state, &session)
-                .invite(group, names)
+                .invite(group, names, &mut |e| events.push(e))
                 .await?;
+            out.events(&session, events).await?;
             out.line(
                 &format!("added {} to {group} (epoch {epoch})", names.join(", ")),
                 json!({"event": "invited", "group": group, "names": names, "epoch": epoch}),
@@ -297,9 +299,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Remove { group, names } => {
             let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let mut events = Vec::new();
             let epoch = Chat::new(&mut state, &cli.state, &session)
-                .remove(group, names)
+                .remove(group, names, &mut |e| events.push(e))
                 .await?;
+            out.events(&session, events).await?;
             out.line(
                 &format!("removed {} from {group} (epoch {epoch})", names.join(", ")),
                 json!({"event": "removed", "group": group, "names": names, "epoch": epoch}),
@@ -312,17 +316,16 @@ async fn run(cli: Cli) -> Result<()> {
             Chat::new(&mut state, &cli.state, &session)
                 .join(&mut |e| events.push(e))
                 .await?;
-            let mut names = Names::default();
-            for e in events {
-                out.event(&mut names, &session, e).await?;
-            }
+            out.events(&session, events).await?;
             conn.close().await;
         }
         Command::Send { group, text } => {
             let (mut state, conn, session) = ctx.bound(&cli).await?;
+            let mut events = Vec::new();
             let seq = Chat::new(&mut state, &cli.state, &session)
-                .send(group, text.as_bytes())
+                .send(group, text.as_bytes(), &mut |e| events.push(e))
                 .await?;
+            out.events(&session, events).await?;
             out.line(
                 &format!("sent to {group} (#{seq})"),
                 json!({"event": "sent", "group": group, "seq": seq}),

@@ -24,6 +24,15 @@ impl Output {
         }
     }
 
+    /// Prints `events` in order (what a command read on its way, as `recv` would print it).
+    pub(crate) async fn events(&self, session: &Session, events: Vec<ChatEvent>) -> Result<()> {
+        let mut names = Names::default();
+        for e in events {
+            self.event(&mut names, session, e).await?;
+        }
+        Ok(())
+    }
+
     /// Prints a chat event.
     pub(crate) async fn event(
         &self,

@@ -101,7 +101,7 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
         let name = format!("g{g}");
         let id = sender.chat().create_group(&name).await?;
         let names: Vec<String> = rs.iter().map(|m| m.name.clone()).collect();
-        sender.chat().invite(&name, &names).await?;
+        sender.chat().invite(&name, &names, &mut |_| {}).await?;
         for r in &mut rs {
             r.chat().join(&mut |_| {}).await?;
         }

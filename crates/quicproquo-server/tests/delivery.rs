@@ -7,37 +7,11 @@ use quicproquo_client::ClientState;
 use quicproquo_client::chat::{ChatEvent, random_id};
 use quicproquo_client::delivery::SendOutcome;
 use quicproquo_core::NodeRole;
-use quicproquo_core::group::Group;
 use quicproquo_core::mls::Suite;
 use quicproquo_proto::errors::ErrorCode;
 use quicproquo_server::ServerConfig;
 use quicproquo_server::store::AnyStore;
 use support::{TestServer, User, local};
-
-impl User {
-    async fn recv(&mut self) -> Result<Vec<ChatEvent>> {
-        let mut events = Vec::new();
-        self.chat().receive_all(&mut |e| events.push(e)).await?;
-        Ok(events)
-    }
-
-    fn group(&self, id: &[u8]) -> Result<Group> {
-        Group::load(&self.state.mls, id)?.ok_or_else(|| anyhow::anyhow!("no group"))
-    }
-
-    /// (seq, text) of the messages among `events`.
-    fn messages(events: &[ChatEvent]) -> Vec<(u64, String)> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                ChatEvent::Message { seq, body, .. } => {
-                    Some((*seq, String::from_utf8_lossy(body).into_owned()))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-}
 
 fn server(store: Option<AnyStore>, tweak: impl FnOnce(&mut ServerConfig)) -> Result<TestServer> {
     TestServer::start_with(NodeRole::Standalone, store, tweak)
@@ -53,7 +27,7 @@ async fn three_members_share_epochs_and_order(store: Option<AnyStore>) -> Result
     let id = alice.chat().create_group("friends").await?;
     let epoch = alice
         .chat()
-        .invite("friends", &["bob".into(), "carol".into()])
+        .invite("friends", &["bob".into(), "carol".into()], &mut |_| {})
         .await?;
     ensure!(epoch == 1, "one commit added both");
     for u in [&mut bob, &mut carol] {
@@ -69,10 +43,18 @@ async fn three_members_share_epochs_and_order(store: Option<AnyStore>) -> Result
 
     // Messages in both directions, interleaved, arrive in the same order for everyone.
     let group = hex::encode(&id[..4]);
-    alice.chat().send("friends", b"hello from alice").await?;
-    bob.chat().send(&group, b"hi alice, bob here").await?;
-    carol.chat().send(&group, b"carol too").await?;
-    alice.chat().send("friends", b"welcome both").await?;
+    alice
+        .chat()
+        .send("friends", b"hello from alice", &mut |_| {})
+        .await?;
+    bob.chat()
+        .send(&group, b"hi alice, bob here", &mut |_| {})
+        .await?;
+    carol.chat().send(&group, b"carol too", &mut |_| {}).await?;
+    alice
+        .chat()
+        .send("friends", b"welcome both", &mut |_| {})
+        .await?;
     let a_seen = User::messages(&alice.recv().await?);
     let b_seen = User::messages(&bob.recv().await?);
     let c_seen = User::messages(&carol.recv().await?);
@@ -104,7 +86,7 @@ async fn removal_and_epoch_secrets(store: Option<AnyStore>) -> Result<()> {
     let id = alice.chat().create_group("g").await?;
     alice
         .chat()
-        .invite("g", &["bob".into(), "carol".into()])
+        .invite("g", &["bob".into(), "carol".into()], &mut |_| {})
         .await?;
     bob.recv().await?;
     carol.recv().await?;
@@ -112,7 +94,10 @@ async fn removal_and_epoch_secrets(store: Option<AnyStore>) -> Result<()> {
         .group(&id)?
         .export_secret(&alice.state.mls, "test", 32)?;
 
-    let epoch = alice.chat().remove("g", &["carol".into()]).await?;
+    let epoch = alice
+        .chat()
+        .remove("g", &["carol".into()], &mut |_| {})
+        .await?;
     ensure!(epoch == 2);
     let secret_2 = alice
         .group(&id)?
@@ -134,7 +119,7 @@ async fn removal_and_epoch_secrets(store: Option<AnyStore>) -> Result<()> {
     // Carol learns she was removed, then can neither read nor post.
     let events = carol.recv().await?;
     ensure!(matches!(&events[..], [ChatEvent::Removed { .. }]));
-    alice.chat().send("g", b"after carol").await?;
+    alice.chat().send("g", b"after carol", &mut |_| {}).await?;
     let fetched = carol.session.delivery.fetch(&id, 0, 100).await;
     ensure!(
         fetched
@@ -168,7 +153,10 @@ async fn offline_member_catches_up_in_order(store: Option<AnyStore>) -> Result<(
     let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
     let mut carol = User::register(&server, dir.path(), "carol", Suite::Classical).await?;
     alice.chat().create_group("g").await?;
-    alice.chat().invite("g", &["carol".into()]).await?;
+    alice
+        .chat()
+        .invite("g", &["carol".into()], &mut |_| {})
+        .await?;
     carol.recv().await?;
     // Carol goes offline.
     let carol_path = carol.path.clone();
@@ -176,7 +164,7 @@ async fn offline_member_catches_up_in_order(store: Option<AnyStore>) -> Result<(
     for i in 0..N {
         alice
             .chat()
-            .send("g", format!("message {i}").as_bytes())
+            .send("g", format!("message {i}").as_bytes(), &mut |_| {})
             .await?;
     }
     // Carol comes back with her saved state on a new connection.
@@ -210,7 +198,7 @@ async fn concurrent_commits_have_one_winner(store: Option<AnyStore>) -> Result<(
     }
     let id = users[0].chat().create_group("race").await?;
     let others: Vec<String> = (1..MEMBERS).map(|i| format!("user{i}")).collect();
-    users[0].chat().invite("race", &others).await?;
+    users[0].chat().invite("race", &others, &mut |_| {}).await?;
     for u in users.iter_mut().skip(1) {
         u.recv().await?;
     }
@@ -266,7 +254,10 @@ async fn concurrent_commits_have_one_winner(store: Option<AnyStore>) -> Result<(
         );
     }
     // And the retrying path: each member's `update` eventually lands.
-    let epoch = users[3].chat().update(&hex::encode(&id[..4])).await?;
+    let epoch = users[3]
+        .chat()
+        .update(&hex::encode(&id[..4]), &mut |_| {})
+        .await?;
     ensure!(epoch == 3);
     Ok(())
 }
@@ -279,7 +270,10 @@ async fn bad_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     let eve = User::register(&server, dir.path(), "eve", Suite::Classical).await?;
     let id = alice.chat().create_group("g").await?;
     let other = alice.chat().create_group("other").await?;
-    alice.chat().invite("g", &["bob".into()]).await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
     bob.recv().await?;
     let d = &alice.session.delivery;
 
@@ -307,7 +301,7 @@ async fn bad_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     };
     ensure!(again == SendOutcome::Duplicate { seq });
     // A stale-epoch commit: Bob commits epoch 1 after Alice moved to 2.
-    alice.chat().update("g").await?;
+    alice.chat().update("g", &mut |_| {}).await?;
     let stale = bob
         .group(&id)?
         .self_update(&bob.state.mls, bob.state.mls_identity())?;
@@ -351,10 +345,13 @@ async fn oversized_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
     let id = alice.chat().create_group("g").await?;
     alice.chat().create_group("other").await?;
-    alice.chat().invite("g", &["bob".into()]).await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
     bob.recv().await?;
     let big = vec![b'x'; 16 * 1024];
-    let r = alice.chat().send("g", &big).await;
+    let r = alice.chat().send("g", &big, &mut |_| {}).await;
     let code = match r {
         Err(quicproquo_client::chat::ChatError::Client(e)) => e.code(),
         other => anyhow::bail!("expected a refusal, got {other:?}"),
@@ -362,8 +359,11 @@ async fn oversized_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     ensure!(code == Some(ErrorCode::TooLarge));
     // Nothing was appended and both groups carry on.
     ensure!(bob.recv().await?.is_empty());
-    alice.chat().send("g", b"small").await?;
-    alice.chat().send("other", b"elsewhere").await?;
+    alice.chat().send("g", b"small", &mut |_| {}).await?;
+    alice
+        .chat()
+        .send("other", b"elsewhere", &mut |_| {})
+        .await?;
     let seen = User::messages(&bob.recv().await?);
     ensure!(seen.len() == 1 && seen[0].1 == "small");
     let _ = id;
@@ -376,14 +376,17 @@ async fn live_subscription_pushes_new_entries(store: Option<AnyStore>) -> Result
     let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
     let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
     let id = alice.chat().create_group("g").await?;
-    alice.chat().invite("g", &["bob".into()]).await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
     bob.recv().await?;
     let cursor = bob.state.groups.get(&id).map_or(0, |m| m.cursor);
     let mut sub = bob.session.delivery.subscribe(&id, cursor).await?;
     for i in 0..5 {
         alice
             .chat()
-            .send("g", format!("live {i}").as_bytes())
+            .send("g", format!("live {i}").as_bytes(), &mut |_| {})
             .await?;
     }
     let mut got = Vec::new();
@@ -409,7 +412,10 @@ async fn live_subscription_pushes_new_entries(store: Option<AnyStore>) -> Result
     // Welcomes are pushed too.
     let mut carol = User::register(&server, dir.path(), "carol", Suite::Classical).await?;
     let mut inbox = carol.session.delivery.subscribe_inbox(0).await?;
-    alice.chat().invite("g", &["carol".into()]).await?;
+    alice
+        .chat()
+        .invite("g", &["carol".into()], &mut |_| {})
+        .await?;
     let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next())
         .await?
         .ok_or_else(|| anyhow::anyhow!("inbox subscription ended"))?;

@@ -66,11 +66,11 @@ async fn metrics_move_with_a_chat() -> Result<()> {
         let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
         let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
         let id = alice.chat().create_group("g").await?;
-        alice.chat().invite("g", &["bob".into()]).await?;
+        alice.chat().invite("g", &["bob".into()], &mut |_| {}).await?;
         bob.chat().receive_all(&mut |_| {}).await?;
         let cursor = bob.state.groups.get(&id).map_or(0, |m| m.cursor);
         let mut sub = bob.session.delivery.subscribe(&id, cursor).await?;
-        alice.chat().send("g", b"hello").await?;
+        alice.chat().send("g", b"hello", &mut |_| {}).await?;
         tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await?
             .context("subscription ended")?;
@@ -131,7 +131,11 @@ async fn readyz_fails_during_a_drain_while_in_flight_calls_finish() -> Result<()
         )
         .await?;
         let sending = tokio::task::spawn_local(async move {
-            alice.chat().send("g", b"in flight").await.map(drop)
+            alice
+                .chat()
+                .send("g", b"in flight", &mut |_| {})
+                .await
+                .map(drop)
         });
         // Wait until the append is blocked on the lock.
         let (watcher, connection) =

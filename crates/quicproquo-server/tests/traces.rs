@@ -298,7 +298,10 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
         )
         .await?;
         let group = alice.chat().create_group("g").await?;
-        alice.chat().invite("g", &["bobzq7".into()]).await?;
+        alice
+            .chat()
+            .invite("g", &["bobzq7".into()], &mut |_| {})
+            .await?;
         bob.chat().receive_all(&mut |_| {}).await?;
         let cursor = bob.state.groups.get(&group).map_or(0, |m| m.cursor);
         let mut sub = bob.session.delivery.subscribe(&group, cursor).await?;
@@ -311,12 +314,12 @@ async fn a_send_is_one_trace_across_client_edge_shard_and_store_and_names_nobody
                 std::time::Instant::now() < deadline,
                 "the edge never followed the group on the shard"
             );
-            alice.chat().send("g", b"warm-up").await?;
+            alice.chat().send("g", b"warm-up", &mut |_| {}).await?;
             tokio::time::timeout(Duration::from_secs(10), sub.next())
                 .await?
                 .context("subscription ended")?;
         }
-        alice.chat().send("g", secret).await?;
+        alice.chat().send("g", secret, &mut |_| {}).await?;
         tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await?
             .context("subscription ended")?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail, ensure};
 use quicproquo_core::IdentityKey;
 use quicproquo_server::store::log::{
-    AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogStore,
+    APPLICATION_EPOCH_LAG, AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogStore,
 };
 use quicproquo_server::store::{Store, StoreError};
 
@@ -209,6 +209,54 @@ pub async fn batched_appends<S: Store + LogStore>(store: &S) -> Result<()> {
     Ok(())
 }
 
+/// Application messages are accepted from the group's epoch and the
+/// [`APPLICATION_EPOCH_LAG`] before it, in a batch as alone; older and future ones are
+/// refused with the current epoch and its commit, and change nothing.
+pub async fn application_epoch_window<S: Store + LogStore>(store: &S) -> Result<()> {
+    let alice = registered(store).await?;
+    let g = gid("window")?;
+    store.create_group(&g, &alice).await?;
+    let mut seq = 0;
+    for epoch in 0..=APPLICATION_EPOCH_LAG {
+        seq += 1;
+        let c = commit(&g, alice, epoch, &format!("c{epoch}"), &[], &[]);
+        ensure!(
+            one(store, c).await?
+                == AppendOutcome::Appended {
+                    seq,
+                    epoch: epoch + 1
+                }
+        );
+    }
+    let (current, winner) = (APPLICATION_EPOCH_LAG + 1, seq);
+    let stale = AppendOutcome::StaleEpoch {
+        current_epoch: current,
+        winner_seq: winner,
+    };
+    ensure!(one(store, app(&g, alice, 0, "too-old")).await? == stale);
+    ensure!(one(store, app(&g, alice, current + 1, "future")).await? == stale);
+    let batch: Vec<_> = (0..=current)
+        .rev()
+        .map(|epoch| app(&g, alice, epoch, &format!("at-{epoch}")))
+        .collect();
+    let out = store.append(&batch).await?;
+    let mut expected: Vec<_> = (1..=APPLICATION_EPOCH_LAG + 1)
+        .map(|n| AppendOutcome::Appended {
+            seq: seq + n,
+            epoch: current,
+        })
+        .collect();
+    expected.push(stale);
+    ensure!(out == expected, "window outcomes {out:?}");
+    let log = store.read_log(&g, &alice, winner, 100).await?;
+    let epochs: Vec<u64> = log.iter().map(|e| e.epoch).collect();
+    ensure!(
+        epochs == (1..=current).rev().collect::<Vec<_>>(),
+        "stored {epochs:?}"
+    );
+    Ok(())
+}
+
 /// Batches repeating stored message ids among new requests: each repeat gets its original
 /// sequence number, the rest are appended as if the repeats were not there (no gap), and
 /// nothing is written twice. Also after many batches without repeats, and right after one.
@@ -341,6 +389,11 @@ macro_rules! log_conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn log_conformance_batched_appends() -> anyhow::Result<()> {
             $crate::log_conformance::batched_appends(&$make.await?).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn log_conformance_application_epoch_window() -> anyhow::Result<()> {
+            $crate::log_conformance::application_epoch_window(&$make.await?).await
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

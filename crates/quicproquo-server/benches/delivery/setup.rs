@@ -95,7 +95,7 @@ pub(crate) async fn setup(
     let (creator, others) = members.split_first_mut().context("no members")?;
     let id = creator.chat().create_group("bench").await?;
     let names: Vec<String> = others.iter().map(|m| m.name.clone()).collect();
-    let epoch = creator.chat().invite("bench", &names).await?;
+    let epoch = creator.chat().invite("bench", &names, &mut |_| {}).await?;
     ensure!(epoch == 1, "one commit adds everyone (epoch {epoch})");
     let invite = t.elapsed();
 

@@ -11,6 +11,7 @@ use super::StoreError;
 use super::embedded::{EmbeddedStore, now_micros, unavailable};
 use super::log::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
+    epoch_accepted,
 };
 
 /// group → (epoch, last seq, seq of the commit that started the epoch).
@@ -85,11 +86,7 @@ fn append_one(txn: &WriteTransaction, req: &AppendRequest) -> Result<AppendOutco
     {
         return Ok(AppendOutcome::Duplicate { seq: seq.value() });
     }
-    let stale = match req.kind {
-        EntryKind::Commit | EntryKind::Proposal => req.epoch != epoch,
-        EntryKind::Application => req.epoch > epoch,
-    };
-    if stale {
+    if !epoch_accepted(req.kind, req.epoch, epoch) {
         return Ok(AppendOutcome::StaleEpoch {
             current_epoch: epoch,
             winner_seq: last_commit,

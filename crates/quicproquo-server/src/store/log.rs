@@ -8,6 +8,10 @@
 //! - a handshake message (commit or proposal) for epoch E is appended only while the group is
 //!   at epoch E; a commit moves the group to E + 1 and applies its membership change and stores
 //!   its Welcome in the same transaction;
+//! - an application message is appended only if its epoch is the group's or one of the
+//!   [`APPLICATION_EPOCH_LAG`] before it: the members keep that many past epochs' secrets, so
+//!   every member reading the log in order can still decrypt it (an older one would be
+//!   unreadable to all of them; its sender is told to catch up and encrypt it again);
 //! - a message id already appended to the group returns the original sequence number.
 //!
 //! A member may read the entries between joining and leaving: the creator from the start,
@@ -17,6 +21,22 @@
 use quicproquo_core::IdentityKey;
 
 use super::StoreError;
+
+/// How many epochs an application message may lag behind its group: the past epochs whose
+/// secrets members keep (`quicproquo_core::group::MAX_PAST_EPOCHS`).
+pub const APPLICATION_EPOCH_LAG: u64 = quicproquo_core::group::MAX_PAST_EPOCHS as u64;
+
+/// Whether a message of `kind` for `epoch` may be appended to a group at `group_epoch`: a
+/// handshake message only for the group's epoch, an application message for it or one of the
+/// [`APPLICATION_EPOCH_LAG`] before it.
+pub fn epoch_accepted(kind: EntryKind, epoch: u64, group_epoch: u64) -> bool {
+    match kind {
+        EntryKind::Commit | EntryKind::Proposal => epoch == group_epoch,
+        EntryKind::Application => {
+            epoch <= group_epoch && group_epoch - epoch <= APPLICATION_EPOCH_LAG
+        }
+    }
+}
 
 /// Longest group id accepted.
 pub const MAX_GROUP_ID: usize = 256;
@@ -121,8 +141,9 @@ pub enum AppendOutcome {
         /// The first append's sequence number.
         seq: u64,
     },
-    /// A handshake message for another epoch than the group's: nothing changed. The sender
-    /// catches up from the winning commit at `winner_seq` and retries.
+    /// A handshake message for another epoch than the group's, or an application message
+    /// from a future epoch or more than [`APPLICATION_EPOCH_LAG`] epochs old: nothing
+    /// changed. The sender catches up from the winning commit at `winner_seq` and retries.
     StaleEpoch {
         /// The group's epoch.
         current_epoch: u64,

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use super::StoreError;
-use super::log::{AppendOutcome, AppendRequest, EntryKind};
+use super::log::{AppendOutcome, AppendRequest, EntryKind, epoch_accepted};
 
 /// What a batch must read: its distinct groups, the memberships its requests depend on (each
 /// sender, each member a commit removes) and, when it probes for them, its message ids, as
@@ -238,11 +238,7 @@ impl<'a> Plan<'a> {
                 plan.outcomes.push(AppendOutcome::Duplicate { seq });
                 continue;
             }
-            let stale = match req.kind {
-                EntryKind::Commit | EntryKind::Proposal => req.epoch != gs.epoch,
-                EntryKind::Application => req.epoch > gs.epoch,
-            };
-            if stale {
+            if !epoch_accepted(req.kind, req.epoch, gs.epoch) {
                 plan.outcomes.push(AppendOutcome::StaleEpoch {
                     current_epoch: gs.epoch,
                     winner_seq: gs.last_commit_seq,

@@ -112,7 +112,7 @@ async fn failures() -> Result<()> {
         let name = format!("g{g}");
         group_ids.push(s.chat().create_group(&name).await?);
         s.chat()
-            .invite(&name, &[ra.name.clone(), rb.name.clone()])
+            .invite(&name, &[ra.name.clone(), rb.name.clone()], &mut |_| {})
             .await?;
         senders.push(s);
         receivers.push((name.clone(), ra));
@@ -204,7 +204,11 @@ async fn failures() -> Result<()> {
         for (g, sender) in senders.iter_mut().enumerate() {
             let body = format!("g{g} m{t}");
             let now = Instant::now();
-            match sender.chat().send(&format!("g{g}"), body.as_bytes()).await {
+            match sender
+                .chat()
+                .send(&format!("g{g}"), body.as_bytes(), &mut |_| {})
+                .await
+            {
                 Ok(seq) => {
                     acked.insert((g, seq), body);
                     sent_at.insert((g, seq), now);

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use quicproquo_client::chat::Chat;
+use quicproquo_client::chat::{Chat, ChatEvent};
 use quicproquo_client::{ClientState, ConnectOptions, Connection, Session};
 use quicproquo_core::NodeRole;
+use quicproquo_core::group::Group;
 use quicproquo_core::mls::Suite;
 use quicproquo_server::store::AnyStore;
 use quicproquo_server::store::embedded::{self, EmbeddedStore};
@@ -191,5 +192,30 @@ impl User {
     /// The messenger over this user's state and session.
     pub fn chat(&mut self) -> Chat<'_> {
         Chat::new(&mut self.state, &self.path, &self.session)
+    }
+
+    /// Joins pending groups and reads every group; returns what happened.
+    pub async fn recv(&mut self) -> Result<Vec<ChatEvent>> {
+        let mut events = Vec::new();
+        self.chat().receive_all(&mut |e| events.push(e)).await?;
+        Ok(events)
+    }
+
+    /// This user's MLS state of group `id`.
+    pub fn group(&self, id: &[u8]) -> Result<Group> {
+        Group::load(&self.state.mls, id)?.ok_or_else(|| anyhow::anyhow!("no group"))
+    }
+
+    /// (seq, text) of the messages among `events`.
+    pub fn messages(events: &[ChatEvent]) -> Vec<(u64, String)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ChatEvent::Message { seq, body, .. } => {
+                    Some((*seq, String::from_utf8_lossy(body).into_owned()))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
