@@ -8,9 +8,9 @@ use quicproquo_core::IdentityKey;
 use quicproquo_core::group::Group;
 use quicproquo_proto::errors::ErrorCode;
 
-use crate::member::{Counted, GroupSlot, fail, send_commit};
+use crate::member::{Counted, GroupSlot, append_commit, fail, merge_commit};
 use crate::stats::{counter, error_kind, metric};
-use crate::steady::{Ctx, Standing};
+use crate::steady::{Ctx, Standing, read_until};
 
 /// Joins again from the Welcome of the commit that re-added us, and resubscribes.
 pub(crate) async fn rejoin(
@@ -40,6 +40,8 @@ pub(crate) async fn rejoin(
         stats
             .borrow_mut()
             .record(metric::WELCOME_PROCESS, t.elapsed());
+        // Messages of earlier epochs that reach us after the Welcome are not for us.
+        slot.joined_epoch = group.epoch();
         slot.group = Some(group);
         slot.cursor = w.commit_seq;
         let sub = ctx
@@ -58,9 +60,44 @@ pub(crate) async fn rejoin(
     Ok(())
 }
 
+/// Appends our staged commit, reads what the log holds ahead of it, then merges it.
+async fn commit(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    commit: &[u8],
+    parts: &CommitParts,
+    received: &mut u64,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    let group = slot.group.as_mut().ok_or(Counted)?;
+    let seq = append_commit(
+        ctx.session,
+        group,
+        ctx.provider,
+        ctx.index,
+        &slot.id,
+        commit,
+        parts,
+        stats,
+        progress,
+    )
+    .await?;
+    read_until(ctx, slot, seq.saturating_sub(1), received, standing).await?;
+    let group = slot.group.as_mut().ok_or(Counted)?;
+    merge_commit(group, ctx.provider, stats, progress)
+}
+
 /// One churn step by the group's creator: remove `churn` members in one commit, then add
-/// them back (fresh KeyPackages, one batch fetch) in another.
-pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> Result<(), Counted> {
+/// them back (fresh KeyPackages, one batch fetch) in another. Before merging each commit it
+/// reads what the log holds ahead of it (`received`/`standing` as in the steady loop).
+pub(crate) async fn step(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    round: usize,
+    received: &mut u64,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
     let (stats, progress) = (ctx.stats, &ctx.plan.progress);
     let n = ctx.plan.settings.churn;
     let members = &ctx.plan.groups[slot.index].members;
@@ -69,11 +106,11 @@ pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> R
         .map(|k| members[1 + (round * n + k) % others])
         .map(|m| ctx.plan.identities[m])
         .collect();
-    let Some(group) = slot.group.as_mut() else {
-        return Err(Counted);
-    };
     let t = Instant::now();
-    let out = group
+    let out = slot
+        .group
+        .as_mut()
+        .ok_or(Counted)?
         .remove_members(ctx.provider, ctx.mls, &victims)
         .map_err(|_| fail(stats, progress, "commit build (remove)".into()))?;
     let parts = CommitParts {
@@ -81,18 +118,7 @@ pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> R
         removed: out.removed.clone(),
         welcome: None,
     };
-    send_commit(
-        ctx.session,
-        group,
-        ctx.provider,
-        ctx.index,
-        &slot.id,
-        &out.commit,
-        &parts,
-        stats,
-        progress,
-    )
-    .await?;
+    commit(ctx, slot, &out.commit, &parts, received, standing).await?;
     {
         let mut s = stats.borrow_mut();
         s.record(metric::COMMIT, t.elapsed());
@@ -114,7 +140,10 @@ pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> R
         ));
     }
     let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
-    let out = group
+    let out = slot
+        .group
+        .as_mut()
+        .ok_or(Counted)?
         .add_members(ctx.provider, ctx.mls, &packages)
         .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
     let parts = CommitParts {
@@ -122,18 +151,7 @@ pub(crate) async fn step(ctx: &Ctx<'_>, slot: &mut GroupSlot, round: usize) -> R
         removed: Vec::new(),
         welcome: out.welcome.clone(),
     };
-    send_commit(
-        ctx.session,
-        group,
-        ctx.provider,
-        ctx.index,
-        &slot.id,
-        &out.commit,
-        &parts,
-        stats,
-        progress,
-    )
-    .await?;
+    commit(ctx, slot, &out.commit, &parts, received, standing).await?;
     let mut s = stats.borrow_mut();
     s.record(metric::COMMIT, t.elapsed());
     s.count(counter::CHURN, 1);

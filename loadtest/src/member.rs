@@ -463,14 +463,44 @@ pub(crate) async fn send_commit(
     stats: &RefCell<Stats>,
     progress: &Progress,
 ) -> Result<u64, Counted> {
+    let seq = append_commit(
+        session, group, provider, index, id, commit, parts, stats, progress,
+    )
+    .await?;
+    merge_commit(group, provider, stats, progress)?;
+    Ok(seq)
+}
+
+/// Merges the pending commit the log accepted.
+pub(crate) fn merge_commit(
+    group: &mut Group,
+    provider: &MlsProvider,
+    stats: &RefCell<Stats>,
+    progress: &Progress,
+) -> Result<(), Counted> {
+    group
+        .merge_pending_commit(provider)
+        .map(drop)
+        .map_err(|_| fail(stats, progress, "commit merge".into()))
+}
+
+/// Sends a staged commit; returns its sequence number once appended, leaving it pending (the
+/// caller merges it, after reading what the log holds before it), or discards it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn append_commit(
+    session: &Session,
+    group: &mut Group,
+    provider: &MlsProvider,
+    index: usize,
+    id: &[u8],
+    commit: &[u8],
+    parts: &CommitParts,
+    stats: &RefCell<Stats>,
+    progress: &Progress,
+) -> Result<u64, Counted> {
     let mid = message_id(index).map_err(|_| fail(stats, progress, "rng".into()))?;
     match session.delivery.send(id, &mid, commit, Some(parts)).await {
-        Ok(SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq }) => {
-            group
-                .merge_pending_commit(provider)
-                .map_err(|_| fail(stats, progress, "commit merge".into()))?;
-            Ok(seq)
-        }
+        Ok(SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq }) => Ok(seq),
         Ok(SendOutcome::StaleEpoch { .. }) => {
             let _ = group.discard_pending_commit(provider);
             Err(fail(stats, progress, "commit lost the epoch".into()))

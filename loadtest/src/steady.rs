@@ -284,7 +284,10 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
             },
             () = sleep_until(churn_due) => {
                 churn_at = churn_at.map(|t| t + s.churn_every);
-                if churn::step(ctx, slot, churn_round).await.is_err() {
+                if churn::step(ctx, slot, churn_round, &mut received, &mut standing)
+                    .await
+                    .is_err()
+                {
                     churn_at = None;
                 }
                 churn_round += 1;
@@ -411,6 +414,36 @@ fn outcome_name(o: &SendOutcome) -> &'static str {
         SendOutcome::Duplicate { .. } => "duplicate",
         SendOutcome::StaleEpoch { .. } => "stale epoch",
     }
+}
+
+/// Entries read per fetch while reading up to a commit of ours.
+const READ_BATCH: u32 = 200;
+
+/// Reads this group's entries up to and including `last` from the log and processes them: the
+/// entries ahead of a commit we just appended belong to the epoch it ends, so a committer
+/// reads them before merging it, as every other member does.
+pub(crate) async fn read_until(
+    ctx: &Ctx<'_>,
+    slot: &mut GroupSlot,
+    last: u64,
+    received: &mut u64,
+    standing: &mut Standing,
+) -> Result<(), Counted> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    while slot.cursor < last && matches!(standing, Standing::In) {
+        let limit = u32::try_from(last - slot.cursor).map_or(READ_BATCH, |n| n.min(READ_BATCH));
+        let entries = ctx
+            .session
+            .delivery
+            .fetch(&slot.id, slot.cursor, limit)
+            .await
+            .map_err(|e| fail(stats, progress, error_kind("fetch", &e)))?;
+        if entries.is_empty() {
+            break;
+        }
+        handle_batch(ctx, slot, entries, received, standing).await?;
+    }
+    Ok(())
 }
 
 /// Processes pushed log entries in order.
