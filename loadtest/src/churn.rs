@@ -83,9 +83,11 @@ async fn commit(
         progress,
     )
     .await?;
-    read_until(ctx, slot, seq.saturating_sub(1), received, standing).await?;
+    // The log holds the commit: merge it even if reading ahead of it failed.
+    let read = read_until(ctx, slot, seq.saturating_sub(1), received, standing).await;
     let group = slot.group.as_mut().ok_or(Counted)?;
-    merge_commit(group, ctx.provider, stats, progress)
+    merge_commit(group, ctx.provider, stats, progress)?;
+    read
 }
 
 /// One churn step by the group's creator: remove `churn` members in one commit, then add

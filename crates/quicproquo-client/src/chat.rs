@@ -267,11 +267,13 @@ impl<'a> Chat<'a> {
             {
                 SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => {
                     // Entries appended between our catch-up and our commit belong to the epoch
-                    // it ends: read them before merging, as every other member does.
+                    // it ends: read them before merging, as every other member does. The log
+                    // holds the commit, so it is merged even if that read fails.
                     drop(group);
-                    self.read_group(id, seq.saturating_sub(1), on_event).await?;
+                    let read = self.read_group(id, seq.saturating_sub(1), on_event).await;
                     let epoch = self.load(id)?.merge_pending_commit(&self.state.mls)?;
                     self.save()?;
+                    read?;
                     return Ok(epoch);
                 }
                 SendOutcome::StaleEpoch { .. } => {
