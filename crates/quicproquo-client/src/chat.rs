@@ -9,14 +9,15 @@
 //! `on_event`, exactly as [`Chat::receive_group`] would hand it: it is read only once. Our own
 //! messages come back through the log; we recognise them by message id and skip them.
 //! Everything is saved to the state file after each step, so a crash loses at most the step
-//! in progress (message ids make a retried send harmless).
+//! in progress (message ids make a retried send harmless; a commit appended but not yet
+//! merged is merged when it comes back through the log).
 
 use std::path::Path;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{CommitOutput, Event, Group};
 
-use crate::delivery::{CommitParts, Envelope, SendOutcome};
+use crate::delivery::{CommitParts, Envelope, EnvelopeKind, SendOutcome};
 use crate::state::{ClientState, GroupMeta};
 use crate::{ClientError, Session};
 
@@ -412,6 +413,17 @@ impl<'a> Chat<'a> {
             }
             if meta.own_pending.iter().any(|m| m == &entry.message_id) {
                 self.forget_own(id, &entry.message_id);
+                // Our commit, appended but never merged (this device stopped between the
+                // two): the log holds it, so it is ours to merge now.
+                if entry.kind == EnvelopeKind::Commit {
+                    let g = match &mut group {
+                        Some(g) => g,
+                        None => group.insert(self.load(id)?),
+                    };
+                    if g.has_pending_commit() {
+                        g.merge_pending_commit(&self.state.mls)?;
+                    }
+                }
             } else {
                 let g = match &mut group {
                     Some(g) => g,

@@ -6,7 +6,7 @@ mod support;
 
 use anyhow::{Result, ensure};
 use quicproquo_client::chat::{ChatEvent, random_id};
-use quicproquo_client::delivery::SendOutcome;
+use quicproquo_client::delivery::{CommitParts, SendOutcome};
 use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
 use quicproquo_server::store::AnyStore;
@@ -127,12 +127,71 @@ async fn a_committer_reads_what_precedes_its_commit(store: Option<AnyStore>) -> 
     Ok(())
 }
 
+/// A device that stopped between its commit being appended and merging it finds the commit
+/// in the log among its own messages and merges it there, instead of staying an epoch behind.
+async fn an_appended_commit_left_pending_is_merged_from_the_log(
+    store: Option<AnyStore>,
+) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+    let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
+    let id = alice.chat().create_group("g").await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
+    bob.recv().await?;
+
+    // Alice's commit is appended; she stops before merging it.
+    let out = alice
+        .group(&id)?
+        .self_update(&alice.state.mls, alice.state.mls_identity())?;
+    let mid = random_id()?;
+    alice
+        .state
+        .groups
+        .get_mut(&id)
+        .ok_or_else(|| anyhow::anyhow!("no group meta"))?
+        .own_pending
+        .push(mid.clone());
+    let sent = alice
+        .session
+        .delivery
+        .send(&id, &mid, &out.commit, Some(&CommitParts::default()))
+        .await?;
+    ensure!(
+        matches!(sent, SendOutcome::Appended { epoch: 2, .. }),
+        "{sent:?}"
+    );
+    ensure!(alice.group(&id)?.has_pending_commit());
+
+    bob.recv().await?;
+    let seq = bob
+        .chat()
+        .send(&hex::encode(&id[..4]), b"after the stop", &mut |_| {})
+        .await?;
+    let seen = alice.recv().await?;
+    ensure!(
+        User::messages(&seen) == [(seq, "after the stop".to_owned())],
+        "{seen:?}"
+    );
+    let (a, b) = (alice.group(&id)?, bob.group(&id)?);
+    ensure!(a.epoch() == 2 && a.epoch_authenticator() == b.epoch_authenticator());
+    Ok(())
+}
+
 macro_rules! epoch_tests {
     ($make:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_sender_too_far_behind_catches_up_and_resends() -> Result<()> {
             let (store, _db) = $make.await?;
             local(super::a_sender_too_far_behind_catches_up_and_resends(store)).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_appended_commit_left_pending_is_merged_from_the_log() -> Result<()> {
+            let (store, _db) = $make.await?;
+            local(super::an_appended_commit_left_pending_is_merged_from_the_log(store)).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_committer_reads_what_precedes_its_commit() -> Result<()> {
