@@ -394,6 +394,18 @@ impl<'a> Chat<'a> {
         self.apply_batch(id, std::slice::from_ref(entry), on_event)
     }
 
+    /// Group `id`'s state in `slot`, loaded from the client state on first use.
+    fn loaded<'g>(
+        &self,
+        id: &[u8],
+        slot: &'g mut Option<Group>,
+    ) -> Result<&'g mut Group, ChatError> {
+        match slot {
+            Some(g) => Ok(g),
+            None => Ok(slot.insert(self.load(id)?)),
+        }
+    }
+
     /// Processes log entries of group `id` in order, loading the group state once. Entries at
     /// or below the cursor are skipped (duplicates are harmless); the caller saves the state.
     pub fn apply_batch(
@@ -416,19 +428,13 @@ impl<'a> Chat<'a> {
                 // Our commit, appended but never merged (this device stopped between the
                 // two): the log holds it, so it is ours to merge now.
                 if entry.kind == EnvelopeKind::Commit {
-                    let g = match &mut group {
-                        Some(g) => g,
-                        None => group.insert(self.load(id)?),
-                    };
+                    let g = self.loaded(id, &mut group)?;
                     if g.has_pending_commit() {
                         g.merge_pending_commit(&self.state.mls)?;
                     }
                 }
             } else {
-                let g = match &mut group {
-                    Some(g) => g,
-                    None => group.insert(self.load(id)?),
-                };
+                let g = self.loaded(id, &mut group)?;
                 let seq = entry.seq;
                 let group = name.clone();
                 match g.process(&self.state.mls, &entry.payload) {
