@@ -152,9 +152,10 @@ fn suite_name<S: serde::Serializer>(suite: &Suite, s: S) -> Result<S::Ok, S::Err
 /// Bytes of the timing header at the start of every plaintext.
 pub(crate) const HEADER_BYTES: usize = 24;
 
-/// Parses `30s`, `500ms`, `2m`, `1h` (or plain seconds).
+/// Parses `30s`, `500ms`, `2m`, `1h` (the project's one duration syntax, see
+/// [`quicproquo_core::duration`]).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration> {
-    quicproquo_server::config::parse_duration(text)
+    quicproquo_core::duration::parse_duration(text)
         .map_err(|e| anyhow::anyhow!("invalid duration {text:?}: {e}"))
 }
 

@@ -18,6 +18,7 @@ mod output;
 use output::{Names, Output, follow_live};
 use quicproquo_client::follow::Follower;
 use quicproquo_core::ClusterPublicKey;
+use quicproquo_core::duration::parse_duration;
 use quicproquo_core::mls::Suite;
 
 #[derive(Parser)]
@@ -41,7 +42,7 @@ struct Cli {
     /// The device state file.
     #[arg(long, env = "QPQ_STATE", default_value = DEFAULT_STATE_FILE)]
     state: PathBuf,
-    /// Deadline for connecting, the handshake and each call, e.g. `5s`, `500ms`.
+    /// Deadline for connecting, the handshake and each call, e.g. `5s`, `500ms`, `1m`.
     #[arg(long, env = "QPQ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
     /// Print one JSON object per event instead of text.
@@ -126,20 +127,6 @@ const DEFAULT_BATCH: u32 = 50;
 
 fn parse_suite(s: &str) -> Result<Suite, String> {
     Suite::parse(s).ok_or_else(|| "use hybrid or classical".to_owned())
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .ok_or("needs a unit: ms or s")?,
-    );
-    let n: u64 = number.parse().map_err(|_| "not a number".to_owned())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err("unit must be ms or s".to_owned()),
-    }
 }
 
 struct Ctx {

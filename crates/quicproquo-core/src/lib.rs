@@ -10,7 +10,8 @@
 //! Cap'n Proto RPC runs over the encrypted channel. [`mls`] holds the MLS ciphersuites, the
 //! client's openmls provider and KeyPackages; [`group`] is the client's MLS group (create, join,
 //! commit, encrypt, process a server-ordered log) and the keyless [`group::inspect`] the server
-//! uses to order that log.
+//! uses to order that log. [`duration`] parses the `250ms` / `10s` / `5m` / `1h` durations every
+//! command line and configuration file of the project accepts.
 //!
 //! What it is not: it opens no sockets and knows nothing of RPC interfaces, roles or storage;
 //! those live in `quicproquo-server` and `quicproquo-client`.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod duration;
 pub mod error;
 pub mod group;
 pub mod identity;

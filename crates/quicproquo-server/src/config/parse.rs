@@ -72,22 +72,8 @@ pub fn redact_database_url(url: &str) -> String {
         .join(" ")
 }
 
-/// Parses `250ms`, `10s`, `5m` or `1h`.
+/// Parses `250ms`, `10s`, `5m` or `1h` (the project's one duration syntax, see
+/// [`quicproquo_core::duration`]); the error message names the text and the accepted form.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s, 5m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("`{text}` has an unknown unit (use ms, s, m or h)")),
-    };
-    Ok(d)
+    quicproquo_core::duration::parse_duration(text).map_err(|e| e.to_string())
 }
