@@ -64,7 +64,10 @@ mod tests {
             parse_duration("10"),
             Err(DurationError::MissingUnit("10".into()))
         );
-        assert_eq!(parse_duration(""), Err(DurationError::MissingUnit("".into())));
+        assert_eq!(
+            parse_duration(""),
+            Err(DurationError::MissingUnit("".into()))
+        );
     }
 
     #[test]
@@ -83,8 +86,10 @@ mod tests {
     fn unknown_units_and_fractions_are_refused() {
         for text in ["5 parsecs", "1.5s", "10S", "3d", "-1s", "10 s"] {
             assert!(
-                matches!(parse_duration(text), Err(DurationError::UnknownUnit(_))
-                    | Err(DurationError::NotANumber(_))),
+                matches!(
+                    parse_duration(text),
+                    Err(DurationError::UnknownUnit(_)) | Err(DurationError::NotANumber(_))
+                ),
                 "{text:?} was accepted"
             );
         }
