@@ -3,14 +3,18 @@
 
 use std::time::Instant;
 
-use quicproquo_client::delivery::{CommitParts, Welcome};
+use quicproquo_client::commit::{
+    COMMIT_ATTEMPTS, CommitDriver, CommitHost, LogReader, Start, drive,
+};
+use quicproquo_client::delivery::{Envelope, Welcome};
 use quicproquo_core::IdentityKey;
-use quicproquo_core::group::Group;
+use quicproquo_core::group::{CommitOutput, Group};
+use quicproquo_core::mls::MlsProvider;
 use quicproquo_proto::errors::ErrorCode;
 
-use crate::member::{Counted, GroupSlot, append_commit, fail, merge_commit};
+use crate::member::{Counted, GroupSlot, commit_failed, fail, is_own, message_id};
 use crate::stats::{counter, error_kind, metric};
-use crate::steady::{Ctx, Standing, read_until};
+use crate::steady::{Ctx, Standing, handle_batch};
 
 /// Joins again from the Welcome of the commit that re-added us, and resubscribes.
 pub(crate) async fn rejoin(
@@ -60,34 +64,80 @@ pub(crate) async fn rejoin(
     Ok(())
 }
 
-/// Appends our staged commit, reads what the log holds ahead of it, then merges it.
+/// Drives the commit `build` stages into the log (see `quicproquo_client::commit`): what the
+/// log holds ahead of it is read first, as in the steady loop (`received`/`standing`).
 async fn commit(
     ctx: &Ctx<'_>,
     slot: &mut GroupSlot,
-    commit: &[u8],
-    parts: &CommitParts,
     received: &mut u64,
     standing: &mut Standing,
+    build: impl FnMut(&mut Group, &MlsProvider) -> Result<CommitOutput, Counted>,
 ) -> Result<(), Counted> {
-    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
-    let group = slot.group.as_mut().ok_or(Counted)?;
-    let seq = append_commit(
-        ctx.session,
-        group,
-        ctx.provider,
-        ctx.index,
-        &slot.id,
-        commit,
-        parts,
-        stats,
-        progress,
+    let driver = CommitDriver::new(COMMIT_ATTEMPTS, slot.cursor);
+    let group_id = slot.id.clone();
+    let mut host = Committer {
+        ctx,
+        slot,
+        received,
+        standing,
+        build,
+    };
+    drive(
+        &ctx.session.delivery,
+        &group_id,
+        &mut host,
+        driver,
+        Start::Build,
     )
-    .await?;
-    // The log holds the commit: merge it even if reading ahead of it failed.
-    let read = read_until(ctx, slot, seq.saturating_sub(1), received, standing).await;
-    let group = slot.group.as_mut().ok_or(Counted)?;
-    merge_commit(group, ctx.provider, stats, progress)?;
-    read
+    .await
+    .map_err(|e| commit_failed(ctx.stats, &ctx.plan.progress, e))?;
+    Ok(())
+}
+
+/// The churning creator's side of a commit: its group slot, read as in the steady loop.
+struct Committer<'c, 'x, B> {
+    ctx: &'c Ctx<'x>,
+    slot: &'c mut GroupSlot,
+    received: &'c mut u64,
+    standing: &'c mut Standing,
+    build: B,
+}
+
+impl<B> LogReader for Committer<'_, '_, B> {
+    type Error = Counted;
+
+    fn cursor(&self) -> u64 {
+        self.slot.cursor
+    }
+
+    async fn apply(&mut self, entries: &[Envelope]) -> Result<bool, Counted> {
+        handle_batch(self.ctx, self.slot, entries, self.received, self.standing).await?;
+        Ok(matches!(self.standing, Standing::In))
+    }
+}
+
+impl<B> CommitHost for Committer<'_, '_, B>
+where
+    B: FnMut(&mut Group, &MlsProvider) -> Result<CommitOutput, Counted>,
+{
+    fn group(&mut self) -> Result<(&mut Group, &MlsProvider), Counted> {
+        let group = self.slot.group.as_mut().ok_or(Counted)?;
+        Ok((group, self.ctx.provider))
+    }
+
+    fn is_own(&self, entry: &Envelope) -> bool {
+        is_own(&entry.message_id, self.ctx.index)
+    }
+
+    fn build(&mut self) -> Result<CommitOutput, Counted> {
+        let group = self.slot.group.as_mut().ok_or(Counted)?;
+        (self.build)(group, self.ctx.provider)
+    }
+
+    fn own_message_id(&mut self) -> Result<Vec<u8>, Counted> {
+        let (stats, progress) = (self.ctx.stats, &self.ctx.plan.progress);
+        message_id(self.ctx.index).map_err(|_| fail(stats, progress, "rng".into()))
+    }
 }
 
 /// One churn step by the group's creator: remove `churn` members in one commit, then add
@@ -109,18 +159,11 @@ pub(crate) async fn step(
         .map(|m| ctx.plan.identities[m])
         .collect();
     let t = Instant::now();
-    let out = slot
-        .group
-        .as_mut()
-        .ok_or(Counted)?
-        .remove_members(ctx.provider, ctx.mls, &victims)
-        .map_err(|_| fail(stats, progress, "commit build (remove)".into()))?;
-    let parts = CommitParts {
-        added: Vec::new(),
-        removed: out.removed.clone(),
-        welcome: None,
-    };
-    commit(ctx, slot, &out.commit, &parts, received, standing).await?;
+    commit(ctx, slot, received, standing, |g, provider| {
+        g.remove_members(provider, ctx.mls, &victims)
+            .map_err(|_| fail(stats, progress, "commit build (remove)".into()))
+    })
+    .await?;
     {
         let mut s = stats.borrow_mut();
         s.record(metric::COMMIT, t.elapsed());
@@ -142,18 +185,11 @@ pub(crate) async fn step(
         ));
     }
     let packages: Vec<Vec<u8>> = fetched.into_iter().map(|k| k.data).collect();
-    let out = slot
-        .group
-        .as_mut()
-        .ok_or(Counted)?
-        .add_members(ctx.provider, ctx.mls, &packages)
-        .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
-    let parts = CommitParts {
-        added: out.added.clone(),
-        removed: Vec::new(),
-        welcome: out.welcome.clone(),
-    };
-    commit(ctx, slot, &out.commit, &parts, received, standing).await?;
+    commit(ctx, slot, received, standing, |g, provider| {
+        g.add_members(provider, ctx.mls, &packages)
+            .map_err(|_| fail(stats, progress, "commit build (add)".into()))
+    })
+    .await?;
     let mut s = stats.borrow_mut();
     s.record(metric::COMMIT, t.elapsed());
     s.count(counter::CHURN, 1);

@@ -12,16 +12,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use quicproquo_client::delivery::{CommitParts, Envelope, EnvelopeKind, Subscription};
-use quicproquo_client::{ConnectOptions, Connection, SendOutcome, Session, connect_any};
-use quicproquo_core::group::{Event, Group};
+use quicproquo_client::commit::{
+    COMMIT_ATTEMPTS, CommitDriver, CommitError, CommitHost, DriveError, LogReader, Start, drive,
+    is_pending_own_commit, read_log,
+};
+use quicproquo_client::delivery::{Envelope, EnvelopeKind, Subscription};
+use quicproquo_client::{ConnectOptions, Connection, Session, connect_any};
+use quicproquo_core::group::{CommitOutput, Event, Group};
 use quicproquo_core::mls::{MlsIdentity, MlsProvider, Suite};
 use quicproquo_core::{IdentityKey, IdentityKeypair};
 
 use crate::stats::{Stats, counter, error_kind, metric};
 
-/// Entries read per fetch while catching up.
-const FETCH_BATCH: u32 = 200;
 /// Most identities per KeyPackage fetch (the Authentication Service's limit).
 const FETCH_LIMIT: usize = 1000;
 
@@ -272,41 +274,34 @@ impl Member {
         };
         let progress = &plan.progress;
         let suite: Suite = plan.settings.suite;
-        for slot in self.slots.iter_mut().filter(|s| s.position == 0) {
-            let group = Group::create(&self.provider, &self.mls, suite, &slot.id)
+        let Self {
+            index,
+            mls,
+            provider,
+            slots,
+            ..
+        } = self;
+        for slot in slots.iter_mut().filter(|s| s.position == 0) {
+            let group = Group::create(provider, mls, suite, &slot.id)
                 .map_err(|_| fail(stats, progress, "group create".into()))?;
             session
                 .delivery
                 .create_group(&slot.id)
                 .await
                 .map_err(|e| fail(stats, progress, error_kind("create group", &e)))?;
-            let group = slot.group.insert(group);
+            slot.group = Some(group);
             let others = &plan.groups[slot.index].members[1..];
             for batch in others.chunks(plan.settings.add_batch) {
-                let wanted: Vec<IdentityKey> = batch.iter().map(|&m| plan.identities[m]).collect();
-                let mut packages = Vec::with_capacity(wanted.len());
-                for chunk in wanted.chunks(FETCH_LIMIT) {
-                    let t = Instant::now();
-                    let fetched =
-                        session.auth.fetch_key_packages(chunk).await.map_err(|e| {
-                            fail(stats, progress, error_kind("keypackage fetch", &e))
-                        })?;
-                    stats.borrow_mut().record(metric::KP_FETCH, t.elapsed());
-                    if fetched.len() < chunk.len() {
-                        for _ in fetched.len()..chunk.len() {
-                            fail(stats, progress, "no keypackage available".into());
-                        }
-                    }
-                    packages.extend(fetched.into_iter().map(|k| k.data));
-                }
+                let packages = key_packages(&session, plan, batch, stats).await?;
                 if packages.is_empty() {
                     continue;
                 }
                 let t = Instant::now();
-                let out = group
-                    .add_members(&self.provider, &self.mls, &packages)
-                    .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
-                {
+                let build = |g: &mut Group, provider: &MlsProvider| {
+                    let t = Instant::now();
+                    let out = g
+                        .add_members(provider, mls, &packages)
+                        .map_err(|_| fail(stats, progress, "commit build (add)".into()))?;
                     let mut s = stats.borrow_mut();
                     s.record(metric::COMMIT_BUILD, t.elapsed());
                     s.max(counter::COMMIT_BYTES, out.commit.len() as u64);
@@ -314,25 +309,22 @@ impl Member {
                         counter::WELCOME_BYTES,
                         out.welcome.as_ref().map_or(0, |w| w.len() as u64),
                     );
-                }
-                let parts = CommitParts {
-                    added: out.added.clone(),
-                    removed: Vec::new(),
-                    welcome: out.welcome.clone(),
+                    Ok(out)
                 };
-                let seq = send_commit(
-                    &session,
-                    group,
-                    &self.provider,
-                    self.index,
-                    &slot.id,
-                    &out.commit,
-                    &parts,
+                let driver = CommitDriver::new(COMMIT_ATTEMPTS, slot.cursor);
+                let mut log = SetupLog {
+                    group: slot.group.as_mut().ok_or(Counted)?,
+                    provider,
+                    index: *index,
+                    cursor: &mut slot.cursor,
                     stats,
                     progress,
-                )
-                .await?;
-                slot.cursor = slot.cursor.max(seq);
+                    build,
+                };
+                let committed = drive(&session.delivery, &slot.id, &mut log, driver, Start::Build)
+                    .await
+                    .map_err(|e| commit_failed(stats, progress, e))?;
+                slot.cursor = slot.cursor.max(committed.seq);
                 stats.borrow_mut().record(metric::COMMIT, t.elapsed());
             }
         }
@@ -382,19 +374,26 @@ impl Member {
                     .borrow_mut()
                     .record(metric::WELCOME_PROCESS, p.elapsed());
                 slot.joined_epoch = group.epoch();
-                let group = slot.group.insert(group);
                 slot.cursor = w.commit_seq;
-                catch_up(
-                    &session,
-                    group,
-                    &self.provider,
-                    self.index,
-                    &mut slot.cursor,
-                    &slot.id,
+                let mut log = SetupLog {
+                    group: slot.group.insert(group),
+                    provider: &self.provider,
+                    index: self.index,
+                    cursor: &mut slot.cursor,
                     stats,
                     progress,
+                    build: (),
+                };
+                read_log(
+                    &session.delivery,
+                    &slot.id,
+                    w.commit_seq,
+                    None,
+                    &mut log,
+                    |_, _| Ok(None),
                 )
-                .await?;
+                .await
+                .map_err(|e| commit_failed(stats, progress, e))?;
                 let mut s = stats.borrow_mut();
                 s.record(metric::JOIN, t.elapsed());
                 s.count(counter::JOINED, 1);
@@ -450,93 +449,90 @@ impl Member {
     }
 }
 
-/// Sends a staged commit and merges it once appended; returns its sequence number.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn send_commit(
+/// Fetches (consuming) a KeyPackage of each member of `batch`, in chunks the Authentication
+/// Service accepts; a member without one is counted as an error.
+async fn key_packages(
     session: &Session,
-    group: &mut Group,
-    provider: &MlsProvider,
-    index: usize,
-    id: &[u8],
-    commit: &[u8],
-    parts: &CommitParts,
+    plan: &Plan,
+    batch: &[usize],
     stats: &RefCell<Stats>,
-    progress: &Progress,
-) -> Result<u64, Counted> {
-    let seq = append_commit(
-        session, group, provider, index, id, commit, parts, stats, progress,
-    )
-    .await?;
-    merge_commit(group, provider, stats, progress)?;
-    Ok(seq)
-}
-
-/// Merges the pending commit the log accepted.
-pub(crate) fn merge_commit(
-    group: &mut Group,
-    provider: &MlsProvider,
-    stats: &RefCell<Stats>,
-    progress: &Progress,
-) -> Result<(), Counted> {
-    group
-        .merge_pending_commit(provider)
-        .map(drop)
-        .map_err(|_| fail(stats, progress, "commit merge".into()))
-}
-
-/// Sends a staged commit; returns its sequence number once appended, leaving it pending (the
-/// caller merges it, after reading what the log holds before it), or discards it.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn append_commit(
-    session: &Session,
-    group: &mut Group,
-    provider: &MlsProvider,
-    index: usize,
-    id: &[u8],
-    commit: &[u8],
-    parts: &CommitParts,
-    stats: &RefCell<Stats>,
-    progress: &Progress,
-) -> Result<u64, Counted> {
-    let mid = message_id(index).map_err(|_| fail(stats, progress, "rng".into()))?;
-    match session.delivery.send(id, &mid, commit, Some(parts)).await {
-        Ok(SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq }) => Ok(seq),
-        Ok(SendOutcome::StaleEpoch { .. }) => {
-            let _ = group.discard_pending_commit(provider);
-            Err(fail(stats, progress, "commit lost the epoch".into()))
-        }
-        Err(e) => {
-            let _ = group.discard_pending_commit(provider);
-            Err(fail(stats, progress, error_kind("commit send", &e)))
-        }
-    }
-}
-
-/// Reads and processes the group's log after `cursor` until its end.
-#[allow(clippy::too_many_arguments)]
-async fn catch_up(
-    session: &Session,
-    group: &mut Group,
-    provider: &MlsProvider,
-    index: usize,
-    cursor: &mut u64,
-    id: &[u8],
-    stats: &RefCell<Stats>,
-    progress: &Progress,
-) -> Result<(), Counted> {
-    loop {
-        let entries = session
-            .delivery
-            .fetch(id, *cursor, FETCH_BATCH)
+) -> Result<Vec<Vec<u8>>, Counted> {
+    let progress = &plan.progress;
+    let wanted: Vec<IdentityKey> = batch.iter().map(|&m| plan.identities[m]).collect();
+    let mut packages = Vec::with_capacity(wanted.len());
+    for chunk in wanted.chunks(FETCH_LIMIT) {
+        let t = Instant::now();
+        let fetched = session
+            .auth
+            .fetch_key_packages(chunk)
             .await
-            .map_err(|e| fail(stats, progress, error_kind("fetch", &e)))?;
-        for e in &entries {
-            *cursor = e.seq;
-            if is_own(&e.message_id, index) || e.kind != EnvelopeKind::Commit {
+            .map_err(|e| fail(stats, progress, error_kind("keypackage fetch", &e)))?;
+        stats.borrow_mut().record(metric::KP_FETCH, t.elapsed());
+        for _ in fetched.len()..chunk.len() {
+            fail(stats, progress, "no keypackage available".into());
+        }
+        packages.extend(fetched.into_iter().map(|k| k.data));
+    }
+    Ok(packages)
+}
+
+/// Records why a commit drive (or a read of the log) failed.
+pub(crate) fn commit_failed(
+    stats: &RefCell<Stats>,
+    progress: &Progress,
+    e: DriveError<Counted>,
+) -> Counted {
+    let kind = match e {
+        DriveError::Host(counted) => return counted,
+        DriveError::Send(e) => error_kind("commit send", &e),
+        DriveError::Fetch(e) => error_kind("fetch", &e),
+        DriveError::Group(_) => "commit merge".into(),
+        DriveError::GaveUp(CommitError::Contended(_)) => "commit lost the epoch".into(),
+        DriveError::GaveUp(reason) => format!("commit: {reason}"),
+        _ => "commit".into(),
+    };
+    fail(stats, progress, kind)
+}
+
+/// A member's group during setup: commits are processed (application messages are not sent
+/// yet), our own entries skipped, and `build` stages the creator's commits.
+struct SetupLog<'m, B> {
+    group: &'m mut Group,
+    provider: &'m MlsProvider,
+    index: usize,
+    cursor: &'m mut u64,
+    stats: &'m RefCell<Stats>,
+    progress: &'m Progress,
+    build: B,
+}
+
+impl<B> LogReader for SetupLog<'_, B> {
+    type Error = Counted;
+
+    fn cursor(&self) -> u64 {
+        *self.cursor
+    }
+
+    async fn apply(&mut self, entries: &[Envelope]) -> Result<bool, Counted> {
+        let (stats, progress) = (self.stats, self.progress);
+        for e in entries {
+            if e.seq <= *self.cursor {
+                continue;
+            }
+            *self.cursor = e.seq;
+            if is_own(&e.message_id, self.index) {
+                if is_pending_own_commit(self.group, e, true) {
+                    self.group
+                        .merge_pending_commit(self.provider)
+                        .map_err(|_| fail(stats, progress, "commit merge".into()))?;
+                }
+                continue;
+            }
+            if e.kind != EnvelopeKind::Commit {
                 continue;
             }
             let t = Instant::now();
-            match group.process(provider, &e.payload) {
+            match self.group.process(self.provider, &e.payload) {
                 Ok(Event::Commit { .. }) => stats
                     .borrow_mut()
                     .record(metric::COMMIT_PROCESS, t.elapsed()),
@@ -547,8 +543,27 @@ async fn catch_up(
                 }
             }
         }
-        if entries.len() < FETCH_BATCH as usize {
-            return Ok(());
-        }
+        Ok(true)
+    }
+}
+
+impl<B> CommitHost for SetupLog<'_, B>
+where
+    B: FnMut(&mut Group, &MlsProvider) -> Result<CommitOutput, Counted>,
+{
+    fn group(&mut self) -> Result<(&mut Group, &MlsProvider), Counted> {
+        Ok((self.group, self.provider))
+    }
+
+    fn is_own(&self, entry: &Envelope) -> bool {
+        is_own(&entry.message_id, self.index)
+    }
+
+    fn build(&mut self) -> Result<CommitOutput, Counted> {
+        (self.build)(self.group, self.provider)
+    }
+
+    fn own_message_id(&mut self) -> Result<Vec<u8>, Counted> {
+        message_id(self.index).map_err(|_| fail(self.stats, self.progress, "rng".into()))
     }
 }

@@ -13,6 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use quicproquo_client::commit::is_pending_own_commit;
 use quicproquo_client::delivery::{Envelope, EnvelopeKind, Subscription, Welcome};
 use quicproquo_client::{SendOutcome, Session};
 use quicproquo_core::group::{Event, GroupError};
@@ -189,7 +190,7 @@ pub(crate) async fn settle_member(
                     () = tokio::time::sleep_until(deadline.into()) => break,
                 };
                 let Some(batch) = batch else { break };
-                if handle_batch(ctx, slot, batch, &mut received, &mut standing)
+                if handle_batch(ctx, slot, &batch, &mut received, &mut standing)
                     .await
                     .is_err()
                 {
@@ -246,7 +247,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
             biased;
             batch = next_batch(&mut slot.sub) => match batch {
                 Some(batch) => {
-                    if handle_batch(ctx, slot, batch, &mut received, &mut standing).await.is_err() {
+                    if handle_batch(ctx, slot, &batch, &mut received, &mut standing).await.is_err() {
                         break;
                     }
                 }
@@ -416,41 +417,11 @@ fn outcome_name(o: &SendOutcome) -> &'static str {
     }
 }
 
-/// Entries read per fetch while reading up to a commit of ours.
-const READ_BATCH: u32 = 200;
-
-/// Reads this group's entries up to and including `last` from the log and processes them: the
-/// entries ahead of a commit we just appended belong to the epoch it ends, so a committer
-/// reads them before merging it, as every other member does.
-pub(crate) async fn read_until(
+/// Processes log entries (pushed, or read ahead of a commit of ours) in order.
+pub(crate) async fn handle_batch(
     ctx: &Ctx<'_>,
     slot: &mut GroupSlot,
-    last: u64,
-    received: &mut u64,
-    standing: &mut Standing,
-) -> Result<(), Counted> {
-    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
-    while slot.cursor < last && matches!(standing, Standing::In) {
-        let limit = u32::try_from(last - slot.cursor).map_or(READ_BATCH, |n| n.min(READ_BATCH));
-        let entries = ctx
-            .session
-            .delivery
-            .fetch(&slot.id, slot.cursor, limit)
-            .await
-            .map_err(|e| fail(stats, progress, error_kind("fetch", &e)))?;
-        if entries.is_empty() {
-            break;
-        }
-        handle_batch(ctx, slot, entries, received, standing).await?;
-    }
-    Ok(())
-}
-
-/// Processes pushed log entries in order.
-async fn handle_batch(
-    ctx: &Ctx<'_>,
-    slot: &mut GroupSlot,
-    batch: Vec<Envelope>,
+    batch: &[Envelope],
     received: &mut u64,
     standing: &mut Standing,
 ) -> Result<(), Counted> {
@@ -464,6 +435,14 @@ async fn handle_batch(
         }
         slot.cursor = e.seq;
         if is_own(&e.message_id, ctx.index) {
+            // Our commit, still pending because its answer was lost: the log holds it.
+            if let Some(group) = slot.group.as_mut()
+                && is_pending_own_commit(group, e, true)
+            {
+                group
+                    .merge_pending_commit(ctx.provider)
+                    .map_err(|_| fail(stats, progress, "commit merge".into()))?;
+            }
             continue;
         }
         if e.kind == EnvelopeKind::Application && e.epoch < slot.joined_epoch {

@@ -97,7 +97,7 @@ pub enum SendOutcome {
 }
 
 /// The membership change and Welcome sent with a commit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommitParts {
     /// Identities added.
     pub added: Vec<IdentityKey>,

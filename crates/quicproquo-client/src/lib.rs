@@ -27,6 +27,7 @@ use quicproquo_proto::errors::{ErrorCode, code_of};
 
 pub mod auth;
 pub mod chat;
+pub mod commit;
 pub mod delivery;
 pub mod events;
 pub mod follow;

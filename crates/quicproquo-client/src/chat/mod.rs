@@ -1,10 +1,10 @@
 //! The messenger: MLS groups kept in the client state, driven through the Delivery Service.
 //!
-//! The server's log is the order everyone follows. Sending a commit leaves it *pending* until
-//! the server appends it: if another member's commit won the epoch, ours is discarded, the
-//! winner is read from the log, and ours is rebuilt and sent again (up to
-//! [`COMMIT_ATTEMPTS`] times). An application message the server refuses because the group
-//! moved on more epochs than members keep secrets for is encrypted again after catching up.
+//! The server's log is the order everyone follows. Commits (invite, remove, update) go through
+//! the one commit driver ([`crate::commit`]): pending until the server appends them, rebuilt
+//! after losing their epoch (up to [`COMMIT_ATTEMPTS`] appends), discarded only on a definite
+//! refusal. An application message the server refuses because the group moved on more epochs
+//! than members keep secrets for is encrypted again after catching up.
 //! Whatever arrives while catching up for a commit or a send is handed to the caller's
 //! `on_event`, exactly as [`Chat::receive_group`] would hand it: it is read only once. Our own
 //! messages come back through the log; we recognise them by message id and skip them.
@@ -12,20 +12,22 @@
 //! in progress (message ids make a retried send harmless; a commit appended but not yet
 //! merged is merged when it comes back through the log).
 
+mod group_log;
+
 use std::path::Path;
 
 use quicproquo_core::IdentityKey;
-use quicproquo_core::group::{CommitOutput, Event, Group};
+use quicproquo_core::group::{CommitOutput, Group};
 
-use crate::delivery::{CommitParts, Envelope, EnvelopeKind, SendOutcome};
+pub use crate::commit::COMMIT_ATTEMPTS;
+use crate::commit::{self, CommitDriver, CommitError, DriveError, Start, is_pending_own_commit};
+use crate::delivery::{Envelope, EnvelopeKind, SendOutcome};
 use crate::state::{ClientState, GroupMeta};
 use crate::{ClientError, Session};
+use group_log::{Committer, GroupLog, process};
 
-/// How often a commit is rebuilt after losing its epoch (or an application message encrypted
-/// again after the group moved on) before giving up.
-pub const COMMIT_ATTEMPTS: usize = 8;
-/// Entries read per fetch while catching up.
-const FETCH_BATCH: u32 = 500;
+/// Welcomes read per inbox fetch.
+const FETCH_BATCH: u32 = commit::FETCH_BATCH;
 
 /// Errors of the messenger layer.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +48,25 @@ pub enum ChatError {
     /// Our commit kept losing the epoch race (or our message kept finding a newer epoch).
     #[error("gave up after {0} attempts: other members keep committing")]
     Contended(usize),
-    /// The server answered a commit in a way that breaks the protocol.
+    /// The server answered in a way that breaks the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The commit driver gave up.
+    #[error(transparent)]
+    Commit(CommitError),
+}
+
+impl From<DriveError<Self>> for ChatError {
+    fn from(e: DriveError<Self>) -> Self {
+        match e {
+            DriveError::Host(e) => e,
+            DriveError::Group(e) => Self::Group(e),
+            DriveError::Send(e) | DriveError::Fetch(e) => Self::Client(e),
+            DriveError::GaveUp(CommitError::Contended(n)) => Self::Contended(n),
+            DriveError::GaveUp(CommitError::Protocol(m)) => Self::Protocol(m),
+            DriveError::GaveUp(other) => Self::Commit(other),
+        }
+    }
 }
 
 /// Something that happened in a group, for display.
@@ -240,51 +258,27 @@ impl<'a> Chat<'a> {
         .await
     }
 
-    /// Builds a commit with `build`, sends it, and retries after losing the epoch.
+    /// Drives a commit built by `build` into the log (see [`crate::commit`]); returns the
+    /// epoch it began. Catches up first; what arrives meanwhile goes to `on_event`.
     async fn commit(
         &mut self,
         id: &[u8],
         on_event: &mut dyn FnMut(ChatEvent),
-        build: impl Fn(&mut Group, &ClientState) -> Result<CommitOutput, ChatError>,
+        build: impl FnMut(&mut Group, &ClientState) -> Result<CommitOutput, ChatError>,
     ) -> Result<u64, ChatError> {
-        for _ in 0..COMMIT_ATTEMPTS {
-            // Catch up first: a commit must be for the group's current epoch.
-            self.receive_group(id, on_event).await?;
-            let mut group = self.load(id)?;
-            let out = build(&mut group, self.state)?;
-            let message_id = random_id()?;
-            let parts = CommitParts {
-                added: out.added.clone(),
-                removed: out.removed.clone(),
-                welcome: out.welcome.clone(),
-            };
-            self.remember_own(id, &message_id);
-            self.save()?;
-            match self
-                .session
-                .delivery
-                .send(id, &message_id, &out.commit, Some(&parts))
-                .await?
-            {
-                SendOutcome::Appended { seq, .. } | SendOutcome::Duplicate { seq } => {
-                    // Entries appended between our catch-up and our commit belong to the epoch
-                    // it ends: read them before merging, as every other member does. The log
-                    // holds the commit, so it is merged even if that read fails.
-                    drop(group);
-                    let read = self.read_group(id, seq.saturating_sub(1), on_event).await;
-                    let epoch = self.load(id)?.merge_pending_commit(&self.state.mls)?;
-                    self.save()?;
-                    read?;
-                    return Ok(epoch);
-                }
-                SendOutcome::StaleEpoch { .. } => {
-                    group.discard_pending_commit(&self.state.mls)?;
-                    self.forget_own(id, &message_id);
-                    self.save()?;
-                }
-            }
-        }
-        Err(ChatError::Contended(COMMIT_ATTEMPTS))
+        let session = self.session;
+        let driver = CommitDriver::new(COMMIT_ATTEMPTS, self.cursor(id));
+        let mut host = Committer {
+            log: GroupLog::new(self, id, on_event),
+            build,
+        };
+        let committed =
+            commit::drive(&session.delivery, id, &mut host, driver, Start::CatchUp).await?;
+        Ok(committed.epoch)
+    }
+
+    fn cursor(&self, id: &[u8]) -> u64 {
+        self.state.groups.get(id).map_or(0, |m| m.cursor)
     }
 
     fn remember_own(&mut self, id: &[u8], message_id: &[u8]) {
@@ -414,8 +408,18 @@ impl<'a> Chat<'a> {
         entries: &[Envelope],
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<(), ChatError> {
+        self.apply_entries(id, entries, &mut None, on_event)
+    }
+
+    /// [`Chat::apply_batch`] on the group state in `group` (loaded there on first use).
+    fn apply_entries(
+        &mut self,
+        id: &[u8],
+        entries: &[Envelope],
+        group: &mut Option<Group>,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
         let name = self.name_of(id);
-        let mut group: Option<Group> = None;
         for entry in entries {
             let Some(meta) = self.state.groups.get(id) else {
                 return Ok(());
@@ -428,45 +432,14 @@ impl<'a> Chat<'a> {
                 // Our commit, appended but never merged (this device stopped between the
                 // two): the log holds it, so it is ours to merge now.
                 if entry.kind == EnvelopeKind::Commit {
-                    let g = self.loaded(id, &mut group)?;
-                    if g.has_pending_commit() {
+                    let g = self.loaded(id, group)?;
+                    if is_pending_own_commit(g, entry, true) {
                         g.merge_pending_commit(&self.state.mls)?;
                     }
                 }
             } else {
-                let g = self.loaded(id, &mut group)?;
-                let seq = entry.seq;
-                let group = name.clone();
-                match g.process(&self.state.mls, &entry.payload) {
-                    Ok(Event::Application { sender, plaintext }) => on_event(ChatEvent::Message {
-                        group,
-                        seq,
-                        sender,
-                        body: plaintext,
-                    }),
-                    Ok(Event::Commit {
-                        epoch,
-                        added,
-                        removed,
-                        we_were_removed,
-                        ..
-                    }) => on_event(if we_were_removed {
-                        ChatEvent::Removed { group, seq }
-                    } else {
-                        ChatEvent::Epoch {
-                            group,
-                            seq,
-                            epoch,
-                            added,
-                            removed,
-                        }
-                    }),
-                    Ok(_) => {}
-                    // Our own commit echoed after we merged it, or an entry from before we joined.
-                    Err(e) if e.is_stale() => {}
-                    // A message we cannot process must not block the log: reported, skipped.
-                    Err(_) => on_event(ChatEvent::Unreadable { group, seq }),
-                }
+                let g = self.loaded(id, group)?;
+                process(g, &self.state.mls, &name, entry, on_event);
             }
             if let Some(meta) = self.state.groups.get_mut(id) {
                 meta.cursor = entry.seq;
@@ -481,42 +454,14 @@ impl<'a> Chat<'a> {
         id: &[u8],
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<(), ChatError> {
-        self.read_group(id, u64::MAX, on_event).await
-    }
-
-    /// Reads and processes the new entries of group `id` up to and including `last`;
-    /// acknowledges the cursor.
-    async fn read_group(
-        &mut self,
-        id: &[u8],
-        last: u64,
-        on_event: &mut dyn FnMut(ChatEvent),
-    ) -> Result<(), ChatError> {
-        loop {
-            let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
-            if cursor >= last {
-                return Ok(());
-            }
-            let limit = u32::try_from(last - cursor).map_or(FETCH_BATCH, |n| n.min(FETCH_BATCH));
-            let entries = match self.session.delivery.fetch(id, cursor, limit).await {
-                Ok(e) => e,
-                // Removed members can no longer read: nothing more to do.
-                Err(e) if e.code() == Some(quicproquo_proto::errors::ErrorCode::NotMember) => {
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if entries.is_empty() {
-                return Ok(());
-            }
-            self.apply_batch(id, &entries, on_event)?;
-            self.save()?;
-            let cursor = self.state.groups.get(id).map_or(0, |m| m.cursor);
-            self.session.delivery.acknowledge(id, cursor).await?;
-            if entries.len() < limit as usize {
-                return Ok(());
-            }
-        }
+        let session = self.session;
+        let after = self.cursor(id);
+        let mut log = GroupLog::new(self, id, on_event);
+        commit::read_log(&session.delivery, id, after, None, &mut log, |_, _| {
+            Ok(None)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Joins pending groups, then reads every group.
