@@ -2,16 +2,18 @@
 //!
 //! redb runs one write transaction at a time, so taking a group's next sequence number and
 //! checking its epoch inside the transaction is already serialized: commit order is sequence
-//! order, and one commit per epoch wins.
+//! order, and one commit per epoch wins. An append batch reads the state its decision
+//! depends on, decides it with the decision both stores share ([`super::decide`]) and writes
+//! the result, all in that one write transaction.
 
 use quicproquo_core::IdentityKey;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::StoreError;
+use super::decide::{Decision, GroupHead, Membership, Reads, State, decide};
 use super::embedded::{EmbeddedStore, now_micros, unavailable};
 use super::log::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
-    epoch_accepted,
 };
 
 /// group → (epoch, last seq, seq of the commit that started the epoch).
@@ -61,114 +63,126 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
-/// Applies one append inside the batch's write transaction.
-fn append_one(txn: &WriteTransaction, req: &AppendRequest) -> Result<AppendOutcome, StoreError> {
-    let gid = req.group_id.as_bytes();
-    let sender = req.sender.as_bytes().as_slice();
-    let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
-    let Some((epoch, last_seq, last_commit)) =
-        groups.get(gid).map_err(unavailable)?.map(|v| v.value())
-    else {
-        return Ok(AppendOutcome::UnknownGroup);
-    };
-    let mut members = txn.open_table(MEMBERS).map_err(unavailable)?;
-    let current = members
-        .get((gid, sender))
-        .map_err(unavailable)?
-        .is_some_and(|v| v.value().1 == STILL_MEMBER);
-    if !current {
-        return Ok(AppendOutcome::NotMember);
+/// Appends `batch` inside its write transaction: reads the state its decision depends on,
+/// decides it ([`decide`]), and writes the decided rows.
+fn append_batch(
+    txn: &WriteTransaction,
+    batch: &[AppendRequest],
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let reads = Reads::of(batch, true);
+    let state = read_state(txn, &reads)?;
+    let decision = decide(batch, state)?;
+    write_decision(txn, &decision)?;
+    Ok(decision.outcomes)
+}
+
+/// The stored groups, memberships and message ids `reads` names.
+fn read_state<'a>(txn: &WriteTransaction, reads: &Reads<'a>) -> Result<State<'a>, StoreError> {
+    let mut state = State::new(reads);
+    let groups = txn.open_table(GROUPS).map_err(unavailable)?;
+    for &group in &reads.groups {
+        if let Some(row) = groups.get(group).map_err(unavailable)? {
+            let (epoch, last_seq, last_commit_seq) = row.value();
+            let head = GroupHead {
+                epoch,
+                last_seq,
+                last_commit_seq,
+            };
+            state.set_group(group, head);
+        }
     }
-    let mut ids = txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
-    if let Some(seq) = ids
-        .get((gid, req.message_id.as_slice()))
-        .map_err(unavailable)?
-    {
-        return Ok(AppendOutcome::Duplicate { seq: seq.value() });
+    let members = txn.open_table(MEMBERS).map_err(unavailable)?;
+    for &(group, identity) in &reads.members {
+        let id = identity.as_bytes().as_slice();
+        if let Some(row) = members.get((group, id)).map_err(unavailable)? {
+            let (joined, left) = row.value();
+            let left = (left != STILL_MEMBER).then_some(left);
+            state.set_member(group, id, Membership { joined, left })?;
+        }
     }
-    if !epoch_accepted(req.kind, req.epoch, epoch) {
-        return Ok(AppendOutcome::StaleEpoch {
-            current_epoch: epoch,
-            winner_seq: last_commit,
-        });
+    let ids = txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
+    for &(group, message_id) in &reads.message_ids {
+        if let Some(seq) = ids.get((group, message_id)).map_err(unavailable)? {
+            state.set_message_id(group, message_id, seq.value());
+        }
     }
-    let seq = last_seq + 1;
+    Ok(state)
+}
+
+/// Writes what `decision` decided: log entries and their message ids, group heads,
+/// memberships, then Welcomes and inbox entries.
+fn write_decision(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), StoreError> {
+    let now = now_micros();
     let mut log = txn.open_table(LOG).map_err(unavailable)?;
-    log.insert(
-        (gid, seq),
-        (
-            req.epoch,
-            req.kind.code(),
-            req.message_id.as_slice(),
-            req.payload.as_slice(),
-            now_micros(),
-        ),
-    )
-    .map_err(unavailable)?;
-    ids.insert((gid, req.message_id.as_slice()), seq)
-        .map_err(unavailable)?;
-    let (mut new_epoch, mut commit_seq) = (epoch, last_commit);
-    if req.kind == EntryKind::Commit {
-        new_epoch = epoch + 1;
-        commit_seq = seq;
-        let change = req.commit.clone().unwrap_or_default();
-        let mut member_groups = txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
-        for gone in &change.removed {
-            let id = gone.as_bytes().as_slice();
-            let joined = members
-                .get((gid, id))
-                .map_err(unavailable)?
-                .map(|v| v.value());
-            if let Some((joined, STILL_MEMBER)) = joined {
-                members
-                    .insert((gid, id), (joined, seq))
-                    .map_err(unavailable)?;
-                member_groups.remove((id, gid)).map_err(unavailable)?;
-            }
-        }
-        let mut welcome_id = None;
-        if let Some(welcome) = change.welcome.as_ref().filter(|_| !change.added.is_empty()) {
-            let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
-            let next = counters
-                .get("welcome_id")
-                .map_err(unavailable)?
-                .map_or(0, |v| v.value())
-                + 1;
-            counters.insert("welcome_id", next).map_err(unavailable)?;
-            let mut welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
-            welcomes
-                .insert(next, welcome.as_slice())
+    let mut ids = txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
+    for e in &decision.entries {
+        let row = (e.epoch, e.kind.code(), e.message_id, e.payload, now);
+        log.insert((e.group, e.seq), row).map_err(unavailable)?;
+        ids.insert((e.group, e.message_id), e.seq)
+            .map_err(unavailable)?;
+    }
+    let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
+    for h in &decision.heads {
+        let row = (h.head.epoch, h.head.last_seq, h.head.last_commit_seq);
+        groups.insert(h.group, row).map_err(unavailable)?;
+    }
+    let mut members = txn.open_table(MEMBERS).map_err(unavailable)?;
+    let mut member_groups = txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
+    for m in &decision.members {
+        let id = m.identity.as_slice();
+        let Membership { joined, left } = m.membership;
+        members
+            .insert((m.group, id), (joined, left.unwrap_or(STILL_MEMBER)))
+            .map_err(unavailable)?;
+        if left.is_none() {
+            member_groups
+                .insert((id, m.group), ())
                 .map_err(unavailable)?;
-            welcome_id = Some(next);
-        }
-        let mut inbox = txn.open_table(INBOX).map_err(unavailable)?;
-        let mut inbox_last = txn.open_table(INBOX_LAST).map_err(unavailable)?;
-        for new in &change.added {
-            let id = new.as_bytes().as_slice();
-            members
-                .insert((gid, id), (seq, STILL_MEMBER))
-                .map_err(unavailable)?;
-            member_groups.insert((id, gid), ()).map_err(unavailable)?;
-            if let Some(wid) = welcome_id {
-                let n = inbox_last
-                    .get(id)
-                    .map_err(unavailable)?
-                    .map_or(0, |v| v.value())
-                    + 1;
-                inbox_last.insert(id, n).map_err(unavailable)?;
-                inbox
-                    .insert((id, n), (gid, seq, wid))
-                    .map_err(unavailable)?;
-            }
+        } else {
+            member_groups.remove((id, m.group)).map_err(unavailable)?;
         }
     }
-    groups
-        .insert(gid, (new_epoch, seq, commit_seq))
+    write_welcomes(txn, decision)
+}
+
+/// Stores each Welcome once (numbered by the `welcome_id` counter) and appends each inbox
+/// entry at its identity's next inbox seq.
+fn write_welcomes(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), StoreError> {
+    if decision.welcomes.is_empty() {
+        return Ok(());
+    }
+    let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+    let last = counters
+        .get("welcome_id")
+        .map_err(unavailable)?
+        .map_or(0, |v| v.value());
+    let mut welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
+    let mut welcome_id = last;
+    for w in &decision.welcomes {
+        welcome_id += 1;
+        welcomes
+            .insert(welcome_id, w.payload)
+            .map_err(unavailable)?;
+    }
+    counters
+        .insert("welcome_id", welcome_id)
         .map_err(unavailable)?;
-    Ok(AppendOutcome::Appended {
-        seq,
-        epoch: new_epoch,
-    })
+    let mut inbox = txn.open_table(INBOX).map_err(unavailable)?;
+    let mut inbox_last = txn.open_table(INBOX_LAST).map_err(unavailable)?;
+    for d in &decision.deliveries {
+        let id = d.identity.as_bytes().as_slice();
+        let n = inbox_last
+            .get(id)
+            .map_err(unavailable)?
+            .map_or(0, |v| v.value())
+            + 1;
+        inbox_last.insert(id, n).map_err(unavailable)?;
+        let wid = last + 1 + d.welcome as u64;
+        inbox
+            .insert((id, n), (d.group, d.commit_seq, wid))
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 impl LogStore for EmbeddedStore {
@@ -207,10 +221,7 @@ impl LogStore for EmbeddedStore {
         let batch = batch.to_vec();
         self.run(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for req in &batch {
-                outcomes.push(append_one(&txn, req)?);
-            }
+            let outcomes = append_batch(&txn, &batch)?;
             txn.commit().map_err(unavailable)?;
             Ok(outcomes)
         })
@@ -416,5 +427,18 @@ impl LogStore for EmbeddedStore {
                 .map_or(0, |v| v.value()))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::decide::store_checks;
+
+    #[tokio::test]
+    async fn a_repeat_refused_for_its_epoch_is_a_duplicate() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(&dir.path().join("qpq.db"))?;
+        store_checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await
     }
 }

@@ -13,6 +13,7 @@
 //!   identity's pool is empty its last-resort KeyPackage (if any) is returned and kept;
 //! - a user name belongs to at most one identity and an identity has at most one name.
 
+mod decide;
 pub mod embedded;
 mod embedded_log;
 pub mod log;

@@ -8,7 +8,7 @@
 //!    state; read the memberships the batch depends on (and, when probing, the message ids it
 //!    may repeat: see below);
 //! 2. then, having decided every request on its own, in batch order, against that state (in
-//!    memory: [`Plan::decide`] is the embedded store's row-by-row logic): insert the log rows,
+//!    memory, by [`decide`]: the decision the embedded store makes too): insert the log rows,
 //!    update the groups rows, upsert the changed memberships, store each Welcome once and
 //!    append the inbox rows; `COMMIT`.
 //!
@@ -30,7 +30,11 @@
 //! and the batch is decided again, this time reading its stored message ids in step 1, so the
 //! repeat gets its `Duplicate` outcome. After a repeat the next [`PROBING_AFTER_REPEAT`]
 //! batches read them first too, so a stream of retries (or a client replaying ids on purpose)
-//! costs at most one wasted attempt in that many batches rather than one each.
+//! costs at most one wasted attempt in that many batches rather than one each. A repeat that
+//! is refused for its epoch inserts nothing for the index to catch (a commit retried after it
+//! moved the group): step 2 looks up the ids of the requests refused that way, before the
+//! inserts and under the same locks, and answers `Duplicate` for the stored ones, as the
+//! embedded store does.
 //!
 //! Reads are one statement each (one snapshot): a log read never sees seq N + 1 without N.
 
@@ -38,40 +42,27 @@ use std::sync::atomic::Ordering;
 
 use quicproquo_core::IdentityKey;
 use tokio_postgres::Row;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::StoreError;
+use super::decide::{Reads, decide};
 use super::log::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
 };
 use super::postgres::{PgStore, column, describe};
-use super::postgres_plan::{BatchKeys, Plan, State};
+use super::postgres_plan::{
+    AppendStatements, BatchKeys, Plan, Written, lock_and_read, write_and_commit,
+};
 
 /// A database error of a Delivery Service operation: the transaction had no effect (or, if the
 /// connection broke during `COMMIT`, possibly did: retrying with the same message ids is safe).
-fn db_error(e: &tokio_postgres::Error) -> StoreError {
+pub(super) fn db_error(e: &tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(describe(e))
-}
-
-/// The error that explains a failed pipeline: the first one other than "the transaction is
-/// already aborted", which every statement after the failing one reports.
-fn pipeline_error<const N: usize>(errors: [Option<tokio_postgres::Error>; N]) -> StoreError {
-    let mut errors = errors.into_iter().flatten().peekable();
-    let first = errors.peek().map(db_error);
-    errors
-        .find(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
-        .map(|e| db_error(&e))
-        .or(first)
-        .unwrap_or_else(|| StoreError::Unavailable("a pipelined statement failed".into()))
 }
 
 /// How many batches after one that repeated a stored message id read the stored ids before
 /// inserting.
 const PROBING_AFTER_REPEAT: u32 = 64;
-
-/// The name of the unique index that makes a message id appear once per group.
-const MESSAGE_ID_INDEX: &str = "group_log_message_id";
 
 /// How one attempt at an append batch ended.
 enum Attempt {
@@ -81,15 +72,8 @@ enum Attempt {
     RepeatedMessageId,
 }
 
-/// Whether `e` is the unique index refusing a stored message id again.
-fn is_repeated_message_id(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(MESSAGE_ID_INDEX)
-    })
-}
-
 /// A stored non-negative number as `u64`.
-fn stored_u64(n: i64, what: &str) -> Result<u64, StoreError> {
+pub(super) fn stored_u64(n: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative {what}")))
 }
 
@@ -178,163 +162,28 @@ impl PgStore {
         batch: &[AppendRequest],
         probe: bool,
     ) -> Result<Attempt, StoreError> {
-        let keys = BatchKeys::of(batch, probe);
+        let reads = Reads::of(batch, probe);
+        let keys = BatchKeys::of(&reads);
         let tx = PipelinedTx(Some(self.client().await?));
         let client = tx.client()?;
-        let (lock, members, message_ids, insert_log, update_groups, upsert_members, inbox) =
-            tokio::try_join!(
-                client.prepare_cached(sql::LOCK_GROUPS),
-                client.prepare_cached(sql::READ_MEMBERS),
-                client.prepare_cached(sql::READ_MESSAGE_IDS),
-                client.prepare_cached(sql::INSERT_LOG),
-                client.prepare_cached(sql::UPDATE_GROUPS),
-                client.prepare_cached(sql::UPSERT_MEMBERS),
-                client.prepare_cached(sql::DELIVER_WELCOMES),
-            )
-            .map_err(|e| db_error(&e))?;
-
-        // Round trip 1: BEGIN, then lock and read (each request is sent when first polled,
-        // so they go out in this order and the server runs them in this order).
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&keys.groups];
-        let member_params: [&(dyn ToSql + Sync); 2] =
-            [&keys.member_groups, &keys.member_identities];
-        let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
-        let stored_ids = async {
-            if probe {
-                client.query(&message_ids, &id_params).await
-            } else {
-                Ok(Vec::new())
+        let statements = AppendStatements::prepare(client).await?;
+        let state = lock_and_read(client, &statements, &keys, &reads).await?;
+        let mut decision = decide(batch, state)?;
+        let plan = Plan::of(&decision)?;
+        match write_and_commit(client, &statements, &plan, probe).await? {
+            Written::RepeatedMessageId => {
+                tx.finished();
+                Ok(Attempt::RepeatedMessageId)
             }
-        };
-        let (locked, member_rows, id_rows) = match tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.query(&lock, &lock_params),
-            client.query(&members, &member_params),
-            stored_ids,
-        ) {
-            (Ok(()), Ok(l), Ok(m), Ok(i)) => (l, m, i),
-            (b, l, m, i) => return Err(pipeline_error([b.err(), l.err(), m.err(), i.err()])),
-        };
-
-        let mut state = State::new(&keys);
-        for row in &locked {
-            let group: &[u8] = column(row, 0)?;
-            state.set_group(
-                group,
-                stored_u64(column(row, 1)?, "epoch")?,
-                stored_u64(column(row, 2)?, "seq")?,
-                stored_u64(column(row, 3)?, "seq")?,
-            );
-        }
-        for row in &member_rows {
-            let group: &[u8] = column(row, 0)?;
-            let left: Option<i64> = column(row, 3)?;
-            state.set_member(
-                group,
-                column(row, 1)?,
-                stored_u64(column(row, 2)?, "seq")?,
-                left.map(|l| stored_u64(l, "seq")).transpose()?,
-            )?;
-        }
-        for row in &id_rows {
-            let group: &[u8] = column(row, 0)?;
-            let message_id: &[u8] = column(row, 1)?;
-            state.set_message_id(group, message_id, stored_u64(column(row, 2)?, "seq")?);
-        }
-
-        let plan = Plan::decide(batch, state)?;
-        let log = async {
-            if plan.log.seqs.is_empty() {
-                return Ok(0);
+            Written::Committed(found) => {
+                for row in &found {
+                    let seq = stored_u64(column(row, 2)?, "seq")?;
+                    decision.found_stored(column(row, 0)?, column(row, 1)?, seq);
+                }
+                tx.finished();
+                Ok(Attempt::Done(decision.outcomes))
             }
-            let l = &plan.log;
-            client
-                .execute(
-                    &insert_log,
-                    &[
-                        &l.groups,
-                        &l.seqs,
-                        &l.epochs,
-                        &l.kinds,
-                        &l.message_ids,
-                        &l.payloads,
-                    ],
-                )
-                .await
-        };
-        let groups = async {
-            if plan.groups.groups.is_empty() {
-                return Ok(0);
-            }
-            let g = &plan.groups;
-            client
-                .execute(
-                    &update_groups,
-                    &[&g.groups, &g.epochs, &g.last_seqs, &g.last_commit_seqs],
-                )
-                .await
-        };
-        let members = async {
-            if plan.members.groups.is_empty() {
-                return Ok(0);
-            }
-            let m = &plan.members;
-            client
-                .execute(
-                    &upsert_members,
-                    &[&m.groups, &m.identities, &m.joined, &m.left],
-                )
-                .await
-        };
-        let welcomes = async {
-            if plan.welcomes.groups.is_empty() {
-                return Ok(0);
-            }
-            let (w, i) = (&plan.welcomes, &plan.inbox);
-            client
-                .execute(
-                    &inbox,
-                    &[
-                        &w.groups,
-                        &w.commit_seqs,
-                        &w.payloads,
-                        &i.identities,
-                        &i.groups,
-                        &i.commit_seqs,
-                    ],
-                )
-                .await
-        };
-        // Round trip 2: the writes, then COMMIT (which the server turns into a rollback if
-        // any write failed).
-        let (l, g, m, w, c) = tokio::join!(
-            log,
-            groups,
-            members,
-            welcomes,
-            client.batch_execute("COMMIT")
-        );
-        if let Err(e) = &l
-            && !probe
-            && is_repeated_message_id(e)
-            && c.is_ok()
-        {
-            // Every later statement failed as "aborted" and COMMIT rolled back: nothing was
-            // written, and the connection is idle again.
-            tx.finished();
-            return Ok(Attempt::RepeatedMessageId);
         }
-        if l.is_err() || g.is_err() || m.is_err() || w.is_err() || c.is_err() {
-            return Err(pipeline_error([
-                l.err(),
-                g.err(),
-                m.err(),
-                w.err(),
-                c.err(),
-            ]));
-        }
-        tx.finished();
-        Ok(Attempt::Done(plan.outcomes))
     }
 }
 
@@ -442,9 +291,12 @@ impl LogStore for PgStore {
         let rows = self
             .log_query(sql::GROUPS_OF, &[&identity.as_bytes().as_slice()])
             .await?;
-        rows.iter()
-            .map(|row| GroupId::new(column(row, 0)?))
-            .collect()
+        let mut groups = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let group: &[u8] = column(row, 0)?;
+            groups.push(GroupId::new(group)?);
+        }
+        Ok(groups)
     }
 
     async fn read_inbox(
@@ -527,86 +379,6 @@ mod sql {
         )
         SELECT count(*) FROM g";
 
-    /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
-    /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.
-    pub(super) const LOCK_GROUPS: &str = "
-        SELECT group_id, epoch, last_seq, last_commit_seq FROM groups
-        WHERE group_id = ANY($1::bytea[])
-        ORDER BY group_id
-        FOR UPDATE";
-
-    /// The memberships named by `($1[i], $2[i])`. The `LIMIT` keeps the planner from turning
-    /// the lateral lookup into a join (which, with a plan cached while the table was small,
-    /// could become a scan of the whole table): each lookup is one primary-key probe.
-    pub(super) const READ_MEMBERS: &str = "
-        SELECT k.group_id, k.identity, m.joined_seq, m.left_seq
-        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, identity)
-        CROSS JOIN LATERAL (
-            SELECT joined_seq, left_seq FROM members
-            WHERE group_id = k.group_id AND identity = k.identity
-            LIMIT 1
-        ) AS m";
-
-    /// The message ids among `($1[i], $2[i])` already in the log: one probe of the unique index
-    /// each, never a scan of the log (see `READ_MEMBERS`).
-    pub(super) const READ_MESSAGE_IDS: &str = "
-        SELECT k.group_id, k.message_id, l.seq
-        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, message_id)
-        CROSS JOIN LATERAL (
-            SELECT seq FROM group_log
-            WHERE group_id = k.group_id AND message_id = k.message_id
-            LIMIT 1
-        ) AS l";
-
-    pub(super) const INSERT_LOG: &str = "
-        INSERT INTO group_log (group_id, seq, epoch, kind, message_id, payload)
-        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::smallint[],
-                             $5::bytea[], $6::bytea[])";
-
-    /// The redundant `ANY` gives the groups side an index condition whatever join the
-    /// planner picks.
-    pub(super) const UPDATE_GROUPS: &str = "
-        UPDATE groups AS g
-        SET epoch = u.epoch, last_seq = u.last_seq, last_commit_seq = u.last_commit_seq
-        FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
-            AS u (group_id, epoch, last_seq, last_commit_seq)
-        WHERE g.group_id = u.group_id AND g.group_id = ANY($1::bytea[])";
-
-    /// Writes the final state of every membership the batch changed (each key once).
-    pub(super) const UPSERT_MEMBERS: &str = "
-        INSERT INTO members (group_id, identity, joined_seq, left_seq)
-        SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[])
-        ON CONFLICT (group_id, identity)
-        DO UPDATE SET joined_seq = EXCLUDED.joined_seq, left_seq = EXCLUDED.left_seq";
-
-    /// Stores each Welcome once and appends one inbox row per added member: the n-th entry for
-    /// an identity in the batch gets its counter's old value + n, the counters being locked in
-    /// identity order.
-    pub(super) const DELIVER_WELCOMES: &str = "
-        WITH w AS (
-            INSERT INTO welcomes (group_id, commit_seq, payload)
-            SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[])
-            RETURNING id, group_id, commit_seq
-        ),
-        e AS (
-            SELECT identity, group_id, commit_seq,
-                   row_number() OVER (PARTITION BY identity ORDER BY ord) AS nth,
-                   count(*) OVER (PARTITION BY identity) AS n
-            FROM unnest($4::bytea[], $5::bytea[], $6::bigint[]) WITH ORDINALITY
-                AS e (identity, group_id, commit_seq, ord)
-        ),
-        heads AS (
-            INSERT INTO inbox_heads AS h (identity, last_seq)
-            SELECT identity, count(*) FROM e GROUP BY identity ORDER BY identity
-            ON CONFLICT (identity) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
-            RETURNING identity, last_seq
-        )
-        INSERT INTO inbox (identity, seq, group_id, commit_seq, welcome_id)
-        SELECT e.identity, heads.last_seq - e.n + e.nth, e.group_id, e.commit_seq, w.id
-        FROM e
-        JOIN heads ON heads.identity = e.identity
-        JOIN w ON w.group_id = e.group_id AND w.commit_seq = e.commit_seq";
-
     /// One row telling whether the group exists and the reader may read it, joined with the
     /// entries it may read (none: a single row of NULL entry columns).
     pub(super) const READ_LOG: &str = "
@@ -659,4 +431,22 @@ mod sql {
         SELECT EXISTS (SELECT 1 FROM m)";
 
     pub(super) const CURSOR: &str = "SELECT seq FROM cursors WHERE identity = $1 AND group_id = $2";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::decide::store_checks;
+    use crate::store::postgres::migrate;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_refused_for_its_epoch_is_a_duplicate() -> anyhow::Result<()> {
+        let db = quicproquo_testkit::postgres::fresh_database().await?;
+        migrate(db.url()).await?;
+        let store = PgStore::connect(db.url(), 2).await?;
+        store_checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await?;
+        // Decided without reading stored ids: no repeat reached the unique index.
+        anyhow::ensure!(store.probing_batches.load(Ordering::Relaxed) == 0);
+        Ok(())
+    }
 }

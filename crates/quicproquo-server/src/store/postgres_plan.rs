@@ -1,21 +1,20 @@
-//! Deciding an append batch for the Postgres store, in memory, from the state it read under
-//! the groups' row locks: the same checks, in the same order, as the embedded store applies
-//! row by row (unknown group, not a member, duplicate message id, stale epoch), each request
-//! seeing the effects of the ones before it. The result is the outcomes plus the rows to write,
-//! as column arrays for `unnest`.
+//! The Postgres side of an append batch (see `postgres_log` for the transaction): the keys its
+//! decision reads ([`Reads`]) and the writes it decided ([`Decision`]) as column arrays for
+//! `unnest`, the statements that take them, and the two pipelined round trips.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
 
 use super::StoreError;
-use super::log::{AppendOutcome, AppendRequest, EntryKind, epoch_accepted};
+use super::decide::{Decision, GroupHead, Membership, Reads, State};
+use super::postgres::column;
+use super::postgres_log::{db_error, stored_u64};
 
-/// What a batch must read: its distinct groups, the memberships its requests depend on (each
-/// sender, each member a commit removes) and, when it probes for them, its message ids, as
-/// `unnest` parameter arrays.
+/// What a batch must read, as `unnest` parameter arrays: its distinct groups, the memberships
+/// its requests depend on and, when it probes for them, its message ids.
 pub(super) struct BatchKeys<'a> {
-    index: HashMap<&'a [u8], usize>,
-    /// Distinct group ids, in first-use order (a group's index is its position).
+    /// Distinct group ids, in first-use order.
     pub(super) groups: Vec<&'a [u8]>,
     pub(super) member_groups: Vec<&'a [u8]>,
     pub(super) member_identities: Vec<&'a [u8]>,
@@ -24,124 +23,20 @@ pub(super) struct BatchKeys<'a> {
 }
 
 impl<'a> BatchKeys<'a> {
-    /// The keys of `batch` (its message ids only if `with_message_ids`).
-    pub(super) fn of(batch: &'a [AppendRequest], with_message_ids: bool) -> Self {
-        let mut keys = Self {
-            index: HashMap::new(),
-            groups: Vec::new(),
-            member_groups: Vec::new(),
-            member_identities: Vec::new(),
-            id_groups: Vec::new(),
-            message_ids: Vec::new(),
-        };
-        let mut pairs = HashSet::new();
-        let mut ids = HashSet::new();
-        for req in batch {
-            let group = req.group_id.as_bytes();
-            let next = keys.groups.len();
-            let g = *keys.index.entry(group).or_insert(next);
-            if g == next {
-                keys.groups.push(group);
-            }
-            let removed = match (&req.kind, &req.commit) {
-                (EntryKind::Commit, Some(change)) => change.removed.as_slice(),
-                _ => &[],
-            };
-            for who in std::iter::once(&req.sender).chain(removed) {
-                if pairs.insert((g, *who.as_bytes())) {
-                    keys.member_groups.push(group);
-                    keys.member_identities.push(who.as_bytes().as_slice());
-                }
-            }
-            if with_message_ids && ids.insert((g, req.message_id.as_slice())) {
-                keys.id_groups.push(group);
-                keys.message_ids.push(&req.message_id);
-            }
-        }
-        keys
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct GroupState {
-    epoch: u64,
-    last_seq: u64,
-    last_commit_seq: u64,
-    changed: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Membership {
-    joined: u64,
-    left: Option<u64>,
-    changed: bool,
-}
-
-/// An identity's bytes: memberships are keyed by them (no need to re-validate stored keys).
-type Identity = [u8; 32];
-
-/// The stored state a batch is decided against.
-pub(super) struct State<'a> {
-    index: HashMap<&'a [u8], usize>,
-    names: Vec<&'a [u8]>,
-    /// By group index; `None`: no such group.
-    groups: Vec<Option<GroupState>>,
-    members: HashMap<(usize, Identity), Membership>,
-    /// By group index: message id → seq (stored ones copied, the batch's borrowed).
-    message_ids: Vec<HashMap<Cow<'a, [u8]>, u64>>,
-}
-
-impl<'a> State<'a> {
-    /// Nothing known yet about `keys`' groups.
-    pub(super) fn new(keys: &BatchKeys<'a>) -> Self {
+    /// The arrays of `reads`.
+    pub(super) fn of(reads: &Reads<'a>) -> Self {
+        let (member_groups, member_identities) = reads
+            .members
+            .iter()
+            .map(|&(group, identity)| (group, identity.as_bytes().as_slice()))
+            .unzip();
+        let (id_groups, message_ids) = reads.message_ids.iter().copied().unzip();
         Self {
-            index: keys.index.clone(),
-            names: keys.groups.clone(),
-            groups: vec![None; keys.groups.len()],
-            members: HashMap::new(),
-            message_ids: vec![HashMap::new(); keys.groups.len()],
-        }
-    }
-
-    /// Records a stored group (ignored if the batch does not name it).
-    pub(super) fn set_group(&mut self, group: &[u8], epoch: u64, last_seq: u64, last_commit: u64) {
-        if let Some(&g) = self.index.get(group) {
-            self.groups[g] = Some(GroupState {
-                epoch,
-                last_seq,
-                last_commit_seq: last_commit,
-                changed: false,
-            });
-        }
-    }
-
-    /// Records a stored membership (`left` is `None` while a member).
-    pub(super) fn set_member(
-        &mut self,
-        group: &[u8],
-        identity: &[u8],
-        joined: u64,
-        left: Option<u64>,
-    ) -> Result<(), StoreError> {
-        let identity = Identity::try_from(identity)
-            .map_err(|_| StoreError::Corrupt("stored identity".into()))?;
-        if let Some(&g) = self.index.get(group) {
-            self.members.insert(
-                (g, identity),
-                Membership {
-                    joined,
-                    left,
-                    changed: false,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// Records a stored message id.
-    pub(super) fn set_message_id(&mut self, group: &[u8], message_id: &[u8], seq: u64) {
-        if let Some(&g) = self.index.get(group) {
-            self.message_ids[g].insert(Cow::Owned(message_id.to_vec()), seq);
+            groups: reads.groups.clone(),
+            member_groups,
+            member_identities,
+            id_groups,
+            message_ids,
         }
     }
 }
@@ -191,15 +86,23 @@ pub(super) struct InboxRows<'a> {
     pub(super) commit_seqs: Vec<i64>,
 }
 
-/// The decided batch: one outcome per request and the rows that carry them out.
+/// The (group, message id) pairs of the requests a decision refused for their epoch without
+/// knowing whether their ids are stored ([`Decision::unchecked`]).
+#[derive(Default)]
+pub(super) struct UncheckedIds<'a> {
+    pub(super) groups: Vec<&'a [u8]>,
+    pub(super) message_ids: Vec<&'a [u8]>,
+}
+
+/// A decided batch's writes as column arrays.
 #[derive(Default)]
 pub(super) struct Plan<'a> {
-    pub(super) outcomes: Vec<AppendOutcome>,
     pub(super) log: LogRows<'a>,
     pub(super) groups: GroupRows<'a>,
     pub(super) members: MemberRows<'a>,
     pub(super) welcomes: WelcomeRows<'a>,
     pub(super) inbox: InboxRows<'a>,
+    pub(super) unchecked: UncheckedIds<'a>,
 }
 
 /// A sequence number or epoch as a `BIGINT`.
@@ -209,209 +112,445 @@ fn bigint(n: u64) -> Result<i64, StoreError> {
 }
 
 impl<'a> Plan<'a> {
-    /// Judges each request of `batch` in order against `state` and what the earlier requests
-    /// did.
-    pub(super) fn decide(
-        batch: &'a [AppendRequest],
-        mut state: State<'a>,
-    ) -> Result<Self, StoreError> {
+    /// The column arrays of `decision`'s writes.
+    pub(super) fn of(decision: &Decision<'a>) -> Result<Self, StoreError> {
         let mut plan = Self::default();
-        let mut changed_members = Vec::new();
-        for req in batch {
-            let group = req.group_id.as_bytes();
-            let Some(&g) = state.index.get(group) else {
-                return Err(StoreError::Corrupt("a batch group was not read".into()));
-            };
-            let Some(gs) = state.groups[g].as_mut() else {
-                plan.outcomes.push(AppendOutcome::UnknownGroup);
-                continue;
-            };
-            let current = state
-                .members
-                .get(&(g, *req.sender.as_bytes()))
-                .is_some_and(|m| m.left.is_none());
-            if !current {
-                plan.outcomes.push(AppendOutcome::NotMember);
-                continue;
-            }
-            if let Some(&seq) = state.message_ids[g].get(req.message_id.as_slice()) {
-                plan.outcomes.push(AppendOutcome::Duplicate { seq });
-                continue;
-            }
-            if !epoch_accepted(req.kind, req.epoch, gs.epoch) {
-                plan.outcomes.push(AppendOutcome::StaleEpoch {
-                    current_epoch: gs.epoch,
-                    winner_seq: gs.last_commit_seq,
-                });
-                continue;
-            }
-            let seq = gs.last_seq + 1;
-            let seq_i = bigint(seq)?;
-            plan.log.groups.push(group);
-            plan.log.seqs.push(seq_i);
-            plan.log.epochs.push(bigint(req.epoch)?);
-            plan.log.kinds.push(i16::from(req.kind.code()));
-            plan.log.message_ids.push(&req.message_id);
-            plan.log.payloads.push(&req.payload);
-            state.message_ids[g].insert(Cow::Borrowed(&req.message_id), seq);
-            gs.last_seq = seq;
-            gs.changed = true;
-            if req.kind == EntryKind::Commit {
-                gs.epoch += 1;
-                gs.last_commit_seq = seq;
-            }
-            if let (EntryKind::Commit, Some(change)) = (req.kind, &req.commit) {
-                for gone in &change.removed {
-                    let key = (g, *gone.as_bytes());
-                    if let Some(m) = state.members.get_mut(&key)
-                        && m.left.is_none()
-                    {
-                        m.left = Some(seq);
-                        if !m.changed {
-                            m.changed = true;
-                            changed_members.push(key);
-                        }
-                    }
-                }
-                let welcome = change.welcome.as_ref().filter(|_| !change.added.is_empty());
-                if let Some(welcome) = welcome {
-                    plan.welcomes.groups.push(group);
-                    plan.welcomes.commit_seqs.push(seq_i);
-                    plan.welcomes.payloads.push(welcome);
-                }
-                for new in &change.added {
-                    let key = (g, *new.as_bytes());
-                    let m = state.members.entry(key).or_insert(Membership {
-                        joined: seq,
-                        left: None,
-                        changed: false,
-                    });
-                    (m.joined, m.left) = (seq, None);
-                    if !m.changed {
-                        m.changed = true;
-                        changed_members.push(key);
-                    }
-                    if welcome.is_some() {
-                        plan.inbox.identities.push(new.as_bytes().as_slice());
-                        plan.inbox.groups.push(group);
-                        plan.inbox.commit_seqs.push(seq_i);
-                    }
-                }
-            }
-            plan.outcomes.push(AppendOutcome::Appended {
-                seq,
-                epoch: gs.epoch,
-            });
+        for e in &decision.entries {
+            plan.log.groups.push(e.group);
+            plan.log.seqs.push(bigint(e.seq)?);
+            plan.log.epochs.push(bigint(e.epoch)?);
+            plan.log.kinds.push(i16::from(e.kind.code()));
+            plan.log.message_ids.push(e.message_id);
+            plan.log.payloads.push(e.payload);
         }
-        for (g, gs) in state.groups.iter().enumerate() {
-            if let Some(gs) = gs.filter(|gs| gs.changed) {
-                plan.groups.groups.push(state.names[g]);
-                plan.groups.epochs.push(bigint(gs.epoch)?);
-                plan.groups.last_seqs.push(bigint(gs.last_seq)?);
-                plan.groups
-                    .last_commit_seqs
-                    .push(bigint(gs.last_commit_seq)?);
-            }
+        for h in &decision.heads {
+            plan.groups.groups.push(h.group);
+            plan.groups.epochs.push(bigint(h.head.epoch)?);
+            plan.groups.last_seqs.push(bigint(h.head.last_seq)?);
+            plan.groups
+                .last_commit_seqs
+                .push(bigint(h.head.last_commit_seq)?);
         }
-        for key in changed_members {
-            let Some(m) = state.members.get(&key) else {
-                continue;
-            };
-            plan.members.groups.push(state.names[key.0]);
-            plan.members.identities.push(key.1.to_vec());
-            plan.members.joined.push(bigint(m.joined)?);
-            plan.members.left.push(m.left.map(bigint).transpose()?);
+        for m in &decision.members {
+            plan.members.groups.push(m.group);
+            plan.members.identities.push(m.identity.to_vec());
+            plan.members.joined.push(bigint(m.membership.joined)?);
+            let left = m.membership.left.map(bigint).transpose()?;
+            plan.members.left.push(left);
+        }
+        for w in &decision.welcomes {
+            plan.welcomes.groups.push(w.group);
+            plan.welcomes.commit_seqs.push(bigint(w.commit_seq)?);
+            plan.welcomes.payloads.push(w.payload);
+        }
+        for d in &decision.deliveries {
+            plan.inbox.identities.push(d.identity.as_bytes().as_slice());
+            plan.inbox.groups.push(d.group);
+            plan.inbox.commit_seqs.push(bigint(d.commit_seq)?);
+        }
+        for (group, message_id) in decision.unchecked_ids() {
+            plan.unchecked.groups.push(group);
+            plan.unchecked.message_ids.push(message_id);
         }
         Ok(plan)
     }
 }
 
+/// The error that explains a failed pipeline: the first one other than "the transaction is
+/// already aborted", which every statement after the failing one reports.
+pub(super) fn pipeline_error<const N: usize>(
+    errors: [Option<tokio_postgres::Error>; N],
+) -> StoreError {
+    let mut errors = errors.into_iter().flatten().peekable();
+    let first = errors.peek().map(db_error);
+    errors
+        .find(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+        .map(|e| db_error(&e))
+        .or(first)
+        .unwrap_or_else(|| StoreError::Unavailable("a pipelined statement failed".into()))
+}
+
+/// The name of the unique index that makes a message id appear once per group.
+const MESSAGE_ID_INDEX: &str = "group_log_message_id";
+
+/// Whether `e` is the unique index refusing a stored message id again.
+fn is_repeated_message_id(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(MESSAGE_ID_INDEX)
+    })
+}
+
+/// The prepared statements of an append batch.
+pub(super) struct AppendStatements {
+    lock: Statement,
+    members: Statement,
+    message_ids: Statement,
+    insert_log: Statement,
+    update_groups: Statement,
+    upsert_members: Statement,
+    deliver_welcomes: Statement,
+}
+
+impl AppendStatements {
+    /// Prepares them on `client` (cached per connection).
+    pub(super) async fn prepare(client: &deadpool_postgres::Client) -> Result<Self, StoreError> {
+        let (lock, members, message_ids, insert_log, update_groups, upsert_members, welcomes) =
+            tokio::try_join!(
+                client.prepare_cached(append_sql::LOCK_GROUPS),
+                client.prepare_cached(append_sql::READ_MEMBERS),
+                client.prepare_cached(append_sql::READ_MESSAGE_IDS),
+                client.prepare_cached(append_sql::INSERT_LOG),
+                client.prepare_cached(append_sql::UPDATE_GROUPS),
+                client.prepare_cached(append_sql::UPSERT_MEMBERS),
+                client.prepare_cached(append_sql::DELIVER_WELCOMES),
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(Self {
+            lock,
+            members,
+            message_ids,
+            insert_log,
+            update_groups,
+            upsert_members,
+            deliver_welcomes: welcomes,
+        })
+    }
+}
+
+/// Round trip 1: `BEGIN`, then lock the batch's groups and read the state its decision
+/// depends on (each request is sent when first polled, so they go out in this order and the
+/// server runs them in this order).
+pub(super) async fn lock_and_read<'a>(
+    client: &deadpool_postgres::Client,
+    statements: &AppendStatements,
+    keys: &BatchKeys<'_>,
+    reads: &Reads<'a>,
+) -> Result<State<'a>, StoreError> {
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&keys.groups];
+    let member_params: [&(dyn ToSql + Sync); 2] = [&keys.member_groups, &keys.member_identities];
+    let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
+    let stored_ids = async {
+        if keys.message_ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            client.query(&statements.message_ids, &id_params).await
+        }
+    };
+    let (locked, member_rows, id_rows) = match tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.query(&statements.lock, &lock_params),
+        client.query(&statements.members, &member_params),
+        stored_ids,
+    ) {
+        (Ok(()), Ok(l), Ok(m), Ok(i)) => (l, m, i),
+        (b, l, m, i) => return Err(pipeline_error([b.err(), l.err(), m.err(), i.err()])),
+    };
+    let mut state = State::new(reads);
+    for row in &locked {
+        let head = GroupHead {
+            epoch: stored_u64(column(row, 1)?, "epoch")?,
+            last_seq: stored_u64(column(row, 2)?, "seq")?,
+            last_commit_seq: stored_u64(column(row, 3)?, "seq")?,
+        };
+        state.set_group(column(row, 0)?, head);
+    }
+    for row in &member_rows {
+        let left: Option<i64> = column(row, 3)?;
+        let membership = Membership {
+            joined: stored_u64(column(row, 2)?, "seq")?,
+            left: left.map(|l| stored_u64(l, "seq")).transpose()?,
+        };
+        state.set_member(column(row, 0)?, column(row, 1)?, membership)?;
+    }
+    for row in &id_rows {
+        let seq = stored_u64(column(row, 2)?, "seq")?;
+        state.set_message_id(column(row, 0)?, column(row, 1)?, seq);
+    }
+    Ok(state)
+}
+
+/// How round trip 2 ended.
+pub(super) enum Written {
+    /// Committed; with the stored message ids among the plan's unchecked ones.
+    Committed(Vec<Row>),
+    /// The log insert repeated a stored message id (only when not `probe`): every later
+    /// statement failed as "aborted" and `COMMIT` rolled back, so nothing was written and the
+    /// connection is idle again.
+    RepeatedMessageId,
+}
+
+/// Round trip 2: look up the unchecked message ids (first, so the lookup cannot see this
+/// batch's own rows), write the plan, then `COMMIT` (which the server turns into a rollback if
+/// any statement failed).
+pub(super) async fn write_and_commit(
+    client: &deadpool_postgres::Client,
+    statements: &AppendStatements,
+    plan: &Plan<'_>,
+    probe: bool,
+) -> Result<Written, StoreError> {
+    let Plan {
+        log,
+        groups,
+        members,
+        welcomes,
+        inbox,
+        unchecked,
+    } = plan;
+    let st = statements;
+    let unchecked_params: [&(dyn ToSql + Sync); 2] = [&unchecked.groups, &unchecked.message_ids];
+    let log_params: [&(dyn ToSql + Sync); 6] = [
+        &log.groups,
+        &log.seqs,
+        &log.epochs,
+        &log.kinds,
+        &log.message_ids,
+        &log.payloads,
+    ];
+    let group_params: [&(dyn ToSql + Sync); 4] = [
+        &groups.groups,
+        &groups.epochs,
+        &groups.last_seqs,
+        &groups.last_commit_seqs,
+    ];
+    let member_params: [&(dyn ToSql + Sync); 4] = [
+        &members.groups,
+        &members.identities,
+        &members.joined,
+        &members.left,
+    ];
+    let welcome_params: [&(dyn ToSql + Sync); 6] = [
+        &welcomes.groups,
+        &welcomes.commit_seqs,
+        &welcomes.payloads,
+        &inbox.identities,
+        &inbox.groups,
+        &inbox.commit_seqs,
+    ];
+    let (found, l, g, m, w, c) = tokio::join!(
+        query_unless(
+            unchecked.groups.is_empty(),
+            client,
+            &st.message_ids,
+            &unchecked_params
+        ),
+        execute_unless(log.seqs.is_empty(), client, &st.insert_log, &log_params),
+        execute_unless(
+            groups.groups.is_empty(),
+            client,
+            &st.update_groups,
+            &group_params
+        ),
+        execute_unless(
+            members.groups.is_empty(),
+            client,
+            &st.upsert_members,
+            &member_params
+        ),
+        execute_unless(
+            welcomes.groups.is_empty(),
+            client,
+            &st.deliver_welcomes,
+            &welcome_params
+        ),
+        client.batch_execute("COMMIT"),
+    );
+    if let Err(e) = &l
+        && !probe
+        && is_repeated_message_id(e)
+        && c.is_ok()
+    {
+        return Ok(Written::RepeatedMessageId);
+    }
+    match (found, l, g, m, w, c) {
+        (Ok(found), Ok(_), Ok(_), Ok(_), Ok(_), Ok(())) => Ok(Written::Committed(found)),
+        (f, l, g, m, w, c) => Err(pipeline_error([
+            f.err(),
+            l.err(),
+            g.err(),
+            m.err(),
+            w.err(),
+            c.err(),
+        ])),
+    }
+}
+
+/// Runs `statement` unless `skip` (nothing to send).
+async fn query_unless(
+    skip: bool,
+    client: &deadpool_postgres::Client,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if skip {
+        return Ok(Vec::new());
+    }
+    client.query(statement, params).await
+}
+
+/// Executes `statement` unless `skip` (nothing to write).
+async fn execute_unless(
+    skip: bool,
+    client: &deadpool_postgres::Client,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    if skip {
+        return Ok(0);
+    }
+    client.execute(statement, params).await
+}
+
+/// The statements of an append batch, which take the arrays above.
+pub(super) mod append_sql {
+    /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
+    /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.
+    pub(super) const LOCK_GROUPS: &str = "
+        SELECT group_id, epoch, last_seq, last_commit_seq FROM groups
+        WHERE group_id = ANY($1::bytea[])
+        ORDER BY group_id
+        FOR UPDATE";
+
+    /// The memberships named by `($1[i], $2[i])`. The `LIMIT` keeps the planner from turning
+    /// the lateral lookup into a join (which, with a plan cached while the table was small,
+    /// could become a scan of the whole table): each lookup is one primary-key probe.
+    pub(super) const READ_MEMBERS: &str = "
+        SELECT k.group_id, k.identity, m.joined_seq, m.left_seq
+        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, identity)
+        CROSS JOIN LATERAL (
+            SELECT joined_seq, left_seq FROM members
+            WHERE group_id = k.group_id AND identity = k.identity
+            LIMIT 1
+        ) AS m";
+
+    /// The message ids among `($1[i], $2[i])` already in the log: one probe of the unique index
+    /// each, never a scan of the log (see `READ_MEMBERS`).
+    pub(super) const READ_MESSAGE_IDS: &str = "
+        SELECT k.group_id, k.message_id, l.seq
+        FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, message_id)
+        CROSS JOIN LATERAL (
+            SELECT seq FROM group_log
+            WHERE group_id = k.group_id AND message_id = k.message_id
+            LIMIT 1
+        ) AS l";
+
+    pub(super) const INSERT_LOG: &str = "
+        INSERT INTO group_log (group_id, seq, epoch, kind, message_id, payload)
+        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::smallint[],
+                             $5::bytea[], $6::bytea[])";
+
+    /// The redundant `ANY` gives the groups side an index condition whatever join the
+    /// planner picks.
+    pub(super) const UPDATE_GROUPS: &str = "
+        UPDATE groups AS g
+        SET epoch = u.epoch, last_seq = u.last_seq, last_commit_seq = u.last_commit_seq
+        FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
+            AS u (group_id, epoch, last_seq, last_commit_seq)
+        WHERE g.group_id = u.group_id AND g.group_id = ANY($1::bytea[])";
+
+    /// Writes the final state of every membership the batch changed (each key once).
+    pub(super) const UPSERT_MEMBERS: &str = "
+        INSERT INTO members (group_id, identity, joined_seq, left_seq)
+        SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[])
+        ON CONFLICT (group_id, identity)
+        DO UPDATE SET joined_seq = EXCLUDED.joined_seq, left_seq = EXCLUDED.left_seq";
+
+    /// Stores each Welcome once and appends one inbox row per added member: the n-th entry for
+    /// an identity in the batch gets its counter's old value + n, the counters being locked in
+    /// identity order.
+    pub(super) const DELIVER_WELCOMES: &str = "
+        WITH w AS (
+            INSERT INTO welcomes (group_id, commit_seq, payload)
+            SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[])
+            RETURNING id, group_id, commit_seq
+        ),
+        e AS (
+            SELECT identity, group_id, commit_seq,
+                   row_number() OVER (PARTITION BY identity ORDER BY ord) AS nth,
+                   count(*) OVER (PARTITION BY identity) AS n
+            FROM unnest($4::bytea[], $5::bytea[], $6::bigint[]) WITH ORDINALITY
+                AS e (identity, group_id, commit_seq, ord)
+        ),
+        heads AS (
+            INSERT INTO inbox_heads AS h (identity, last_seq)
+            SELECT identity, count(*) FROM e GROUP BY identity ORDER BY identity
+            ON CONFLICT (identity) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
+            RETURNING identity, last_seq
+        )
+        INSERT INTO inbox (identity, seq, group_id, commit_seq, welcome_id)
+        SELECT e.identity, heads.last_seq - e.n + e.nth, e.group_id, e.commit_seq, w.id
+        FROM e
+        JOIN heads ON heads.identity = e.identity
+        JOIN w ON w.group_id = e.group_id AND w.commit_seq = e.commit_seq";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::log::{CommitChange, GroupId};
+    use crate::store::decide::{GroupHead, Membership, State, decide};
+    use crate::store::log::{AppendRequest, CommitChange, EntryKind, GroupId};
+    use anyhow::{Result, ensure};
     use quicproquo_core::{IdentityKey, IdentityKeypair};
 
-    fn req(
-        group: &str,
-        sender: IdentityKey,
-        kind: EntryKind,
-        epoch: u64,
-        mid: &str,
-    ) -> AppendRequest {
-        AppendRequest {
-            group_id: GroupId::new(group.as_bytes()).unwrap_or_else(|e| panic!("{e}")),
+    fn req(sender: IdentityKey, kind: EntryKind, epoch: u64, mid: &str) -> Result<AppendRequest> {
+        Ok(AppendRequest {
+            group_id: GroupId::new(b"g")?,
             sender,
             message_id: mid.as_bytes().to_vec(),
             kind,
             epoch,
             payload: mid.as_bytes().to_vec(),
             commit: None,
-        }
+        })
     }
 
     #[test]
-    fn a_batch_sees_its_own_commits() -> anyhow::Result<()> {
+    fn a_decision_becomes_one_array_per_column() -> Result<()> {
         let alice = IdentityKeypair::generate()?.public();
-        let bob = IdentityKeypair::generate()?.public();
-        let mut add_bob = req("g", alice, EntryKind::Commit, 3, "c1");
-        add_bob.commit = Some(CommitChange {
-            added: vec![bob, bob],
-            removed: vec![],
+        let (bob, carol) = (
+            IdentityKeypair::generate()?.public(),
+            IdentityKeypair::generate()?.public(),
+        );
+        let mut add = req(alice, EntryKind::Commit, 3, "c1")?;
+        add.commit = Some(CommitChange {
+            added: vec![bob, carol],
+            removed: vec![alice],
             welcome: Some(b"w".to_vec()),
         });
-        let mut drop_bob = req("g", alice, EntryKind::Commit, 4, "c2");
-        drop_bob.commit = Some(CommitChange {
-            added: vec![],
-            removed: vec![bob],
-            welcome: None,
-        });
         let batch = vec![
-            req("g", bob, EntryKind::Application, 3, "b0"),
-            add_bob,
-            req("g", bob, EntryKind::Application, 4, "b1"),
-            req("g", alice, EntryKind::Proposal, 3, "p"),
-            drop_bob,
-            req("g", bob, EntryKind::Application, 5, "b2"),
-            req("g", alice, EntryKind::Application, 5, "b1"),
-            req("nope", alice, EntryKind::Application, 0, "x"),
+            req(alice, EntryKind::Application, 3, "a")?,
+            add,
+            req(bob, EntryKind::Commit, 1, "late")?,
         ];
-        let keys = BatchKeys::of(&batch, true);
-        assert_eq!(keys.message_ids.len(), 7, "one per distinct (group, id)");
-        assert!(BatchKeys::of(&batch, false).message_ids.is_empty());
-        assert_eq!(keys.groups.len(), 2);
-        assert_eq!(
-            keys.member_groups.len(),
-            3,
-            "alice and bob in g (each once), alice in nope"
-        );
-        let mut state = State::new(&keys);
-        state.set_group(b"g", 3, 10, 7);
-        state.set_member(b"g", alice.as_bytes(), 0, None)?;
-        let plan = Plan::decide(&batch, state)?;
-        assert_eq!(
-            plan.outcomes,
-            vec![
-                AppendOutcome::NotMember,
-                AppendOutcome::Appended { seq: 11, epoch: 4 },
-                AppendOutcome::Appended { seq: 12, epoch: 4 },
-                AppendOutcome::StaleEpoch {
-                    current_epoch: 4,
-                    winner_seq: 11
-                },
-                AppendOutcome::Appended { seq: 13, epoch: 5 },
-                AppendOutcome::NotMember,
-                AppendOutcome::Duplicate { seq: 12 },
-                AppendOutcome::UnknownGroup,
-            ]
-        );
-        assert_eq!(plan.log.seqs, vec![11, 12, 13]);
-        assert_eq!(plan.groups.last_seqs, vec![13]);
-        assert_eq!(plan.groups.last_commit_seqs, vec![13]);
-        assert_eq!(plan.members.joined, vec![11], "bob once, final state");
-        assert_eq!(plan.members.left, vec![Some(13)]);
-        assert_eq!(plan.welcomes.commit_seqs, vec![11]);
-        assert_eq!(plan.inbox.commit_seqs, vec![11, 11], "one entry per add");
+        let reads = Reads::of(&batch, false);
+        let keys = BatchKeys::of(&reads);
+        ensure!(keys.groups == vec![&b"g"[..]]);
+        ensure!(keys.member_identities == vec![&alice.as_bytes()[..], &bob.as_bytes()[..]]);
+        ensure!(keys.member_groups.len() == 2 && keys.message_ids.is_empty());
+        ensure!(BatchKeys::of(&Reads::of(&batch, true)).id_groups.len() == 3);
+
+        let mut state = State::new(&reads);
+        let head = GroupHead {
+            epoch: 3,
+            last_seq: 10,
+            last_commit_seq: 7,
+        };
+        state.set_group(b"g", head);
+        let creator = Membership {
+            joined: 0,
+            left: None,
+        };
+        state.set_member(b"g", alice.as_bytes(), creator)?;
+        let plan = Plan::of(&decide(&batch, state)?)?;
+        ensure!(plan.log.seqs == vec![11, 12] && plan.log.kinds == vec![0, 1]);
+        ensure!(plan.log.epochs == vec![3, 3]);
+        ensure!(plan.groups.epochs == vec![4] && plan.groups.last_seqs == vec![12]);
+        ensure!(plan.groups.last_commit_seqs == vec![12]);
+        ensure!(plan.members.joined == vec![0, 12, 12]);
+        ensure!(plan.members.left == vec![Some(12), None, None]);
+        ensure!(plan.welcomes.commit_seqs == vec![12] && plan.welcomes.payloads == vec![&b"w"[..]]);
+        ensure!(plan.inbox.identities == vec![&bob.as_bytes()[..], &carol.as_bytes()[..]]);
+        ensure!(plan.inbox.commit_seqs == vec![12, 12]);
+        ensure!(plan.unchecked.message_ids == vec![&b"late"[..]]);
         Ok(())
     }
 }
