@@ -7,6 +7,7 @@ use quicproquo_core::IdentityKey;
 use quicproquo_proto::auth_capnp::authentication_service;
 
 use crate::trace::{rpc_span, traced, write_trace};
+use crate::wire::{list_len, read_identity, write_identities};
 use crate::{ClientError, call_error, timed};
 
 /// A KeyPackage fetched for another identity.
@@ -56,10 +57,7 @@ impl AuthClient {
         {
             let mut p = req.get();
             write_trace(p.reborrow().init_trace(), &span);
-            let count = u32::try_from(packages.len()).map_err(|_| ClientError::Service {
-                code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
-                message: "too many KeyPackages".into(),
-            })?;
+            let count = list_len(packages.len(), "KeyPackages")?;
             let mut list = p.reborrow().init_packages(count);
             for (i, kp) in packages.iter().enumerate() {
                 list.set(i as u32, kp);
@@ -81,16 +79,8 @@ impl AuthClient {
         let span = rpc_span("AuthenticationService", "fetchKeyPackages");
         let mut req = self.cap.fetch_key_packages_request();
         write_trace(req.get().init_trace(), &span);
-        {
-            let count = u32::try_from(identities.len()).map_err(|_| ClientError::Service {
-                code: quicproquo_proto::errors::ErrorCode::InvalidArgument,
-                message: "too many identities".into(),
-            })?;
-            let mut list = req.get().init_identities(count);
-            for (i, id) in identities.iter().enumerate() {
-                list.set(i as u32, id.as_bytes());
-            }
-        }
+        let count = list_len(identities.len(), "identities")?;
+        write_identities(req.get().init_identities(count), identities);
         let call = timed(self.addr, self.timeout, "fetch", req.send().promise);
         let resp = traced(&span, call).await?;
         let packages = resp
@@ -100,9 +90,8 @@ impl AuthClient {
             .map_err(call_error)?;
         let mut out = Vec::with_capacity(packages.len() as usize);
         for kp in packages.iter() {
-            let identity = IdentityKey::from_slice(kp.get_identity().map_err(call_error)?)?;
             out.push(FetchedKeyPackage {
-                identity,
+                identity: read_identity(kp.get_identity())?,
                 data: kp.get_package().map_err(call_error)?.to_vec(),
                 last_resort: kp.get_last_resort(),
             });
@@ -140,12 +129,8 @@ impl AuthClient {
         let span = rpc_span("AuthenticationService", "namesOf");
         let mut req = self.cap.names_of_request();
         write_trace(req.get().init_trace(), &span);
-        {
-            let mut list = req.get().init_identities(identities.len() as u32);
-            for (i, id) in identities.iter().enumerate() {
-                list.set(i as u32, id.as_bytes());
-            }
-        }
+        let count = list_len(identities.len(), "identities")?;
+        write_identities(req.get().init_identities(count), identities);
         let call = timed(self.addr, self.timeout, "names", req.send().promise);
         let resp = traced(&span, call).await?;
         let names = resp
@@ -172,11 +157,6 @@ impl AuthClient {
         req.get().set_name(name);
         let call = timed(self.addr, self.timeout, "resolve name", req.send().promise);
         let resp = traced(&span, call).await?;
-        let id = resp
-            .get()
-            .map_err(call_error)?
-            .get_identity()
-            .map_err(call_error)?;
-        Ok(IdentityKey::from_slice(id)?)
+        read_identity(resp.get().map_err(call_error)?.get_identity())
     }
 }

@@ -12,6 +12,7 @@ use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
 
 use crate::trace::{rpc_span, traced, write_trace};
+use crate::wire::{list_len, read_group_id, read_identities, write_identities};
 use crate::{ClientError, call_error, timed};
 
 /// What kind of message an envelope holds.
@@ -109,7 +110,7 @@ pub struct CommitParts {
 
 fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
     Ok(Envelope {
-        group_id: e.get_group_id().map_err(call_error)?.to_vec(),
+        group_id: read_group_id(e.get_group_id())?,
         seq: e.get_seq(),
         epoch: e.get_epoch(),
         kind: match e
@@ -126,12 +127,12 @@ fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
     })
 }
 
-fn read_welcome(w: welcome::Reader<'_>) -> Result<Welcome, capnp::Error> {
+fn read_welcome(w: welcome::Reader<'_>) -> Result<Welcome, ClientError> {
     Ok(Welcome {
         seq: w.get_seq(),
-        group_id: w.get_group_id()?.to_vec(),
+        group_id: read_group_id(w.get_group_id())?,
         commit_seq: w.get_commit_seq(),
-        welcome: w.get_welcome()?.to_vec(),
+        welcome: w.get_welcome().map_err(call_error)?.to_vec(),
     })
 }
 
@@ -167,7 +168,8 @@ impl inbox_stream::Server for InboxSink {
         let batch = list
             .iter()
             .map(read_welcome)
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
         self.0
             .send(batch)
             .map_err(|_| capnp::Error::disconnected("subscriber went away".into()))
@@ -246,14 +248,10 @@ impl DeliveryClient {
             p.set_message(message);
             if let Some(c) = commit {
                 let mut ci = p.init_commit();
-                let mut added = ci.reborrow().init_added(c.added.len() as u32);
-                for (i, id) in c.added.iter().enumerate() {
-                    added.set(i as u32, id.as_bytes());
-                }
-                let mut removed = ci.reborrow().init_removed(c.removed.len() as u32);
-                for (i, id) in c.removed.iter().enumerate() {
-                    removed.set(i as u32, id.as_bytes());
-                }
+                let added = list_len(c.added.len(), "added members")?;
+                write_identities(ci.reborrow().init_added(added), &c.added);
+                let removed = list_len(c.removed.len(), "removed members")?;
+                write_identities(ci.reborrow().init_removed(removed), &c.removed);
                 if let Some(w) = &c.welcome {
                     ci.set_welcome(w);
                 }
@@ -337,15 +335,11 @@ impl DeliveryClient {
             .map_err(call_error)?;
         let mut out = Vec::with_capacity(list.len() as usize);
         for g in list.iter() {
-            let mut members = Vec::new();
-            for m in g.get_members().map_err(call_error)?.iter() {
-                members.push(IdentityKey::from_slice(m.map_err(call_error)?)?);
-            }
             out.push(GroupInfo {
-                group_id: g.get_group_id().map_err(call_error)?.to_vec(),
+                group_id: read_group_id(g.get_group_id())?,
                 epoch: g.get_epoch(),
                 last_seq: g.get_last_seq(),
-                members,
+                members: read_identities(g.get_members())?,
                 cursor: g.get_cursor(),
             });
         }
@@ -366,9 +360,7 @@ impl DeliveryClient {
             .map_err(call_error)?
             .get_welcomes()
             .map_err(call_error)?;
-        list.iter()
-            .map(|w| read_welcome(w).map_err(call_error))
-            .collect()
+        list.iter().map(read_welcome).collect()
     }
 
     /// Pushes entries of `group_id` after `after_seq`, then new ones as they are appended.

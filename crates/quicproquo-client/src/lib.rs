@@ -33,10 +33,12 @@ pub mod events;
 pub mod follow;
 pub mod state;
 mod trace;
+mod wire;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
 pub use delivery::{DeliveryClient, Envelope, SendOutcome};
 pub use state::ClientState;
+pub use wire::short_group_id;
 use tokio::net::TcpStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 

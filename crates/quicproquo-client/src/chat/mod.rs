@@ -23,7 +23,7 @@ pub use crate::commit::COMMIT_ATTEMPTS;
 use crate::commit::{self, CommitDriver, CommitError, DriveError, Start, is_pending_own_commit};
 use crate::delivery::{Envelope, EnvelopeKind, SendOutcome};
 use crate::state::{ClientState, GroupMeta};
-use crate::{ClientError, Session};
+use crate::{ClientError, Session, short_group_id};
 use group_log::{Committer, GroupLog, process};
 
 /// Welcomes read per inbox fetch.
@@ -170,7 +170,7 @@ impl<'a> Chat<'a> {
         self.state
             .groups
             .get(id)
-            .map_or_else(|| hex::encode(&id[..id.len().min(4)]), |m| m.name.clone())
+            .map_or_else(|| short_group_id(id), |m| m.name.clone())
     }
 
     /// Creates a group named `name` with us as its only member.
@@ -357,7 +357,7 @@ impl<'a> Chat<'a> {
                 let Ok(group) = Group::join(&self.state.mls, &w.welcome) else {
                     continue;
                 };
-                let name = hex::encode(&w.group_id[..w.group_id.len().min(4)]);
+                let name = short_group_id(&w.group_id);
                 self.state.groups.insert(
                     w.group_id.clone(),
                     GroupMeta {

@@ -9,6 +9,7 @@ use quicproquo_client::chat::Chat;
 use quicproquo_client::follow::Follower;
 use quicproquo_client::{
     AuthClient, ClientState, ConnectOptions, Connection, Session, connect_any, resolve,
+    short_group_id,
 };
 use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
@@ -53,11 +54,6 @@ async fn bound(cli: &Cli) -> Result<(ClientState, Connection, Session)> {
 async fn bound_auth(cli: &Cli) -> Result<(ClientState, Connection, AuthClient)> {
     let (state, conn, session) = bound(cli).await?;
     Ok((state, conn, session.auth))
-}
-
-/// The short form of a group id people read: its first 4 bytes in hex.
-fn short_id(id: &[u8]) -> String {
-    hex::encode(&id[..id.len().min(4)])
 }
 
 /// Generates `count` KeyPackages, saves the state (their private keys) and only then uploads,
@@ -166,7 +162,7 @@ pub(super) async fn create_group(cli: &Cli, out: &Output, name: &str) -> Result<
         .create_group(name)
         .await?;
     out.line(
-        &format!("created group {name} ({})", short_id(&id)),
+        &format!("created group {name} ({})", short_group_id(&id)),
         json!({"event": "created", "group": name, "id": hex::encode(&id)}),
     );
     conn.close().await;
@@ -265,12 +261,12 @@ pub(super) async fn groups(cli: &Cli, out: &Output) -> Result<()> {
         let label = state
             .groups
             .get(&g.group_id)
-            .map_or_else(|| short_id(&g.group_id), |m| m.name.clone());
+            .map_or_else(|| short_group_id(&g.group_id), |m| m.name.clone());
         let members = names.describe(&session, &g.members).await?;
         out.line(
             &format!(
                 "{label} ({}) epoch {} members: {}",
-                short_id(&g.group_id),
+                short_group_id(&g.group_id),
                 g.epoch,
                 members.join(", ")
             ),
