@@ -16,10 +16,24 @@
 //! rate. Members share a few worker threads (one per core by default), so the generator's own
 //! CPU use is reported next to the server's.
 //!
-//! Layout: `cli` (options), `run` (the controller and its phases), `worker` (threads that own
-//! members), `member` (connect, register, create, join), `steady` (sending, receiving), `churn`,
-//! `stats` (HDR histograms, errors), `sys` (CPU and memory from `/proc`), `server` (the server
-//! under test), `report` (table and JSON), `threshold` (pass/fail rules).
+//! # Layout
+//!
+//! Modules by role, lowest first: a module imports only from its own row and the rows above
+//! it. Everything a member says to the server goes through `quicproquo-client`'s public API.
+//!
+//! | Role | Module | What lives there |
+//! |------|--------|------------------|
+//! | Options | `cli`, `threshold` | the options and the settings they resolve to; pass/fail rules |
+//! | Measuring | `stats`, `sys` | HDR histograms, counters and errors; CPU and memory from `/proc` |
+//! | One member | `member` | connect, register, create groups, join from Welcomes; its commits through the client's commit driver |
+//! | Steady state | `steady`, `churn` | sending and receiving on a schedule; churn's removals and re-adds |
+//! | Running | `worker`, `server`, `run`, `report` | threads that own members; the server under test; the controller and its phases; the table and JSON |
+//!
+//! Rules with one home: a member's commits (setup and churn) are driven by
+//! `quicproquo_client::commit` (never discarded on a transport error), its own pending commit
+//! read back is merged by `commit::is_pending_own_commit`, durations are parsed by
+//! `quicproquo_core::duration`, and a failure is counted once, where it happens
+//! (`member::fail`).
 
 #![forbid(unsafe_code)]
 

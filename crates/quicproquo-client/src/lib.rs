@@ -8,6 +8,30 @@
 //!
 //! What it is not: thread-safe. capnp-rpc is single-threaded, so a [`Connection`] must be
 //! created and used inside a `tokio::task::LocalSet`.
+//!
+//! # Layout
+//!
+//! Modules by role, lowest first: a module imports only from its own row and the rows above
+//! it, never from a row below. The crate root holds two rows (the errors every module uses,
+//! and the connection that hands out the service clients).
+//!
+//! | Role | Module | What lives there |
+//! |------|--------|------------------|
+//! | Errors | crate root | [`ClientError`] and the deadline and error mapping of every call |
+//! | Wire, tracing | `wire`, `trace` (private) | one reader/writer per wire type several calls share (identity lists, group ids); a client span per call, its context written into the request |
+//! | Service clients | [`auth`], [`delivery`], [`events`] | one method per RPC of the served interfaces, typed results; no MLS, no state file |
+//! | Connection | crate root | [`Connection`] (TCP, Noise_XX against the pinned cluster key, the RPC session), [`Session`], [`connect_any`] |
+//! | Device state | [`state`] | the state file (identity, MLS secrets, cursors, own message ids); no network |
+//! | Commit protocol | [`commit`] | the one commit driver (a pure state machine and its thin I/O layer), the one batched log reader, the rule for an own commit coming back |
+//! | Messenger | [`chat`] | MLS groups over the Delivery Service and the state file; commits only through [`commit`] |
+//! | Live following | [`follow`] | a device's groups and inbox followed across node failures, on top of [`chat`] |
+//! | Binary | `cli/` and `main.rs` (`qpq`) | one function per command, and the printing; the library's public API only |
+//!
+//! Rules with one home: a group's log is processed in order and an own commit still pending
+//! is merged where the log holds it ([`commit::is_pending_own_commit`]); a pending commit is
+//! discarded only on a definite refusal ([`commit::CommitDriver`]); durations are parsed by
+//! `quicproquo_core::duration`. The load test (`loadtest/`) drives its members through this
+//! same API and commit driver.
 
 #![forbid(unsafe_code)]
 
