@@ -62,9 +62,9 @@ mod wire;
 pub use auth::{AuthClient, FetchedKeyPackage};
 pub use delivery::{DeliveryClient, Envelope, SendOutcome};
 pub use state::ClientState;
-pub use wire::short_group_id;
 use tokio::net::TcpStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+pub use wire::short_group_id;
 
 /// Errors a client sees.
 #[derive(Debug, thiserror::Error)]
