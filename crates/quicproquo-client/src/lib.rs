@@ -39,9 +39,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp::message::ReaderOptions;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
-use quicproquo_core::channel::{ChannelLimits, channel};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use quicproquo_core::channel::ChannelLimits;
+use quicproquo_core::rpc::rpc_system;
 use quicproquo_core::{
     ClusterPublicKey, IdentityKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair,
     TransportError, noise,
@@ -63,7 +63,6 @@ pub use auth::{AuthClient, FetchedKeyPackage};
 pub use delivery::{DeliveryClient, Envelope, SendOutcome};
 pub use state::ClientState;
 use tokio::net::TcpStream;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 pub use wire::short_group_id;
 
 /// Errors a client sees.
@@ -209,7 +208,7 @@ pub struct Connection {
     handshake_hash: [u8; 32],
     timeout: Duration,
     bootstrap: bootstrap::Client,
-    disconnector: capnp_rpc::Disconnector<twoparty::VatId>,
+    disconnector: capnp_rpc::Disconnector<Side>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -262,18 +261,7 @@ impl Connection {
         let limits = ChannelLimits {
             max_frame_bytes: options.max_frame_bytes,
         };
-        let (reader, writer) = channel(r, w, outcome.session, limits);
-        let mut reader_options = ReaderOptions::new();
-        reader_options
-            .traversal_limit_in_words(Some(options.max_frame_bytes / 8))
-            .nesting_limit(64);
-        let network = Box::new(twoparty::VatNetwork::new(
-            reader.compat(),
-            writer.compat_write(),
-            Side::Client,
-            reader_options,
-        ));
-        let mut rpc = RpcSystem::new(network, None);
+        let mut rpc = rpc_system(r, w, outcome.session, limits, Side::Client, None);
         let bootstrap: bootstrap::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
         tokio::task::spawn_local(rpc);

@@ -7,14 +7,30 @@
 //! key. [`channel`] carries application frames (`[u32 length][bytes]`) over Noise transport
 //! messages, splitting frames larger than one Noise message and refusing frames over the
 //! configured maximum before allocating; it also offers an `AsyncRead + AsyncWrite` view so
-//! Cap'n Proto RPC runs over the encrypted channel. [`mls`] holds the MLS ciphersuites, the
+//! Cap'n Proto RPC runs over the encrypted channel, and [`rpc`] builds that RPC system with the
+//! reader limits every connection uses. [`mls`] holds the MLS ciphersuites, the
 //! client's openmls provider and KeyPackages; [`group`] is the client's MLS group (create, join,
 //! commit, encrypt, process a server-ordered log) and the keyless [`group::inspect`] the server
 //! uses to order that log. [`duration`] parses the `250ms` / `10s` / `5m` / `1h` durations every
 //! command line and configuration file of the project accepts.
 //!
-//! What it is not: it opens no sockets and knows nothing of RPC interfaces, roles or storage;
+//! What it is not: it opens no sockets and knows no RPC interface, role or storage;
 //! those live in `quicproquo-server` and `quicproquo-client`.
+//!
+//! # Layout
+//!
+//! | module | role, and the rules that live there |
+//! |---|---|
+//! | [`keys`], [`identity`] | Noise static keys, the cluster key and node certificates; identity keys and the session binding |
+//! | [`noise`] | the handshake (with its deadline and certificate check) |
+//! | [`channel`] | frames over Noise messages; the frame size limit, checked before allocating |
+//! | [`rpc`] | the RPC system over a session; the reader limits of every connection |
+//! | [`mls`], [`group`] | ciphersuites, the openmls provider, KeyPackages; the client's MLS group and the server's keyless `inspect` |
+//! | [`duration`] | the one parser of durations (`500ms`, `10s`, `1m`, `2h`) for every binary |
+//! | [`error`] | the crate's error types |
+//!
+//! `group` and `mls` depend on `keys`/`identity` only; `rpc` on `channel`, which depends on
+//! `noise`.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +42,7 @@ pub mod identity;
 pub mod keys;
 pub mod mls;
 pub mod noise;
+pub mod rpc;
 
 pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};
 pub use error::{KeyError, TransportError};

@@ -9,6 +9,15 @@
 //! [`delivery_capnp`] (Delivery Service and message streams) and [`bootstrap_capnp`] (the
 //! capability a client receives after the handshake). [`errors`] defines the stable error
 //! codes servers put in failed calls.
+//!
+//! # Layout
+//!
+//! | module | holds |
+//! |---|---|
+//! | `*_capnp` | generated readers/builders, one per schema file (never edited by hand) |
+//! | [`errors`] | the `[code] detail` convention of failed calls and its stable codes |
+//!
+//! Every other crate depends on this one; it depends on `capnp` alone.
 
 pub mod errors;
 

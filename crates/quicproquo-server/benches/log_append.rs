@@ -5,7 +5,7 @@
 //! Setup: a fresh database from the testkit (a throwaway server unless `QPQ_TEST_DATABASE_URL`
 //! names one), `GROUPS` (200) groups, each created by its own identity.
 //!
-//! - `PgStore`: `QPQ_BENCH_SHARDS` (default 4) real `Shard`s, each with its own `PgStore` (as
+//! - `PgStore`: `QPQ_BENCH_SHARDS` (default 4) real `Appender`s (as a shard runs), each with its own `PgStore` (as
 //!   separate shard processes would have) and owning the groups whose index is congruent to it;
 //!   `QPQ_BENCH_SENDERS` (default 2048) tokio tasks, sender `i` sending application messages of
 //!   300 pseudo-random bytes to group `i % 200` through its shard, one at a time, each waiting
@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use quicproquo_core::{IdentityKey, IdentityKeypair};
-use quicproquo_server::delivery::shard::Shard;
+use quicproquo_server::model::group::{AppendOutcome, AppendRequest, EntryKind, GroupId};
+use quicproquo_server::ordering::Appender;
 use quicproquo_server::store::AnyStore;
-use quicproquo_server::store::log::{AppendOutcome, AppendRequest, EntryKind, GroupId, LogStore};
+use quicproquo_server::store::log::LogStore;
 use quicproquo_server::store::postgres::{PgStore, migrate};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
@@ -142,14 +143,14 @@ fn run_pgbench(
 }
 
 struct Cluster {
-    shards: Vec<Arc<Shard>>,
+    shards: Vec<Arc<Appender>>,
     stop: CancellationToken,
     appenders: Vec<std::thread::JoinHandle<()>>,
     groups: Arc<Vec<(GroupId, IdentityKey)>>,
 }
 
 impl Cluster {
-    fn shard_of(&self, group: usize) -> &Arc<Shard> {
+    fn shard_of(&self, group: usize) -> &Arc<Appender> {
         &self.shards[group % self.shards.len()]
     }
 
@@ -178,7 +179,7 @@ async fn start_cluster(url: &str, settings: &Settings) -> Result<Cluster> {
     let (mut shards, mut appenders) = (Vec::new(), Vec::new());
     for _ in 0..settings.shards {
         let store = AnyStore::Postgres(PgStore::connect(url, 2).await?);
-        let (shard, appender) = Shard::start(
+        let (shard, appender) = Appender::start(
             store,
             quicproquo_server::config::DEFAULT_MAX_MESSAGE_BYTES,
             Arc::default(),

@@ -1,37 +1,46 @@
 //! The quicproquo server: the edge, shard and standalone roles of the delivery cluster.
 //!
 //! What it is: the library behind the `qpq-server` binary, so tests and tools can run a server
-//! in process. [`config`] resolves and validates settings (defaults < `qpq-server.toml` <
-//! `QPQ_*` environment < flags); [`keystore`] keeps the cluster and node keys in the data
-//! directory; [`server`] runs the listener, the per-core workers and each connection (Noise
-//! handshake, then Cap'n Proto RPC over the encrypted channel); `rpc` implements the served
-//! interfaces.
+//! in process. A standalone node plays every role in one process; an edge serves clients and
+//! routes each group's ordering calls to its owner shard; a shard orders logs for edges only.
 //!
-//! [`auth`] is the Authentication Service (identities, names, KeyPackages) over a [`store`]
-//! (Postgres or the embedded file).
+//! What it is not: a client (see `quicproquo-client`), nor the MLS or Noise machinery (see
+//! `quicproquo-core`). The server never decrypts a message: it reads the public MLS framing
+//! only.
 //!
-//! [`delivery`] is the Delivery Service: ordered group logs with group commit, live feeds and
-//! subscriptions. [`cluster`] splits it over processes: shards register leases in Postgres,
-//! edges hash each group onto a ring of shards and forward its ordering calls to the owner.
+//! # Layout
 //!
-//! [`ops`] holds the metrics, the RPC and store spans, and the HTTP ops listener
-//! (`/metrics`, `/livez`, `/readyz`); tracing and log setup are in `quicproquo-telemetry`.
+//! Top-level modules form layers; each imports only from the layers before it, never after
+//! (a test reads the `crate::` paths of every file and fails on a cycle or an upward import):
 //!
-//! What it is not: a client (see `quicproquo-client`). A standalone node plays every role in
-//! one process; an edge serves clients and routes; a shard orders logs for edges only.
+//! | layer | module | role, and the rules that live there |
+//! |---|---|---|
+//! | 1 | [`model`], [`keystore`] | values and rules with no I/O: group and message ids, user names, append requests and outcomes, the append decision, the epoch rule, the size rule; the node's keys on disk |
+//! | 2 | [`obs`] | the one metrics registry, spans, calls in flight (the wrapper every served method runs in) |
+//! | 3 | [`store`] | the durable stores (Postgres, embedded) behind the Authentication and Delivery Services, each calling the model's decision |
+//! | 4 | [`auth`], [`ordering`] | the Authentication Service's rules (KeyPackage checks, fetch rate); the appender (group commit), live feeds and the typed ordering error |
+//! | 5 | [`wire`] | Cap'n Proto codecs, one parser per wire type, one mapping of every error to a typed RPC error |
+//! | 6 | [`cluster`] | the ring, shard leases, links between nodes, the edge's router |
+//! | 7 | [`rpc`] | every served interface: bootstrap, Authentication and Delivery Services, the shard's internal interface, subscriptions |
+//! | 8 | [`config`] | settings: defaults < `qpq-server.toml` < `QPQ_*` < flags, validated |
+//! | 9 | [`node`] | the process: the worker runtime, the ops listener, and one module per role (standalone, edge, shard) |
+//!
+//! Tracing and log setup are in `quicproquo-telemetry`; the command line is the binary's.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cluster;
 pub mod config;
-pub mod delivery;
 pub mod keystore;
-pub mod ops;
-mod rpc;
-pub mod server;
+pub mod model;
+pub mod node;
+pub mod obs;
+pub mod ordering;
+pub mod rpc;
 pub mod store;
+pub mod wire;
 
 pub use config::{ConfigError, FileConfig, Overrides, ServerConfig};
 pub use keystore::NodeIdentity;
-pub use server::{ServerError, ServerHandle, Stats, bind_and_start, open_store, start};
+pub use node::{ServerError, ServerHandle, bind_and_start, open_store, start};

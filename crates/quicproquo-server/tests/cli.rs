@@ -199,8 +199,10 @@ fn first_line(child: &mut std::process::Child) -> Result<String> {
 /// state in Postgres; clients are served by the edge only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
-    use quicproquo_server::store::log::{GroupId, LogStore};
-    use quicproquo_server::store::{Store, UserName};
+    use quicproquo_server::model::UserName;
+    use quicproquo_server::model::group::GroupId;
+    use quicproquo_server::store::Store;
+    use quicproquo_server::store::log::LogStore;
 
     let db = quicproquo_testkit::postgres::fresh_database().await?;
     let tmp = tempfile::tempdir()?;

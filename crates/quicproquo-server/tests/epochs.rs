@@ -9,8 +9,8 @@ use quicproquo_client::chat::{ChatEvent, random_id};
 use quicproquo_client::delivery::{CommitParts, SendOutcome};
 use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
+use quicproquo_server::model::group::APPLICATION_EPOCH_LAG;
 use quicproquo_server::store::AnyStore;
-use quicproquo_server::store::log::APPLICATION_EPOCH_LAG;
 use support::{TestServer, User, local};
 
 fn server(store: Option<AnyStore>) -> Result<TestServer> {

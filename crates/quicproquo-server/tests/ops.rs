@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
 use quicproquo_server::store::AnyStore;
+use quicproquo_server::store::postgres::PgStore;
 use support::{TestServer, User, local, postgres_store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qpq-server");
@@ -245,4 +246,40 @@ fn the_binary_prints_its_ops_address_and_logs_json() -> Result<()> {
         "{stderr}"
     );
     Ok(())
+}
+
+/// An edge with no live shard could serve no send: it answers `/readyz` 503 "no live shard"
+/// (while `/livez` stays 200), and turns ready as soon as a shard registers its lease.
+///
+/// A plain test: an edge reads the ring on a runtime of its own while it starts, which must not
+/// happen inside the test's runtime.
+#[test]
+fn an_edge_is_not_ready_while_no_shard_is_alive() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (store, db) = rt.block_on(postgres_store())?;
+    let db = db.context("a Postgres database")?;
+    let edge = TestServer::start_with(NodeRole::Edge, store, |c| {
+        c.ops_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.cluster.ring_refresh = Duration::from_millis(50);
+    })?;
+    let ops = edge.handle()?.ops_addr().context("ops listener")?;
+    ensure!(get(ops, "/livez")?.0 == 200);
+    ensure!(get(ops, "/readyz")? == (503, "not ready: no live shard\n".to_owned()));
+
+    let shard_store = AnyStore::Postgres(rt.block_on(PgStore::connect(db.url(), 2))?);
+    let _shard = TestServer::start_with(NodeRole::Shard, Some(shard_store), |_| {})?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(ops, "/readyz")?;
+        if status == 200 {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "still not ready after a shard registered: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

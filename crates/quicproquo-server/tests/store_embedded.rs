@@ -1,8 +1,9 @@
 //! The embedded store against the conformance suite, and across reopening.
 
 use anyhow::Result;
+use quicproquo_server::model::UserName;
+use quicproquo_server::store::Store;
 use quicproquo_server::store::embedded::EmbeddedStore;
-use quicproquo_server::store::{Store, UserName};
 use quicproquo_testkit::conformance::{identity, package};
 
 async fn fresh() -> Result<EmbeddedStore> {

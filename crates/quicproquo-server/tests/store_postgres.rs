@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::{Result, ensure};
+use quicproquo_server::model::UserName;
 use quicproquo_server::store::postgres::{MIGRATIONS, PgStore, migrate};
-use quicproquo_server::store::{Store, StoreError, UserName};
+use quicproquo_server::store::{Store, StoreError};
 use quicproquo_testkit::conformance::{identity, package};
 use quicproquo_testkit::postgres::{TestDatabase, fresh_database};
 

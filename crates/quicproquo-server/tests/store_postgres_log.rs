@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail, ensure};
 use quicproquo_core::IdentityKey;
+use quicproquo_server::model::group::{APPLICATION_EPOCH_LAG, AppendOutcome, EntryKind, GroupId};
 use quicproquo_server::store::Store;
-use quicproquo_server::store::log::{
-    APPLICATION_EPOCH_LAG, AppendOutcome, EntryKind, GroupId, LogStore,
-};
+use quicproquo_server::store::log::LogStore;
 use quicproquo_server::store::postgres::{PgStore, migrate};
 use quicproquo_testkit::conformance::identity;
 use quicproquo_testkit::log_conformance::{app, commit};

@@ -13,6 +13,17 @@
 //!
 //! Export never blocks the data path: finished spans go into a bounded queue drained by the
 //! OpenTelemetry SDK's batch thread, and spans are dropped when the queue is full.
+//!
+//! # Layout
+//!
+//! | module | role |
+//! |---|---|
+//! | this file | the subscriber and exporter set-up ([`init`], [`Telemetry`]) |
+//! | [`otlp`] | the OTLP/HTTP sender |
+//! | [`propagation`] | W3C context on the wire, span links |
+//! | `redact` | the keyed hash ([`Redactor`]) |
+//!
+//! It depends on no other quicproquo crate.
 
 #![forbid(unsafe_code)]
 

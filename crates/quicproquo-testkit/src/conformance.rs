@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 use quicproquo_core::{IdentityKey, IdentityKeypair};
-use quicproquo_server::store::{KeyPackageRecord, Store, StoreError, UserName};
+use quicproquo_server::model::UserName;
+use quicproquo_server::store::{KeyPackageRecord, Store, StoreError};
 
 /// A fresh random identity.
 pub fn identity() -> Result<IdentityKey> {

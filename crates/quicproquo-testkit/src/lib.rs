@@ -4,6 +4,14 @@
 //! must show, run against the embedded store and against Postgres. [`postgres`] hands each test
 //! its own fresh Postgres database, on the server named by `QPQ_TEST_DATABASE_URL` or on a
 //! throwaway server started from the installed Postgres binaries.
+//!
+//! # Layout
+//!
+//! | module | role |
+//! |---|---|
+//! | [`conformance`] | the Authentication Service store's specification, as tests |
+//! | [`log_conformance`] | the Delivery Service store's specification (ordering, epochs, windows) |
+//! | [`postgres`] | one fresh database per test, on a given or throwaway server |
 
 pub mod conformance;
 pub mod log_conformance;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail, ensure};
 use quicproquo_core::IdentityKey;
-use quicproquo_server::store::log::{
-    APPLICATION_EPOCH_LAG, AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogStore,
+use quicproquo_server::model::group::{
+    APPLICATION_EPOCH_LAG, AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId,
 };
+use quicproquo_server::store::log::LogStore;
 use quicproquo_server::store::{Store, StoreError};
 
 use crate::conformance::identity;
@@ -144,7 +145,7 @@ pub async fn read_windows<S: Store + LogStore>(store: &S) -> Result<()> {
     one(store, commit(&g, bob, 1, "4", &[], &[carol])).await?; // seq 4, epoch 2
     one(store, app(&g, alice, 2, "5")).await?; // seq 5
 
-    let seqs = |v: Vec<quicproquo_server::store::log::LogEntry>| {
+    let seqs = |v: Vec<quicproquo_server::model::group::LogEntry>| {
         v.iter().map(|e| e.seq).collect::<Vec<_>>()
     };
     ensure!(seqs(store.read_log(&g, &alice, 0, 100).await?) == vec![1, 2, 3, 4, 5]);

@@ -9,14 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp::message::ReaderOptions;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
-use quicproquo_core::channel::{ChannelLimits, channel};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use quicproquo_core::channel::ChannelLimits;
+use quicproquo_core::rpc::rpc_system;
 use quicproquo_core::{NodeRole, NodeVerifier, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use quicproquo_proto::cluster_capnp::shard_service;
 use tokio::net::TcpStream;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterError;
@@ -99,18 +98,7 @@ impl Dialer {
             let limits = ChannelLimits {
                 max_frame_bytes: self.max_frame_bytes,
             };
-            let (reader, writer) = channel(r, w, outcome.session, limits);
-            let mut options = ReaderOptions::new();
-            options
-                .traversal_limit_in_words(Some(self.max_frame_bytes / 8))
-                .nesting_limit(64);
-            let network = Box::new(twoparty::VatNetwork::new(
-                reader.compat(),
-                writer.compat_write(),
-                Side::Client,
-                options,
-            ));
-            let mut rpc = RpcSystem::new(network, None);
+            let mut rpc = rpc_system(r, w, outcome.session, limits, Side::Client, None);
             let bootstrap: bootstrap::Client = rpc.bootstrap(Side::Server);
             let closed = CancellationToken::new();
             let ended = closed.clone();

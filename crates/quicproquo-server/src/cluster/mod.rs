@@ -7,9 +7,11 @@
 //!   ends present certificates signed by the cluster key.
 //! - [`router`]: the edge's router: the live ring, one pooled link per shard, calls forwarded
 //!   to owners (moving on when a shard is down), and one upstream feed per group that local
-//!   subscribers share.
-//! - [`service`]: the shard's side of the internal interface (`ShardService`).
-//! - `sinks`: what an edge serves to the shards it follows (`EntrySink`, `InboxSink`).
+//!   subscribers share, pushed into the sinks the edge serves to the shards it follows
+//!   (`EntrySink`, `InboxSink`).
+//!
+//! What it is not: the shard's side of the internal interface (`crate::rpc`) or a node's
+//! start-up (`crate::node`).
 //!
 //! Correctness never rests on ownership: Postgres arbitrates sequence numbers, epochs and
 //! message ids, so two shards that both believe they own a group cannot fork its log.
@@ -18,9 +20,6 @@ pub mod lease;
 pub mod link;
 pub mod ring;
 pub mod router;
-pub mod service;
-mod sinks;
-pub(crate) mod wire;
 
 /// Errors of the cluster machinery.
 #[derive(Debug, thiserror::Error)]

@@ -332,10 +332,12 @@ impl ServerConfig {
     /// Layers `overrides` over `file` over the defaults, and validates the result.
     pub fn resolve(
         role: NodeRole,
-        file: FileConfig,
-        overrides: Overrides,
+        mut file: FileConfig,
+        mut overrides: Overrides,
     ) -> Result<Self, ConfigError> {
         let defaults = Self::for_role(role, PathBuf::from(DEFAULT_DATA_DIR));
+        let auth = resolve_auth(&mut file, &mut overrides, defaults.auth)?;
+        let cluster = resolve_cluster(&mut file, &mut overrides, defaults.cluster)?;
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -350,10 +352,6 @@ impl ServerConfig {
             .or(file.ops_listen)
             .unwrap_or_else(|| DEFAULT_OPS_LISTEN.to_owned());
         let ops_listen = parse_ops_listen(&ops_text)?;
-        let duration = |key: &'static str, v: Option<String>, default: Duration| match v {
-            Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
-            None => Ok(default),
-        };
         let mut config = Self {
             role,
             listen,
@@ -375,7 +373,10 @@ impl ServerConfig {
                 .unwrap_or(defaults.max_handshakes),
             handshake_timeout: duration(
                 "handshake_timeout",
-                overrides.handshake_timeout.or(file.handshake_timeout),
+                overrides
+                    .handshake_timeout
+                    .take()
+                    .or(file.handshake_timeout.take()),
                 defaults.handshake_timeout,
             )?,
             max_frame_bytes: overrides
@@ -385,48 +386,18 @@ impl ServerConfig {
             max_message_bytes: 0,
             shutdown_grace: duration(
                 "shutdown_grace",
-                overrides.shutdown_grace.or(file.shutdown_grace),
+                overrides
+                    .shutdown_grace
+                    .take()
+                    .or(file.shutdown_grace.take()),
                 defaults.shutdown_grace,
             )?,
-            auth: AuthSettings {
-                suites: match overrides.key_package_suites.or(file.key_package_suites) {
-                    Some(names) => parse_suites(&names)?,
-                    None => defaults.auth.suites,
-                },
-                fetch_limit_per_minute: overrides
-                    .key_package_fetch_limit
-                    .or(file.key_package_fetch_limit)
-                    .unwrap_or(defaults.auth.fetch_limit_per_minute),
-                low_watermark: overrides
-                    .key_package_low_watermark
-                    .or(file.key_package_low_watermark)
-                    .unwrap_or(defaults.auth.low_watermark),
-            },
+            auth,
             database_url: overrides
                 .database_url
                 .or(file.database_url)
                 .filter(|url| !url.trim().is_empty()),
-            cluster: ClusterSettings {
-                advertise: overrides
-                    .advertise
-                    .or(file.advertise)
-                    .filter(|a| !a.trim().is_empty()),
-                cluster_key_file: overrides.cluster_key_file.or(file.cluster_key_file),
-                node_id: overrides
-                    .node_id
-                    .or(file.node_id)
-                    .filter(|n| !n.trim().is_empty()),
-                lease_ttl: duration(
-                    "lease_ttl",
-                    overrides.lease_ttl.or(file.lease_ttl),
-                    defaults.cluster.lease_ttl,
-                )?,
-                ring_refresh: duration(
-                    "ring_refresh",
-                    overrides.ring_refresh.or(file.ring_refresh),
-                    defaults.cluster.ring_refresh,
-                )?,
-            },
+            cluster,
             ops_listen,
             otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         };
@@ -519,6 +490,78 @@ fn default_workers() -> usize {
 pub fn unknown_env_vars(vars: impl Iterator<Item = String>) -> Vec<String> {
     vars.filter(|k| k.starts_with("QPQ_") && !KNOWN_ENV.contains(&k.as_str()))
         .collect()
+}
+
+/// A duration setting: `v` parsed, or `default` when unset.
+fn duration(
+    key: &'static str,
+    v: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
+        None => Ok(default),
+    }
+}
+
+/// The Authentication Service's settings from the flags/environment over the file.
+fn resolve_auth(
+    file: &mut FileConfig,
+    overrides: &mut Overrides,
+    defaults: AuthSettings,
+) -> Result<AuthSettings, ConfigError> {
+    Ok(AuthSettings {
+        suites: match overrides
+            .key_package_suites
+            .take()
+            .or(file.key_package_suites.take())
+        {
+            Some(names) => parse_suites(&names)?,
+            None => defaults.suites,
+        },
+        fetch_limit_per_minute: overrides
+            .key_package_fetch_limit
+            .or(file.key_package_fetch_limit)
+            .unwrap_or(defaults.fetch_limit_per_minute),
+        low_watermark: overrides
+            .key_package_low_watermark
+            .or(file.key_package_low_watermark)
+            .unwrap_or(defaults.low_watermark),
+    })
+}
+
+/// The cluster settings from the flags/environment over the file.
+fn resolve_cluster(
+    file: &mut FileConfig,
+    overrides: &mut Overrides,
+    defaults: ClusterSettings,
+) -> Result<ClusterSettings, ConfigError> {
+    Ok(ClusterSettings {
+        advertise: overrides
+            .advertise
+            .take()
+            .or(file.advertise.take())
+            .filter(|a| !a.trim().is_empty()),
+        cluster_key_file: overrides
+            .cluster_key_file
+            .take()
+            .or(file.cluster_key_file.take()),
+        node_id: overrides
+            .node_id
+            .take()
+            .or(file.node_id.take())
+            .filter(|n| !n.trim().is_empty()),
+        lease_ttl: duration(
+            "lease_ttl",
+            overrides.lease_ttl.take().or(file.lease_ttl.take()),
+            defaults.lease_ttl,
+        )?,
+        ring_refresh: duration(
+            "ring_refresh",
+            overrides.ring_refresh.take().or(file.ring_refresh.take()),
+            defaults.ring_refresh,
+        )?,
+    })
 }
 
 #[cfg(test)]

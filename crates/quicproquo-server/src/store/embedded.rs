@@ -11,7 +11,8 @@ use std::sync::Arc;
 use quicproquo_core::IdentityKey;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError, UserName};
+use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError};
+use crate::model::UserName;
 
 /// Default file name in the data directory.
 pub const DEFAULT_FILE: &str = "qpq.db";

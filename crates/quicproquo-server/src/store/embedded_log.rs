@@ -10,10 +10,11 @@ use quicproquo_core::IdentityKey;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::StoreError;
-use super::decide::{Decision, GroupHead, Membership, Reads, State, decide};
 use super::embedded::{EmbeddedStore, now_micros, unavailable};
-use super::log::{
-    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
+use super::log::LogStore;
+use crate::model::decide::{Decision, GroupHead, Membership, Reads, State, decide};
+use crate::model::group::{
+    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
 };
 
 /// group → (epoch, last seq, seq of the commit that started the epoch).
@@ -433,12 +434,12 @@ impl LogStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::decide::store_checks;
+    use crate::store::checks;
 
     #[tokio::test]
     async fn a_repeat_refused_for_its_epoch_is_a_duplicate() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = EmbeddedStore::open(&dir.path().join("qpq.db"))?;
-        store_checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await
+        checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await
     }
 }

@@ -13,54 +13,22 @@
 //!   identity's pool is empty its last-resort KeyPackage (if any) is returned and kept;
 //! - a user name belongs to at most one identity and an identity has at most one name.
 
-mod decide;
+#[cfg(test)]
+mod checks;
 pub mod embedded;
 mod embedded_log;
 pub mod log;
 
 use quicproquo_core::IdentityKey;
 
+use crate::model::group;
+use crate::model::{ModelError, UserName};
+
 pub mod postgres;
 pub mod postgres_cluster;
 mod postgres_io;
 mod postgres_log;
 mod postgres_plan;
-
-/// A user name: 3 to 32 characters of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter or
-/// digit. Names are compared after lower-casing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserName(String);
-
-impl UserName {
-    /// Parses and normalises a user name.
-    pub fn parse(raw: &str) -> Result<Self, StoreError> {
-        let name = raw.trim().to_ascii_lowercase();
-        let ok_len = (3..=32).contains(&name.len());
-        let ok_first = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-        let ok_chars = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if ok_len && ok_first && ok_chars {
-            Ok(Self(name))
-        } else {
-            Err(StoreError::InvalidName)
-        }
-    }
-
-    /// The normalised name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for UserName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// A validated KeyPackage ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +60,7 @@ pub enum StoreError {
     /// The identity already has a different user name.
     #[error("identity already has a user name")]
     AlreadyNamed,
-    /// The user name does not follow the rules of [`UserName::parse`].
+    /// A stored or given user name breaks the rules of [`UserName::parse`].
     #[error("invalid user name: use 3-32 characters a-z, 0-9, '_', '-', '.'")]
     InvalidName,
     /// The identity is not registered.
@@ -116,6 +84,17 @@ pub enum StoreError {
     /// A parameter is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+}
+
+impl From<ModelError> for StoreError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidName => Self::InvalidName,
+            ModelError::InvalidArgument(m) => Self::InvalidArgument(m),
+            ModelError::TooLarge { .. } => Self::InvalidArgument("message too large"),
+            ModelError::Inconsistent(m) => Self::Corrupt(m.to_owned()),
+        }
+    }
 }
 
 /// The operations the Authentication Service needs.
@@ -184,8 +163,8 @@ pub enum AnyStore {
 macro_rules! dispatch {
     ($self:ident, $op:literal, $s:ident => $e:expr) => {
         match $self {
-            AnyStore::Embedded($s) => crate::ops::spans::store_call("redb", $op, $e).await,
-            AnyStore::Postgres($s) => crate::ops::spans::store_call("postgresql", $op, $e).await,
+            AnyStore::Embedded($s) => crate::obs::spans::store_call("redb", $op, $e).await,
+            AnyStore::Postgres($s) => crate::obs::spans::store_call("postgresql", $op, $e).await,
         }
     };
 }
@@ -262,7 +241,7 @@ impl Store for AnyStore {
 impl log::LogStore for AnyStore {
     async fn create_group(
         &self,
-        group_id: &log::GroupId,
+        group_id: &group::GroupId,
         creator: &IdentityKey,
     ) -> Result<(), StoreError> {
         dispatch!(self, "create_group", s => s.create_group(group_id, creator))
@@ -270,30 +249,30 @@ impl log::LogStore for AnyStore {
 
     async fn append(
         &self,
-        batch: &[log::AppendRequest],
-    ) -> Result<Vec<log::AppendOutcome>, StoreError> {
+        batch: &[group::AppendRequest],
+    ) -> Result<Vec<group::AppendOutcome>, StoreError> {
         dispatch!(self, "append", s => s.append(batch))
     }
 
     async fn read_log(
         &self,
-        group_id: &log::GroupId,
+        group_id: &group::GroupId,
         reader: &IdentityKey,
         after_seq: u64,
         limit: u32,
-    ) -> Result<Vec<log::LogEntry>, StoreError> {
+    ) -> Result<Vec<group::LogEntry>, StoreError> {
         dispatch!(self, "read_log", s => s.read_log(group_id, reader, after_seq, limit))
     }
 
     async fn group_summary(
         &self,
-        group_id: &log::GroupId,
+        group_id: &group::GroupId,
         reader: &IdentityKey,
-    ) -> Result<log::GroupSummary, StoreError> {
+    ) -> Result<group::GroupSummary, StoreError> {
         dispatch!(self, "group_summary", s => s.group_summary(group_id, reader))
     }
 
-    async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<log::GroupId>, StoreError> {
+    async fn groups_of(&self, identity: &IdentityKey) -> Result<Vec<group::GroupId>, StoreError> {
         dispatch!(self, "groups_of", s => s.groups_of(identity))
     }
 
@@ -302,14 +281,14 @@ impl log::LogStore for AnyStore {
         identity: &IdentityKey,
         after_seq: u64,
         limit: u32,
-    ) -> Result<Vec<log::InboxEntry>, StoreError> {
+    ) -> Result<Vec<group::InboxEntry>, StoreError> {
         dispatch!(self, "read_inbox", s => s.read_inbox(identity, after_seq, limit))
     }
 
     async fn set_cursor(
         &self,
         identity: &IdentityKey,
-        group_id: &log::GroupId,
+        group_id: &group::GroupId,
         seq: u64,
     ) -> Result<(), StoreError> {
         dispatch!(self, "set_cursor", s => s.set_cursor(identity, group_id, seq))
@@ -318,25 +297,8 @@ impl log::LogStore for AnyStore {
     async fn cursor(
         &self,
         identity: &IdentityKey,
-        group_id: &log::GroupId,
+        group_id: &group::GroupId,
     ) -> Result<u64, StoreError> {
         dispatch!(self, "cursor", s => s.cursor(identity, group_id))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_names_are_normalised_and_checked() {
-        assert_eq!(
-            UserName::parse(" Alice ").map(|n| n.to_string()).ok(),
-            Some("alice".into())
-        );
-        for bad in ["al", "-alice", "al ice", "ålice", &"x".repeat(33), ""] {
-            assert!(UserName::parse(bad).is_err(), "{bad:?}");
-        }
-        assert!(UserName::parse("bob.smith_2-x").is_ok());
     }
 }

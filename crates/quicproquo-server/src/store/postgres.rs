@@ -40,7 +40,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::postgres_io::IoThreadConnect;
-use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError, UserName};
+use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError};
+use crate::model::UserName;
 
 /// The migrations compiled into the server, in the order they apply: `(version, SQL)`.
 pub const MIGRATIONS: &[(&str, &str)] = &[

@@ -45,13 +45,14 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::StoreError;
-use super::decide::{Reads, decide};
-use super::log::{
-    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry, LogStore,
-};
+use super::log::LogStore;
 use super::postgres::{PgStore, column, describe};
 use super::postgres_plan::{
     AppendStatements, BatchKeys, Plan, Written, lock_and_read, write_and_commit,
+};
+use crate::model::decide::{Reads, decide};
+use crate::model::group::{
+    AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
 };
 
 /// A database error of a Delivery Service operation: the transaction had no effect (or, if the
@@ -436,7 +437,7 @@ mod sql {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::decide::store_checks;
+    use crate::store::checks;
     use crate::store::postgres::migrate;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,7 +445,7 @@ mod tests {
         let db = quicproquo_testkit::postgres::fresh_database().await?;
         migrate(db.url()).await?;
         let store = PgStore::connect(db.url(), 2).await?;
-        store_checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await?;
+        checks::a_repeat_refused_for_its_epoch_is_a_duplicate(&store).await?;
         // Decided without reading stored ids: no repeat reached the unique index.
         anyhow::ensure!(store.probing_batches.load(Ordering::Relaxed) == 0);
         Ok(())

@@ -7,9 +7,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
 use super::StoreError;
-use super::decide::{Decision, GroupHead, Membership, Reads, State};
 use super::postgres::column;
 use super::postgres_log::{db_error, stored_u64};
+use crate::model::decide::{Decision, GroupHead, Membership, Reads, State};
 
 /// What a batch must read, as `unnest` parameter arrays: its distinct groups, the memberships
 /// its requests depend on and, when it probes for them, its message ids.
@@ -486,8 +486,8 @@ pub(super) mod append_sql {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::decide::{GroupHead, Membership, State, decide};
-    use crate::store::log::{AppendRequest, CommitChange, EntryKind, GroupId};
+    use crate::model::decide::{GroupHead, Membership, State, decide};
+    use crate::model::group::{AppendRequest, CommitChange, EntryKind, GroupId};
     use anyhow::{Result, ensure};
     use quicproquo_core::{IdentityKey, IdentityKeypair};
 

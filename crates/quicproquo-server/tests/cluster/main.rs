@@ -357,7 +357,8 @@ async fn two_owners() -> Result<()> {
     use quicproquo_proto::envelope_capnp::envelope;
     use quicproquo_server::NodeIdentity;
     use quicproquo_server::cluster::link::Dialer;
-    use quicproquo_server::store::log::{EntryKind, GroupId, LogStore};
+    use quicproquo_server::model::group::{EntryKind, GroupId};
+    use quicproquo_server::store::log::LogStore;
 
     let db = quicproquo_testkit::postgres::fresh_database().await?;
     let tmp = tempfile::tempdir()?;

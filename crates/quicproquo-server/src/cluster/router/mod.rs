@@ -27,19 +27,23 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, warn};
 
+mod sinks;
 mod upstream;
 
 use upstream::{follow_group, follow_inboxes};
 
 use super::link::{Dialer, Link};
 use super::ring::Ring;
-use super::wire::{read_outcome, write_request};
-use crate::delivery::hub::{FeedEvent, Hub};
-use crate::ops::Observer;
-use crate::ops::spans::{client_span, write_trace};
+use crate::model::group::{AppendOutcome, AppendRequest, GroupId};
+use crate::obs::Observer;
+use crate::obs::calls::InFlight;
+use crate::obs::spans::{client_span, record_error, status_of, write_trace};
+use crate::ordering::OrderingError;
+use crate::ordering::hub::{FeedEvent, Hub};
 use crate::store::AnyStore;
-use crate::store::log::{AppendOutcome, AppendRequest, GroupId};
 use crate::store::postgres_cluster::{RingSnapshot, ShardRecord};
+use crate::wire::codec::{read_outcome, write_request};
+use crate::wire::ordering_error_of;
 
 /// Shards tried for one call before giving up.
 const ATTEMPTS: usize = 3;
@@ -117,8 +121,12 @@ impl Router {
                 .map_err(|e| std::io::Error::other(format!("reading the shard ring: {e}")))?,
             AnyStore::Embedded(_) => RingSnapshot::default(),
         };
-        let (thread_store, thread_hub, thread_status) =
-            (store.clone(), Arc::clone(&hub), Arc::clone(&status));
+        let (thread_store, thread_hub, thread_status, thread_observer) = (
+            store.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&status),
+            Arc::clone(&observer),
+        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("qpq-router".into())
@@ -129,6 +137,7 @@ impl Router {
                     thread_hub,
                     settings,
                     thread_status,
+                    Rc::new(InFlight::new(thread_observer)),
                 ));
                 local.block_on(&rt, async move {
                     state.apply(first);
@@ -199,17 +208,17 @@ impl Router {
         rx
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, capnp::Error> {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, OrderingError> {
+        let closed = || OrderingError::Unavailable("the edge is shutting down".into());
         let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(make(tx))
-            .map_err(|_| unavailable("the edge is shutting down"))?;
+        self.cmds.send(make(tx)).map_err(|_| closed())?;
         rx.await
-            .map_err(|_| unavailable("the edge is shutting down"))?
+            .map_err(|_| closed())?
+            .map_err(|e| ordering_error_of(&e))
     }
 
     /// Forwards an append to the group's owner shard.
-    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, capnp::Error> {
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
         let span = self.forward_span("append", &req.group_id);
         self.call(|tx| Cmd::Append(Box::new(req), tx, span)).await
     }
@@ -219,7 +228,7 @@ impl Router {
         &self,
         group: GroupId,
         creator: IdentityKey,
-    ) -> Result<(), capnp::Error> {
+    ) -> Result<(), OrderingError> {
         let span = self.forward_span("createGroup", &group);
         self.call(|tx| Cmd::CreateGroup(group, creator, tx, span))
             .await
@@ -245,6 +254,8 @@ struct State {
     watches: RefCell<HashMap<GroupId, CancellationToken>>,
     inbox_watches: RefCell<HashMap<String, CancellationToken>>,
     ring_changed: watch::Sender<u64>,
+    /// Accounts for the calls shards make on the sinks this edge serves them.
+    calls: Rc<InFlight>,
 }
 
 impl State {
@@ -253,8 +264,10 @@ impl State {
         hub: Arc<Hub>,
         settings: RouterSettings,
         status: Arc<Mutex<RingStatus>>,
+        calls: Rc<InFlight>,
     ) -> Self {
         Self {
+            calls,
             store,
             hub,
             settings,
@@ -510,7 +523,7 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
 /// Marks a forwarded call's span with its outcome.
 fn finish<T>(span: &Span, result: &Result<T, capnp::Error>) {
     if result.is_err() {
-        crate::ops::spans::record_error(span, crate::ops::spans::status_of(result));
+        record_error(span, status_of(result));
     }
 }
 

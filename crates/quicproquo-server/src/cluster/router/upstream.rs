@@ -10,8 +10,8 @@ use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use crate::cluster::sinks::{EntrySink, InboxSink};
-use crate::store::log::GroupId;
+use super::sinks::{EntrySink, InboxSink};
+use crate::model::group::GroupId;
 use crate::store::postgres_cluster::ShardRecord;
 
 /// Waits `delay`, or less if the ring changes; `false` when stopped.
@@ -42,6 +42,7 @@ pub(super) async fn follow_group(state: Rc<State>, group: GroupId, stop: Cancell
         };
         let sink: entry_sink::Client = capnp_rpc::new_client(EntrySink {
             hub: Arc::clone(&state.hub),
+            calls: Rc::clone(&state.calls),
         });
         let mut call = link.client.watch_request();
         call.get().set_group_id(group.as_bytes());
@@ -92,6 +93,7 @@ pub(super) async fn follow_inboxes(state: Rc<State>, rec: ShardRecord, stop: Can
         };
         let sink: inbox_sink::Client = capnp_rpc::new_client(InboxSink {
             hub: Arc::clone(&state.hub),
+            calls: Rc::clone(&state.calls),
         });
         let mut call = link.client.watch_inboxes_request();
         call.get().set_sink(sink);

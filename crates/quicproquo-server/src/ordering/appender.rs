@@ -1,5 +1,4 @@
-//! The shard side of the Delivery Service: batched appends (group commit) and the in-memory
-//! fan-out of new entries to subscribers.
+//! The appender: batched appends (group commit), publishing each new entry to the live feeds.
 //!
 //! Appends from every connection go through one appender task. It takes whatever requests are
 //! waiting (up to [`MAX_BATCH`]) and writes them in one store transaction, so at low load a
@@ -13,15 +12,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use quicproquo_core::IdentityKey;
+
 use quicproquo_telemetry::propagation::{self, LinkContext};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, warn};
 
+use super::OrderingError;
 use super::hub::Hub;
-use crate::ops::Observer;
-use crate::ops::metrics::AppendResult;
-use crate::store::log::{AppendOutcome, AppendRequest, LogEntry, LogStore};
+use crate::model::group::{AppendOutcome, AppendRequest, GroupId, LogEntry};
+use crate::obs::Observer;
+use crate::obs::metrics::AppendResult;
+use crate::store::log::LogStore;
 use crate::store::{AnyStore, StoreError};
 
 /// Most requests written in one transaction.
@@ -34,8 +37,9 @@ type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 /// (the batch's span is its child or links to it).
 type Queued = (AppendRequest, Reply, Span);
 
-/// The Delivery Service shard: owns the appender and the live feeds.
-pub struct Shard {
+/// The appender of one node (a shard, or a standalone node): owns the append queue and the
+/// live feeds it publishes to.
+pub struct Appender {
     store: AnyStore,
     max_message_bytes: usize,
     queue: mpsc::Sender<Queued>,
@@ -43,13 +47,13 @@ pub struct Shard {
     observer: Arc<Observer>,
 }
 
-impl std::fmt::Debug for Shard {
+impl std::fmt::Debug for Appender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shard").finish_non_exhaustive()
+        f.debug_struct("Appender").finish_non_exhaustive()
     }
 }
 
-impl Shard {
+impl Appender {
     /// Starts the appender on its own thread; it stops when `shutdown` is cancelled and the
     /// queue is drained.
     pub fn start(
@@ -91,20 +95,30 @@ impl Shard {
         self.max_message_bytes
     }
 
-    /// The store behind this shard.
+    /// The store behind this appender.
     pub fn store(&self) -> &AnyStore {
         &self.store
     }
 
     /// Appends one message; resolves once it is durable (or refused).
-    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StoreError> {
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
+        let closed = || OrderingError::Unavailable("the appender is shutting down".into());
+        req.check_size(self.max_message_bytes)?;
         let (tx, rx) = oneshot::channel();
         self.queue
             .send((req, tx, Span::current()))
             .await
-            .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the shard is shutting down".into()))?
+            .map_err(|_| closed())?;
+        Ok(rx.await.map_err(|_| closed())??)
+    }
+
+    /// Creates `group` with `creator` as its only member.
+    pub async fn create_group(
+        &self,
+        group: &GroupId,
+        creator: &IdentityKey,
+    ) -> Result<(), OrderingError> {
+        Ok(self.store.create_group(group, creator).await?)
     }
 
     /// The live feeds the appender publishes to.
@@ -112,7 +126,7 @@ impl Shard {
         &self.hub
     }
 
-    /// The metrics and redaction key this shard reports with.
+    /// The metrics and redaction key this appender reports with.
     pub fn observer(&self) -> &Arc<Observer> {
         &self.observer
     }

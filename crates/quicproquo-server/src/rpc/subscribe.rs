@@ -7,20 +7,24 @@
 //! after delivering the commit that removed the subscriber). Each batch is delivered with one
 //! call, awaited before the next (flow control).
 
+use std::rc::Rc;
+
 use quicproquo_core::IdentityKey;
-use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription, welcome};
+use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
 use quicproquo_proto::errors::{ErrorCode, code_of};
-use quicproquo_telemetry::propagation::LinkContext;
+use quicproquo_telemetry::propagation::{LinkContext, WireContext};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, debug};
 
 use super::backend::Backend;
-use super::hub::FeedEvent;
-use super::write_envelope;
-use crate::ops::spans::{PushTarget, push_span, record_error};
+use crate::model::group::{EntryKind, GroupId, LogEntry};
+use crate::obs::calls::InFlight;
+use crate::obs::spans::{PushTarget, push_span, record_error};
+use crate::ordering::hub::FeedEvent;
 use crate::store::StoreError;
-use crate::store::log::{EntryKind, GroupId, InboxEntry, LogEntry, LogStore};
+use crate::store::log::LogStore;
+use crate::wire::codec::{write_envelope, write_welcome};
 
 /// Entries read from the store per catch-up step, and delivered per call at most.
 const BATCH: u32 = 256;
@@ -29,21 +33,36 @@ const BATCH: u32 = 256;
 struct SubscriptionImpl {
     _stop: DropGuard,
     stop: CancellationToken,
+    in_flight: Rc<InFlight>,
 }
 
 impl subscription::Server for SubscriptionImpl {
     async fn close(
-        self: std::rc::Rc<Self>,
+        self: Rc<Self>,
         _: subscription::CloseParams,
         _: subscription::CloseResults,
     ) -> Result<(), capnp::Error> {
-        self.stop.cancel();
-        Ok(())
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "Subscription",
+                "close",
+                WireContext::default(),
+                async move {
+                    self.stop.cancel();
+                    Ok(())
+                },
+            )
+            .await
     }
 }
 
-/// Runs `task` as a local task until it ends or the returned capability is dropped or closed.
-pub(crate) fn spawn<F>(task: impl FnOnce(CancellationToken) -> F) -> subscription::Client
+/// Runs `task` as a local task until it ends or the returned capability is dropped or closed;
+/// the capability's own calls are accounted on `in_flight` (the connection that subscribed).
+pub(super) fn spawn<F>(
+    in_flight: &Rc<InFlight>,
+    task: impl FnOnce(CancellationToken) -> F,
+) -> subscription::Client
 where
     F: Future<Output = ()> + 'static,
 {
@@ -59,18 +78,20 @@ where
     capnp_rpc::new_client(SubscriptionImpl {
         _stop: stop.clone().drop_guard(),
         stop,
+        in_flight: Rc::clone(in_flight),
     })
 }
 
 /// Subscribes `reader` to `group` after `after_seq`.
 pub(super) fn group(
+    in_flight: &Rc<InFlight>,
     backend: Backend,
     reader: IdentityKey,
     group: GroupId,
     after_seq: u64,
     stream: message_stream::Client,
 ) -> subscription::Client {
-    spawn(move |_| async move {
+    spawn(in_flight, move |_| async move {
         if let Err(e) = follow_group(&backend, reader, &group, after_seq, &stream).await {
             debug!(error = %e, "group subscription ended");
         }
@@ -188,21 +209,15 @@ async fn follow_group(
     }
 }
 
-pub(super) fn write_welcome(mut out: welcome::Builder<'_>, w: &InboxEntry) {
-    out.set_seq(w.seq);
-    out.set_group_id(w.group_id.as_bytes());
-    out.set_commit_seq(w.commit_seq);
-    out.set_welcome(&w.welcome);
-}
-
 /// Subscribes `identity` to its own inbox after `after_seq`.
 pub(super) fn inbox(
+    in_flight: &Rc<InFlight>,
     backend: Backend,
     identity: IdentityKey,
     after_seq: u64,
     stream: inbox_stream::Client,
 ) -> subscription::Client {
-    spawn(move |_| async move {
+    spawn(in_flight, move |_| async move {
         if let Err(e) = follow_inbox(&backend, identity, after_seq, &stream).await {
             debug!(error = %e, "inbox subscription ended");
         }

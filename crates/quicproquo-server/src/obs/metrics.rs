@@ -120,9 +120,66 @@ impl AppendResult {
     ];
 }
 
-/// Every metric one server process keeps (beyond the connection [`crate::Stats`]).
+/// What the listener and its connections have done.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections accepted and handed to a worker.
+    pub accepted: AtomicU64,
+    /// Connections closed on accept because a cap was reached.
+    pub refused_at_capacity: AtomicU64,
+    /// Handshakes completed.
+    pub handshakes_ok: AtomicU64,
+    /// Handshakes that failed (bad bytes, wrong key, timeout, peer gone).
+    pub handshakes_failed: AtomicU64,
+    /// Connections that ended with a transport or RPC error after the handshake.
+    pub connection_errors: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Counts one event.
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        counter(
+            out,
+            "qpq_connections_accepted_total",
+            "TCP connections accepted and handed to a worker.",
+            self.accepted.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_connections_refused_total",
+            "Connections closed on accept because the connection or handshake cap was reached.",
+            self.refused_at_capacity.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_connection_errors_total",
+            "Connections that ended with a transport or RPC error after the handshake.",
+            self.connection_errors.load(Ordering::Relaxed),
+        );
+        family(
+            out,
+            "qpq_handshakes_total",
+            "counter",
+            "Noise handshakes, by result (ok, failed: bad bytes, wrong key, timeout).",
+        );
+        let _ = writeln!(
+            out,
+            "qpq_handshakes_total{{result=\"ok\"}} {}\nqpq_handshakes_total{{result=\"failed\"}} {}",
+            self.handshakes_ok.load(Ordering::Relaxed),
+            self.handshakes_failed.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Every metric one server process keeps: the one registry `/metrics` renders.
 #[derive(Debug)]
 pub struct Metrics {
+    /// The listener's and connections' counters.
+    pub connections: ConnectionStats,
     rpc: Mutex<BTreeMap<(&'static str, &'static str), RpcSeries>>,
     connections_open: AtomicU64,
     appends: [AtomicU64; 5],
@@ -141,6 +198,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            connections: ConnectionStats::default(),
             rpc: Mutex::default(),
             connections_open: AtomicU64::new(0),
             appends: Default::default(),
@@ -201,8 +259,9 @@ impl Metrics {
             .fetch_add(entries as u64, Ordering::Relaxed);
     }
 
-    /// Renders the RPC, append and fan-out families.
-    pub(crate) fn render(&self, out: &mut String) {
+    /// Renders the connection, RPC, append and fan-out families.
+    pub fn render(&self, out: &mut String) {
+        self.connections.render(out);
         family(
             out,
             "qpq_connections_open",
@@ -292,18 +351,18 @@ impl Metrics {
 }
 
 /// Writes a metric family's `# HELP` and `# TYPE` lines.
-pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Writes a label-less counter.
-pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     family(out, name, "counter", help);
     let _ = writeln!(out, "{name} {value}");
 }
 
 /// Writes a label-less gauge.
-pub(crate) fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
     family(out, name, "gauge", help);
     let _ = writeln!(out, "{name} {value}");
 }

@@ -1,6 +1,8 @@
-//! The Cap'n Proto services this node serves to a connection.
+//! The bootstrap capability every connection gets after the handshake: `ping`, `bind` (which
+//! hands a client its Authentication and Delivery Services) and `cluster` (the shard's
+//! internal interface, for nodes only).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,100 +13,37 @@ use quicproquo_proto::bootstrap_capnp::{bootstrap, session_events};
 use quicproquo_proto::common_capnp;
 use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
-use tokio::sync::Notify;
-
-use crate::auth::{AuthContext, AuthService, store_error};
-use crate::cluster::service::ShardServiceImpl;
-use crate::delivery::DeliveryService;
-use crate::delivery::backend::Backend;
-use crate::delivery::shard::Shard;
-use crate::ops::Observer;
-use crate::ops::spans::{self, trace_of};
-use crate::store::Store;
 use quicproquo_telemetry::propagation::WireContext;
 
-/// Counts calls in progress on one connection, so a drain can wait for them, and observes
-/// each call (its span, metrics) through the server's [`Observer`].
-#[derive(Debug)]
-pub(crate) struct InFlight {
-    calls: Cell<usize>,
-    idle: Notify,
-    observer: Arc<Observer>,
-}
-
-impl InFlight {
-    pub(crate) fn new(observer: Arc<Observer>) -> Self {
-        Self {
-            calls: Cell::new(0),
-            idle: Notify::new(),
-            observer,
-        }
-    }
-
-    /// The server's observer (metrics, group hashes).
-    pub(crate) fn observer(&self) -> &Arc<Observer> {
-        &self.observer
-    }
-
-    /// Serves one call of `service`/`method`: counts it in flight, runs it inside a server
-    /// span whose parent is the caller's `trace`, and records its status and latency.
-    pub(crate) async fn serve<T>(
-        self: &Rc<Self>,
-        service: &'static str,
-        method: &'static str,
-        trace: WireContext,
-        call: impl Future<Output = Result<T, capnp::Error>>,
-    ) -> Result<T, capnp::Error> {
-        let _guard = self.enter();
-        spans::serve(&self.observer, service, method, trace, call).await
-    }
-
-    pub(crate) fn enter(self: &Rc<Self>) -> InFlightGuard {
-        self.calls.set(self.calls.get() + 1);
-        InFlightGuard(Rc::clone(self))
-    }
-
-    /// Resolves once no call is in progress.
-    pub(crate) async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.calls.get() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Marks one call as in progress until dropped.
-pub(crate) struct InFlightGuard(Rc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let n = self.0.calls.get().saturating_sub(1);
-        self.0.calls.set(n);
-        if n == 0 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
+use super::auth::AuthService;
+use super::backend::Backend;
+use super::delivery::DeliveryService;
+use super::shard::ShardServiceImpl;
+use crate::auth::AuthContext;
+use crate::obs::calls::InFlight;
+use crate::obs::spans::trace_of;
+use crate::ordering::Appender;
+use crate::store::Store;
+use crate::wire::{parse, store_error};
 
 /// What the handshake established about the peer, for the identity binding.
-pub(crate) struct SessionInfo {
-    pub(crate) handshake_hash: [u8; 32],
-    pub(crate) client_static: [u8; 32],
+pub struct SessionInfo {
+    /// The Noise handshake hash (the channel binding a client signs).
+    pub handshake_hash: [u8; 32],
+    /// The peer's Noise static key.
+    pub client_static: [u8; 32],
     /// The role a valid cluster certificate vouches for, when the peer is a node.
-    pub(crate) peer_node: Option<NodeRole>,
+    pub peer_node: Option<NodeRole>,
 }
 
 /// Where a connection keeps the client's `SessionEvents` capability, to warn it of a drain.
 #[derive(Clone, Default)]
-pub(crate) struct EventsSlot(Rc<RefCell<Option<session_events::Client>>>);
+pub struct EventsSlot(Rc<RefCell<Option<session_events::Client>>>);
 
 impl EventsSlot {
     /// Tells the client (if it asked to be told) that this node is draining. Fire and forget:
     /// a client that does not answer is closed at the end of the drain anyway.
-    pub(crate) fn draining(&self) {
+    pub fn draining(&self) {
         if let Some(events) = self.0.borrow().clone() {
             let call = events.draining_request().send().promise;
             tokio::task::spawn_local(async move {
@@ -115,12 +54,12 @@ impl EventsSlot {
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
-pub(crate) struct BootstrapImpl {
+pub struct BootstrapImpl {
     role: NodeRole,
     session: SessionInfo,
     auth: Arc<AuthContext>,
     backend: Option<Backend>,
-    shard: Option<Arc<Shard>>,
+    shard: Option<Arc<Appender>>,
     bound: RefCell<Option<(IdentityKey, Services)>>,
     in_flight: Rc<InFlight>,
     events: EventsSlot,
@@ -139,7 +78,7 @@ impl BootstrapImpl {
         session: SessionInfo,
         auth: Arc<AuthContext>,
         backend: Option<Backend>,
-        shard: Option<Arc<Shard>>,
+        shard: Option<Arc<Appender>>,
         in_flight: Rc<InFlight>,
         events: EventsSlot,
     ) -> Self {
@@ -204,8 +143,7 @@ impl bootstrap::Server for BootstrapImpl {
                         format!("this node is a {}: clients connect to an edge", self.role),
                     ));
                 };
-                let identity = IdentityKey::from_slice(params.get_identity_key()?)
-                    .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+                let identity = parse::identity(params.get_identity_key()?)?;
                 identity
                     .verify_binding(
                         &self.session.handshake_hash,
@@ -224,7 +162,7 @@ impl bootstrap::Server for BootstrapImpl {
                     }
                     None => {
                         self.auth
-                            .store
+                            .store()
                             .register_identity(&identity)
                             .await
                             .map_err(store_error)?;
@@ -271,24 +209,29 @@ impl bootstrap::Server for BootstrapImpl {
         _: bootstrap::ClusterParams,
         mut results: bootstrap::ClusterResults,
     ) -> Result<(), capnp::Error> {
-        if self.session.peer_node.is_none() {
-            return Err(error(
-                ErrorCode::NotANode,
-                "only cluster nodes may use the internal interface",
-            ));
-        }
-        let Some(shard) = self.shard.clone() else {
-            return Err(error(
-                ErrorCode::WrongRole,
-                format!("this node is a {}, not a shard", self.role),
-            ));
-        };
-        results
-            .get()
-            .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
-                shard,
-                Rc::clone(&self.in_flight),
-            )));
-        Ok(())
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve("Bootstrap", "cluster", WireContext::default(), async move {
+                if self.session.peer_node.is_none() {
+                    return Err(error(
+                        ErrorCode::NotANode,
+                        "only cluster nodes may use the internal interface",
+                    ));
+                }
+                let Some(shard) = self.shard.clone() else {
+                    return Err(error(
+                        ErrorCode::WrongRole,
+                        format!("this node is a {}, not a shard", self.role),
+                    ));
+                };
+                results
+                    .get()
+                    .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
+                        shard,
+                        Rc::clone(&self.in_flight),
+                    )));
+                Ok(())
+            })
+            .await
     }
 }

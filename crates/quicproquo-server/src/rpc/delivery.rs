@@ -1,87 +1,39 @@
-//! The Delivery Service as served to a bound connection (the edge side), forwarding the calls
-//! that order a log to its [`backend::Backend`]: this process's own [`shard::Shard`], or the
-//! group's owner shard in the cluster.
+//! The Delivery Service as served to a bound connection (on an edge or a standalone node),
+//! forwarding the calls that order a log to its [`Backend`]: this process's own appender, or
+//! the group's owner shard in the cluster.
 //!
 //! The service never decrypts anything: it reads a message's kind, group and epoch from the
 //! public MLS framing, checks the caller's membership through the store, and stores the
 //! opaque bytes. Every method acts for the bound identity only.
-
-pub mod backend;
-pub mod hub;
-pub mod shard;
-pub(crate) mod subscribe;
 
 use std::rc::Rc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{MessageKind, inspect};
 use quicproquo_proto::delivery_capnp::delivery_service;
-use quicproquo_proto::envelope_capnp::envelope;
 use quicproquo_proto::errors::{ErrorCode, error};
 
-use crate::auth::store_error;
-use crate::ops::spans::trace_of;
-use crate::rpc::InFlight;
-use crate::store::StoreError;
-use crate::store::log::{
-    AppendRequest, CommitChange, EntryKind, GroupId, LogEntry, LogStore, MAX_MESSAGE_ID,
-};
-use backend::Backend;
+use super::backend::Backend;
+use super::subscribe;
+use crate::model::group::{AppendRequest, CommitChange, EntryKind, MAX_CHANGE, MAX_MESSAGE_ID};
+use crate::obs::calls::InFlight;
+use crate::obs::spans::trace_of;
+use crate::store::log::LogStore;
+use crate::wire::codec::{write_envelope, write_outcome, write_welcome};
+use crate::wire::{model_error, ordering_error, parse, store_error};
 
 /// Most entries or Welcomes returned by one fetch.
 pub const MAX_FETCH: u32 = 1000;
-/// Most members one commit may add or remove.
-pub const MAX_CHANGE: usize = 1000;
-
-pub(crate) fn log_error(e: StoreError) -> capnp::Error {
-    match e {
-        StoreError::NotMember => error(ErrorCode::NotMember, "not a member of this group"),
-        StoreError::UnknownGroup => error(ErrorCode::UnknownGroup, "no such group"),
-        StoreError::GroupExists => error(ErrorCode::GroupExists, "the group already exists"),
-        StoreError::InvalidArgument(m) => error(ErrorCode::InvalidArgument, m),
-        other => store_error(other),
-    }
-}
-
-fn group_id(bytes: &[u8]) -> Result<GroupId, capnp::Error> {
-    GroupId::new(bytes).map_err(log_error)
-}
-
-fn identities(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
-    if list.len() as usize > MAX_CHANGE {
-        return Err(error(
-            ErrorCode::InvalidArgument,
-            "too many members in one commit",
-        ));
-    }
-    list.iter()
-        .map(|id| IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e)))
-        .collect()
-}
-
-pub(crate) fn write_envelope(mut out: envelope::Builder<'_>, group: &GroupId, entry: &LogEntry) {
-    out.set_group_id(group.as_bytes());
-    out.set_seq(entry.seq);
-    out.set_epoch(entry.epoch);
-    out.set_kind(match entry.kind {
-        EntryKind::Application => envelope::Kind::Application,
-        EntryKind::Commit => envelope::Kind::Commit,
-        EntryKind::Proposal => envelope::Kind::Proposal,
-    });
-    out.set_message_id(&entry.message_id);
-    out.set_payload(&entry.payload);
-    out.set_appended_at_micros(entry.appended_at_micros);
-}
 
 /// The Delivery Service of one bound connection.
-pub(crate) struct DeliveryService {
+pub(super) struct DeliveryService {
     identity: IdentityKey,
     backend: Backend,
     in_flight: Rc<InFlight>,
 }
 
 impl DeliveryService {
-    pub(crate) fn new(identity: IdentityKey, backend: Backend, in_flight: Rc<InFlight>) -> Self {
+    pub(super) fn new(identity: IdentityKey, backend: Backend, in_flight: Rc<InFlight>) -> Self {
         Self {
             identity,
             backend,
@@ -94,7 +46,7 @@ impl DeliveryService {
         &self,
         params: delivery_service::send_params::Reader<'_>,
     ) -> Result<AppendRequest, capnp::Error> {
-        let group = group_id(params.get_group_id()?)?;
+        let group = parse::group_id(params.get_group_id()?)?;
         let message_id = params.get_message_id()?;
         if message_id.is_empty() || message_id.len() > MAX_MESSAGE_ID {
             return Err(error(
@@ -108,15 +60,14 @@ impl DeliveryService {
         } else {
             0
         };
+        // Refused before anything is parsed or copied (the appender applies the same rule).
+        let size = payload.len() + welcome_len;
         let max = self.backend.max_message_bytes();
-        if payload.len() + welcome_len > max {
-            return Err(error(
-                ErrorCode::TooLarge,
-                format!(
-                    "message of {} bytes exceeds {max}",
-                    payload.len() + welcome_len
-                ),
-            ));
+        if size > max {
+            return Err(model_error(crate::model::ModelError::TooLarge {
+                size,
+                max,
+            }));
         }
         let info = inspect(payload).map_err(|e| error(ErrorCode::BadMessage, e))?;
         if info.group_id.as_deref() != Some(group.as_bytes()) {
@@ -147,8 +98,8 @@ impl DeliveryService {
                     Some(welcome.to_vec())
                 };
                 let change = CommitChange {
-                    added: identities(c.get_added()?)?,
-                    removed: identities(c.get_removed()?)?,
+                    added: parse::identities(c.get_added()?, MAX_CHANGE)?,
+                    removed: parse::identities(c.get_removed()?, MAX_CHANGE)?,
                     welcome,
                 };
                 (EntryKind::Commit, Some(change))
@@ -182,8 +133,11 @@ impl delivery_service::Server for DeliveryService {
         let in_flight = Rc::clone(&self.in_flight);
         in_flight
             .serve("DeliveryService", "createGroup", trace, async move {
-                let group = group_id(params.get()?.get_group_id()?)?;
-                self.backend.create_group(&group, &self.identity).await
+                let group = parse::group_id(params.get()?.get_group_id()?)?;
+                self.backend
+                    .create_group(&group, &self.identity)
+                    .await
+                    .map_err(ordering_error)
             })
             .await
     }
@@ -209,8 +163,8 @@ impl delivery_service::Server for DeliveryService {
                 span.record("messaging.system", "quicproquo");
                 span.record("messaging.operation.type", "send");
                 span.record("messaging.message.body.size", req.payload.len());
-                let outcome = self.backend.append(req).await?;
-                crate::cluster::wire::write_outcome(results.get().init_result(), outcome)?;
+                let outcome = self.backend.append(req).await.map_err(ordering_error)?;
+                write_outcome(results.get().init_result(), outcome)?;
                 Ok(())
             })
             .await
@@ -226,14 +180,14 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "fetch", trace, async move {
                 let p = params.get()?;
-                let group = group_id(p.get_group_id()?)?;
+                let group = parse::group_id(p.get_group_id()?)?;
                 let limit = p.get_limit().clamp(1, MAX_FETCH);
                 let entries = self
                     .backend
                     .store()
                     .read_log(&group, &self.identity, p.get_after_seq(), limit)
                     .await
-                    .map_err(log_error)?;
+                    .map_err(store_error)?;
                 let mut list = results.get().init_entries(entries.len() as u32);
                 for (i, e) in entries.iter().enumerate() {
                     write_envelope(list.reborrow().get(i as u32), &group, e);
@@ -253,15 +207,16 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "subscribe", trace, async move {
                 let p = params.get()?;
-                let group = group_id(p.get_group_id()?)?;
+                let group = parse::group_id(p.get_group_id()?)?;
                 // Only current members may subscribe (a removed member can still fetch the commit
                 // that removed it); refuse up front rather than in the background task.
                 self.backend
                     .store()
                     .group_summary(&group, &self.identity)
                     .await
-                    .map_err(log_error)?;
+                    .map_err(store_error)?;
                 let subscription = subscribe::group(
+                    &self.in_flight,
                     self.backend.clone(),
                     self.identity,
                     group,
@@ -284,12 +239,12 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "acknowledge", trace, async move {
                 let p = params.get()?;
-                let group = group_id(p.get_group_id()?)?;
+                let group = parse::group_id(p.get_group_id()?)?;
                 self.backend
                     .store()
                     .set_cursor(&self.identity, &group, p.get_seq())
                     .await
-                    .map_err(log_error)
+                    .map_err(store_error)
             })
             .await
     }
@@ -304,14 +259,14 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "groups", trace, async move {
                 let store = self.backend.store();
-                let ids = store.groups_of(&self.identity).await.map_err(log_error)?;
+                let ids = store.groups_of(&self.identity).await.map_err(store_error)?;
                 let mut summaries = Vec::with_capacity(ids.len());
                 for g in &ids {
                     let summary = store
                         .group_summary(g, &self.identity)
                         .await
-                        .map_err(log_error)?;
-                    let cursor = store.cursor(&self.identity, g).await.map_err(log_error)?;
+                        .map_err(store_error)?;
+                    let cursor = store.cursor(&self.identity, g).await.map_err(store_error)?;
                     summaries.push((summary, cursor));
                 }
                 let mut list = results.get().init_groups(summaries.len() as u32);
@@ -347,10 +302,10 @@ impl delivery_service::Server for DeliveryService {
                     .store()
                     .read_inbox(&self.identity, p.get_after_seq(), limit)
                     .await
-                    .map_err(log_error)?;
+                    .map_err(store_error)?;
                 let mut list = results.get().init_welcomes(welcomes.len() as u32);
                 for (i, w) in welcomes.iter().enumerate() {
-                    subscribe::write_welcome(list.reborrow().get(i as u32), w);
+                    write_welcome(list.reborrow().get(i as u32), w);
                 }
                 Ok(())
             })
@@ -368,6 +323,7 @@ impl delivery_service::Server for DeliveryService {
             .serve("DeliveryService", "subscribeInbox", trace, async move {
                 let p = params.get()?;
                 let subscription = subscribe::inbox(
+                    &self.in_flight,
                     self.backend.clone(),
                     self.identity,
                     p.get_after_seq(),

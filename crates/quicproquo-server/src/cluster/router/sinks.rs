@@ -4,19 +4,19 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
-use quicproquo_proto::errors::{ErrorCode, error};
-use quicproquo_telemetry::propagation::LinkContext;
+use quicproquo_telemetry::propagation::{LinkContext, WireContext};
 
-use super::wire::read_entry;
-use crate::delivery::hub::Hub;
-use crate::ops::spans::trace_of;
-use crate::store::log::GroupId;
+use crate::obs::calls::InFlight;
+use crate::obs::spans::trace_of;
+use crate::ordering::hub::Hub;
+use crate::wire::codec::read_entry;
+use crate::wire::parse;
 
 /// Receives a shard's pushed entries for one group and publishes them to local subscribers.
 pub(super) struct EntrySink {
     pub(super) hub: Arc<Hub>,
+    pub(super) calls: Rc<InFlight>,
 }
 
 impl entry_sink::Server for EntrySink {
@@ -25,9 +25,18 @@ impl entry_sink::Server for EntrySink {
         params: entry_sink::DeliverParams,
         _: entry_sink::DeliverResults,
     ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let group =
-            GroupId::new(p.get_group_id()?).map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+        let calls = Rc::clone(&self.calls);
+        calls
+            .serve("EntrySink", "deliver", WireContext::default(), async move {
+                self.publish(params.get()?)
+            })
+            .await
+    }
+}
+
+impl EntrySink {
+    fn publish(&self, p: entry_sink::deliver_params::Reader<'_>) -> Result<(), capnp::Error> {
+        let group = parse::group_id(p.get_group_id()?)?;
         let entries = p.get_entries()?;
         // Present only when the shard traced some of these appends: one context per entry.
         let origins = if p.has_origins() {
@@ -51,6 +60,7 @@ impl entry_sink::Server for EntrySink {
 /// Receives a shard's inbox notifications.
 pub(super) struct InboxSink {
     pub(super) hub: Arc<Hub>,
+    pub(super) calls: Rc<InFlight>,
 }
 
 impl inbox_sink::Server for InboxSink {
@@ -59,7 +69,17 @@ impl inbox_sink::Server for InboxSink {
         params: inbox_sink::NotifyParams,
         _: inbox_sink::NotifyResults,
     ) -> Result<(), capnp::Error> {
-        let ids = params.get()?.get_identities()?;
+        let calls = Rc::clone(&self.calls);
+        calls
+            .serve("InboxSink", "notify", WireContext::default(), async move {
+                self.publish(params.get()?.get_identities()?)
+            })
+            .await
+    }
+}
+
+impl InboxSink {
+    fn publish(&self, ids: capnp::data_list::Reader<'_>) -> Result<(), capnp::Error> {
         if ids.is_empty() {
             // The shard dropped notifications: every inbox must look.
             self.hub.resync_all_inboxes();
@@ -67,9 +87,7 @@ impl inbox_sink::Server for InboxSink {
         }
         let identities = ids
             .iter()
-            .map(|id| {
-                IdentityKey::from_slice(id?).map_err(|e| error(ErrorCode::InvalidArgument, e))
-            })
+            .map(|id| parse::identity(id?))
             .collect::<Result<Vec<_>, _>>()?;
         self.hub.notify_inboxes(&identities);
         Ok(())

@@ -1,5 +1,5 @@
-//! Operations: the metrics registry, RPC and store spans, and the HTTP ops listener
-//! (`/metrics`, `/livez`, `/readyz`).
+//! The HTTP ops listener (`/metrics`, `/livez`, `/readyz`) and what it answers: readiness and
+//! the rendering of the node's one metrics registry.
 //!
 //! The listener is a deliberately tiny HTTP/1.1 responder on a thread of its own: `GET`
 //! only, one request per connection, a bounded request head read under a deadline, at most
@@ -7,62 +7,26 @@
 //! router's ring status and the store's pool, and pings the store for readiness.
 
 mod http;
-pub mod metrics;
-pub(crate) mod spans;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use quicproquo_core::NodeRole;
-use quicproquo_telemetry::Redactor;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::router::Router;
-use crate::server::Stats;
+use crate::obs::Observer;
+use crate::obs::metrics::{family, gauge};
 use crate::store::AnyStore;
-pub use metrics::Metrics;
-use metrics::{counter, family, gauge};
 
 /// Most ops connections served at once; more wait in the accept queue.
 pub const MAX_OPS_CONNECTIONS: usize = 32;
-
-/// What the RPC services, the appender and the router share for observability: the
-/// metrics, and the keyed hash that names groups in spans.
-#[derive(Debug)]
-pub struct Observer {
-    /// The process's metrics.
-    pub metrics: Metrics,
-    /// Hashes group ids and identities for spans and logs.
-    pub redactor: Redactor,
-}
-
-impl Observer {
-    /// An observer hashing with `redactor`.
-    pub fn new(redactor: Redactor) -> Self {
-        Self {
-            metrics: Metrics::default(),
-            redactor,
-        }
-    }
-}
-
-impl Default for Observer {
-    /// An observer with a random redaction key (tests, benches).
-    fn default() -> Self {
-        let mut seed = [0u8; 32];
-        // A fixed key only weakens correlation resistance; never fail over it.
-        let _ = getrandom::fill(&mut seed);
-        Self::new(Redactor::new(&seed))
-    }
-}
 
 /// Everything `/metrics` and `/readyz` read.
 pub(crate) struct OpsState {
     pub(crate) role: NodeRole,
     pub(crate) observer: Arc<Observer>,
-    pub(crate) stats: Arc<Stats>,
     pub(crate) store: AnyStore,
     pub(crate) router: Option<Arc<Router>>,
     /// Cancelled when the server starts draining.
@@ -74,10 +38,16 @@ pub(crate) async fn readiness(state: &OpsState) -> Result<(), &'static str> {
     if state.draining.is_cancelled() {
         return Err("draining");
     }
-    if let Some(router) = &state.router
-        && !router.status().known
-    {
-        return Err("the shard ring is not known yet");
+    if let Some(router) = &state.router {
+        let ring = router.status();
+        if !ring.known {
+            return Err("the shard ring is not known yet");
+        }
+        // Every send would fail: take this edge out of rotation (it stays live, and comes
+        // back as soon as a shard registers).
+        if ring.shards == 0 {
+            return Err("no live shard");
+        }
     }
     let check = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.check());
     match check.await {
@@ -106,36 +76,6 @@ pub(crate) fn render(state: &OpsState) -> String {
         "1 while the node drains before exiting.",
         u8::from(state.draining.is_cancelled()),
     );
-    let s = &state.stats;
-    counter(
-        &mut out,
-        "qpq_connections_accepted_total",
-        "TCP connections accepted and handed to a worker.",
-        s.accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "qpq_connections_refused_total",
-        "Connections closed on accept because the connection or handshake cap was reached.",
-        s.refused_at_capacity.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "qpq_connection_errors_total",
-        "Connections that ended with a transport or RPC error after the handshake.",
-        s.connection_errors.load(Ordering::Relaxed),
-    );
-    family(
-        &mut out,
-        "qpq_handshakes_total",
-        "counter",
-        "Noise handshakes, by result (ok, failed: bad bytes, wrong key, timeout).",
-    );
-    out.push_str(&format!(
-        "qpq_handshakes_total{{result=\"ok\"}} {}\nqpq_handshakes_total{{result=\"failed\"}} {}\n",
-        s.handshakes_ok.load(Ordering::Relaxed),
-        s.handshakes_failed.load(Ordering::Relaxed)
-    ));
     state.observer.metrics.render(&mut out);
     if let Some(router) = &state.router {
         let ring = router.status();

@@ -1,6 +1,6 @@
 //! Where the client-facing Delivery Service sends the calls that order a group's log.
 //!
-//! A standalone node orders logs itself ([`Backend::Local`]: its own [`Shard`]); an edge
+//! A standalone node orders logs itself ([`Backend::Local`]: its own [`Appender`]); an edge
 //! forwards them to the group's owner shard ([`Backend::Routed`]: the [`Router`]). Reads
 //! (fetch, catch-up, cursors, inboxes) go to the store either way: the log in the store is the
 //! only truth, and a shard holds nothing but its live feeds.
@@ -10,19 +10,18 @@ use std::sync::Arc;
 use quicproquo_core::IdentityKey;
 use tokio::sync::broadcast;
 
-use super::hub::FeedEvent;
-use super::log_error;
-use super::shard::Shard;
 use crate::cluster::router::Router;
-use crate::ops::Observer;
+use crate::model::group::{AppendOutcome, AppendRequest, GroupId};
+use crate::obs::Observer;
+use crate::ordering::hub::FeedEvent;
+use crate::ordering::{Appender, OrderingError};
 use crate::store::AnyStore;
-use crate::store::log::{AppendOutcome, AppendRequest, GroupId, LogStore};
 
 /// The ordering side behind a client-facing Delivery Service.
 #[derive(Debug, Clone)]
 pub enum Backend {
-    /// This process's own shard (standalone).
-    Local(Arc<Shard>),
+    /// This process's own appender (standalone).
+    Local(Arc<Appender>),
     /// The owner shards of the cluster, reached through the edge's router.
     Routed(Arc<Router>),
 }
@@ -69,9 +68,9 @@ impl Backend {
     }
 
     /// Appends one message; resolves once it is durable (or refused).
-    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, capnp::Error> {
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
         match self {
-            Self::Local(s) => s.append(req).await.map_err(log_error),
+            Self::Local(s) => s.append(req).await,
             Self::Routed(r) => r.append(req).await,
         }
     }
@@ -81,13 +80,9 @@ impl Backend {
         &self,
         group: &GroupId,
         creator: &IdentityKey,
-    ) -> Result<(), capnp::Error> {
+    ) -> Result<(), OrderingError> {
         match self {
-            Self::Local(s) => s
-                .store()
-                .create_group(group, creator)
-                .await
-                .map_err(log_error),
+            Self::Local(s) => s.create_group(group, creator).await,
             Self::Routed(r) => r.create_group(group.clone(), *creator).await,
         }
     }

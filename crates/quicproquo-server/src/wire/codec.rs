@@ -1,12 +1,16 @@
-//! Conversions between the store's types and the internal interface's messages.
+//! Conversions between model values and Cap'n Proto messages: append requests and outcomes
+//! (the internal interface and `SendResult`), log entries (`Envelope`) and Welcomes.
 
-use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::append_request;
-use quicproquo_proto::delivery_capnp::send_result;
+use quicproquo_proto::delivery_capnp::{send_result, welcome};
 use quicproquo_proto::envelope_capnp::envelope;
 use quicproquo_proto::errors::{ErrorCode, error};
 
-use crate::store::log::{AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, LogEntry};
+use super::parse;
+use crate::model::group::{
+    AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, InboxEntry, LogEntry,
+    MAX_CHANGE,
+};
 
 fn invalid(e: impl std::fmt::Display) -> capnp::Error {
     error(ErrorCode::InvalidArgument, e)
@@ -27,12 +31,6 @@ fn kind_from_wire(kind: envelope::Kind) -> Result<EntryKind, capnp::Error> {
         envelope::Kind::Proposal => Ok(EntryKind::Proposal),
         envelope::Kind::Welcome => Err(invalid("a Welcome is not a log entry")),
     }
-}
-
-fn identities(list: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, capnp::Error> {
-    list.iter()
-        .map(|id| IdentityKey::from_slice(id?).map_err(invalid))
-        .collect()
 }
 
 /// Writes `req` into an internal append request.
@@ -66,16 +64,16 @@ pub(crate) fn read_request(r: append_request::Reader<'_>) -> Result<AppendReques
         let c = r.get_commit()?;
         let welcome = c.get_welcome()?;
         Some(CommitChange {
-            added: identities(c.get_added()?)?,
-            removed: identities(c.get_removed()?)?,
+            added: parse::identities(c.get_added()?, MAX_CHANGE)?,
+            removed: parse::identities(c.get_removed()?, MAX_CHANGE)?,
             welcome: (!welcome.is_empty()).then(|| welcome.to_vec()),
         })
     } else {
         None
     };
     Ok(AppendRequest {
-        group_id: GroupId::new(r.get_group_id()?).map_err(invalid)?,
-        sender: IdentityKey::from_slice(r.get_sender()?).map_err(invalid)?,
+        group_id: parse::group_id(r.get_group_id()?)?,
+        sender: parse::identity(r.get_sender()?)?,
         message_id: r.get_message_id()?.to_vec(),
         kind: kind_from_wire(r.get_kind()?)?,
         epoch: r.get_epoch(),
@@ -144,4 +142,23 @@ pub(crate) fn read_entry(r: envelope::Reader<'_>) -> Result<LogEntry, capnp::Err
         payload: r.get_payload()?.to_vec(),
         appended_at_micros: r.get_appended_at_micros(),
     })
+}
+
+/// Writes a log entry of `group` as an `Envelope`.
+pub(crate) fn write_envelope(mut out: envelope::Builder<'_>, group: &GroupId, entry: &LogEntry) {
+    out.set_group_id(group.as_bytes());
+    out.set_seq(entry.seq);
+    out.set_epoch(entry.epoch);
+    out.set_kind(kind_to_wire(entry.kind));
+    out.set_message_id(&entry.message_id);
+    out.set_payload(&entry.payload);
+    out.set_appended_at_micros(entry.appended_at_micros);
+}
+
+/// Writes a Welcome waiting in an inbox.
+pub(crate) fn write_welcome(mut out: welcome::Builder<'_>, w: &InboxEntry) {
+    out.set_seq(w.seq);
+    out.set_group_id(w.group_id.as_bytes());
+    out.set_commit_seq(w.commit_seq);
+    out.set_welcome(&w.welcome);
 }

@@ -13,7 +13,7 @@ use quicproquo_core::IdentityKey;
 use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::broadcast;
 
-use crate::store::log::{GroupId, LogEntry};
+use crate::model::group::{GroupId, LogEntry};
 
 /// Entries a subscriber may fall behind the live feed before it catches up from the store.
 const FEED_CAPACITY: usize = 1024;

@@ -1,4 +1,4 @@
-//! The shard's side of the internal interface: `ShardService`, served to cluster nodes only.
+//! The shard's internal interface: `ShardService`, served to cluster nodes only.
 //!
 //! `append` goes through the shard's appender (group commit), exactly like a standalone
 //! node's own appends. `watch` and `watchInboxes` push what this shard's appender publishes,
@@ -9,38 +9,36 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
-use quicproquo_proto::cluster_capnp::{entry_sink, shard_service};
-use quicproquo_proto::errors::{ErrorCode, code_of, error};
+use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink, shard_service};
+use quicproquo_proto::errors::{ErrorCode, code_of};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{Instrument, debug};
 
-use super::wire::{read_request, write_outcome};
-use crate::delivery::hub::{FeedEvent, Published};
-use crate::delivery::shard::Shard;
-use crate::delivery::subscribe::spawn;
-use crate::delivery::{log_error, write_envelope};
-use crate::ops::Observer;
-use crate::ops::spans::{PushTarget, push_span, record_error, trace_of, write_wire};
-use crate::rpc::InFlight;
-use crate::store::log::{GroupId, LogStore};
+use quicproquo_telemetry::propagation::WireContext;
+
+use super::subscribe::spawn;
+use crate::model::group::GroupId;
+use crate::obs::Observer;
+use crate::obs::calls::InFlight;
+use crate::obs::spans::{PushTarget, push_span, record_error, trace_of, write_wire};
+use crate::ordering::Appender;
+use crate::ordering::hub::{FeedEvent, Published};
+use crate::wire::codec::{read_request, write_envelope, write_outcome};
+use crate::wire::{ordering_error, parse};
 
 /// Entries pushed per call at most.
 const BATCH: usize = 256;
 
 /// `ShardService` for one connection from a cluster node.
-pub(crate) struct ShardServiceImpl {
-    shard: Arc<Shard>,
+pub(super) struct ShardServiceImpl {
+    shard: Arc<Appender>,
     in_flight: Rc<InFlight>,
 }
 
 impl ShardServiceImpl {
-    pub(crate) fn new(shard: Arc<Shard>, in_flight: Rc<InFlight>) -> Self {
+    pub(super) fn new(shard: Arc<Appender>, in_flight: Rc<InFlight>) -> Self {
         Self { shard, in_flight }
     }
-}
-
-fn group_id(bytes: &[u8]) -> Result<GroupId, capnp::Error> {
-    GroupId::new(bytes).map_err(log_error)
 }
 
 impl shard_service::Server for ShardServiceImpl {
@@ -54,14 +52,12 @@ impl shard_service::Server for ShardServiceImpl {
         in_flight
             .serve("ShardService", "createGroup", trace, async move {
                 let p = params.get()?;
-                let group = group_id(p.get_group_id()?)?;
-                let creator = IdentityKey::from_slice(p.get_creator()?)
-                    .map_err(|e| error(ErrorCode::InvalidArgument, e))?;
+                let group = parse::group_id(p.get_group_id()?)?;
+                let creator = parse::identity(p.get_creator()?)?;
                 self.shard
-                    .store()
                     .create_group(&group, &creator)
                     .await
-                    .map_err(log_error)
+                    .map_err(ordering_error)
             })
             .await
     }
@@ -83,10 +79,7 @@ impl shard_service::Server for ShardServiceImpl {
                         .redactor
                         .hash(req.group_id.as_bytes()),
                 );
-                if req.payload.len() > self.shard.max_message_bytes() {
-                    return Err(error(ErrorCode::TooLarge, "message too large"));
-                }
-                let outcome = self.shard.append(req).await.map_err(log_error)?;
+                let outcome = self.shard.append(req).await.map_err(ordering_error)?;
                 write_outcome(results.get().init_result(), outcome)
             })
             .await
@@ -97,18 +90,28 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::WatchParams,
         mut results: shard_service::WatchResults,
     ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let group = group_id(p.get_group_id()?)?;
-        let sink = p.get_sink()?;
-        let feed = self.shard.hub().group_feed(&group).0;
-        let observer = Arc::clone(self.shard.observer());
-        let subscription = spawn(move |_| async move {
-            if let Err(e) = push_group(&group, feed, &sink, &observer).await {
-                debug!(error = %e, "group watch ended");
-            }
-        });
-        results.get().set_subscription(subscription);
-        Ok(())
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "ShardService",
+                "watch",
+                WireContext::default(),
+                async move {
+                    let p = params.get()?;
+                    let group = parse::group_id(p.get_group_id()?)?;
+                    let sink = p.get_sink()?;
+                    let feed = self.shard.hub().group_feed(&group).0;
+                    let observer = Arc::clone(self.shard.observer());
+                    let subscription = spawn(&self.in_flight, move |_| async move {
+                        if let Err(e) = push_group(&group, feed, &sink, &observer).await {
+                            debug!(error = %e, "group watch ended");
+                        }
+                    });
+                    results.get().set_subscription(subscription);
+                    Ok(())
+                },
+            )
+            .await
     }
 
     async fn watch_inboxes(
@@ -116,32 +119,50 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::WatchInboxesParams,
         mut results: shard_service::WatchInboxesResults,
     ) -> Result<(), capnp::Error> {
-        let sink = params.get()?.get_sink()?;
-        let mut feed = self.shard.hub().all_inboxes();
-        let subscription = spawn(move |_| async move {
-            loop {
-                let ids = match feed.recv().await {
-                    Ok(ids) => ids,
-                    // Whole batches were dropped: the edge cannot know whose, so it must
-                    // recheck every inbox. An empty list says exactly that.
-                    Err(RecvError::Lagged(_)) => Arc::new(Vec::new()),
-                    Err(RecvError::Closed) => return,
-                };
-                let mut req = sink.notify_request();
-                {
-                    let mut list = req.get().init_identities(ids.len() as u32);
-                    for (i, id) in ids.iter().enumerate() {
-                        list.set(i as u32, id.as_bytes());
-                    }
-                }
-                if let Err(e) = req.send().promise.await {
-                    debug!(error = %e, "inbox watch ended");
-                    return;
-                }
+        let in_flight = Rc::clone(&self.in_flight);
+        in_flight
+            .serve(
+                "ShardService",
+                "watchInboxes",
+                WireContext::default(),
+                async move {
+                    let sink = params.get()?.get_sink()?;
+                    let feed = self.shard.hub().all_inboxes();
+                    let subscription = spawn(&self.in_flight, move |_| async move {
+                        if let Err(e) = push_inboxes(feed, &sink).await {
+                            debug!(error = %e, "inbox watch ended");
+                        }
+                    });
+                    results.get().set_subscription(subscription);
+                    Ok(())
+                },
+            )
+            .await
+    }
+}
+
+/// Pushes every inbox notification of this shard to an edge's sink, one awaited call at a
+/// time; notifications dropped while the edge was behind become one "recheck all" (empty list).
+async fn push_inboxes(
+    mut feed: tokio::sync::broadcast::Receiver<Arc<Vec<IdentityKey>>>,
+    sink: &inbox_sink::Client,
+) -> Result<(), capnp::Error> {
+    loop {
+        let ids = match feed.recv().await {
+            Ok(ids) => ids,
+            // Whole batches were dropped: the edge cannot know whose, so it must recheck
+            // every inbox. An empty list says exactly that.
+            Err(RecvError::Lagged(_)) => Arc::new(Vec::new()),
+            Err(RecvError::Closed) => return Ok(()),
+        };
+        let mut req = sink.notify_request();
+        {
+            let mut list = req.get().init_identities(ids.len() as u32);
+            for (i, id) in ids.iter().enumerate() {
+                list.set(i as u32, id.as_bytes());
             }
-        });
-        results.get().set_subscription(subscription);
-        Ok(())
+        }
+        req.send().promise.await?;
     }
 }
 

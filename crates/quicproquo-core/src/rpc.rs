@@ -1,0 +1,56 @@
+//! Cap'n Proto RPC over an established Noise session: the one place that builds an RPC system
+//! on the encrypted channel, with the reader limits that guard it.
+//!
+//! Every connection of the project (a client to an edge, a server accepting any peer, an edge
+//! dialing a shard) goes through [`rpc_system`], so the traversal and nesting limits applied
+//! to what a peer sends are set here and nowhere else.
+
+use std::sync::Arc;
+
+use capnp::message::ReaderOptions;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{RpcSystem, twoparty};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::channel::{ChannelLimits, channel};
+use crate::noise::Session;
+
+/// Deepest pointer nesting accepted in a message from a peer.
+pub const NESTING_LIMIT: i32 = 64;
+
+/// The reader limits for messages of at most `limits.max_frame_bytes`: a message may not make
+/// the reader traverse more words than fit in one frame, nor nest deeper than
+/// [`NESTING_LIMIT`].
+pub fn reader_options(limits: ChannelLimits) -> ReaderOptions {
+    let mut options = ReaderOptions::new();
+    options
+        .traversal_limit_in_words(Some(limits.max_frame_bytes / 8))
+        .nesting_limit(NESTING_LIMIT);
+    options
+}
+
+/// Builds the RPC system of one connection over its established Noise `session`, on the byte
+/// stream halves `read` and `write`. `side` is [`Side::Client`] for the end that dialed;
+/// `bootstrap` is the capability this end offers the peer (`None` when it offers nothing).
+pub fn rpc_system<R, W>(
+    read: R,
+    write: W,
+    session: Arc<Session>,
+    limits: ChannelLimits,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> RpcSystem<Side>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (reader, writer) = channel(read, write, session, limits);
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        side,
+        reader_options(limits),
+    );
+    RpcSystem::new(Box::new(network), bootstrap)
+}

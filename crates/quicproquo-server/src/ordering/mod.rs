@@ -1,0 +1,38 @@
+//! Ordering: the appender that writes each node's appends in batches (group commit) and the
+//! in-memory live feeds ([`hub`]) that fan new entries out to subscriptions.
+//!
+//! What it is not: an RPC face. Callers hand it model values and get model outcomes or an
+//! [`OrderingError`]; the RPC layer turns those into wire answers. A standalone node and a
+//! shard both run an [`Appender`]; an edge runs a [`hub::Hub`] fed by the shards it follows.
+
+pub mod appender;
+pub mod hub;
+
+pub use appender::Appender;
+
+use crate::model::ModelError;
+use crate::store::StoreError;
+
+/// Why an append or group creation was not decided.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrderingError {
+    /// The request breaks a rule of the model (e.g. it is too large).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The store refused or failed the operation.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No node that orders this group can be reached now (shutting down, no live shard); the
+    /// operation had no effect that the caller can rely on, and may be retried.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The group's owner shard refused the call with a typed reason (an edge forwarding).
+    #[error("[{code}] {message}")]
+    Refused {
+        /// The stable reason.
+        code: quicproquo_proto::errors::ErrorCode,
+        /// The shard's explanation.
+        message: String,
+    },
+}
