@@ -47,6 +47,11 @@ pub enum TransportError {
     /// A handshake message was malformed, too long, or failed authentication.
     #[error("handshake failed: {0}")]
     Handshake(String),
+    /// The peer sent a low-order X25519 public key (ephemeral or static): its Diffie-Hellman
+    /// output would be all zero, whatever our secret, so the handshake would give it nothing
+    /// to prove. Refused before anything is answered.
+    #[error("the peer sent a low-order public key")]
+    LowOrderKey,
     /// The server's node certificate did not verify under the pinned cluster key.
     #[error("the server is not vouched for by the pinned cluster key")]
     WrongClusterKey,

@@ -109,6 +109,37 @@ async fn write_handshake<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Length of an X25519 public key, the first field of handshake messages 1 and 2 (the sender's
+/// ephemeral key, in the clear).
+const KEY_LEN: usize = 32;
+
+/// Refuses a low-order X25519 public key: one whose product with any clamped scalar (a
+/// multiple of the cofactor) is the identity, so every Diffie-Hellman with it is all zero.
+/// Public data only, so the comparison need not be constant-time.
+fn check_contributory(public: &[u8]) -> Result<(), TransportError> {
+    let Ok(point) = <[u8; KEY_LEN]>::try_from(public) else {
+        return Err(TransportError::Handshake(
+            "public key of the wrong length".into(),
+        ));
+    };
+    // Any fixed scalar works: x25519 clamps it to a multiple of 8, which sends exactly the
+    // low-order points (and only them) to zero.
+    let shared = x25519_dalek::x25519([0x5a; KEY_LEN], point);
+    if shared == [0u8; KEY_LEN] {
+        return Err(TransportError::LowOrderKey);
+    }
+    Ok(())
+}
+
+/// Checks the ephemeral key that opens handshake message `msg` (messages 1 and 2); a message
+/// too short to hold one is left to the handshake itself to refuse.
+fn check_ephemeral(msg: &[u8]) -> Result<(), TransportError> {
+    match msg.get(..KEY_LEN) {
+        Some(e) => check_contributory(e),
+        None => Ok(()),
+    }
+}
+
 async fn read_handshake<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut [u8; MAX_HANDSHAKE_MESSAGE],
@@ -145,6 +176,7 @@ fn finish(
         .get_remote_static()
         .and_then(|k| k.try_into().ok())
         .ok_or_else(|| TransportError::Handshake("peer sent no static key".into()))?;
+    check_contributory(&remote_static)?;
     let handshake_hash: [u8; 32] = hs
         .get_handshake_hash()
         .try_into()
@@ -210,6 +242,7 @@ async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
         write_handshake(io, &msg[..n]).await?;
 
         let n = read_handshake(io, &mut msg).await?;
+        check_ephemeral(&msg[..n])?;
         let p = hs
             .read_message(&msg[..n], &mut payload)
             .map_err(snow_error)?;
@@ -218,6 +251,7 @@ async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| TransportError::Handshake("responder sent no static key".into()))?;
+        check_contributory(&server_static)?;
         let role = verifier
             .verify(&cert, &server_static)
             .map_err(|_| TransportError::WrongClusterKey)?;
@@ -246,6 +280,7 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
 
         let n = read_handshake(io, &mut msg).await?;
+        check_ephemeral(&msg[..n])?;
         hs.read_message(&msg[..n], &mut payload)
             .map_err(snow_error)?;
 
@@ -267,4 +302,64 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         finish(hs, None, peer_certificate)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The low-order points of Curve25519 (u-coordinates, little-endian), and encodings of them
+    /// at or above the field prime p = 2^255 - 19.
+    const LOW_ORDER: [&str; 6] = [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ];
+
+    #[test]
+    fn low_order_keys_are_refused_and_real_ones_accepted() -> Result<(), TransportError> {
+        for hex_point in LOW_ORDER {
+            let point =
+                hex::decode(hex_point).map_err(|e| TransportError::Handshake(e.to_string()))?;
+            assert!(
+                matches!(check_contributory(&point), Err(TransportError::LowOrderKey)),
+                "{hex_point}"
+            );
+        }
+        let real = NoiseKeypair::generate()?;
+        check_contributory(real.public())?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_responder_answers_nothing_to_a_low_order_ephemeral() -> Result<(), TransportError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = NoiseKeypair::generate()?;
+        let cluster = crate::ClusterSigningKey::generate()?;
+        let cert = cluster.certify(NodeRole::Standalone, server.public());
+        let (mut client, mut io) = tokio::io::duplex(4096);
+        let responder =
+            tokio::spawn(
+                async move { respond(&mut io, &server, &cert, Duration::from_secs(5)).await },
+            );
+        // Message 1 of XX: the ephemeral key alone, here the all-zero point.
+        let mut msg1 = vec![0, KEY_LEN as u8];
+        msg1.extend_from_slice(&[0u8; KEY_LEN]);
+        client.write_all(&msg1).await?;
+        let outcome = responder
+            .await
+            .map_err(|e| TransportError::Handshake(e.to_string()))?;
+        assert!(matches!(outcome, Err(TransportError::LowOrderKey)));
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await?;
+        assert!(
+            answer.is_empty(),
+            "the responder wrote {} bytes",
+            answer.len()
+        );
+        Ok(())
+    }
 }

@@ -83,6 +83,30 @@ async fn a_truncated_handshake_is_refused() -> Result<()> {
     .await
 }
 
+/// A Noise message 1 whose ephemeral key is a low-order point (here all zero) gets no answer:
+/// the connection is closed before message 2, and counted as a failed handshake.
+#[tokio::test]
+async fn a_low_order_ephemeral_key_gets_no_answer() -> Result<()> {
+    survives(
+        |_| {},
+        |server| async move {
+            let mut s = TcpStream::connect(server.addr).await?;
+            s.write_all(&32u16.to_be_bytes()).await?;
+            s.write_all(&[0u8; 32]).await?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(WITHIN, s.read_to_end(&mut answer)).await??;
+            anyhow::ensure!(
+                answer.is_empty(),
+                "the server answered {} bytes",
+                answer.len()
+            );
+            eventually(WITHIN, || failed_handshakes(&server).unwrap_or(0) >= 1).await?;
+            Ok(server)
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_bit_flipped_handshake_is_refused() -> Result<()> {
     survives(
