@@ -147,6 +147,28 @@ fn mib(b: u64) -> String {
 /// The report as a human-readable table.
 pub(crate) fn table(r: &Report) -> String {
     let mut out = String::new();
+    write_header(&mut out, r);
+    for p in &r.phases {
+        let _ = writeln!(out);
+        write_phase(&mut out, p);
+    }
+    let _ = writeln!(out);
+    write_memory(&mut out, &r.memory);
+    let _ = writeln!(out, "errors: {}", r.errors);
+    for v in &r.thresholds {
+        let _ = writeln!(
+            out,
+            "threshold {}: {} (measured {:.3})",
+            v.rule,
+            if v.passed { "pass" } else { "FAIL" },
+            v.measured
+        );
+    }
+    out
+}
+
+/// The table's first lines: date, machine, target and scenario.
+fn write_header(out: &mut String, r: &Report) {
     let s = &r.settings;
     let _ = writeln!(out, "qpq-loadtest report, {}", r.date);
     let _ = writeln!(
@@ -169,62 +191,65 @@ pub(crate) fn table(r: &Report) -> String {
         s.churn,
         s.threads
     );
-    for p in &r.phases {
-        let _ = writeln!(out);
-        let server = p
-            .cpu
-            .server_cores
-            .map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
-        let machine = p
-            .cpu
-            .machine_busy_cores
-            .map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
-        let _ = write!(
-            out,
-            "== {}: {:.2} s, CPU cores used: generator {:.2}, server {server}, whole machine \
-             {machine}",
-            p.name, p.wall_s, p.cpu.generator_cores
-        );
-        if let Some(rate) = p.rate {
-            let _ = write!(out, ", planned {rate} msg/s");
-        }
-        if let Some(t) = p.throughput_per_s {
-            let _ = write!(out, ", {t:.0}/s");
-        }
-        let _ = writeln!(out);
-        if let Some(c) = p.cpu_per_item {
-            let server = c
-                .server_us
-                .map_or_else(|| "n/a".into(), |us| format!("{us:.1} µs"));
-            let _ = writeln!(
-                out,
-                "  CPU per item ({} items): generator {:.1} µs, server {server}",
-                c.items, c.generator_us
-            );
-        }
-        if !p.stats.latency_ms.is_empty() {
-            let _ = writeln!(
-                out,
-                "  {:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max"
-            );
-            for (name, h) in &p.stats.latency_ms {
-                let _ = writeln!(
-                    out,
-                    "  {:<40} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-                    name, h.count, h.p50, h.p90, h.p99, h.p999, h.max
-                );
-            }
-        }
-        for (name, v) in &p.stats.counters {
-            let _ = writeln!(out, "  {name}: {v}");
-        }
-        for (kind, n) in &p.stats.errors {
-            let _ = writeln!(out, "  ERROR {kind}: {n}");
-        }
+}
+
+/// One phase: its headline, CPU per item, latency percentiles, counters and errors.
+fn write_phase(out: &mut String, p: &PhaseReport) {
+    let server = p
+        .cpu
+        .server_cores
+        .map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
+    let machine = p
+        .cpu
+        .machine_busy_cores
+        .map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
+    let _ = write!(
+        out,
+        "== {}: {:.2} s, CPU cores used: generator {:.2}, server {server}, whole machine \
+         {machine}",
+        p.name, p.wall_s, p.cpu.generator_cores
+    );
+    if let Some(rate) = p.rate {
+        let _ = write!(out, ", planned {rate} msg/s");
+    }
+    if let Some(t) = p.throughput_per_s {
+        let _ = write!(out, ", {t:.0}/s");
     }
     let _ = writeln!(out);
-    let m = &r.memory;
+    if let Some(c) = p.cpu_per_item {
+        let server = c
+            .server_us
+            .map_or_else(|| "n/a".into(), |us| format!("{us:.1} µs"));
+        let _ = writeln!(
+            out,
+            "  CPU per item ({} items): generator {:.1} µs, server {server}",
+            c.items, c.generator_us
+        );
+    }
+    if !p.stats.latency_ms.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max"
+        );
+        for (name, h) in &p.stats.latency_ms {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                name, h.count, h.p50, h.p90, h.p99, h.p999, h.max
+            );
+        }
+    }
+    for (name, v) in &p.stats.counters {
+        let _ = writeln!(out, "  {name}: {v}");
+    }
+    for (kind, n) in &p.stats.errors {
+        let _ = writeln!(out, "  ERROR {kind}: {n}");
+    }
+}
+
+/// The memory lines, for the figures that were measured.
+fn write_memory(out: &mut String, m: &Memory) {
     if let Some(b) = m.process_peak_bytes {
         let who = if m.server_in_process {
             "load generator + in-process server"
@@ -250,17 +275,6 @@ pub(crate) fn table(r: &Report) -> String {
             b / 1024.0
         );
     }
-    let _ = writeln!(out, "errors: {}", r.errors);
-    for v in &r.thresholds {
-        let _ = writeln!(
-            out,
-            "threshold {}: {} (measured {:.3})",
-            v.rule,
-            if v.passed { "pass" } else { "FAIL" },
-            v.measured
-        );
-    }
-    out
 }
 
 #[cfg(test)]

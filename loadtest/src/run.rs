@@ -3,6 +3,7 @@
 //! report.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use quicproquo_client::ConnectOptions;
 use quicproquo_core::IdentityKeypair;
+use tokio::sync::oneshot;
 
 use crate::cli::{Args, Scenario, Settings};
 use crate::member::{GroupPlan, Plan, Progress};
@@ -19,7 +21,7 @@ use crate::stats::{Stats, counter, metric};
 use crate::steady::SteadyPlan;
 use crate::sys::{CpuUse, cpu_snapshot, peak_rss, peak_rss_self, raise_nofile_limit, rss};
 use crate::threshold::Figures;
-use crate::worker::{Command, Worker};
+use crate::worker::{Command, Outcome, Worker};
 
 /// Time between subscribing everyone and the first planned send.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -29,61 +31,19 @@ pub(crate) fn run(args: &Args, settings: Settings) -> Result<Report> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    // Every member holds a connection; an in-process server holds the other end too.
-    let fds = settings.members as u64 * 2 + 4096;
-    let limit = raise_nofile_limit(fds);
-    if limit < settings.members as u64 + 256 {
-        eprintln!(
-            "warning: the open-file limit is {limit}, too low for {} connections",
-            settings.members
-        );
-    }
+    raise_file_limit(&settings);
     let controller = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let endpoint = if args.target.is_empty() {
-        let cap = settings.members + 1024;
-        if args.server_process || settings.scenario == Scenario::Connections {
-            server::child(cap)?
-        } else {
-            server::in_process(cap)?
-        }
-    } else {
-        let key = args.server_key.as_deref().unwrap_or_default();
-        controller.block_on(server::remote(&args.target, key))?
-    };
     let Endpoint {
         addrs,
         cluster_key,
         target,
-    } = endpoint;
+    } = endpoint(args, &settings, &controller)?;
     let target_name = target.describe(&addrs);
     let mut options = ConnectOptions::new(cluster_key);
     options.timeout = settings.timeout;
-
-    let keys = (0..settings.members)
-        .map(|_| IdentityKeypair::generate())
-        .collect::<Result<Vec<_>, _>>()?;
-    let plan = Arc::new(Plan {
-        groups: plan_groups(&settings)?,
-        identities: keys.iter().map(IdentityKeypair::public).collect(),
-        run_id: hex::encode(&quicproquo_client::chat::random_id()?[..4]),
-        addrs,
-        options,
-        settings: settings.clone(),
-        progress: Arc::new(Progress::default()),
-        epoch: Instant::now(),
-    });
-    let mut shares: Vec<Vec<(usize, IdentityKeypair)>> =
-        (0..settings.threads).map(|_| Vec::new()).collect();
-    for (i, k) in keys.into_iter().enumerate() {
-        shares[i % settings.threads].push((i, k));
-    }
-    let workers = shares
-        .into_iter()
-        .enumerate()
-        .map(|(n, share)| Worker::spawn(n, Arc::clone(&plan), share))
-        .collect::<Result<Vec<_>>>()?;
+    let (plan, workers) = start_workers(&settings, addrs, options)?;
 
     let mut driver = Driver {
         workers: &workers,
@@ -105,7 +65,83 @@ pub(crate) fn run(args: &Args, settings: Settings) -> Result<Report> {
     memory.server_peak_bytes = target.pid().and_then(peak_rss);
     target.stop()?;
     result?;
+    Ok(report(settings, started_unix, target_name, phases, memory))
+}
 
+/// Every member holds a connection; an in-process server holds the other end too. Warns when
+/// the open-file limit cannot be raised far enough.
+fn raise_file_limit(settings: &Settings) {
+    let fds = settings.members as u64 * 2 + 4096;
+    let limit = raise_nofile_limit(fds);
+    if limit < settings.members as u64 + 256 {
+        eprintln!(
+            "warning: the open-file limit is {limit}, too low for {} connections",
+            settings.members
+        );
+    }
+}
+
+/// The server under test: started here (in this process, or as a child process for the
+/// connections scenario or when asked), or the remote `--target`.
+fn endpoint(
+    args: &Args,
+    settings: &Settings,
+    controller: &tokio::runtime::Runtime,
+) -> Result<Endpoint> {
+    if args.target.is_empty() {
+        let cap = settings.members + 1024;
+        if args.server_process || settings.scenario == Scenario::Connections {
+            server::child(cap)
+        } else {
+            server::in_process(cap)
+        }
+    } else {
+        let key = args.server_key.as_deref().unwrap_or_default();
+        controller.block_on(server::remote(&args.target, key))
+    }
+}
+
+/// Generates every member's identity, plans the groups and spreads the members round-robin
+/// over the worker threads.
+fn start_workers(
+    settings: &Settings,
+    addrs: Vec<SocketAddr>,
+    options: ConnectOptions,
+) -> Result<(Arc<Plan>, Vec<Worker>)> {
+    let keys = (0..settings.members)
+        .map(|_| IdentityKeypair::generate())
+        .collect::<Result<Vec<_>, _>>()?;
+    let plan = Arc::new(Plan {
+        groups: plan_groups(settings)?,
+        identities: keys.iter().map(IdentityKeypair::public).collect(),
+        run_id: hex::encode(&quicproquo_client::chat::random_id()?[..4]),
+        addrs,
+        options,
+        settings: settings.clone(),
+        progress: Arc::new(Progress::default()),
+        epoch: Instant::now(),
+    });
+    let mut shares: Vec<Vec<(usize, IdentityKeypair)>> =
+        (0..settings.threads).map(|_| Vec::new()).collect();
+    for (i, k) in keys.into_iter().enumerate() {
+        shares[i % settings.threads].push((i, k));
+    }
+    let workers = shares
+        .into_iter()
+        .enumerate()
+        .map(|(n, share)| Worker::spawn(n, Arc::clone(&plan), share))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((plan, workers))
+}
+
+/// The report of a finished run: error total and threshold verdicts.
+fn report(
+    settings: Settings,
+    started_unix: u64,
+    target: String,
+    phases: Vec<PhaseReport>,
+    memory: Memory,
+) -> Report {
     let errors = phases
         .iter()
         .map(|p| p.stats.errors.values().sum::<u64>())
@@ -117,17 +153,17 @@ pub(crate) fn run(args: &Args, settings: Settings) -> Result<Report> {
         .map(|t| t.check(&figures))
         .collect();
     let passed = thresholds.iter().all(|v| v.passed);
-    Ok(Report {
+    Report {
         date: rfc3339(started_unix),
         machine: Machine::detect(),
-        target: target_name,
+        target,
         settings,
         phases,
         memory,
         errors,
         thresholds,
         passed,
-    })
+    }
 }
 
 /// Members of each group: group `g`, position `p` is member `(g * size + p) mod members`.
@@ -175,6 +211,43 @@ fn headline(s: &Settings, phases: &[PhaseReport], errors: u64) -> Figures {
         }
     }
     f
+}
+
+/// Deliveries per second of a steady phase, or bound connections per second of the connect
+/// phase; `None` for the other phases.
+fn throughput(name: &str, steady: bool, measure_from: Instant, stats: &Stats) -> Option<f64> {
+    if steady {
+        let window = Instant::now().saturating_duration_since(measure_from);
+        let delivered = stats.counter(counter::DELIVERED) as f64;
+        // From the first planned send until the last member finished (everything
+        // delivered, or the drain time over).
+        Some(delivered / window.as_secs_f64().max(1e-3))
+    } else if name == "connect" {
+        // Bound connections per second until the last one was bound (a straggler that
+        // ends in a timeout does not stretch the figure).
+        let n = stats.counter(counter::LAST_BOUND_US).max(1);
+        let bound = stats.summary(metric::BIND).map_or(0, |h| h.count);
+        Some(bound as f64 / (n as f64 / 1e6))
+    } else {
+        None
+    }
+}
+
+/// CPU per join, per delivery or per connection, over a phase that took `wall`; `None` when
+/// the phase did no such unit of work.
+fn cpu_per_item(cmd: &Command, stats: &Stats, cpu: &CpuUse, wall: Duration) -> Option<CpuPerItem> {
+    let items = match cmd {
+        Command::Join => stats.counter(counter::JOINED),
+        Command::Steady(_) => stats.counter(counter::DELIVERED),
+        Command::Connect => stats.summary(metric::CONNECT).map_or(0, |h| h.count),
+        _ => 0,
+    };
+    let per_item = |cores: f64| cores * wall.as_secs_f64() * 1e6 / items as f64;
+    (items > 0).then(|| CpuPerItem {
+        items,
+        generator_us: per_item(cpu.generator_cores),
+        server_us: cpu.server_cores.map(per_item),
+    })
 }
 
 /// Drives the phases.
@@ -266,7 +339,7 @@ impl Driver<'_> {
     ) -> Result<Vec<(usize, u64, Vec<u8>)>> {
         let progress = &self.plan.progress;
         progress.done.store(0, Ordering::Relaxed);
-        let (sent0, delivered0) = (
+        let counts0 = (
             progress.sent.load(Ordering::Relaxed),
             progress.delivered.load(Ordering::Relaxed),
         );
@@ -279,48 +352,18 @@ impl Driver<'_> {
             u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        let rate = match &cmd {
-            Command::Steady(p) => Some(p.rate),
-            _ => None,
-        };
-        let measure_from = match &cmd {
-            Command::Steady(p) => p.start,
-            _ => started,
+        let (rate, measure_from) = match &cmd {
+            Command::Steady(p) => (Some(p.rate), p.start),
+            _ => (None, started),
         };
         let replies = self
             .workers
             .iter()
             .map(|w| w.send(cmd.clone()))
             .collect::<Result<Vec<_>>>()?;
-        let mut all = futures::future::join_all(replies);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
-        let mut last_delivered = delivered0;
-        let outcomes = loop {
-            tokio::select! {
-                r = &mut all => break r,
-                _ = tick.tick() => {
-                    if self.quiet { continue; }
-                    let d = progress.delivered.load(Ordering::Relaxed);
-                    let line = if rate.is_some() {
-                        format!(
-                            "sent {} delivered {} ({}/s)",
-                            progress.sent.load(Ordering::Relaxed) - sent0,
-                            d - delivered0,
-                            d - last_delivered
-                        )
-                    } else {
-                        format!("{}/{total} done", progress.done.load(Ordering::Relaxed))
-                    };
-                    last_delivered = d;
-                    eprintln!(
-                        "[{:>6.1}s] {name}: {line}, errors {}",
-                        started.elapsed().as_secs_f64(),
-                        progress.errors.load(Ordering::Relaxed)
-                    );
-                }
-            }
-        };
+        let outcomes = self
+            .await_replies(name, total, rate.is_some(), started, counts0, replies)
+            .await;
         let wall = started.elapsed();
         let cpu = CpuUse::since(&cpu0, child, in_process);
         let mut stats = Stats::default();
@@ -330,33 +373,8 @@ impl Driver<'_> {
             stats.merge(o.stats);
             views.extend(o.views);
         }
-        let throughput = if rate.is_some() {
-            let window = Instant::now().saturating_duration_since(measure_from);
-            let delivered = stats.counter(counter::DELIVERED) as f64;
-            // From the first planned send until the last member finished (everything
-            // delivered, or the drain time over).
-            Some(delivered / window.as_secs_f64().max(1e-3))
-        } else if name == "connect" {
-            // Bound connections per second until the last one was bound (a straggler that
-            // ends in a timeout does not stretch the figure).
-            let n = stats.counter(counter::LAST_BOUND_US).max(1);
-            let bound = stats.summary(metric::BIND).map_or(0, |h| h.count);
-            Some(bound as f64 / (n as f64 / 1e6))
-        } else {
-            None
-        };
-        let items = match &cmd {
-            Command::Join => stats.counter(counter::JOINED),
-            Command::Steady(_) => stats.counter(counter::DELIVERED),
-            Command::Connect => stats.summary(metric::CONNECT).map_or(0, |h| h.count),
-            _ => 0,
-        };
-        let per_item = |cores: f64| cores * wall.as_secs_f64() * 1e6 / items as f64;
-        let cpu_per_item = (items > 0).then(|| CpuPerItem {
-            items,
-            generator_us: per_item(cpu.generator_cores),
-            server_us: cpu.server_cores.map(per_item),
-        });
+        let throughput = throughput(name, rate.is_some(), measure_from, &stats);
+        let cpu_per_item = cpu_per_item(&cmd, &stats, &cpu, wall);
         if !self.quiet {
             eprintln!(
                 "[{:>6.1}s] {name}: finished, errors {}",
@@ -374,6 +392,51 @@ impl Driver<'_> {
             stats: stats.snapshot(),
         });
         Ok(views)
+    }
+
+    /// Waits for every worker's answer, printing a progress line once a second (unless
+    /// quiet): messages sent and delivered since `counts0` (sent, delivered) in a steady
+    /// phase, otherwise how much of `total` is done.
+    async fn await_replies(
+        &self,
+        name: &str,
+        total: usize,
+        steady: bool,
+        started: Instant,
+        counts0: (u64, u64),
+        replies: Vec<oneshot::Receiver<Outcome>>,
+    ) -> Vec<Result<Outcome, oneshot::error::RecvError>> {
+        let progress = &self.plan.progress;
+        let (sent0, delivered0) = counts0;
+        let mut all = futures::future::join_all(replies);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let mut last_delivered = delivered0;
+        loop {
+            tokio::select! {
+                r = &mut all => break r,
+                _ = tick.tick() => {
+                    if self.quiet { continue; }
+                    let d = progress.delivered.load(Ordering::Relaxed);
+                    let line = if steady {
+                        format!(
+                            "sent {} delivered {} ({}/s)",
+                            progress.sent.load(Ordering::Relaxed) - sent0,
+                            d - delivered0,
+                            d - last_delivered
+                        )
+                    } else {
+                        format!("{}/{total} done", progress.done.load(Ordering::Relaxed))
+                    };
+                    last_delivered = d;
+                    eprintln!(
+                        "[{:>6.1}s] {name}: {line}, errors {}",
+                        started.elapsed().as_secs_f64(),
+                        progress.errors.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
     }
 
     /// Every member of a group must be at the same epoch with the same epoch authenticator.

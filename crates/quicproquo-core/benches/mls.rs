@@ -20,7 +20,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode};
+use criterion::measurement::WallTime;
+use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     MIXED_PLAINTEXT_WIRE_FORMAT_POLICY, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
@@ -91,15 +92,11 @@ fn bare_join(provider: &MlsProvider, welcome: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
-    let name = suite.as_str();
-    let mut g = c.benchmark_group(format!("mls/{name}"));
-    // Flat sampling: the slow routines (a 1000-member add takes seconds) run ten times, not
-    // the 55 of linear sampling.
-    g.sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_millis(500));
+/// The group every benchmark of one suite is reported under.
+type Benches<'a> = BenchmarkGroup<'a, WallTime>;
 
+/// One KeyPackage, and HPKE seal / open of 32 bytes.
+fn bench_primitives(g: &mut Benches<'_>, suite: Suite) -> Result<()> {
     let d = device()?;
     g.bench_function("keygen (one KeyPackage)", |b| {
         b.iter(|| black_box(d.mls.key_packages(&d.provider, suite, 1)))
@@ -118,7 +115,16 @@ fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
             black_box(crypto.hpke_open(cs.hpke_config(), &sealed, &kp.private, b"info", b"aad"))
         })
     });
+    Ok(())
+}
 
+/// Create a group and add `n - 1` members in one commit, for each size `n`; returns the
+/// largest size with its joiners and their KeyPackages.
+fn bench_add(
+    g: &mut Benches<'_>,
+    suite: Suite,
+    sizes: &[usize],
+) -> Result<(usize, Vec<Device>, Vec<Vec<u8>>)> {
     let mut last = None;
     for &n in sizes {
         let (devices, kps) = joiners(suite, n)?;
@@ -142,11 +148,12 @@ fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
         });
         last = Some((n, devices, kps));
     }
+    last.context("no group sizes")
+}
 
-    let (n, devices, kps) = last.context("no group sizes")?;
-    let creator = device()?;
-    let (mut group, welcome) = build_group(suite, &creator, &kps)?;
-    let joiner = &devices[0];
+/// `joiner` processes the Welcome of an `n`-member group, through `Group::join` and through
+/// bare openmls.
+fn bench_welcome(g: &mut Benches<'_>, n: usize, joiner: &Device, welcome: &[u8]) -> Result<()> {
     let before_join = joiner.provider.export_storage()?;
     g.bench_with_input(
         BenchmarkId::new("process welcome (Group::join)", n),
@@ -154,7 +161,7 @@ fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
         |b, _| {
             b.iter_batched(
                 || MlsProvider::import_storage(&before_join),
-                |p| black_box(p.map(|p| Group::join(&p, &welcome).is_ok())),
+                |p| black_box(p.map(|p| Group::join(&p, welcome).is_ok())),
                 BatchSize::PerIteration,
             )
         },
@@ -165,15 +172,26 @@ fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
         |b, _| {
             b.iter_batched(
                 || MlsProvider::import_storage(&before_join),
-                |p| black_box(p.map(|p| bare_join(&p, &welcome).is_ok())),
+                |p| black_box(p.map(|p| bare_join(&p, welcome).is_ok())),
                 BatchSize::PerIteration,
             )
         },
     );
+    Ok(())
+}
 
-    // Another member's update commit, processed by a member that joined.
+/// Another member's update commit (made by `creator` in `group`), processed by `joiner` after
+/// joining from `welcome`.
+fn bench_commit(
+    g: &mut Benches<'_>,
+    n: usize,
+    creator: &Device,
+    group: &mut Group,
+    joiner: &Device,
+    welcome: &[u8],
+) -> Result<()> {
     let member_provider = copy(&joiner.provider)?;
-    let joined = Group::join(&member_provider, &welcome)?;
+    let joined = Group::join(&member_provider, welcome)?;
     let group_id = joined.group_id();
     let after_join = member_provider.export_storage()?;
     let commit = group.self_update(&creator.provider, &creator.mls)?.commit;
@@ -192,6 +210,24 @@ fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
             BatchSize::PerIteration,
         )
     });
+    Ok(())
+}
+
+fn bench_suite(c: &mut Criterion, suite: Suite, sizes: &[usize]) -> Result<()> {
+    let name = suite.as_str();
+    let mut g = c.benchmark_group(format!("mls/{name}"));
+    // Flat sampling: the slow routines (a 1000-member add takes seconds) run ten times, not
+    // the 55 of linear sampling.
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500));
+    bench_primitives(&mut g, suite)?;
+    let (n, devices, kps) = bench_add(&mut g, suite, sizes)?;
+    let creator = device()?;
+    let (mut group, welcome) = build_group(suite, &creator, &kps)?;
+    let joiner = &devices[0];
+    bench_welcome(&mut g, n, joiner, &welcome)?;
+    bench_commit(&mut g, n, &creator, &mut group, joiner, &welcome)?;
     g.finish();
     Ok(())
 }

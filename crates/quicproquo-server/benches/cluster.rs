@@ -24,6 +24,7 @@ mod harness;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,9 @@ struct RunReport {
     errors: u64,
 }
 
+/// Each group's id with one of its members: its sender, or one of its receivers.
+type Members = Vec<(Vec<u8>, Member)>;
+
 fn pct(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -69,16 +73,14 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
-    let db = quicproquo_testkit::postgres::fresh_database().await?;
-    let tmp = tempfile::tempdir()?;
-    let cluster = Cluster::start(db.url(), &tmp.path().join("cluster"), 2, shards)?;
+/// Registers one sender and two receivers per group, spread over both edges; each sender
+/// creates its group and invites its receivers, who join (real MLS: KeyPackages, commit,
+/// Welcomes). Returns the senders and the receivers.
+async fn populate(s: &Settings, cluster: &Cluster, dir: &Path) -> Result<(Members, Members)> {
     let options = cluster.options();
-
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for g in 0..s.groups {
-        let dir = tmp.path();
         let mut sender = Member::register(
             &format!("send{g}"),
             dir,
@@ -108,10 +110,13 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
         senders.push((id.clone(), sender));
         receivers.extend(rs.into_iter().map(|r| (id.clone(), r)));
     }
+    Ok((senders, receivers))
+}
 
-    // Pre-encrypted pools: the timed run measures the cluster, not client MLS.
+/// Pre-encrypted pools, one per sender: the timed run measures the cluster, not client MLS.
+fn encrypt_pools(s: &Settings, senders: &Members) -> Result<Vec<Vec<Vec<u8>>>> {
     let mut pools = Vec::new();
-    for (id, m) in &senders {
+    for (id, m) in senders {
         let mut g = Group::load(&m.state.mls, id)?.context("sender lost its group")?;
         let mut pool = Vec::with_capacity(s.pool);
         for i in 0..s.pool {
@@ -119,15 +124,19 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
         }
         pools.push(pool);
     }
+    Ok(pools)
+}
 
-    // Receivers subscribe from their join point and timestamp every arrival.
-    let started: Rc<RefCell<Started>> = Rc::default();
-    let arrived: Rc<RefCell<Arrived>> = Rc::default();
+/// Receivers subscribe from their join point and timestamp every arrival into `arrived`.
+async fn subscribe(
+    receivers: &Members,
+    arrived: &Rc<RefCell<Arrived>>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
-    for (id, m) in &receivers {
+    for (id, m) in receivers {
         let cursor = m.state.groups.get(id).map_or(0, |g| g.cursor);
         let mut sub = m.session.delivery.subscribe(id, cursor).await?;
-        let arrived = Rc::clone(&arrived);
+        let arrived = Rc::clone(arrived);
         tasks.push(tokio::task::spawn_local(async move {
             while let Some(batch) = sub.next().await {
                 let now = Instant::now();
@@ -136,13 +145,22 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
             }
         }));
     }
+    Ok(tasks)
+}
 
+/// For `s.secs` seconds every sender keeps `s.in_flight` sends outstanding, recording when
+/// each was issued in `started`; returns the acknowledged and the failed sends.
+async fn send_all(
+    s: &Settings,
+    senders: &Members,
+    pools: &[Vec<Vec<u8>>],
+    started: &Rc<RefCell<Started>>,
+) -> (u64, u64) {
     let errors = Rc::new(RefCell::new(0u64));
     let deadline = Instant::now() + Duration::from_secs(s.secs);
-    let t0 = Instant::now();
     let mut sending = FuturesUnordered::new();
-    for (g, ((id, m), pool)) in senders.iter().zip(&pools).enumerate() {
-        let (started, errors) = (Rc::clone(&started), Rc::clone(&errors));
+    for (g, ((id, m), pool)) in senders.iter().zip(pools).enumerate() {
+        let (started, errors) = (Rc::clone(started), Rc::clone(&errors));
         sending.push(async move {
             let mut acked = 0u64;
             let mut next = 0usize;
@@ -170,8 +188,17 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
         acked += n;
     }
     drop(sending);
-    let secs = t0.elapsed().as_secs_f64();
-    // Every acknowledged message reaches both of its receivers.
+    let errors = *errors.borrow();
+    (acked, errors)
+}
+
+/// Waits until every acknowledged message has reached both of its receivers; returns the
+/// delivery latencies (µs), sorted.
+async fn latencies(
+    acked: u64,
+    started: &RefCell<Started>,
+    arrived: &RefCell<Arrived>,
+) -> Result<Vec<u64>> {
     let expected = acked * 2;
     let wait = Instant::now() + Duration::from_secs(60);
     while (arrived.borrow().len() as u64) < expected {
@@ -189,10 +216,26 @@ async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
         })
         .collect();
     latencies_us.sort_unstable();
+    Ok(latencies_us)
+}
+
+async fn run(s: &Settings, shards: usize) -> Result<RunReport> {
+    let db = quicproquo_testkit::postgres::fresh_database().await?;
+    let tmp = tempfile::tempdir()?;
+    let cluster = Cluster::start(db.url(), &tmp.path().join("cluster"), 2, shards)?;
+    let (senders, receivers) = populate(s, &cluster, tmp.path()).await?;
+    let pools = encrypt_pools(s, &senders)?;
+    let started: Rc<RefCell<Started>> = Rc::default();
+    let arrived: Rc<RefCell<Arrived>> = Rc::default();
+    let tasks = subscribe(&receivers, &arrived).await?;
+
+    let t0 = Instant::now();
+    let (acked, errors) = send_all(s, &senders, &pools, &started).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let latencies_us = latencies(acked, &started, &arrived).await?;
     for t in tasks {
         t.abort();
     }
-    let errors = *errors.borrow();
     drop(receivers);
     drop(senders);
     cluster.stop()?;

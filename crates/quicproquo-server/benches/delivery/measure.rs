@@ -8,10 +8,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use quicproquo_client::delivery::{Envelope, SendOutcome};
+use quicproquo_client::delivery::{Envelope, SendOutcome, Subscription};
 use quicproquo_core::group::{Event, Group};
 use tokio::sync::Notify;
-use tokio::task::spawn_local;
+use tokio::task::{JoinHandle, spawn_local};
 use tokio_util::sync::CancellationToken;
 
 use crate::probe::{CpuUse, DiskProbe, cpu_snapshot};
@@ -216,22 +216,119 @@ pub(crate) struct LatencyReport {
 /// What one recipient received: (sender, index, entry), in arrival order.
 type Received = Vec<(usize, u64, Envelope)>;
 
-/// The latency run: every member subscribed, a fixed send rate, then every recipient decrypts.
-#[allow(clippy::too_many_lines)]
-pub(crate) async fn latency(
-    s: &Settings,
+/// When the latency run's messages are planned: message `index` at `start + index × interval`.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    /// `start` in Unix µs.
+    start_unix: u64,
+    interval: Duration,
+}
+
+impl Schedule {
+    /// Message `index`'s planned send time, as an instant and in Unix µs.
+    fn planned(&self, index: u64) -> (Instant, u64) {
+        let offset = self.interval.mul_f64(index as f64);
+        (self.start + offset, self.start_unix + micros(offset))
+    }
+}
+
+impl Deliveries {
+    /// Records the delivery of message `index` (appended at `appended_at`, Unix µs) to one
+    /// recipient at `now` (an instant and Unix µs).
+    fn record(&self, index: u64, appended_at: u64, now: (Instant, u64), plan: &Schedule) {
+        let (now, now_unix) = now;
+        let (planned, planned_unix) = plan.planned(index);
+        let latency = micros(now.saturating_duration_since(planned));
+        self.to_recipient.borrow_mut().push(latency);
+        self.spread
+            .borrow_mut()
+            .entry(index)
+            .and_modify(|(first, last)| {
+                *first = (*first).min(latency);
+                *last = (*last).max(latency);
+            })
+            .or_insert((latency, latency));
+        self.from_append
+            .borrow_mut()
+            .push(now_unix.saturating_sub(appended_at));
+        self.appended_at
+            .borrow_mut()
+            .entry(index)
+            .or_insert(appended_at.saturating_sub(planned_unix));
+        self.delivered.set(self.delivered.get() + 1);
+        if self.delivered.get() == self.expected {
+            self.all_in.notify_one();
+        }
+    }
+}
+
+/// Member `me`'s subscription (entries after `after`) until `stop`: checks the order, records
+/// every other member's latency-run message and returns those in arrival order.
+async fn receive(
+    mut sub: Subscription<Envelope>,
+    shared: Rc<Deliveries>,
+    stop: CancellationToken,
+    me: usize,
+    after: u64,
+    plan: Schedule,
+) -> Received {
+    let mut got: Received = Vec::new();
+    let mut expect_seq = after + 1;
+    loop {
+        let batch = tokio::select! {
+            () = stop.cancelled() => break,
+            b = sub.next() => match b { Some(b) => b, None => break },
+        };
+        let now = (Instant::now(), unix_micros());
+        for e in batch {
+            if e.seq != expect_seq {
+                shared.order_errors.set(shared.order_errors.get() + 1);
+            }
+            expect_seq = e.seq + 1;
+            let Some((PHASE_LATENCY, sender, index)) = parse_id(&e.message_id) else {
+                shared.unexpected.set(shared.unexpected.get() + 1);
+                continue;
+            };
+            if sender == me {
+                continue; // our own message coming back
+            }
+            shared.record(index, e.appended_at_micros, now, &plan);
+            got.push((sender, index, e));
+        }
+    }
+    got
+}
+
+/// Every member subscribes to the group after entry `after`; one receiving task each.
+async fn subscribe_all(
     members: &[Member],
     id: &[u8],
     after: u64,
-    data_dir: &Path,
-) -> Result<LatencyReport> {
-    let n = members.len();
-    let senders: Vec<usize> = (n - s.latency_senders..n).collect();
-    let count = (s.rate * s.latency_run.as_secs_f64()).round().max(1.0) as u64;
-    let interval = Duration::from_secs_f64(1.0 / s.rate);
+    shared: &Rc<Deliveries>,
+    stop: &CancellationToken,
+    plan: Schedule,
+) -> Result<Vec<JoinHandle<Received>>> {
+    let mut receivers = Vec::with_capacity(members.len());
+    for m in members {
+        let sub = m.session.delivery.subscribe(id, after).await?;
+        let (shared, stop) = (Rc::clone(shared), stop.clone());
+        receivers.push(spawn_local(receive(
+            sub, shared, stop, m.index, after, plan,
+        )));
+    }
+    Ok(receivers)
+}
 
-    // Pre-encrypt every message, in send order (so each sender's generations stay in order).
-    let t = Instant::now();
+/// Pre-encrypts `count` messages, in send order (so each sender's generations stay in order),
+/// round-robin over `senders`: (sender, message).
+fn encrypt_messages(
+    s: &Settings,
+    members: &[Member],
+    id: &[u8],
+    senders: &[usize],
+    count: u64,
+) -> Result<Vec<(usize, Vec<u8>)>> {
     let mut groups: HashMap<usize, Group> = HashMap::new();
     let mut messages = Vec::with_capacity(usize::try_from(count)?);
     for i in 0..count {
@@ -247,83 +344,29 @@ pub(crate) async fn latency(
             g.encrypt(&m.state.mls, m.state.mls_identity(), &body)?,
         ));
     }
-    drop(groups);
-    let encrypt_us = t.elapsed().as_secs_f64() * 1e6 / count as f64;
+    Ok(messages)
+}
 
-    // Everyone subscribes after the append run's last entry.
-    let shared = Rc::new(Deliveries {
-        expected: count * (n as u64 - 1),
-        ..Deliveries::default()
-    });
-    let stop = CancellationToken::new();
-    let start = Instant::now() + SETTLE;
-    let start_unix = unix_micros() + micros(SETTLE);
-    let mut receivers = Vec::with_capacity(n);
-    for m in members {
-        let mut sub = m.session.delivery.subscribe(id, after).await?;
-        let (shared, stop, me) = (Rc::clone(&shared), stop.clone(), m.index);
-        receivers.push(spawn_local(async move {
-            let mut got: Received = Vec::new();
-            let mut expect_seq = after + 1;
-            loop {
-                let batch = tokio::select! {
-                    () = stop.cancelled() => break,
-                    b = sub.next() => match b { Some(b) => b, None => break },
-                };
-                let (now, now_unix) = (Instant::now(), unix_micros());
-                for e in batch {
-                    if e.seq != expect_seq {
-                        shared.order_errors.set(shared.order_errors.get() + 1);
-                    }
-                    expect_seq = e.seq + 1;
-                    let Some((PHASE_LATENCY, sender, index)) = parse_id(&e.message_id) else {
-                        shared.unexpected.set(shared.unexpected.get() + 1);
-                        continue;
-                    };
-                    if sender == me {
-                        continue; // our own message coming back
-                    }
-                    let planned = start + interval.mul_f64(index as f64);
-                    let planned_unix = start_unix + micros(interval.mul_f64(index as f64));
-                    let latency = micros(now.saturating_duration_since(planned));
-                    shared.to_recipient.borrow_mut().push(latency);
-                    shared
-                        .spread
-                        .borrow_mut()
-                        .entry(index)
-                        .and_modify(|(first, last)| {
-                            *first = (*first).min(latency);
-                            *last = (*last).max(latency);
-                        })
-                        .or_insert((latency, latency));
-                    shared
-                        .from_append
-                        .borrow_mut()
-                        .push(now_unix.saturating_sub(e.appended_at_micros));
-                    shared
-                        .appended_at
-                        .borrow_mut()
-                        .entry(index)
-                        .or_insert(e.appended_at_micros.saturating_sub(planned_unix));
-                    got.push((sender, index, e));
-                    shared.delivered.set(shared.delivered.get() + 1);
-                    if shared.delivered.get() == shared.expected {
-                        shared.all_in.notify_one();
-                    }
-                }
-            }
-            got
-        }));
-    }
+/// What the scheduled sends gave: how late each was issued (µs), the failed sends and the
+/// first failure.
+struct Sent {
+    issue_lag: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
 
-    // Send on schedule; each send is its own task so a slow answer does not delay the next.
-    // A concurrent disk probe tells a slow disk apart from a slow server.
-    let probe = DiskProbe::start(data_dir, PROBE_EVERY)?;
-    let cpu0 = cpu_snapshot();
+/// Sends every message at its planned time, each send its own task so a slow answer does not
+/// delay the next, then waits for every answer.
+async fn send_on_schedule(
+    members: &[Member],
+    id: &[u8],
+    messages: Vec<(usize, Vec<u8>)>,
+    plan: &Schedule,
+) -> Result<Sent> {
     let mut sends = Vec::with_capacity(messages.len());
     let mut issue_lag = Vec::with_capacity(messages.len());
     for (i, (sender, message)) in (0u64..).zip(messages) {
-        let planned = start + interval.mul_f64(i as f64);
+        let (planned, _) = plan.planned(i);
         tokio::time::sleep_until(planned.into()).await;
         issue_lag.push(micros(Instant::now().saturating_duration_since(planned)));
         let (delivery, gid) = (members[sender].session.delivery.clone(), id.to_vec());
@@ -332,36 +375,38 @@ pub(crate) async fn latency(
             delivery.send(&gid, &mid, &message, None).await
         }));
     }
-    let (mut send_errors, mut first_error) = (0u64, None);
+    let (mut errors, mut first_error) = (0u64, None);
     for send in sends {
         match send.await? {
             Ok(SendOutcome::Appended { .. }) => {}
             Ok(other) => {
-                send_errors += 1;
+                errors += 1;
                 first_error.get_or_insert(format!("unexpected outcome {other:?}"));
             }
             Err(e) => {
-                send_errors += 1;
+                errors += 1;
                 first_error.get_or_insert(e.to_string());
             }
         }
     }
-    if shared.delivered.get() < shared.expected {
-        let _ = tokio::time::timeout(s.drain, shared.all_in.notified()).await;
-    }
-    let cpu = CpuUse::since(&cpu0);
-    let disk = probe.finish()?;
-    stop.cancel();
-    let mut received = Vec::with_capacity(n);
-    for r in receivers {
-        received.push(r.await?);
-    }
-    let shared = Rc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("receivers still running"))?;
+    Ok(Sent {
+        issue_lag,
+        errors,
+        first_error,
+    })
+}
 
-    // Client MLS, after the run: every recipient decrypts what it received.
-    let mut decrypt = Vec::with_capacity(usize::try_from(shared.expected)?);
+/// Client MLS, after the run: every recipient decrypts what it received, checked against
+/// what was sent. Returns the time of each decryption (µs) and the failures.
+fn decrypt_all(
+    s: &Settings,
+    members: &[Member],
+    id: &[u8],
+    received: &[Received],
+) -> Result<(Vec<u64>, u64)> {
+    let mut decrypt = Vec::with_capacity(received.iter().map(Vec::len).sum());
     let mut decrypt_errors = 0u64;
-    for (m, got) in members.iter().zip(&received) {
+    for (m, got) in members.iter().zip(received) {
         let mut g = m.group(id)?;
         for (_, index, e) in got {
             let t = Instant::now();
@@ -373,9 +418,13 @@ pub(crate) async fn latency(
             }
         }
     }
-    // What the messenger (`Chat`) adds per message on top: it loads the group for every entry
-    // and saves the whole state file after every send and every batch received.
-    let probe = &members[1];
+    Ok((decrypt, decrypt_errors))
+}
+
+/// What the messenger (`Chat`) adds per message on top: it loads the group for every entry
+/// and saves the whole state file after every send and every batch received. Returns the
+/// load and save times (µs) and the state file's size.
+fn chat_costs(probe: &Member, id: &[u8]) -> Result<(f64, f64, u64)> {
     let t = Instant::now();
     for _ in 0..10 {
         probe.group(id)?;
@@ -386,14 +435,60 @@ pub(crate) async fn latency(
         probe.state.save(&probe.path)?;
     }
     let save_us = t.elapsed().as_secs_f64() * 1e6 / 10.0;
-    let state_bytes = std::fs::metadata(&probe.path)?.len();
+    Ok((load_us, save_us, std::fs::metadata(&probe.path)?.len()))
+}
+
+/// The latency run: every member subscribed, a fixed send rate, then every recipient decrypts.
+pub(crate) async fn latency(
+    s: &Settings,
+    members: &[Member],
+    id: &[u8],
+    after: u64,
+    data_dir: &Path,
+) -> Result<LatencyReport> {
+    let n = members.len();
+    let senders: Vec<usize> = (n - s.latency_senders..n).collect();
+    let count = (s.rate * s.latency_run.as_secs_f64()).round().max(1.0) as u64;
+    let t = Instant::now();
+    let messages = encrypt_messages(s, members, id, &senders, count)?;
+    let encrypt_us = t.elapsed().as_secs_f64() * 1e6 / count as f64;
+
+    // Everyone subscribes after the append run's last entry.
+    let shared = Rc::new(Deliveries {
+        expected: count * (n as u64 - 1),
+        ..Deliveries::default()
+    });
+    let stop = CancellationToken::new();
+    let plan = Schedule {
+        start: Instant::now() + SETTLE,
+        start_unix: unix_micros() + micros(SETTLE),
+        interval: Duration::from_secs_f64(1.0 / s.rate),
+    };
+    let receivers = subscribe_all(members, id, after, &shared, &stop, plan).await?;
+
+    // A concurrent disk probe tells a slow disk apart from a slow server.
+    let probe = DiskProbe::start(data_dir, PROBE_EVERY)?;
+    let cpu0 = cpu_snapshot();
+    let sent = send_on_schedule(members, id, messages, &plan).await?;
+    if shared.delivered.get() < shared.expected {
+        let _ = tokio::time::timeout(s.drain, shared.all_in.notified()).await;
+    }
+    let cpu = CpuUse::since(&cpu0);
+    let disk = probe.finish()?;
+    stop.cancel();
+    let mut received = Vec::with_capacity(n);
+    for r in receivers {
+        received.push(r.await?);
+    }
+    let shared = Rc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("receivers still running"))?;
+    let (decrypt, decrypt_errors) = decrypt_all(s, members, id, &received)?;
+    let (load_us, save_us, state_bytes) = chat_costs(&members[1], id)?;
 
     let appended_at = shared.appended_at.into_inner();
     let spread = shared.spread.into_inner();
     if let Ok(path) = std::env::var("QPQ_BENCH_CSV") {
-        write_timeline(Path::new(&path), &issue_lag, &appended_at, &spread)?;
+        write_timeline(Path::new(&path), &sent.issue_lag, &appended_at, &spread)?;
     }
-    let to_append = appended_at.into_values().collect();
     let (first_recipient, last_recipient) = spread.into_values().unzip();
     Ok(LatencyReport {
         senders: senders.len(),
@@ -403,14 +498,14 @@ pub(crate) async fn latency(
         deliveries: shared.delivered.get(),
         expected: shared.expected,
         to_recipient: shared.to_recipient.into_inner(),
-        to_append,
+        to_append: appended_at.into_values().collect(),
         from_append: shared.from_append.into_inner(),
         first_recipient,
         last_recipient,
         disk,
-        issue_lag,
-        send_errors,
-        first_error,
+        issue_lag: sent.issue_lag,
+        send_errors: sent.errors,
+        first_error: sent.first_error,
         order_errors: shared.order_errors.get(),
         unexpected: shared.unexpected.get(),
         encrypt_us,

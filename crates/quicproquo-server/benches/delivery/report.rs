@@ -1,7 +1,7 @@
 //! The printed report: percentiles, one labelled line per figure, and the error count the
 //! smoke run checks.
 
-use crate::measure::PROBE_EVERY;
+use crate::measure::{AppendReport, LatencyReport, PROBE_EVERY};
 use crate::probe::{CLIENT, SERVER};
 use crate::setup::KEY_PACKAGES;
 use crate::{Report, Settings};
@@ -40,12 +40,14 @@ fn first_error(e: Option<&str>) -> String {
     e.map_or(String::new(), |e| format!(" (first: {e})"))
 }
 
-/// Prints the report; returns the number of errors seen.
-#[allow(clippy::too_many_lines)]
-pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
+/// Acknowledged appends per second of the append run.
+fn append_rate(a: &AppendReport) -> f64 {
+    a.acked as f64 / a.window.as_secs_f64()
+}
+
+/// What was measured on what, and what shares the machine.
+fn print_header(s: &Settings, workers: usize) {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let recipients = s.members - 1;
-    let (a, l) = (&mut r.appends, &mut r.latency);
     println!(
         "\nDelivery Service: one MLS group of {} members, {:?} suite ({:?}){}",
         s.members,
@@ -60,7 +62,11 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
          machine (see 'whole machine' in the CPU lines).",
         s.members
     );
+}
 
+/// Section 1: setup, and the disk probe taken before the appends.
+fn print_setup(s: &Settings, r: &mut Report) {
+    let recipients = s.members - 1;
     println!("\n1. Setup (not part of the figures below)");
     row(
         &format!("register {} users", s.members),
@@ -95,8 +101,10 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
             r.fsync.len()
         ),
     );
+}
 
-    let rate = a.acked as f64 / a.window.as_secs_f64();
+/// Section 2: the append run.
+fn print_appends(s: &Settings, a: &mut AppendReport) {
     println!(
         "\n2. Appends: {} senders x {} in flight, {:.1} s measured after {:.1} s warm-up, \
          nobody subscribed",
@@ -113,7 +121,7 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
             s.plaintext_bytes, a.message_bytes, a.pool
         ),
     );
-    row("acknowledged appends/s", format!("{rate:.0}"));
+    row("acknowledged appends/s", format!("{:.0}", append_rate(a)));
     row("ack latency (send -> answer)", spread(&mut a.ack_latency));
     row(
         "server CPU per append",
@@ -150,7 +158,11 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
         ),
     );
     row("CPU (cores busy)", &a.cpu);
+}
 
+/// Section 3: the latency run (sorts its samples, which the summary relies on).
+fn print_latency(s: &Settings, l: &mut LatencyReport) {
+    let recipients = s.members - 1;
     println!(
         "\n3. Delivery latency: {:.0} msg/s for {:.1} s from {} senders, all {} members \
          subscribed (live push), from the PLANNED send time",
@@ -208,7 +220,11 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
         ),
     );
     row("CPU (cores busy)", &l.cpu);
+}
 
+/// Section 4: client MLS costs, outside every other figure.
+fn print_client_mls(s: &Settings, a: &AppendReport, l: &mut LatencyReport) {
+    let recipients = s.members - 1;
     l.decrypt.sort_unstable();
     let decrypt_mean = if l.decrypt.is_empty() {
         0.0
@@ -247,7 +263,11 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
             l.state_bytes / 1024
         ),
     );
+}
 
+/// The summary (after section 3 sorted the latencies); returns the number of errors seen.
+fn print_summary(r: &Report) -> u64 {
+    let (a, l) = (&r.appends, &r.latency);
     let errors = a.errors
         + l.send_errors
         + l.order_errors
@@ -259,7 +279,7 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
         "setup (register, one-commit add, joins)",
         format!("{:.2} s", r.setup.total.as_secs_f64()),
     );
-    row("appends/s (acknowledged)", format!("{rate:.0}"));
+    row("appends/s (acknowledged)", format!("{:.0}", append_rate(a)));
     for (name, p) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0)] {
         row(&format!("delivery {name}"), ms(pct(&l.to_recipient, p)));
     }
@@ -271,4 +291,14 @@ pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
     row("deliveries", l.deliveries);
     row("errors (incl. missing deliveries)", errors);
     errors
+}
+
+/// Prints the report; returns the number of errors seen.
+pub(crate) fn print(s: &Settings, workers: usize, r: &mut Report) -> u64 {
+    print_header(s, workers);
+    print_setup(s, r);
+    print_appends(s, &mut r.appends);
+    print_latency(s, &mut r.latency);
+    print_client_mls(s, &r.appends, &mut r.latency);
+    print_summary(r)
 }
