@@ -5,8 +5,11 @@
 //! What it is: [`init`] installs the process's `tracing` subscriber once (logs to stderr as
 //! text or JSON, filtered by `QPQ_LOG` / `RUST_LOG`; spans of the quicproquo crates to an
 //! OTLP exporter when one is configured) and returns a [`Telemetry`] guard whose
-//! [`Telemetry::shutdown`] flushes the traces. [`propagation`] turns the current span into a
-//! `traceparent`/`tracestate` pair and back. [`Redactor`] is the keyed hash.
+//! [`Telemetry::shutdown`] flushes the traces. Every exported span carries the resource of
+//! [`resource`] (service, version, instance, host) and follows the OpenTelemetry semantic
+//! conventions of [`resource::SCHEMA_URL`] (1.42.0). [`propagation`] turns the current span
+//! into a `traceparent`/`tracestate` pair and back. [`sampling`] decides which traces are
+//! recorded, and how far a client's sampled flag is honoured. [`Redactor`] is the keyed hash.
 //!
 //! What it is not: a metrics library (the server's `/metrics` lives in the server crate) or
 //! an HTTPS client: [`otlp`] speaks plain HTTP/1.1 to a collector on a trusted network.
@@ -18,7 +21,10 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | this file | the subscriber and exporter set-up ([`init`], [`Telemetry`]) |
+//! | this file | the subscriber and exporter set-up ([`init`], [`init_with`], [`Telemetry`]) |
+//! | [`resource`] | who this process is: `service.*`, `host.name`, the conventions version |
+//! | [`sampling`] | the sampling rule, and the server's decision on a client's sampled flag |
+//! | [`export`] | integer attributes stay integers on their way to the exporter |
 //! | [`otlp`] | the OTLP/HTTP sender |
 //! | [`propagation`] | W3C context on the wire, span links |
 //! | `redact` | the keyed hash ([`Redactor`]) |
@@ -27,20 +33,24 @@
 
 #![forbid(unsafe_code)]
 
+pub mod export;
 pub mod otlp;
 pub mod propagation;
 mod redact;
+pub mod resource;
+pub mod sampling;
 
+use opentelemetry::InstrumentationScope;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 pub use redact::Redactor;
+pub use resource::Instance;
 
 /// Errors setting up telemetry.
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +197,13 @@ fn span_filter() -> Targets {
         .with_target("qpq_server", LevelFilter::INFO)
 }
 
-/// Builds the tracer provider exporting to `endpoint`.
-fn provider(service_name: &str, endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+/// Builds the tracer provider exporting to `endpoint`, sampling by `rule`.
+fn provider(
+    service_name: &str,
+    instance: &Instance,
+    rule: sampling::Rule,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
     let client = otlp::MiniHttpClient::new(endpoint)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -197,26 +212,34 @@ fn provider(service_name: &str, endpoint: &str) -> Result<SdkTracerProvider, Tel
         .with_endpoint(endpoint)
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
-        resource = resource.with_service_name(service_name.to_owned());
-    }
-    // The SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default: parent-based,
-    // always on) and the OTEL_BSP_* queue settings itself.
+    // The batch processor reads the OTEL_BSP_* queue settings itself.
+    let batch = BatchSpanProcessor::builder(exporter).build();
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
+        .with_span_processor(export::IntAttributes::new(batch))
+        .with_sampler(sampling::Sampler::new(rule))
+        .with_resource(resource::build(service_name, instance))
         .build())
 }
 
 /// Installs the process's subscriber: logs to stderr, and spans to OTLP when an endpoint is
-/// configured (see [`traces_endpoint`]). Call once, early in `main`.
+/// configured (see [`traces_endpoint`]). Call once, early in `main`. The process gets a random
+/// `service.instance.id`; a server names itself with [`init_with`].
 pub fn init(options: &Options) -> Result<Telemetry, TelemetryError> {
+    init_with(options, &Instance::default())
+}
+
+/// Like [`init`], for the process `instance` names.
+pub fn init_with(options: &Options, instance: &Instance) -> Result<Telemetry, TelemetryError> {
     let endpoint =
         traces_endpoint(options.otlp_endpoint.as_deref()).filter(|_| options.export_traces);
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let (rule, rule_warning) = sampling::Rule::parse(
+        var("OTEL_TRACES_SAMPLER").as_deref(),
+        var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+    );
     let provider = endpoint
         .as_deref()
-        .map(|e| provider(&options.service_name, e))
+        .map(|e| provider(&options.service_name, instance, rule, e))
         .transpose()?;
     let fmt = match options.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -231,9 +254,20 @@ pub fn init(options: &Options) -> Result<Telemetry, TelemetryError> {
             .boxed(),
     }
     .with_filter(log_filter(&options.default_log_level));
+    let scope = InstrumentationScope::builder("quicproquo")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .with_schema_url(resource::SCHEMA_URL)
+        .build();
+    // Spans carry the attributes their code sets, nothing of the bridge's own: no timings
+    // (`busy_ns`, `idle_ns`), no `target`, no `code.*` (which would name the span helper,
+    // not the caller), no thread.
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("quicproquo"))
+            .with_tracer(p.tracer_with_scope(scope))
+            .with_tracked_inactivity(false)
+            .with_target(false)
+            .with_location(false)
+            .with_threads(false)
             .with_filter(span_filter())
     });
     Registry::default()
@@ -242,7 +276,11 @@ pub fn init(options: &Options) -> Result<Telemetry, TelemetryError> {
         .try_init()
         .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     if let Some(url) = &endpoint {
+        sampling::install(rule);
         tracing::info!(endpoint = %url, "exporting traces over OTLP/HTTP");
+        if let Some(warning) = rule_warning {
+            tracing::warn!("{warning}");
+        }
     }
     Ok(Telemetry { provider, endpoint })
 }

@@ -2,7 +2,7 @@
 //! Cap'n Proto request carries.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -68,6 +68,11 @@ pub fn set_parent(span: &tracing::Span, wire: &WireContext) {
     }
 }
 
+/// Makes `span` the root of a trace of its own, whatever span is current where it was made.
+pub fn set_root(span: &tracing::Span) {
+    let _ = span.set_parent(opentelemetry::Context::new());
+}
+
 /// Links `span` to the span `other` (e.g. a batch to each request it carries).
 pub fn link(span: &tracing::Span, other: &tracing::Span) {
     let cx = other.context();
@@ -77,29 +82,48 @@ pub fn link(span: &tracing::Span, other: &tracing::Span) {
     }
 }
 
-/// The span context of an earlier operation, kept so that later work on its behalf can link
-/// back to it: a published log entry keeps the context of the call that appended it, and the
-/// spans that push it to subscribers link to that context (the messaging convention for
-/// deliveries that are not children of the send).
+/// Whether `span` is recorded and sampled (starting it if it has not started: set its parent
+/// and links first).
+pub fn is_sampled(span: &tracing::Span) -> bool {
+    !span.is_none() && span.context().span().span_context().is_sampled()
+}
+
+/// The span contexts an earlier operation leaves for later work on its behalf to link to: the
+/// call that appended a log entry (its *origin*) and, on an edge, the span that received the
+/// entry from the shard (its last *hop*). The spans that push the entry on link to both (the
+/// messaging convention for deliveries that are not children of the send), so from the send's
+/// trace the links lead to every push that carried the message, hop by hop.
 ///
 /// Only exists while tracing: [`LinkContext::of`] is `None` for a span that no OpenTelemetry
 /// layer records, so untraced entries carry nothing.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LinkContext(SpanContext);
+pub struct LinkContext {
+    origin: Option<SpanContext>,
+    hop: Option<SpanContext>,
+}
+
+/// The valid span context of `span`, if an OpenTelemetry layer records it.
+fn context_of(span: &tracing::Span) -> Option<SpanContext> {
+    if span.is_none() {
+        return None;
+    }
+    let cx = span.context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.clone())
+}
 
 impl LinkContext {
-    /// The context of `span`, when it is recorded by an OpenTelemetry layer.
+    /// `span` as the origin (the call that appended an entry), when it is recorded by an
+    /// OpenTelemetry layer.
     pub fn of(span: &tracing::Span) -> Option<Self> {
-        if span.is_none() {
-            return None;
-        }
-        let cx = span.context();
-        let span = cx.span();
-        let sc = span.span_context();
-        sc.is_valid().then(|| Self(sc.clone()))
+        context_of(span).map(|sc| Self {
+            origin: Some(sc),
+            hop: None,
+        })
     }
 
-    /// The context carried in `wire`, when it holds a valid one (a remote context).
+    /// The origin carried in `wire`, when it holds a valid context (a remote context).
     pub fn from_wire(wire: &WireContext) -> Option<Self> {
         if wire.is_empty() || wire.traceparent.len() > 128 || wire.tracestate.len() > 512 {
             return None;
@@ -107,25 +131,62 @@ impl LinkContext {
         let cx = TraceContextPropagator::new().extract(wire);
         let span = cx.span();
         let sc = span.span_context();
-        sc.is_valid().then(|| Self(sc.clone()))
+        sc.is_valid().then(|| Self {
+            origin: Some(sc.clone()),
+            hop: None,
+        })
     }
 
-    /// This context as `traceparent` / `tracestate` for the wire.
+    /// `origin` (if any) passed on through `hop`: the span that received it on its way to
+    /// subscribers. `None` when neither is traced.
+    pub fn through(origin: Option<&Self>, hop: &tracing::Span) -> Option<Self> {
+        let origin = origin.and_then(|o| o.origin.clone());
+        let hop = context_of(hop);
+        (origin.is_some() || hop.is_some()).then_some(Self { origin, hop })
+    }
+
+    /// The origin as `traceparent` / `tracestate` for the wire (empty when there is none).
     pub fn to_wire(&self) -> WireContext {
-        let cx = opentelemetry::Context::new().with_remote_span_context(self.0.clone());
         let mut out = WireContext::default();
-        TraceContextPropagator::new().inject_context(&cx, &mut out);
+        if let Some(origin) = &self.origin {
+            let cx = opentelemetry::Context::new().with_remote_span_context(origin.clone());
+            TraceContextPropagator::new().inject_context(&cx, &mut out);
+        }
         out
     }
 
-    /// The trace this context belongs to, as 32 lower-case hex digits.
+    /// The trace of the origin (else of the hop), as 32 lower-case hex digits.
     pub fn trace_id(&self) -> String {
-        self.0.trace_id().to_string()
+        self.origin
+            .as_ref()
+            .or(self.hop.as_ref())
+            .map(|sc| sc.trace_id().to_string())
+            .unwrap_or_default()
     }
 
-    /// Adds a link from `span` to this context.
+    /// Adds links from `span` to the origin and the hop.
     pub fn link_from(&self, span: &tracing::Span) {
-        span.add_link(self.0.clone());
+        for sc in self.origin.iter().chain(&self.hop) {
+            span.add_link(sc.clone());
+        }
+    }
+}
+
+/// Links `span` to the origin and hop of each of `contexts`, each linked span once (a batch of
+/// entries received together shares its hop).
+pub fn link_each<'a>(
+    span: &tracing::Span,
+    contexts: impl Iterator<Item = Option<&'a LinkContext>>,
+) {
+    let mut seen: Vec<(TraceId, SpanId)> = Vec::new();
+    for lc in contexts.flatten() {
+        for sc in lc.origin.iter().chain(&lc.hop) {
+            let key = (sc.trace_id(), sc.span_id());
+            if !seen.contains(&key) {
+                seen.push(key);
+                span.add_link(sc.clone());
+            }
+        }
     }
 }
 
@@ -156,8 +217,12 @@ mod tests {
             link.as_ref().map(LinkContext::trace_id).as_deref(),
             Some("0af7651916cd43dd8448eb211c80319c")
         );
-        assert_eq!(link.map(|l| l.to_wire()), Some(w));
+        assert_eq!(link.as_ref().map(LinkContext::to_wire), Some(w.clone()));
         assert!(LinkContext::from_wire(&WireContext::default()).is_none());
         assert!(LinkContext::of(&tracing::Span::none()).is_none());
+        // Passed on through an untraced hop, the origin is kept as it was.
+        let through = LinkContext::through(link.as_ref(), &tracing::Span::none());
+        assert_eq!(through.map(|l| l.to_wire()), Some(w));
+        assert!(LinkContext::through(None, &tracing::Span::none()).is_none());
     }
 }
