@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use quicproquo_core::NodeRole;
 use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
 use quicproquo_server::store::postgres;
-use quicproquo_server::{bind_and_start, keystore};
+use quicproquo_server::{NodeIdentity, bind_and_start, keystore, node};
 use quicproquo_telemetry::{self as telemetry, Telemetry};
 use std::io::Write;
 use tracing::{info, warn};
@@ -88,30 +88,53 @@ enum Command {
     },
 }
 
+/// A node about to serve: its role, its resolved configuration and its node id.
+struct Serving {
+    role: NodeRole,
+    config: ServerConfig,
+    node_id: String,
+}
+
+/// For a serving command: resolves the configuration and loads the node's keys, whose node id
+/// names the process in its traces (`service.instance.id`). `None` for the other commands.
+fn prepare(cli: &Cli) -> Result<Option<Serving>> {
+    let (role, overrides) = match &cli.command {
+        Command::Standalone(o) => (NodeRole::Standalone, o),
+        Command::Edge(o) => (NodeRole::Edge, o),
+        Command::Shard(o) => (NodeRole::Shard, o),
+        _ => return Ok(None),
+    };
+    let file = FileConfig::load(overrides.config.as_deref())?;
+    let config = ServerConfig::resolve(role, file, overrides.clone())?;
+    let identity = NodeIdentity::load(
+        &config.data_dir,
+        config.cluster.cluster_key_file.as_deref(),
+        role,
+    )?;
+    let node_id = node::node_id(&config, &identity);
+    Ok(Some(Serving {
+        role,
+        config,
+        node_id,
+    }))
+}
+
 /// Installs logging (`QPQ_LOG` / `RUST_LOG`, `QPQ_LOG_FORMAT`) and, for a serving node with an
 /// OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `otlp_endpoint` in the config file), trace
-/// export.
-fn init_telemetry(cli: &Cli) -> Result<Telemetry> {
-    let serving = match &cli.command {
-        Command::Standalone(o) => Some((NodeRole::Standalone, o)),
-        Command::Edge(o) => Some((NodeRole::Edge, o)),
-        Command::Shard(o) => Some((NodeRole::Shard, o)),
-        _ => None,
-    };
-    // A config file that fails to load is reported by `serve`, with its real error.
-    let otlp_endpoint = serving.and_then(|(_, o)| {
-        FileConfig::load(o.config.as_deref())
-            .ok()
-            .and_then(|f| f.otlp_endpoint)
-    });
+/// export under the node's id.
+fn init_telemetry(serving: Option<&Serving>) -> Result<Telemetry> {
     let options = telemetry::Options {
-        service_name: serving.map_or_else(|| "qpq-server".to_owned(), |(r, _)| format!("qpq-{r}")),
+        service_name: serving
+            .map_or_else(|| "qpq-server".to_owned(), |s| format!("qpq-{}", s.role)),
         log_format: telemetry::LogFormat::from_env()?,
         default_log_level: "info".to_owned(),
-        otlp_endpoint,
+        otlp_endpoint: serving.and_then(|s| s.config.otlp_endpoint.clone()),
         export_traces: serving.is_some(),
     };
-    Ok(telemetry::init(&options)?)
+    let instance = telemetry::Instance {
+        id: serving.map(|s| s.node_id.clone()),
+    };
+    Ok(telemetry::init_with(&options, &instance)?)
 }
 
 /// Installs the SIGTERM and SIGINT handlers; the returned future resolves when either arrives.
@@ -130,9 +153,8 @@ pub(crate) fn shutdown_signal() -> Result<Pin<Box<dyn Future<Output = ()>>>> {
     }))
 }
 
-fn serve(role: NodeRole, overrides: Overrides) -> Result<()> {
-    let file = FileConfig::load(overrides.config.as_deref())?;
-    let config = ServerConfig::resolve(role, file, overrides)?;
+fn serve(serving: Serving) -> Result<()> {
+    let Serving { role, config, .. } = serving;
     for var in config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
         warn!(variable = %var, "unknown QPQ_ environment variable ignored");
     }
@@ -196,11 +218,11 @@ fn migrate(database_url: Option<String>, config: Option<PathBuf>) -> Result<()> 
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
     match cli.command {
-        Command::Standalone(o) => serve(NodeRole::Standalone, o),
-        Command::Edge(o) => serve(NodeRole::Edge, o),
-        Command::Shard(o) => serve(NodeRole::Shard, o),
+        Command::Standalone(_) | Command::Edge(_) | Command::Shard(_) => {
+            serve(serving.context("the node's configuration was not read")?)
+        }
         Command::ClusterKey { data_dir } => {
             let key = keystore::cluster_key(&data_dir)?;
             println!("{}", key.public_key());
@@ -234,14 +256,18 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = match init_telemetry(&cli) {
+    // The configuration and keys are read before logging starts: their errors go to stderr
+    // like every other error of a command.
+    let prepared =
+        prepare(&cli).and_then(|serving| Ok((init_telemetry(serving.as_ref())?, serving)));
+    let (telemetry, serving) = match prepared {
         Ok(t) => t,
         Err(e) => {
             eprintln!("qpq-server: error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let result = run(cli);
+    let result = run(cli, serving);
     // Flush the spans still queued (blocking; every runtime is gone by now).
     telemetry.shutdown();
     match result {

@@ -61,6 +61,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_KEY_PACKAGE_FETCH_LIMIT",
     "QPQ_KEY_PACKAGE_LOW_WATERMARK",
     "QPQ_OPS_LISTEN",
+    "QPQ_CLIENT_TRACE_RATIO",
     "QPQ_LOG_FORMAT",
     "QPQ_SERVER",
     "QPQ_SERVER_KEY",
@@ -172,6 +173,10 @@ pub struct Overrides {
     /// [default: 127.0.0.1:9090].
     #[arg(long, env = "QPQ_OPS_LISTEN")]
     pub ops_listen: Option<String>,
+    /// Fraction (0 to 1) of the traces clients mark sampled that this node continues; the
+    /// others it does not record [default: the node's own OTEL_TRACES_SAMPLER ratio].
+    #[arg(long, env = "QPQ_CLIENT_TRACE_RATIO")]
+    pub client_trace_ratio: Option<f64>,
 }
 
 /// The configuration file's contents. Unknown keys are an error.
@@ -216,6 +221,8 @@ pub struct FileConfig {
     pub ring_refresh: Option<String>,
     /// See [`Overrides::ops_listen`].
     pub ops_listen: Option<String>,
+    /// See [`Overrides::client_trace_ratio`].
+    pub client_trace_ratio: Option<f64>,
     /// OTLP/HTTP collector base URL for traces, e.g. `http://collector:4318`; the standard
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable wins over it [default: none, tracing off].
     pub otlp_endpoint: Option<String>,
@@ -280,6 +287,8 @@ pub struct ServerConfig {
     pub ops_listen: Option<SocketAddr>,
     /// The OTLP collector named in the configuration file, if any.
     pub otlp_endpoint: Option<String>,
+    /// The fraction of client-sampled traces continued; `None`: the node's sampling ratio.
+    pub client_trace_ratio: Option<f64>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -303,6 +312,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("cluster", &self.cluster)
             .field("ops_listen", &self.ops_listen)
             .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("client_trace_ratio", &self.client_trace_ratio)
             .finish()
     }
 }
@@ -326,6 +336,7 @@ impl ServerConfig {
             cluster: ClusterSettings::default(),
             ops_listen: None,
             otlp_endpoint: None,
+            client_trace_ratio: None,
         }
     }
 
@@ -400,6 +411,7 @@ impl ServerConfig {
             cluster,
             ops_listen,
             otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),
+            client_trace_ratio: overrides.client_trace_ratio.or(file.client_trace_ratio),
         };
         // Without an explicit limit, messages may use the frame minus room for the call.
         config.max_message_bytes = overrides
@@ -477,6 +489,12 @@ impl ServerConfig {
         }
         if let Some(url) = &self.database_url {
             check_database_url(url)?;
+        }
+        if self
+            .client_trace_ratio
+            .is_some_and(|r| !(0.0..=1.0).contains(&r))
+        {
+            return Err(invalid("client_trace_ratio", "must be between 0 and 1"));
         }
         self.cluster.validate()
     }

@@ -6,6 +6,9 @@ fn file(text: &str) -> Result<FileConfig, ConfigError> {
     FileConfig::parse(text, Path::new("test.toml"))
 }
 
+/// A database, which edges need.
+const DB: &str = "database_url = \"postgres://qpq@db/qpq\"\n";
+
 #[test]
 fn layers_defaults_file_and_overrides() -> Result<(), ConfigError> {
     let f = file("listen = \"127.0.0.1:9100\"\nworkers = 3\nhandshake_timeout = \"2s\"\n")?;
@@ -216,5 +219,34 @@ fn ops_listener_defaults_to_loopback_and_can_be_turned_off() -> Result<(), Confi
     assert_eq!(c.ops_listen, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
     assert_eq!(c.otlp_endpoint.as_deref(), Some("http://c:4318"));
     assert!(parse_ops_listen("not an address").is_err());
+    Ok(())
+}
+
+#[test]
+fn the_client_trace_ratio_layers_and_is_checked() -> Result<(), ConfigError> {
+    let c = ServerConfig::resolve(NodeRole::Edge, file(DB)?, Overrides::default())?;
+    assert_eq!(c.client_trace_ratio, None, "default: the node's own ratio");
+    let from_file = format!("{DB}client_trace_ratio = 0.25\n");
+    let c = ServerConfig::resolve(NodeRole::Edge, file(&from_file)?, Overrides::default())?;
+    assert_eq!(c.client_trace_ratio, Some(0.25));
+    let o = Overrides {
+        client_trace_ratio: Some(0.0),
+        ..Overrides::default()
+    };
+    let c = ServerConfig::resolve(NodeRole::Edge, file(&from_file)?, o)?;
+    assert_eq!(c.client_trace_ratio, Some(0.0), "the flag wins");
+    for bad in [1.5, -0.1, f64::NAN] {
+        let o = Overrides {
+            client_trace_ratio: Some(bad),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            ServerConfig::resolve(NodeRole::Edge, file(DB)?, o),
+            Err(ConfigError::Invalid {
+                key: "client_trace_ratio",
+                ..
+            })
+        ));
+    }
     Ok(())
 }

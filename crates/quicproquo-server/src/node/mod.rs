@@ -210,6 +210,16 @@ fn connect_postgres(url: &str, pool_size: usize) -> Result<PgStore, ServerError>
     })
 }
 
+/// This node's id: `node_id` from the configuration, or the first 8 bytes of its Noise key in
+/// hex. A shard's place on the ring, and every node's `service.instance.id` in its traces.
+pub fn node_id(config: &ServerConfig, identity: &NodeIdentity) -> String {
+    config
+        .cluster
+        .node_id
+        .clone()
+        .unwrap_or_else(|| hex::encode(&identity.noise.public()[..8]))
+}
+
 /// Loads this node's keys from the data directory, opens its store, binds `config.listen`
 /// and starts serving.
 pub fn bind_and_start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
@@ -241,7 +251,9 @@ pub fn start(
         .map_err(io_err("reading the listen address"))?;
     let shutdown = CancellationToken::new();
     let cluster_key = identity.cluster_public;
-    let observer = Arc::new(Observer::new(identity.redactor.clone()));
+    let observer = Arc::new(
+        Observer::new(identity.redactor.clone()).with_client_trace_ratio(config.client_trace_ratio),
+    );
     let identity = Arc::new(identity);
     let backend_stop = CancellationToken::new();
     let mut parts = match config.role {

@@ -34,11 +34,7 @@ pub(super) fn start(
     )
     .map_err(io_err("starting the appender"))?;
     let mut threads = vec![thread];
-    let id = config
-        .cluster
-        .node_id
-        .clone()
-        .unwrap_or_else(|| hex::encode(&identity.noise.public()[..8]));
+    let id = super::node_id(config, identity);
     if let AnyStore::Postgres(pg) = store {
         let claim = LeaseClaim {
             node_id: id.clone(),

@@ -1,23 +1,37 @@
-//! Spans for RPCs and store calls, named and attributed after the OpenTelemetry semantic
-//! conventions for RPC (`rpc.system`, `rpc.service`, `rpc.method`, span name
-//! `{service}/{method}`), messaging (`messaging.*` on sends) and databases
-//! (`db.system.name`, `db.operation.name`).
+//! Spans for RPCs and pushes, after the OpenTelemetry semantic conventions 1.42.0 (see
+//! `quicproquo_telemetry::resource::SCHEMA_URL`): RPC spans are named `{rpc.method}`, the
+//! fully-qualified `quicproquo.{Service}/{method}`, with `rpc.system.name = capnp` and
+//! `rpc.response.status_code`; pushes are messaging `send` spans (CLIENT) linked to what they
+//! carry; store calls are database spans ([`super::db`]).
 //!
-//! Attributes never carry an identity key, user name, raw group id or payload byte: a group
-//! appears only as `qpq.group`, its keyed hash ([`quicproquo_telemetry::Redactor`]).
+//! Errors: a span is marked failed (`otel.status_code = ERROR`, `error.type`) only for a fault
+//! — the node or a peer failed (`unavailable`, `internal`, a broken connection). A refusal the
+//! caller caused (`name_taken`, `not_member`, `stale_epoch` answers, ...) is an expected outcome:
+//! its code is in `rpc.response.status_code` and the status stays unset.
+//!
+//! Attributes never carry an identity key, user name, raw group id, message id or payload
+//! byte: a group appears only as `qpq.group`, its keyed hash
+//! ([`quicproquo_telemetry::Redactor`]), recorded only on spans that are sampled.
 
 use std::time::Instant;
 
 use quicproquo_proto::common_capnp::trace_context;
 use quicproquo_proto::errors::{ErrorCode, code_of};
 use quicproquo_telemetry::propagation::{self, LinkContext, WireContext};
+use quicproquo_telemetry::sampling::{Admission, admit};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
 use super::Observer;
+pub(crate) use super::db::{StoreOutcome, store_call};
 
-/// The `rpc.system` of every quicproquo call.
+/// The `rpc.system.name` of every quicproquo call.
 pub(crate) const RPC_SYSTEM: &str = "capnp";
+
+/// Services only cluster nodes call: their trace context is trusted as it comes. Every other
+/// service is called by clients, whose sampled flag the node honours only up to its client
+/// ratio ([`admit`]).
+const NODE_SERVICES: &[&str] = &["ShardService", "EntrySink", "InboxSink"];
 
 /// Reads the W3C context from a request's `trace` field (empty when absent or unreadable).
 pub(crate) fn trace_of(r: capnp::Result<trace_context::Reader<'_>>) -> WireContext {
@@ -49,114 +63,198 @@ pub(crate) fn write_wire(mut out: trace_context::Builder<'_>, wire: &WireContext
     }
 }
 
-/// A server span for `service`/`method`, child of the remote context `parent`.
+/// The fully-qualified `rpc.method`, which is also the span's name.
+fn rpc_method(service: &str, method: &str) -> String {
+    format!("quicproquo.{service}/{method}")
+}
+
+/// A server span for `service`/`method`. Its parent is the caller's context `parent`: as sent
+/// by a cluster node, or as [`admit`]ted under `client_ratio` for a client.
 pub(crate) fn server_span(
     service: &'static str,
     method: &'static str,
     parent: &WireContext,
+    client_ratio: f64,
 ) -> Span {
+    let name = rpc_method(service, method);
     let span = tracing::info_span!(
         "rpc.server",
-        otel.name = format!("quicproquo.{service}/{method}"),
+        otel.name = %name,
         otel.kind = "server",
         otel.status_code = Empty,
-        rpc.system = RPC_SYSTEM,
-        rpc.service = format!("quicproquo.{service}"),
-        rpc.method = method,
+        rpc.system.name = RPC_SYSTEM,
+        rpc.method = %name,
+        rpc.response.status_code = Empty,
         "error.type" = Empty,
         qpq.group = Empty,
         messaging.system = Empty,
-        "messaging.operation.type" = Empty,
+        messaging.operation.name = Empty,
+        messaging.batch.message_count = Empty,
         messaging.message.body.size = Empty,
     );
-    propagation::set_parent(&span, parent);
-    span
-}
-
-/// A client span for a call this node makes to `service`/`method` (child of the current
-/// span).
-pub(crate) fn client_span(service: &'static str, method: &'static str) -> Span {
-    tracing::info_span!(
-        "rpc.client",
-        otel.name = format!("quicproquo.{service}/{method}"),
-        otel.kind = "client",
-        otel.status_code = Empty,
-        rpc.system = RPC_SYSTEM,
-        rpc.service = format!("quicproquo.{service}"),
-        rpc.method = method,
-        "error.type" = Empty,
-        qpq.group = Empty,
-    )
-}
-
-/// Who a push of log entries goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PushTarget {
-    /// A subscribed client (`MessageStream.deliver`, from an edge or standalone node).
-    Client,
-    /// An edge following a group (`EntrySink.deliver`, from a shard).
-    Edge,
-}
-
-/// A client span for one push of `count` log entries to `target`.
-///
-/// Pushes run in subscription tasks, outside any call, so the span starts a trace of its own
-/// and, following the messaging conventions for deliveries, links to the append of each
-/// entry that was traced (`origins`): from the send's trace, the links lead to every push
-/// that carried the message. It names no group (the group hash would cost a hash per push
-/// even when nothing is traced).
-pub(crate) fn push_span<'a>(
-    target: PushTarget,
-    count: usize,
-    origins: impl Iterator<Item = Option<&'a LinkContext>>,
-) -> Span {
-    let (name, service) = match target {
-        PushTarget::Client => (
-            "quicproquo.MessageStream/deliver",
-            "quicproquo.MessageStream",
-        ),
-        PushTarget::Edge => ("quicproquo.EntrySink/deliver", "quicproquo.EntrySink"),
-    };
-    let span = tracing::info_span!(
-        parent: None,
-        "rpc.client",
-        otel.name = name,
-        otel.kind = "client",
-        otel.status_code = Empty,
-        rpc.system = RPC_SYSTEM,
-        rpc.service = service,
-        rpc.method = "deliver",
-        "error.type" = Empty,
-        messaging.system = "quicproquo",
-        "messaging.operation.type" = "process",
-        messaging.operation.name = "deliver",
-        messaging.batch.message_count = count,
-    );
-    for origin in origins.flatten() {
-        origin.link_from(&span);
+    if NODE_SERVICES.contains(&service) {
+        propagation::set_parent(&span, parent);
+    } else {
+        match admit(parent, client_ratio) {
+            Admission::Join(wire) => propagation::set_parent(&span, &wire),
+            Admission::Root => propagation::set_root(&span),
+        }
     }
     span
 }
 
-/// A span for one store call (child of the current span).
-pub(crate) fn store_span(system: &'static str, operation: &'static str) -> Span {
+/// A client span for a call this node makes to `service`/`method` (child of the current
+/// span). Record where it goes with [`record_server`].
+pub(crate) fn client_span(service: &'static str, method: &'static str) -> Span {
+    let name = rpc_method(service, method);
     tracing::info_span!(
-        "db.client",
-        otel.name = format!("{system} {operation}"),
-        otel.kind = if system == "postgresql" {
-            "client"
-        } else {
-            "internal"
-        },
+        "rpc.client",
+        otel.name = %name,
+        otel.kind = "client",
         otel.status_code = Empty,
-        db.system.name = system,
-        db.operation.name = operation,
+        rpc.system.name = RPC_SYSTEM,
+        rpc.method = %name,
+        rpc.response.status_code = Empty,
         "error.type" = Empty,
-        qpq.batch_size = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        qpq.group = Empty,
     )
 }
 
-/// The status label and `error.type` of a finished call.
+/// Records `server.address` and `server.port` from `target`, the `host:port` a call is sent to
+/// (as configured, e.g. a shard's advertised address).
+pub(crate) fn record_server(span: &Span, target: &str) {
+    match target.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) => {
+            span.record(
+                "server.address",
+                host.trim_start_matches('[').trim_end_matches(']'),
+            );
+            span.record("server.port", i64::from(port));
+        }
+        _ => {
+            span.record("server.address", target);
+        }
+    }
+}
+
+/// Records `qpq.group`, the keyed hash of `group`, on `span` when it is sampled (set its
+/// parent and links first).
+pub(crate) fn record_group(span: &Span, observer: &Observer, group: &[u8]) {
+    if propagation::is_sampled(span) {
+        span.record("qpq.group", observer.redactor.hash(group));
+    }
+}
+
+/// Who a push goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushTarget {
+    /// A subscribed client's group stream (`MessageStream.deliver`, from an edge or
+    /// standalone node).
+    Client,
+    /// A subscribed client's inbox stream (`InboxStream.deliver`).
+    Inbox,
+    /// An edge following a group (`EntrySink.deliver`, from a shard).
+    Edge,
+}
+
+/// A messaging `send` span (CLIENT) for one push of `count` entries to `target`.
+///
+/// A live push runs in a subscription task, outside any call: `parent` is `None` and the span
+/// starts a trace of its own, linked (the messaging convention for deliveries that are not
+/// children of the send) to the append of each entry and to the span that received it on this
+/// node (`links`): from a send's trace, the links lead hop by hop to every push that carried
+/// it. A push during a catch-up is a child of the catch-up span instead.
+pub(crate) fn push_span<'a>(
+    target: PushTarget,
+    count: usize,
+    parent: Option<&Span>,
+    links: impl Iterator<Item = Option<&'a LinkContext>>,
+) -> Span {
+    let (service, name) = match target {
+        PushTarget::Client => ("MessageStream", "quicproquo.MessageStream/deliver"),
+        PushTarget::Inbox => ("InboxStream", "quicproquo.InboxStream/deliver"),
+        PushTarget::Edge => ("EntrySink", "quicproquo.EntrySink/deliver"),
+    };
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    let span = tracing::info_span!(
+        parent: parent.and_then(Span::id),
+        "messaging.send",
+        otel.name = name,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system.name = RPC_SYSTEM,
+        rpc.method = name,
+        rpc.response.status_code = Empty,
+        "error.type" = Empty,
+        messaging.system = "quicproquo",
+        "messaging.operation.type" = "send",
+        messaging.operation.name = "deliver",
+        messaging.batch.message_count = count,
+        qpq.group = Empty,
+        qpq.stream = service,
+    );
+    propagation::link_each(&span, links);
+    span
+}
+
+/// An INTERNAL span for one catch-up of a subscription from the store (`stream`: `group` or
+/// `inbox`): the reads and the pushes it makes are its children. It starts a trace of its own,
+/// linked to the call that subscribed (`subscription`), so a subscription's store reads are
+/// found from the subscribe call and are never stray one-span traces.
+pub(crate) fn catch_up_span(stream: &'static str, subscription: Option<&LinkContext>) -> Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "subscription.catch_up",
+        otel.name = "subscription catch-up",
+        otel.kind = "internal",
+        otel.status_code = Empty,
+        "error.type" = Empty,
+        qpq.stream = stream,
+        qpq.group = Empty,
+    );
+    if let Some(s) = subscription {
+        s.link_from(&span);
+    }
+    span
+}
+
+/// The `rpc.response.status_code` of a finished call, and whether it is a fault (the node or a
+/// peer failed) rather than an answer. Faults: `unavailable`, `internal`, and every error
+/// without a code (a broken connection, an overloaded or failed call).
+pub(crate) fn rpc_outcome<T>(result: &Result<T, capnp::Error>) -> (&'static str, bool) {
+    let Err(e) = result else {
+        return ("ok", false);
+    };
+    match code_of(e) {
+        Some(code) => (
+            code.as_str(),
+            matches!(code, ErrorCode::Unavailable | ErrorCode::Internal),
+        ),
+        None => (
+            match e.kind {
+                capnp::ErrorKind::Disconnected => "disconnected",
+                capnp::ErrorKind::Overloaded => "overloaded",
+                capnp::ErrorKind::Unimplemented => "unimplemented",
+                _ => "failed",
+            },
+            true,
+        ),
+    }
+}
+
+/// Records a finished call's outcome on its span: the status code always, the error only for
+/// a fault.
+pub(crate) fn record_outcome<T>(span: &Span, result: &Result<T, capnp::Error>) {
+    let (status, fault) = rpc_outcome(result);
+    span.record("rpc.response.status_code", status);
+    if fault {
+        record_error(span, status);
+    }
+}
+
+/// The status label of a finished call in the metrics (`ok`, its code, or `error`).
 pub(crate) fn status_of<T>(result: &Result<T, capnp::Error>) -> &'static str {
     match result {
         Ok(_) => "ok",
@@ -178,29 +276,30 @@ pub(crate) async fn serve<T>(
     trace: WireContext,
     call: impl Future<Output = Result<T, capnp::Error>>,
 ) -> Result<T, capnp::Error> {
-    let span = server_span(service, method, &trace);
+    let span = server_span(service, method, &trace, observer.client_trace_ratio);
     let started = Instant::now();
     let result = call.instrument(span.clone()).await;
-    let status = status_of(&result);
-    if result.is_err() {
-        record_error(&span, status);
-    }
+    record_outcome(&span, &result);
     observer
         .metrics
-        .rpc(service, method, status, started.elapsed());
+        .rpc(service, method, status_of(&result), started.elapsed());
     result
 }
 
-/// Runs a store call inside its span.
-pub(crate) async fn store_call<T, E: std::fmt::Display>(
-    system: &'static str,
-    operation: &'static str,
-    call: impl Future<Output = Result<T, E>>,
-) -> Result<T, E> {
-    let span = store_span(system, operation);
-    let result = call.instrument(span.clone()).await;
-    if result.is_err() {
-        record_error(&span, "store_error");
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicproquo_proto::errors::error;
+
+    #[test]
+    fn refusals_are_answers_and_failures_are_faults() {
+        let ok: Result<(), capnp::Error> = Ok(());
+        assert_eq!(rpc_outcome(&ok), ("ok", false));
+        let refused: Result<(), _> = Err(error(ErrorCode::NameTaken, "taken"));
+        assert_eq!(rpc_outcome(&refused), ("name_taken", false));
+        let down: Result<(), _> = Err(error(ErrorCode::Unavailable, "no shard"));
+        assert_eq!(rpc_outcome(&down), ("unavailable", true));
+        let gone: Result<(), _> = Err(capnp::Error::disconnected("peer left".into()));
+        assert_eq!(rpc_outcome(&gone), ("disconnected", true));
     }
-    result
 }

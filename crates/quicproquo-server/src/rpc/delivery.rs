@@ -17,7 +17,7 @@ use super::backend::Backend;
 use super::subscribe;
 use crate::model::group::{AppendRequest, CommitChange, EntryKind, MAX_CHANGE, MAX_MESSAGE_ID};
 use crate::obs::calls::InFlight;
-use crate::obs::spans::trace_of;
+use crate::obs::spans::{record_group, trace_of};
 use crate::store::log::LogStore;
 use crate::wire::codec::{write_envelope, write_outcome, write_welcome};
 use crate::wire::{model_error, ordering_error, parse, store_error};
@@ -134,6 +134,8 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "createGroup", trace, async move {
                 let group = parse::group_id(params.get()?.get_group_id()?)?;
+                let span = tracing::Span::current();
+                record_group(&span, self.in_flight.observer(), group.as_bytes());
                 self.backend
                     .create_group(&group, &self.identity)
                     .await
@@ -152,17 +154,14 @@ impl delivery_service::Server for DeliveryService {
         in_flight
             .serve("DeliveryService", "send", trace, async move {
                 let req = self.request(params.get()?)?;
+                // The server side of a send: messaging attributes without an operation type
+                // (none of the conventions' types is a SERVER span).
                 let span = tracing::Span::current();
-                span.record(
-                    "qpq.group",
-                    self.in_flight
-                        .observer()
-                        .redactor
-                        .hash(req.group_id.as_bytes()),
-                );
+                record_group(&span, self.in_flight.observer(), req.group_id.as_bytes());
                 span.record("messaging.system", "quicproquo");
-                span.record("messaging.operation.type", "send");
-                span.record("messaging.message.body.size", req.payload.len());
+                span.record("messaging.operation.name", "send");
+                let size = i64::try_from(req.payload.len()).unwrap_or(i64::MAX);
+                span.record("messaging.message.body.size", size);
                 let outcome = self.backend.append(req).await.map_err(ordering_error)?;
                 write_outcome(results.get().init_result(), outcome)?;
                 Ok(())
@@ -181,6 +180,8 @@ impl delivery_service::Server for DeliveryService {
             .serve("DeliveryService", "fetch", trace, async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
+                let span = tracing::Span::current();
+                record_group(&span, self.in_flight.observer(), group.as_bytes());
                 let limit = p.get_limit().clamp(1, MAX_FETCH);
                 let entries = self
                     .backend
@@ -208,6 +209,8 @@ impl delivery_service::Server for DeliveryService {
             .serve("DeliveryService", "subscribe", trace, async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
+                let span = tracing::Span::current();
+                record_group(&span, self.in_flight.observer(), group.as_bytes());
                 // Only current members may subscribe (a removed member can still fetch the commit
                 // that removed it); refuse up front rather than in the background task.
                 self.backend

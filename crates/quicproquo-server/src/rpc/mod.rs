@@ -15,3 +15,43 @@ mod shard;
 mod subscribe;
 
 pub use delivery::MAX_FETCH;
+
+use quicproquo_proto::errors::ErrorCode;
+
+use crate::obs::spans::StoreOutcome;
+use crate::store::StoreError;
+
+/// A store error on its database span: the code it reaches the peer with, and whether the
+/// store failed (unreachable, inconsistent) rather than answered (every refusal a caller can
+/// cause). No wildcard: a new error must be classified here.
+impl StoreOutcome for StoreError {
+    fn outcome(&self) -> &'static str {
+        let code = match self {
+            Self::NameTaken => ErrorCode::NameTaken,
+            Self::AlreadyNamed => ErrorCode::AlreadyNamed,
+            Self::InvalidName => ErrorCode::InvalidName,
+            Self::UnknownIdentity => ErrorCode::UnknownIdentity,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Corrupt(_) => ErrorCode::Internal,
+            Self::GroupExists => ErrorCode::GroupExists,
+            Self::UnknownGroup => ErrorCode::UnknownGroup,
+            Self::NotMember => ErrorCode::NotMember,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        };
+        code.as_str()
+    }
+
+    fn is_fault(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Corrupt(_) => true,
+            Self::NameTaken
+            | Self::AlreadyNamed
+            | Self::InvalidName
+            | Self::UnknownIdentity
+            | Self::GroupExists
+            | Self::UnknownGroup
+            | Self::NotMember
+            | Self::InvalidArgument(_) => false,
+        }
+    }
+}

@@ -4,23 +4,26 @@
 //! node's own appends. `watch` and `watchInboxes` push what this shard's appender publishes,
 //! batched, one awaited call at a time (flow control); if the edge falls behind, the shard
 //! tells it to resync instead of buffering without bound.
+//!
+//! A traced entry push carries, in `origins`, the context of each entry's append and, after
+//! them, one more: the push's own, which the edge's receiving span takes as its parent.
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink, shard_service};
-use quicproquo_proto::errors::{ErrorCode, code_of};
+use quicproquo_telemetry::propagation::{self, WireContext};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{Instrument, debug};
-
-use quicproquo_telemetry::propagation::WireContext;
 
 use super::subscribe::spawn;
 use crate::model::group::GroupId;
 use crate::obs::Observer;
 use crate::obs::calls::InFlight;
-use crate::obs::spans::{PushTarget, push_span, record_error, trace_of, write_wire};
+use crate::obs::spans::{
+    PushTarget, push_span, record_group, record_outcome, trace_of, write_trace, write_wire,
+};
 use crate::ordering::Appender;
 use crate::ordering::hub::{FeedEvent, Published};
 use crate::wire::codec::{read_request, write_envelope, write_outcome};
@@ -54,6 +57,8 @@ impl shard_service::Server for ShardServiceImpl {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 let creator = parse::identity(p.get_creator()?)?;
+                let observer = self.in_flight.observer();
+                record_group(&tracing::Span::current(), observer, group.as_bytes());
                 self.shard
                     .create_group(&group, &creator)
                     .await
@@ -72,13 +77,8 @@ impl shard_service::Server for ShardServiceImpl {
         in_flight
             .serve("ShardService", "append", trace, async move {
                 let req = read_request(params.get()?.get_request()?)?;
-                tracing::Span::current().record(
-                    "qpq.group",
-                    self.in_flight
-                        .observer()
-                        .redactor
-                        .hash(req.group_id.as_bytes()),
-                );
+                let observer = self.in_flight.observer();
+                record_group(&tracing::Span::current(), observer, req.group_id.as_bytes());
                 let outcome = self.shard.append(req).await.map_err(ordering_error)?;
                 write_outcome(results.get().init_result(), outcome)
             })
@@ -190,8 +190,10 @@ async fn push_group(
         let span = push_span(
             PushTarget::Edge,
             batch.len(),
+            None,
             batch.iter().map(|e| e.origin.as_ref()),
         );
+        record_group(&span, observer, group.as_bytes());
         let mut req = sink.deliver_request();
         {
             let mut p = req.get();
@@ -201,20 +203,20 @@ async fn push_group(
             for (i, e) in batch.iter().enumerate() {
                 write_envelope(list.reborrow().get(i as u32), group, e);
             }
-            // Only a traced batch carries origins, so an untraced push costs nothing more.
-            if batch.iter().any(|e| e.origin.is_some()) {
-                let mut origins = p.init_origins(batch.len() as u32);
+            // Only a traced push carries origins (one per entry, then the push's own
+            // context), so an untraced push costs nothing more.
+            if propagation::is_sampled(&span) || batch.iter().any(|e| e.origin.is_some()) {
+                let mut origins = p.init_origins(batch.len() as u32 + 1);
                 for (i, e) in batch.iter().enumerate() {
                     if let Some(origin) = &e.origin {
                         write_wire(origins.reborrow().get(i as u32), &origin.to_wire());
                     }
                 }
+                write_trace(origins.reborrow().get(batch.len() as u32), &span);
             }
         }
         let result = req.send().promise.instrument(span.clone()).await;
-        if let Err(e) = &result {
-            record_error(&span, code_of(e).map_or("error", ErrorCode::as_str));
-        }
+        record_outcome(&span, &result);
         result?;
         observer.metrics.fanout(batch.len());
     }

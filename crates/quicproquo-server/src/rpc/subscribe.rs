@@ -1,7 +1,9 @@
 //! Live subscriptions: push a group's entries (or an inbox's Welcomes) to the subscriber.
 //!
 //! Each subscription is a local task that first catches up from the store, then follows the
-//! shard's live feed. Entries from the feed are delivered directly while they continue the
+//! shard's live feed. Each catch-up runs in a span of its own linked to the subscribe call,
+//! holding its store reads and pushes; each live push is a span linked to the appends (and,
+//! on an edge, the receptions) of the entries it carries. Entries from the feed are delivered directly while they continue the
 //! sequence; a gap, a lagging receiver or a commit sends the task back to the store, which
 //! enforces the subscriber's read window (a commit may have removed it: the subscription ends
 //! after delivering the commit that removed the subscriber). Each batch is delivered with one
@@ -11,16 +13,19 @@ use std::rc::Rc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
-use quicproquo_proto::errors::{ErrorCode, code_of};
 use quicproquo_telemetry::propagation::{LinkContext, WireContext};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{Instrument, debug};
+use tracing::{Instrument, Span, debug};
 
 use super::backend::Backend;
 use crate::model::group::{EntryKind, GroupId, LogEntry};
+use crate::obs::Observer;
 use crate::obs::calls::InFlight;
-use crate::obs::spans::{PushTarget, push_span, record_error};
+use crate::obs::spans::{
+    PushTarget, StoreOutcome as _, catch_up_span, push_span, record_error, record_group,
+    record_outcome,
+};
 use crate::ordering::hub::FeedEvent;
 use crate::store::StoreError;
 use crate::store::log::LogStore;
@@ -82,7 +87,8 @@ where
     })
 }
 
-/// Subscribes `reader` to `group` after `after_seq`.
+/// Subscribes `reader` to `group` after `after_seq` (call it inside the subscribe call's span:
+/// the subscription's catch-ups link to it).
 pub(super) fn group(
     in_flight: &Rc<InFlight>,
     backend: Backend,
@@ -91,8 +97,16 @@ pub(super) fn group(
     after_seq: u64,
     stream: message_stream::Client,
 ) -> subscription::Client {
+    let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
-        if let Err(e) = follow_group(&backend, reader, &group, after_seq, &stream).await {
+        let sub = Follow {
+            backend: &backend,
+            reader,
+            group: &group,
+            stream: &stream,
+            subscribed: subscribed.as_ref(),
+        };
+        if let Err(e) = sub.run(after_seq).await {
             debug!(error = %e, "group subscription ended");
         }
     })
@@ -108,15 +122,19 @@ enum FollowError {
     FeedClosed,
 }
 
-/// Pushes `entries` to the subscriber in one call, inside a push span linked to `origins`
-/// (the appends of the entries that were traced; none for entries read from the store).
+/// Pushes `entries` to the subscriber in one call, inside a push span: a child of `parent`
+/// (a catch-up), or a trace of its own linked to `links` (the appends and receptions of the
+/// entries that were traced).
 async fn deliver<'a>(
     stream: &message_stream::Client,
+    observer: &Observer,
     group: &GroupId,
     entries: impl ExactSizeIterator<Item = &'a LogEntry>,
-    origins: impl Iterator<Item = Option<&'a LinkContext>>,
+    parent: Option<&Span>,
+    links: impl Iterator<Item = Option<&'a LinkContext>>,
 ) -> Result<(), capnp::Error> {
-    let span = push_span(PushTarget::Client, entries.len(), origins);
+    let span = push_span(PushTarget::Client, entries.len(), parent, links);
+    record_group(&span, observer, group.as_bytes());
     let mut req = stream.deliver_request();
     {
         let mut p = req.get();
@@ -127,52 +145,105 @@ async fn deliver<'a>(
         }
     }
     let result = req.send().promise.instrument(span.clone()).await;
-    if let Err(e) = &result {
-        record_error(&span, code_of(e).map_or("error", ErrorCode::as_str));
-    }
+    record_outcome(&span, &result);
     result.map(drop)
 }
 
-async fn follow_group(
-    backend: &Backend,
+/// One group subscription: who reads what, and where it goes.
+struct Follow<'a> {
+    backend: &'a Backend,
     reader: IdentityKey,
-    group: &GroupId,
-    after_seq: u64,
-    stream: &message_stream::Client,
-) -> Result<(), FollowError> {
-    let store = backend.store();
-    // Subscribe to the live feed before reading the store, so nothing falls in between.
-    let mut feed = backend.group_feed(group);
-    let mut next = after_seq.saturating_add(1);
-    loop {
-        // Catch up from the store (it enforces the read window).
+    group: &'a GroupId,
+    stream: &'a message_stream::Client,
+    /// The subscribe call, which each catch-up links to.
+    subscribed: Option<&'a LinkContext>,
+}
+
+impl Follow<'_> {
+    /// Delivers everything after `after_seq`, then follows the live feed until the subscriber
+    /// goes or is removed.
+    async fn run(&self, after_seq: u64) -> Result<(), FollowError> {
+        // Subscribe to the live feed before reading the store, so nothing falls in between.
+        let mut feed = self.backend.group_feed(self.group);
+        let mut next = after_seq.saturating_add(1);
         loop {
-            let entries = store.read_log(group, &reader, next - 1, BATCH).await?;
-            let Some(last) = entries.last() else { break };
+            let Some(caught_up) = self.catch_up(next).await? else {
+                return Ok(());
+            };
+            next = self.live(&mut feed, caught_up).await?;
+        }
+    }
+
+    /// Catches up from the store (which enforces the read window) from `next`, inside a
+    /// catch-up span; the next sequence number to deliver, or `None` once the subscriber was
+    /// removed (everything it may read has been delivered).
+    async fn catch_up(&self, next: u64) -> Result<Option<u64>, FollowError> {
+        let observer = self.backend.observer();
+        let span = catch_up_span("group", self.subscribed);
+        record_group(&span, observer, self.group.as_bytes());
+        let result = self
+            .read_and_push(next, &span)
+            .instrument(span.clone())
+            .await;
+        if let Err(FollowError::Store(e)) = &result
+            && e.is_fault()
+        {
+            record_error(&span, e.outcome());
+        }
+        result
+    }
+
+    async fn read_and_push(&self, mut next: u64, span: &Span) -> Result<Option<u64>, FollowError> {
+        let store = self.backend.store();
+        let observer = self.backend.observer();
+        loop {
+            let entries = store
+                .read_log(self.group, &self.reader, next - 1, BATCH)
+                .await?;
+            let Some(last) = entries.last() else {
+                return Ok(Some(next));
+            };
             next = last.seq + 1;
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
-            deliver(stream, group, entries.iter(), std::iter::empty()).await?;
-            backend.observer().metrics.fanout(entries.len());
-            if had_commit && store.group_summary(group, &reader).await.is_err() {
-                // Removed (or the group is gone): everything readable has been delivered.
-                return Ok(());
+            let links = std::iter::empty();
+            deliver(
+                self.stream,
+                observer,
+                self.group,
+                entries.iter(),
+                Some(span),
+                links,
+            )
+            .await?;
+            observer.metrics.fanout(entries.len());
+            if had_commit && store.group_summary(self.group, &self.reader).await.is_err() {
+                return Ok(None);
             }
             if entries.len() < BATCH as usize {
-                break;
+                return Ok(Some(next));
             }
         }
-        // Follow the live feed while it continues the sequence.
-        'live: loop {
+    }
+
+    /// Follows the live feed from `next` while it continues the sequence; the next sequence
+    /// number once the store must be read again (a gap, a lag, a commit).
+    async fn live(
+        &self,
+        feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
+        mut next: u64,
+    ) -> Result<u64, FollowError> {
+        let observer = self.backend.observer();
+        loop {
             let first = match feed.recv().await {
                 Ok(FeedEvent::Entry(e)) => e,
-                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => break 'live,
+                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
                 Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
             };
             if first.seq < next {
                 continue;
             }
             if first.seq > next || first.kind == EntryKind::Commit {
-                break 'live;
+                return Ok(next);
             }
             let mut batch = vec![first];
             let mut back_to_store = false;
@@ -194,22 +265,18 @@ async fn follow_group(
             }
             next += batch.len() as u64;
             let entries = batch.iter().map(|e| &e.entry);
-            deliver(
-                stream,
-                group,
-                entries,
-                batch.iter().map(|e| e.origin.as_ref()),
-            )
-            .await?;
-            backend.observer().metrics.fanout(batch.len());
+            let links = batch.iter().map(|e| e.origin.as_ref());
+            deliver(self.stream, observer, self.group, entries, None, links).await?;
+            observer.metrics.fanout(batch.len());
             if back_to_store {
-                break 'live;
+                return Ok(next);
             }
         }
     }
 }
 
-/// Subscribes `identity` to its own inbox after `after_seq`.
+/// Subscribes `identity` to its own inbox after `after_seq` (call it inside the subscribe
+/// call's span: the subscription's catch-ups link to it).
 pub(super) fn inbox(
     in_flight: &Rc<InFlight>,
     backend: Backend,
@@ -217,38 +284,77 @@ pub(super) fn inbox(
     after_seq: u64,
     stream: inbox_stream::Client,
 ) -> subscription::Client {
+    let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
-        if let Err(e) = follow_inbox(&backend, identity, after_seq, &stream).await {
+        let sub = FollowInbox {
+            backend: &backend,
+            identity,
+            stream: &stream,
+            subscribed: subscribed.as_ref(),
+        };
+        if let Err(e) = sub.run(after_seq).await {
             debug!(error = %e, "inbox subscription ended");
         }
     })
 }
 
-async fn follow_inbox(
-    backend: &Backend,
+/// One inbox subscription.
+struct FollowInbox<'a> {
+    backend: &'a Backend,
     identity: IdentityKey,
-    after_seq: u64,
-    stream: &inbox_stream::Client,
-) -> Result<(), FollowError> {
-    let mut feed = backend.inbox_feed(&identity);
-    let mut after = after_seq;
-    loop {
+    stream: &'a inbox_stream::Client,
+    subscribed: Option<&'a LinkContext>,
+}
+
+impl FollowInbox<'_> {
+    async fn run(&self, after_seq: u64) -> Result<(), FollowError> {
+        let mut feed = self.backend.inbox_feed(&self.identity);
+        let mut after = after_seq;
         loop {
-            let welcomes = backend.store().read_inbox(&identity, after, BATCH).await?;
-            let Some(last) = welcomes.last() else { break };
+            let span = catch_up_span("inbox", self.subscribed);
+            let result = self.catch_up(after, &span).instrument(span.clone()).await;
+            if let Err(FollowError::Store(e)) = &result
+                && e.is_fault()
+            {
+                record_error(&span, e.outcome());
+            }
+            after = result?;
+            drop(span);
+            match feed.recv().await {
+                Ok(()) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
+            }
+        }
+    }
+
+    /// Pushes every Welcome after `after`; the last one pushed.
+    async fn catch_up(&self, mut after: u64, span: &Span) -> Result<u64, FollowError> {
+        loop {
+            let welcomes = self
+                .backend
+                .store()
+                .read_inbox(&self.identity, after, BATCH)
+                .await?;
+            let Some(last) = welcomes.last() else {
+                return Ok(after);
+            };
             after = last.seq;
-            let mut req = stream.deliver_request();
+            let push = push_span(
+                PushTarget::Inbox,
+                welcomes.len(),
+                Some(span),
+                std::iter::empty(),
+            );
+            let mut req = self.stream.deliver_request();
             {
                 let mut list = req.get().init_welcomes(welcomes.len() as u32);
                 for (i, w) in welcomes.iter().enumerate() {
                     write_welcome(list.reborrow().get(i as u32), w);
                 }
             }
-            req.send().promise.await?;
-        }
-        match feed.recv().await {
-            Ok(()) | Err(RecvError::Lagged(_)) => {}
-            Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
+            let result = req.send().promise.instrument(push.clone()).await;
+            record_outcome(&push, &result);
+            result?;
         }
     }
 }

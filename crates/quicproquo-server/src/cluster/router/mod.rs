@@ -37,7 +37,7 @@ use super::ring::Ring;
 use crate::model::group::{AppendOutcome, AppendRequest, GroupId};
 use crate::obs::Observer;
 use crate::obs::calls::InFlight;
-use crate::obs::spans::{client_span, record_error, status_of, write_trace};
+use crate::obs::spans::{client_span, record_group, record_outcome, record_server, write_trace};
 use crate::ordering::OrderingError;
 use crate::ordering::hub::{FeedEvent, Hub};
 use crate::store::AnyStore;
@@ -187,7 +187,7 @@ impl Router {
             .forwarded
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let span = client_span("ShardService", method);
-        span.record("qpq.group", self.observer.redactor.hash(group.as_bytes()));
+        record_group(&span, &self.observer, group.as_bytes());
         span
     }
 
@@ -358,6 +358,8 @@ impl State {
             let Some(rec) = self.pick(group.as_bytes()) else {
                 break;
             };
+            // The forwarded call's span names the shard last tried.
+            record_server(&Span::current(), &rec.address);
             let link = match self.link(&rec).await {
                 Ok(link) => link,
                 Err(e) => {
@@ -466,10 +468,10 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
         match cmd {
             Cmd::Append(req, reply, span) => {
                 let state = Rc::clone(&state);
-                let task = async move {
+                spawn_forward(span, reply, async move {
                     let req = &*req;
                     let span = &Span::current();
-                    let result = state
+                    state
                         .forward(&req.group_id, |link| async move {
                             let mut call = link.client.append_request();
                             write_trace(call.get().init_trace(), span);
@@ -477,18 +479,15 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
                             let response = call.send().promise.await?;
                             read_outcome(response.get()?.get_result()?)
                         })
-                        .await;
-                    finish(span, &result);
-                    let _ = reply.send(result);
-                };
-                tokio::task::spawn_local(task.instrument(span));
+                        .await
+                });
             }
             Cmd::CreateGroup(group, creator, reply, span) => {
                 let state = Rc::clone(&state);
-                let task = async move {
+                spawn_forward(span, reply, async move {
                     let (g, c) = (&group, &creator);
                     let span = &Span::current();
-                    let result = state
+                    state
                         .forward(g, |link| async move {
                             let mut call = link.client.create_group_request();
                             write_trace(call.get().init_trace(), span);
@@ -496,11 +495,8 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
                             call.get().set_creator(c.as_bytes());
                             call.send().promise.await.map(drop)
                         })
-                        .await;
-                    finish(span, &result);
-                    let _ = reply.send(result);
-                };
-                tokio::task::spawn_local(task.instrument(span));
+                        .await
+                });
             }
             Cmd::Watch(group) => {
                 let mut watches = state.watches.borrow_mut();
@@ -520,11 +516,19 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
     }
 }
 
-/// Marks a forwarded call's span with its outcome.
-fn finish<T>(span: &Span, result: &Result<T, capnp::Error>) {
-    if result.is_err() {
-        record_error(span, status_of(result));
-    }
+/// Runs a forwarded call on a task of its own inside its client span `span`, and ends the
+/// span before the answer goes back: the caller's span, its parent, must end after it.
+fn spawn_forward<T: 'static>(
+    span: Span,
+    reply: Reply<T>,
+    call: impl Future<Output = Result<T, capnp::Error>> + 'static,
+) {
+    tokio::task::spawn_local(async move {
+        let result = call.instrument(span.clone()).await;
+        record_outcome(&span, &result);
+        drop(span);
+        let _ = reply.send(result);
+    });
 }
 
 /// Re-reads the shard set every `ring_refresh` (an edge without Postgres has no shards).

@@ -1,14 +1,19 @@
 //! What an edge serves to the shards it follows: the sinks their `watch` and `watchInboxes`
 //! push into, which publish to the edge's hub for local subscribers.
+//!
+//! Receiving a traced push is a span of its own (`EntrySink/deliver`, SERVER), the child of
+//! the shard's push span, linked to the appends of the entries it brings: the middle link of
+//! the fan-out chain shard push → edge reception → edge pushes to subscribers.
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
-use quicproquo_telemetry::propagation::{LinkContext, WireContext};
+use quicproquo_telemetry::propagation::{self, LinkContext, WireContext};
+use tracing::Span;
 
 use crate::obs::calls::InFlight;
-use crate::obs::spans::trace_of;
+use crate::obs::spans::{record_group, trace_of};
 use crate::ordering::hub::Hub;
 use crate::wire::codec::read_entry;
 use crate::wire::parse;
@@ -25,16 +30,36 @@ impl entry_sink::Server for EntrySink {
         params: entry_sink::DeliverParams,
         _: entry_sink::DeliverResults,
     ) -> Result<(), capnp::Error> {
+        let trace = params
+            .get()
+            .map_or_else(|_| WireContext::default(), pushed_by);
         let calls = Rc::clone(&self.calls);
         calls
-            .serve("EntrySink", "deliver", WireContext::default(), async move {
+            .serve("EntrySink", "deliver", trace, async move {
                 self.publish(params.get()?)
             })
             .await
     }
 }
 
+/// The context of the shard's push: the element after the entries' own in `origins`, when
+/// the shard traced the push (the receiving span becomes its child).
+fn pushed_by(p: entry_sink::deliver_params::Reader<'_>) -> WireContext {
+    let (Ok(entries), true) = (p.get_entries(), p.has_origins()) else {
+        return WireContext::default();
+    };
+    match p.get_origins() {
+        Ok(origins) if origins.len() == entries.len() + 1 => {
+            trace_of(Ok(origins.get(entries.len())))
+        }
+        _ => WireContext::default(),
+    }
+}
+
 impl EntrySink {
+    /// Publishes the pushed entries to local subscribers, inside the receiving span: it links
+    /// to each traced entry's append, and each entry carries on both the append and this span
+    /// for the pushes to subscribers to link to.
     fn publish(&self, p: entry_sink::deliver_params::Reader<'_>) -> Result<(), capnp::Error> {
         let group = parse::group_id(p.get_group_id()?)?;
         let entries = p.get_entries()?;
@@ -44,10 +69,21 @@ impl EntrySink {
         } else {
             None
         };
-        for (i, e) in entries.iter().enumerate() {
-            let origin = origins
-                .filter(|o| i < o.len() as usize)
-                .and_then(|o| LinkContext::from_wire(&trace_of(Ok(o.get(i as u32)))));
+        let appends: Vec<Option<LinkContext>> = (0..entries.len())
+            .map(|i| {
+                origins
+                    .filter(|o| i < o.len())
+                    .and_then(|o| LinkContext::from_wire(&trace_of(Ok(o.get(i)))))
+            })
+            .collect();
+        let received = Span::current();
+        record_group(&received, self.calls.observer(), group.as_bytes());
+        received.record("messaging.system", "quicproquo");
+        received.record("messaging.operation.name", "deliver");
+        received.record("messaging.batch.message_count", i64::from(entries.len()));
+        propagation::link_each(&received, appends.iter().map(Option::as_ref));
+        for (e, append) in entries.iter().zip(&appends) {
+            let origin = LinkContext::through(append.as_ref(), &received);
             self.hub.publish(&group, read_entry(e)?, origin);
         }
         if p.get_resync() {
