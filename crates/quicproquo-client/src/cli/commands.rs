@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use quicproquo_client::chat::Chat;
 use quicproquo_client::follow::Follower;
 use quicproquo_client::{
@@ -16,6 +16,7 @@ use quicproquo_core::mls::Suite;
 use serde_json::json;
 
 use super::Cli;
+use super::outcome::{Stop, UsageError};
 use super::output::{Names, Output, follow_live};
 
 /// Where the servers are and how to reach them, for the commands that talk to one.
@@ -27,9 +28,9 @@ struct Ctx {
 impl Ctx {
     async fn new(cli: &Cli) -> Result<Self> {
         if cli.server_key.is_empty() {
-            bail!("--server-key is required (the key `qpq-server cluster-key` prints)");
+            return Err(UsageError::MissingServerKey.into());
         }
-        let key = ClusterPublicKey::from_hex(&cli.server_key).context("--server-key")?;
+        let key = ClusterPublicKey::from_hex(&cli.server_key).map_err(UsageError::BadServerKey)?;
         let mut options = ConnectOptions::new(key);
         options.timeout = cli.timeout;
         let addrs = resolve(&cli.server).await?;
@@ -99,7 +100,7 @@ pub(super) async fn register(cli: &Cli, name: &str, suite: Suite, key_packages: 
     if let Some(existing) = &state.name
         && !existing.eq_ignore_ascii_case(name)
     {
-        bail!("this device is already registered as {existing}");
+        return Err(UsageError::AlreadyRegistered(existing.clone()).into());
     }
     let conn = ctx.connect().await?;
     let auth = conn.bind(state.identity()).await?.auth;
@@ -229,28 +230,36 @@ pub(super) async fn send(cli: &Cli, out: &Output, group: &str, text: &str) -> Re
     Ok(())
 }
 
-/// `qpq recv`: prints what arrived (joining pending groups); with `follow`, stays live.
-pub(super) async fn recv(cli: &Cli, out: &Output, follow: bool) -> Result<()> {
+/// `qpq recv`: prints what arrived (joining pending groups); with `follow` (the stop signal),
+/// stays live until a signal arrives, which ends it like a normal exit.
+pub(super) async fn recv(cli: &Cli, out: &Output, follow: Option<&Stop>) -> Result<()> {
     let ctx = Ctx::new(cli).await?;
     let mut state = ClientState::load(&cli.state)?;
-    let conn = ctx.connect().await?;
-    let session = conn.bind(state.identity()).await?;
     let mut names = Names::default();
-    let mut events = Vec::new();
-    Chat::new(&mut state, &cli.state, &session)
-        .receive_all(&mut |e| events.push(e))
-        .await?;
-    for e in events.drain(..) {
-        out.event(&mut names, &session, e).await?;
-    }
-    if follow {
-        let follower = Follower::new(&mut state, &cli.state, ctx.addrs, ctx.options)
-            .with_connection(conn, session);
-        follow_live(follower, out, &mut names).await?;
-    } else {
+    let caught_up = async {
+        let conn = ctx.connect().await?;
+        let session = conn.bind(state.identity()).await?;
+        let mut events = Vec::new();
+        Chat::new(&mut state, &cli.state, &session)
+            .receive_all(&mut |e| events.push(e))
+            .await?;
+        for e in events.drain(..) {
+            out.event(&mut names, &session, e).await?;
+        }
+        anyhow::Ok((conn, session))
+    };
+    let Some(stop) = follow else {
+        let (conn, _) = caught_up.await?;
         conn.close().await;
-    }
-    Ok(())
+        return Ok(());
+    };
+    let (conn, session) = tokio::select! {
+        r = caught_up => r?,
+        _ = stop.requested() => return Ok(()),
+    };
+    let follower = Follower::new(&mut state, &cli.state, ctx.addrs, ctx.options)
+        .with_connection(conn, session);
+    follow_live(follower, out, &mut names, stop).await
 }
 
 /// `qpq groups`: every group we are in, with its epoch and members.

@@ -1,7 +1,9 @@
 //! The `qpq` binary's command line: its options ([`Cli`], [`Command`]) and [`run`], which
-//! hands each command to its own function in [`commands`]. Printing is [`output`]'s.
+//! hands each command to its own function in [`commands`] and stops it on SIGINT or SIGTERM.
+//! Printing is [`output`]'s; how a command ends (exit code, `error.type`) is [`outcome`]'s.
 
 mod commands;
+mod outcome;
 mod output;
 
 use std::path::PathBuf;
@@ -13,6 +15,8 @@ use quicproquo_client::state::DEFAULT_STATE_FILE;
 use quicproquo_core::duration::parse_duration;
 use quicproquo_core::mls::Suite;
 
+use outcome::{Interrupted, Stop};
+pub(crate) use outcome::{error_type, exit_code};
 use output::Output;
 
 // The options of every command (no doc comment: clap would print it in `--help`).
@@ -125,25 +129,58 @@ fn parse_suite(s: &str) -> Result<Suite, String> {
     Suite::parse(s).ok_or_else(|| "use hybrid or classical".to_owned())
 }
 
-/// Runs the command `cli` names.
+impl Cli {
+    /// The subcommand's name, as typed (`send`, `create-group`, ...).
+    pub(crate) fn command_name(&self) -> &'static str {
+        match &self.command {
+            Command::Ping => "ping",
+            Command::Register { .. } => "register",
+            Command::Whoami => "whoami",
+            Command::Keys { .. } => "keys",
+            Command::Lookup { .. } => "lookup",
+            Command::CreateGroup { .. } => "create-group",
+            Command::Invite { .. } => "invite",
+            Command::Remove { .. } => "remove",
+            Command::Join => "join",
+            Command::Send { .. } => "send",
+            Command::Recv { .. } => "recv",
+            Command::Groups => "groups",
+        }
+    }
+}
+
+/// Runs the command `cli` names until it ends or SIGINT or SIGTERM arrives: a command stops
+/// with [`Interrupted`], except `recv --follow`, for which a signal is the normal way to end.
 pub(crate) async fn run(cli: Cli) -> Result<()> {
+    let stop = Stop::install()?;
     let out = Output { json: cli.json };
+    if let Command::Recv { follow: true } = &cli.command {
+        return commands::recv(&cli, &out, Some(&stop)).await;
+    }
+    tokio::select! {
+        result = dispatch(&cli, &out) => result,
+        signal = stop.requested() => Err(Interrupted(signal).into()),
+    }
+}
+
+/// Hands the command to its function.
+async fn dispatch(cli: &Cli, out: &Output) -> Result<()> {
     match &cli.command {
-        Command::Ping => commands::ping(&cli).await,
+        Command::Ping => commands::ping(cli).await,
         Command::Register {
             name,
             suite,
             key_packages,
-        } => commands::register(&cli, name, *suite, *key_packages).await,
-        Command::Whoami => commands::whoami(&cli),
-        Command::Keys { top_up_to } => commands::keys(&cli, *top_up_to).await,
-        Command::Lookup { name } => commands::lookup(&cli, name).await,
-        Command::CreateGroup { name } => commands::create_group(&cli, &out, name).await,
-        Command::Invite { group, names } => commands::invite(&cli, &out, group, names).await,
-        Command::Remove { group, names } => commands::remove(&cli, &out, group, names).await,
-        Command::Join => commands::join(&cli, &out).await,
-        Command::Send { group, text } => commands::send(&cli, &out, group, text).await,
-        Command::Recv { follow } => commands::recv(&cli, &out, *follow).await,
-        Command::Groups => commands::groups(&cli, &out).await,
+        } => commands::register(cli, name, *suite, *key_packages).await,
+        Command::Whoami => commands::whoami(cli),
+        Command::Keys { top_up_to } => commands::keys(cli, *top_up_to).await,
+        Command::Lookup { name } => commands::lookup(cli, name).await,
+        Command::CreateGroup { name } => commands::create_group(cli, out, name).await,
+        Command::Invite { group, names } => commands::invite(cli, out, group, names).await,
+        Command::Remove { group, names } => commands::remove(cli, out, group, names).await,
+        Command::Join => commands::join(cli, out).await,
+        Command::Send { group, text } => commands::send(cli, out, group, text).await,
+        Command::Recv { .. } => commands::recv(cli, out, None).await,
+        Command::Groups => commands::groups(cli, out).await,
     }
 }

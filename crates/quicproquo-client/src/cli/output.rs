@@ -9,6 +9,8 @@ use quicproquo_client::follow::Follower;
 use quicproquo_core::IdentityKey;
 use serde_json::json;
 
+use super::outcome::Stop;
+
 /// Where events go.
 pub(crate) struct Output {
     pub(crate) json: bool,
@@ -153,19 +155,19 @@ impl Names {
     }
 }
 
-/// Follows every group and the inbox, printing events until interrupted; moves to another
-/// server of the list when the node dies or drains (see [`Follower`]).
+/// Follows every group and the inbox, printing events until `stop` (SIGINT or SIGTERM);
+/// moves to another server of the list when the node dies or drains (see [`Follower`]).
 pub(crate) async fn follow_live(
     mut follower: Follower<'_>,
     out: &Output,
     names: &mut Names,
+    stop: &Stop,
 ) -> Result<()> {
-    let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
     let mut reconnects = follower.reconnects();
     loop {
         let events = tokio::select! {
             r = follower.next() => r?,
-            _ = &mut stop => break,
+            _ = stop.requested() => break,
         };
         if follower.reconnects() != reconnects {
             reconnects = follower.reconnects();
