@@ -172,10 +172,10 @@ pub(crate) fn push_span<'a>(
     parent: Option<&Span>,
     links: impl Iterator<Item = Option<&'a LinkContext>>,
 ) -> Span {
-    let (service, name) = match target {
-        PushTarget::Client => ("MessageStream", "quicproquo.MessageStream/deliver"),
-        PushTarget::Inbox => ("InboxStream", "quicproquo.InboxStream/deliver"),
-        PushTarget::Edge => ("EntrySink", "quicproquo.EntrySink/deliver"),
+    let name = match target {
+        PushTarget::Client => "quicproquo.MessageStream/deliver",
+        PushTarget::Inbox => "quicproquo.InboxStream/deliver",
+        PushTarget::Edge => "quicproquo.EntrySink/deliver",
     };
     let count = i64::try_from(count).unwrap_or(i64::MAX);
     let span = tracing::info_span!(
@@ -193,7 +193,6 @@ pub(crate) fn push_span<'a>(
         messaging.operation.name = "deliver",
         messaging.batch.message_count = count,
         qpq.group = Empty,
-        qpq.stream = service,
     );
     propagation::link_each(&span, links);
     span
