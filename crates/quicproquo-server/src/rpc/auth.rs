@@ -13,7 +13,6 @@ use quicproquo_proto::errors::{ErrorCode, error};
 
 use crate::auth::{AuthContext, MAX_FETCH, MAX_UPLOAD};
 use crate::obs::calls::InFlight;
-use crate::obs::spans::trace_of;
 use crate::store::Store;
 use crate::wire::errors::auth_error;
 use crate::wire::{parse, store_error};
@@ -51,43 +50,40 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::UploadKeyPackagesParams,
         mut results: authentication_service::UploadKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "AuthenticationService",
-                "uploadKeyPackages",
-                trace,
-                async move {
-                    let params = params.get()?;
-                    let packages = params.get_packages()?;
-                    if packages.len() as usize > MAX_UPLOAD {
-                        return Err(error(
-                            ErrorCode::InvalidArgument,
-                            format!("at most {MAX_UPLOAD} KeyPackages per upload"),
-                        ));
-                    }
-                    // Validate everything before storing anything.
-                    let mut records = Vec::with_capacity(packages.len() as usize);
-                    for kp in packages.iter() {
-                        records.push(self.check_upload(kp?)?);
-                    }
-                    let last_resort = if params.has_last_resort() {
-                        Some(self.check_upload(params.get_last_resort()?)?)
-                    } else {
-                        None
-                    };
-                    let remaining = self
-                        .ctx
-                        .store()
-                        .add_key_packages(&self.identity, &records, last_resort.as_ref())
-                        .await
-                        .map_err(store_error)?;
-                    results.get().set_remaining(remaining);
-                    Ok(())
-                },
-            )
-            .await
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "uploadKeyPackages",
+            params,
+            async move {
+                let params = params.get()?;
+                let packages = params.get_packages()?;
+                if packages.len() as usize > MAX_UPLOAD {
+                    return Err(error(
+                        ErrorCode::InvalidArgument,
+                        format!("at most {MAX_UPLOAD} KeyPackages per upload"),
+                    ));
+                }
+                // Validate everything before storing anything.
+                let mut records = Vec::with_capacity(packages.len() as usize);
+                for kp in packages.iter() {
+                    records.push(self.check_upload(kp?)?);
+                }
+                let last_resort = if params.has_last_resort() {
+                    Some(self.check_upload(params.get_last_resort()?)?)
+                } else {
+                    None
+                };
+                let remaining = self
+                    .ctx
+                    .store()
+                    .add_key_packages(&self.identity, &records, last_resort.as_ref())
+                    .await
+                    .map_err(store_error)?;
+                results.get().set_remaining(remaining);
+                Ok(())
+            }
+        )
     }
 
     async fn fetch_key_packages(
@@ -95,39 +91,36 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::FetchKeyPackagesParams,
         mut results: authentication_service::FetchKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "AuthenticationService",
-                "fetchKeyPackages",
-                trace,
-                async move {
-                    let targets = parse::identities(params.get()?.get_identities()?, MAX_FETCH)?;
-                    self.ctx
-                        .admit_fetch(self.identity, &targets)
-                        .map_err(auth_error)?;
-                    let fetched = self
-                        .ctx
-                        .store()
-                        .fetch_key_packages(&targets)
-                        .await
-                        .map_err(store_error)?;
-                    let found: Vec<_> = fetched.into_iter().flatten().collect();
-                    let mut out = results.get().init_packages(
-                        u32::try_from(found.len())
-                            .map_err(|_| error(ErrorCode::Internal, "too many"))?,
-                    );
-                    for (i, kp) in found.iter().enumerate() {
-                        let mut entry = out.reborrow().get(i as u32);
-                        entry.set_identity(kp.identity.as_bytes());
-                        entry.set_package(&kp.data);
-                        entry.set_last_resort(kp.last_resort);
-                    }
-                    Ok(())
-                },
-            )
-            .await
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "fetchKeyPackages",
+            params,
+            async move {
+                let targets = parse::identities(params.get()?.get_identities()?, MAX_FETCH)?;
+                self.ctx
+                    .admit_fetch(self.identity, &targets)
+                    .map_err(auth_error)?;
+                let fetched = self
+                    .ctx
+                    .store()
+                    .fetch_key_packages(&targets)
+                    .await
+                    .map_err(store_error)?;
+                let found: Vec<_> = fetched.into_iter().flatten().collect();
+                let mut out = results.get().init_packages(
+                    u32::try_from(found.len())
+                        .map_err(|_| error(ErrorCode::Internal, "too many"))?,
+                );
+                for (i, kp) in found.iter().enumerate() {
+                    let mut entry = out.reborrow().get(i as u32);
+                    entry.set_identity(kp.identity.as_bytes());
+                    entry.set_package(&kp.data);
+                    entry.set_last_resort(kp.last_resort);
+                }
+                Ok(())
+            }
+        )
     }
 
     async fn key_package_count(
@@ -135,27 +128,24 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::KeyPackageCountParams,
         mut results: authentication_service::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "AuthenticationService",
-                "keyPackageCount",
-                trace,
-                async move {
-                    let remaining = self
-                        .ctx
-                        .store()
-                        .key_package_count(&self.identity)
-                        .await
-                        .map_err(store_error)?;
-                    let mut out = results.get();
-                    out.set_remaining(remaining);
-                    out.set_low(self.ctx.is_low(remaining));
-                    Ok(())
-                },
-            )
-            .await
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "keyPackageCount",
+            params,
+            async move {
+                let remaining = self
+                    .ctx
+                    .store()
+                    .key_package_count(&self.identity)
+                    .await
+                    .map_err(store_error)?;
+                let mut out = results.get();
+                out.set_remaining(remaining);
+                out.set_low(self.ctx.is_low(remaining));
+                Ok(())
+            }
+        )
     }
 
     async fn claim_name(
@@ -163,18 +153,20 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::ClaimNameParams,
         _results: authentication_service::ClaimNameResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("AuthenticationService", "claimName", trace, async move {
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "claimName",
+            params,
+            async move {
                 let name = parse::user_name(params.get()?.get_name()?)?;
                 self.ctx
                     .store()
                     .claim_name(&self.identity, &name)
                     .await
                     .map_err(store_error)
-            })
-            .await
+            }
+        )
     }
 
     async fn resolve_name(
@@ -182,10 +174,12 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::ResolveNameParams,
         mut results: authentication_service::ResolveNameResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("AuthenticationService", "resolveName", trace, async move {
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "resolveName",
+            params,
+            async move {
                 let name = parse::user_name(params.get()?.get_name()?)?;
                 match self
                     .ctx
@@ -203,8 +197,8 @@ impl authentication_service::Server for AuthService {
                         format!("no user is named {name}"),
                     )),
                 }
-            })
-            .await
+            }
+        )
     }
 
     async fn names_of(
@@ -212,10 +206,12 @@ impl authentication_service::Server for AuthService {
         params: authentication_service::NamesOfParams,
         mut results: authentication_service::NamesOfResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("AuthenticationService", "namesOf", trace, async move {
+        serve!(
+            self.in_flight,
+            "AuthenticationService",
+            "namesOf",
+            params,
+            async move {
                 let ids = parse::identities(params.get()?.get_identities()?, MAX_FETCH)?;
                 let mut names = Vec::with_capacity(ids.len());
                 for id in ids {
@@ -227,7 +223,7 @@ impl authentication_service::Server for AuthService {
                     out.set(i as u32, n.as_str());
                 }
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 }

@@ -13,7 +13,6 @@ use quicproquo_proto::bootstrap_capnp::{bootstrap, session_events};
 use quicproquo_proto::common_capnp;
 use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
-use quicproquo_telemetry::propagation::WireContext;
 
 use super::auth::AuthService;
 use super::backend::Backend;
@@ -21,7 +20,6 @@ use super::delivery::DeliveryService;
 use super::shard::ShardServiceImpl;
 use crate::auth::AuthContext;
 use crate::obs::calls::InFlight;
-use crate::obs::spans::trace_of;
 use crate::ordering::Appender;
 use crate::store::Store;
 use crate::wire::{parse, store_error};
@@ -109,22 +107,18 @@ impl bootstrap::Server for BootstrapImpl {
         params: bootstrap::PingParams,
         mut results: bootstrap::PingResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("Bootstrap", "ping", trace, async move {
-                let params = params.get()?;
-                let payload = params.get_payload()?;
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-                let mut out = results.get();
-                out.set_payload(payload);
-                out.set_role(wire_role(self.role));
-                out.set_server_time_micros(now);
-                Ok(())
-            })
-            .await
+        serve!(self.in_flight, "Bootstrap", "ping", params, async move {
+            let params = params.get()?;
+            let payload = params.get_payload()?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            let mut out = results.get();
+            out.set_payload(payload);
+            out.set_role(wire_role(self.role));
+            out.set_server_time_micros(now);
+            Ok(())
+        })
     }
 
     async fn bind(
@@ -132,76 +126,72 @@ impl bootstrap::Server for BootstrapImpl {
         params: bootstrap::BindParams,
         mut results: bootstrap::BindResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("Bootstrap", "bind", trace, async move {
-                let params = params.get()?;
-                let Some(backend) = self.backend.clone() else {
+        serve!(self.in_flight, "Bootstrap", "bind", params, async move {
+            let params = params.get()?;
+            let Some(backend) = self.backend.clone() else {
+                return Err(error(
+                    ErrorCode::WrongRole,
+                    format!("this node is a {}: clients connect to an edge", self.role),
+                ));
+            };
+            let identity = parse::identity(params.get_identity_key()?)?;
+            identity
+                .verify_binding(
+                    &self.session.handshake_hash,
+                    &self.session.client_static,
+                    params.get_signature()?,
+                )
+                .map_err(|e| error(ErrorCode::BadBinding, e))?;
+            let existing = self.bound.borrow().clone();
+            let services = match existing {
+                Some((bound, client)) if bound == identity => client,
+                Some(_) => {
                     return Err(error(
-                        ErrorCode::WrongRole,
-                        format!("this node is a {}: clients connect to an edge", self.role),
+                        ErrorCode::AlreadyBound,
+                        "this session is bound to another identity",
                     ));
-                };
-                let identity = parse::identity(params.get_identity_key()?)?;
-                identity
-                    .verify_binding(
-                        &self.session.handshake_hash,
-                        &self.session.client_static,
-                        params.get_signature()?,
-                    )
-                    .map_err(|e| error(ErrorCode::BadBinding, e))?;
-                let existing = self.bound.borrow().clone();
-                let services = match existing {
-                    Some((bound, client)) if bound == identity => client,
-                    Some(_) => {
-                        return Err(error(
-                            ErrorCode::AlreadyBound,
-                            "this session is bound to another identity",
-                        ));
-                    }
-                    None => {
-                        self.auth
-                            .store()
-                            .register_identity(&identity)
-                            .await
-                            .map_err(store_error)?;
-                        // Another bind may have completed while the store was answering.
-                        if let Some((bound, client)) = self.bound.borrow().clone() {
-                            if bound != identity {
-                                return Err(error(
-                                    ErrorCode::AlreadyBound,
-                                    "this session is bound to another identity",
-                                ));
-                            }
-                            client
-                        } else {
-                            let services = Services {
-                                auth: capnp_rpc::new_client(AuthService::new(
-                                    identity,
-                                    Arc::clone(&self.auth),
-                                    Rc::clone(&self.in_flight),
-                                )),
-                                delivery: capnp_rpc::new_client(DeliveryService::new(
-                                    identity,
-                                    backend,
-                                    Rc::clone(&self.in_flight),
-                                )),
-                            };
-                            *self.bound.borrow_mut() = Some((identity, services.clone()));
-                            services
-                        }
-                    }
-                };
-                if params.has_events() {
-                    *self.events.0.borrow_mut() = Some(params.get_events()?);
                 }
-                let mut out = results.get();
-                out.set_auth(services.auth);
-                out.set_delivery(services.delivery);
-                Ok(())
-            })
-            .await
+                None => {
+                    self.auth
+                        .store()
+                        .register_identity(&identity)
+                        .await
+                        .map_err(store_error)?;
+                    // Another bind may have completed while the store was answering.
+                    if let Some((bound, client)) = self.bound.borrow().clone() {
+                        if bound != identity {
+                            return Err(error(
+                                ErrorCode::AlreadyBound,
+                                "this session is bound to another identity",
+                            ));
+                        }
+                        client
+                    } else {
+                        let services = Services {
+                            auth: capnp_rpc::new_client(AuthService::new(
+                                identity,
+                                Arc::clone(&self.auth),
+                                Rc::clone(&self.in_flight),
+                            )),
+                            delivery: capnp_rpc::new_client(DeliveryService::new(
+                                identity,
+                                backend,
+                                Rc::clone(&self.in_flight),
+                            )),
+                        };
+                        *self.bound.borrow_mut() = Some((identity, services.clone()));
+                        services
+                    }
+                }
+            };
+            if params.has_events() {
+                *self.events.0.borrow_mut() = Some(params.get_events()?);
+            }
+            let mut out = results.get();
+            out.set_auth(services.auth);
+            out.set_delivery(services.delivery);
+            Ok(())
+        })
     }
 
     async fn cluster(
@@ -209,29 +199,26 @@ impl bootstrap::Server for BootstrapImpl {
         _: bootstrap::ClusterParams,
         mut results: bootstrap::ClusterResults,
     ) -> Result<(), capnp::Error> {
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("Bootstrap", "cluster", WireContext::default(), async move {
-                if self.session.peer_node.is_none() {
-                    return Err(error(
-                        ErrorCode::NotANode,
-                        "only cluster nodes may use the internal interface",
-                    ));
-                }
-                let Some(shard) = self.shard.clone() else {
-                    return Err(error(
-                        ErrorCode::WrongRole,
-                        format!("this node is a {}, not a shard", self.role),
-                    ));
-                };
-                results
-                    .get()
-                    .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
-                        shard,
-                        Rc::clone(&self.in_flight),
-                    )));
-                Ok(())
-            })
-            .await
+        serve!(self.in_flight, "Bootstrap", "cluster", async move {
+            if self.session.peer_node.is_none() {
+                return Err(error(
+                    ErrorCode::NotANode,
+                    "only cluster nodes may use the internal interface",
+                ));
+            }
+            let Some(shard) = self.shard.clone() else {
+                return Err(error(
+                    ErrorCode::WrongRole,
+                    format!("this node is a {}, not a shard", self.role),
+                ));
+            };
+            results
+                .get()
+                .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
+                    shard,
+                    Rc::clone(&self.in_flight),
+                )));
+            Ok(())
+        })
     }
 }

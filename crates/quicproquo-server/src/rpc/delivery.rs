@@ -17,7 +17,7 @@ use super::backend::Backend;
 use super::subscribe;
 use crate::model::group::{AppendRequest, CommitChange, EntryKind, MAX_CHANGE, MAX_MESSAGE_ID};
 use crate::obs::calls::InFlight;
-use crate::obs::spans::{record_group, trace_of};
+use crate::obs::spans::record_group;
 use crate::store::log::LogStore;
 use crate::wire::codec::{write_envelope, write_outcome, write_welcome};
 use crate::wire::{model_error, ordering_error, parse, store_error};
@@ -129,10 +129,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::CreateGroupParams,
         _results: delivery_service::CreateGroupResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "createGroup", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "createGroup",
+            params,
+            async move {
                 let group = parse::group_id(params.get()?.get_group_id()?)?;
                 let span = tracing::Span::current();
                 record_group(&span, self.in_flight.observer(), group.as_bytes());
@@ -140,8 +142,8 @@ impl delivery_service::Server for DeliveryService {
                     .create_group(&group, &self.identity)
                     .await
                     .map_err(ordering_error)
-            })
-            .await
+            }
+        )
     }
 
     async fn send(
@@ -149,10 +151,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SendParams,
         mut results: delivery_service::SendResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "send", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "send",
+            params,
+            async move {
                 let req = self.request(params.get()?)?;
                 // The server side of a send: messaging attributes without an operation type
                 // (none of the conventions' types is a SERVER span).
@@ -165,8 +169,8 @@ impl delivery_service::Server for DeliveryService {
                 let outcome = self.backend.append(req).await.map_err(ordering_error)?;
                 write_outcome(results.get().init_result(), outcome)?;
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 
     async fn fetch(
@@ -174,10 +178,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::FetchParams,
         mut results: delivery_service::FetchResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "fetch", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "fetch",
+            params,
+            async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 let span = tracing::Span::current();
@@ -194,8 +200,8 @@ impl delivery_service::Server for DeliveryService {
                     write_envelope(list.reborrow().get(i as u32), &group, e);
                 }
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 
     async fn subscribe(
@@ -203,10 +209,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SubscribeParams,
         mut results: delivery_service::SubscribeResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "subscribe", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "subscribe",
+            params,
+            async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 let span = tracing::Span::current();
@@ -228,8 +236,8 @@ impl delivery_service::Server for DeliveryService {
                 );
                 results.get().set_subscription(subscription);
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 
     async fn acknowledge(
@@ -237,10 +245,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::AcknowledgeParams,
         _results: delivery_service::AcknowledgeResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "acknowledge", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "acknowledge",
+            params,
+            async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 self.backend
@@ -248,8 +258,8 @@ impl delivery_service::Server for DeliveryService {
                     .set_cursor(&self.identity, &group, p.get_seq())
                     .await
                     .map_err(store_error)
-            })
-            .await
+            }
+        )
     }
 
     async fn groups(
@@ -257,10 +267,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::GroupsParams,
         mut results: delivery_service::GroupsResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "groups", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "groups",
+            params,
+            async move {
                 let store = self.backend.store();
                 let ids = store.groups_of(&self.identity).await.map_err(store_error)?;
                 let mut summaries = Vec::with_capacity(ids.len());
@@ -285,8 +297,8 @@ impl delivery_service::Server for DeliveryService {
                     }
                 }
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 
     async fn inbox(
@@ -294,10 +306,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::InboxParams,
         mut results: delivery_service::InboxResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "inbox", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "inbox",
+            params,
+            async move {
                 let p = params.get()?;
                 let limit = p.get_limit().clamp(1, MAX_FETCH);
                 let welcomes = self
@@ -311,8 +325,8 @@ impl delivery_service::Server for DeliveryService {
                     write_welcome(list.reborrow().get(i as u32), w);
                 }
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 
     async fn subscribe_inbox(
@@ -320,10 +334,12 @@ impl delivery_service::Server for DeliveryService {
         params: delivery_service::SubscribeInboxParams,
         mut results: delivery_service::SubscribeInboxResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("DeliveryService", "subscribeInbox", trace, async move {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "subscribeInbox",
+            params,
+            async move {
                 let p = params.get()?;
                 let subscription = subscribe::inbox(
                     &self.in_flight,
@@ -334,7 +350,7 @@ impl delivery_service::Server for DeliveryService {
                 );
                 results.get().set_subscription(subscription);
                 Ok(())
-            })
-            .await
+            }
+        )
     }
 }

@@ -7,6 +7,30 @@
 //! the one mapping in [`crate::wire::errors`]. The ordering calls go to a [`backend::Backend`]:
 //! this node's own appender, or the edge's router.
 
+/// Serves one method of an interface: reads the caller's trace context from `params` (for
+/// requests that carry a `trace` field; without `params` the call starts its own trace), then
+/// runs `body` through the connection's [`InFlight::serve`](crate::obs::calls::InFlight::serve)
+/// (span, metrics, drain accounting). Every served method is written
+/// `serve!(self.in_flight, "Service", "method", params, async move { ... })`.
+macro_rules! serve {
+    ($in_flight:expr, $service:literal, $method:literal, $params:ident, $body:expr) => {{
+        let trace = $crate::obs::spans::trace_of($params.get().and_then(|p| p.get_trace()));
+        let in_flight = ::std::rc::Rc::clone(&$in_flight);
+        in_flight.serve($service, $method, trace, $body).await
+    }};
+    ($in_flight:expr, $service:literal, $method:literal, $body:expr) => {{
+        let in_flight = ::std::rc::Rc::clone(&$in_flight);
+        in_flight
+            .serve(
+                $service,
+                $method,
+                ::quicproquo_telemetry::propagation::WireContext::default(),
+                $body,
+            )
+            .await
+    }};
+}
+
 mod auth;
 pub mod backend;
 pub mod bootstrap;

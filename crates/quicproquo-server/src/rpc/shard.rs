@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink, shard_service};
-use quicproquo_telemetry::propagation::{self, WireContext};
+use quicproquo_telemetry::propagation;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{Instrument, debug};
 
@@ -22,7 +22,7 @@ use crate::model::group::GroupId;
 use crate::obs::Observer;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::{
-    PushTarget, push_span, record_group, record_outcome, trace_of, write_trace, write_wire,
+    PushTarget, push_span, record_group, record_outcome, write_trace, write_wire,
 };
 use crate::ordering::Appender;
 use crate::ordering::hub::{FeedEvent, Published};
@@ -50,10 +50,12 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::CreateGroupParams,
         _: shard_service::CreateGroupResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("ShardService", "createGroup", trace, async move {
+        serve!(
+            self.in_flight,
+            "ShardService",
+            "createGroup",
+            params,
+            async move {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 let creator = parse::identity(p.get_creator()?)?;
@@ -63,8 +65,8 @@ impl shard_service::Server for ShardServiceImpl {
                     .create_group(&group, &creator)
                     .await
                     .map_err(ordering_error)
-            })
-            .await
+            }
+        )
     }
 
     async fn append(
@@ -72,17 +74,19 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::AppendParams,
         mut results: shard_service::AppendResults,
     ) -> Result<(), capnp::Error> {
-        let trace = trace_of(params.get().and_then(|p| p.get_trace()));
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve("ShardService", "append", trace, async move {
+        serve!(
+            self.in_flight,
+            "ShardService",
+            "append",
+            params,
+            async move {
                 let req = read_request(params.get()?.get_request()?)?;
                 let observer = self.in_flight.observer();
                 record_group(&tracing::Span::current(), observer, req.group_id.as_bytes());
                 let outcome = self.shard.append(req).await.map_err(ordering_error)?;
                 write_outcome(results.get().init_result(), outcome)
-            })
-            .await
+            }
+        )
     }
 
     async fn watch(
@@ -90,28 +94,20 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::WatchParams,
         mut results: shard_service::WatchResults,
     ) -> Result<(), capnp::Error> {
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "ShardService",
-                "watch",
-                WireContext::default(),
-                async move {
-                    let p = params.get()?;
-                    let group = parse::group_id(p.get_group_id()?)?;
-                    let sink = p.get_sink()?;
-                    let feed = self.shard.hub().group_feed(&group).0;
-                    let observer = Arc::clone(self.shard.observer());
-                    let subscription = spawn(&self.in_flight, move |_| async move {
-                        if let Err(e) = push_group(&group, feed, &sink, &observer).await {
-                            debug!(error = %e, "group watch ended");
-                        }
-                    });
-                    results.get().set_subscription(subscription);
-                    Ok(())
-                },
-            )
-            .await
+        serve!(self.in_flight, "ShardService", "watch", async move {
+            let p = params.get()?;
+            let group = parse::group_id(p.get_group_id()?)?;
+            let sink = p.get_sink()?;
+            let feed = self.shard.hub().group_feed(&group).0;
+            let observer = Arc::clone(self.shard.observer());
+            let subscription = spawn(&self.in_flight, move |_| async move {
+                if let Err(e) = push_group(&group, feed, &sink, &observer).await {
+                    debug!(error = %e, "group watch ended");
+                }
+            });
+            results.get().set_subscription(subscription);
+            Ok(())
+        })
     }
 
     async fn watch_inboxes(
@@ -119,25 +115,17 @@ impl shard_service::Server for ShardServiceImpl {
         params: shard_service::WatchInboxesParams,
         mut results: shard_service::WatchInboxesResults,
     ) -> Result<(), capnp::Error> {
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "ShardService",
-                "watchInboxes",
-                WireContext::default(),
-                async move {
-                    let sink = params.get()?.get_sink()?;
-                    let feed = self.shard.hub().all_inboxes();
-                    let subscription = spawn(&self.in_flight, move |_| async move {
-                        if let Err(e) = push_inboxes(feed, &sink).await {
-                            debug!(error = %e, "inbox watch ended");
-                        }
-                    });
-                    results.get().set_subscription(subscription);
-                    Ok(())
-                },
-            )
-            .await
+        serve!(self.in_flight, "ShardService", "watchInboxes", async move {
+            let sink = params.get()?.get_sink()?;
+            let feed = self.shard.hub().all_inboxes();
+            let subscription = spawn(&self.in_flight, move |_| async move {
+                if let Err(e) = push_inboxes(feed, &sink).await {
+                    debug!(error = %e, "inbox watch ended");
+                }
+            });
+            results.get().set_subscription(subscription);
+            Ok(())
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
-use quicproquo_telemetry::propagation::{LinkContext, WireContext};
+use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, Span, debug};
@@ -47,18 +47,10 @@ impl subscription::Server for SubscriptionImpl {
         _: subscription::CloseParams,
         _: subscription::CloseResults,
     ) -> Result<(), capnp::Error> {
-        let in_flight = Rc::clone(&self.in_flight);
-        in_flight
-            .serve(
-                "Subscription",
-                "close",
-                WireContext::default(),
-                async move {
-                    self.stop.cancel();
-                    Ok(())
-                },
-            )
-            .await
+        serve!(self.in_flight, "Subscription", "close", async move {
+            self.stop.cancel();
+            Ok(())
+        })
     }
 }
 
