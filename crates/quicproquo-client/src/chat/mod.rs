@@ -13,6 +13,8 @@
 //! merged is merged when it comes back through the log).
 
 mod group_log;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::path::Path;
 
@@ -54,6 +56,32 @@ pub enum ChatError {
     /// The commit driver gave up.
     #[error(transparent)]
     Commit(CommitError),
+    /// Entries handed to [`Chat::apply_batch`] do not continue the group's cursor: the ones in
+    /// between must be read from the log first. Nothing of the batch was applied.
+    #[error("log entries missing: expected seq {expected}, got {got}")]
+    Gap {
+        /// The sequence number that should have come next.
+        expected: u64,
+        /// The one that came instead.
+        got: u64,
+    },
+}
+
+/// Where `entries` stop continuing `cursor` (entries at or below the running cursor are
+/// repeats, not gaps): the sequence number expected there and the one found, or `None` when
+/// every entry follows on.
+pub fn first_gap(cursor: u64, entries: &[Envelope]) -> Option<(u64, u64)> {
+    let mut at = cursor;
+    for e in entries {
+        if e.seq <= at {
+            continue;
+        }
+        if e.seq != at + 1 {
+            return Some((at + 1, e.seq));
+        }
+        at = e.seq;
+    }
+    None
 }
 
 impl From<DriveError<Self>> for ChatError {
@@ -402,13 +430,40 @@ impl<'a> Chat<'a> {
 
     /// Processes log entries of group `id` in order, loading the group state once. Entries at
     /// or below the cursor are skipped (duplicates are harmless); the caller saves the state.
+    /// Entries that do not continue the cursor are refused whole with [`ChatError::Gap`]:
+    /// nothing is ever skipped silently (read the log first: [`Chat::receive_pushed`]).
     pub fn apply_batch(
         &mut self,
         id: &[u8],
         entries: &[Envelope],
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<(), ChatError> {
+        if let Some((expected, got)) = first_gap(self.cursor(id), entries) {
+            return Err(ChatError::Gap { expected, got });
+        }
         self.apply_entries(id, entries, &mut None, on_event)
+    }
+
+    /// Processes a batch of group `id` pushed by a subscription, saves the state and
+    /// acknowledges the cursor. A push is only a hint: when it does not continue the cursor
+    /// (entries were lost on the way), the group's log is read from the cursor instead, so the
+    /// missing entries come first and the pushed ones after them, each once.
+    pub async fn receive_pushed(
+        &mut self,
+        id: &[u8],
+        entries: &[Envelope],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        match self.apply_batch(id, entries, on_event) {
+            Err(ChatError::Gap { .. }) => return self.receive_group(id, on_event).await,
+            other => other?,
+        }
+        self.save()?;
+        if self.state.groups.contains_key(id) {
+            let cursor = self.cursor(id);
+            self.session.delivery.acknowledge(id, cursor).await?;
+        }
+        Ok(())
     }
 
     /// [`Chat::apply_batch`] on the group state in `group` (loaded there on first use).

@@ -94,10 +94,33 @@ fn returns_pending(pending: bool, epoch: u64, entry: &Envelope, own: bool) -> bo
     pending && own && entry.kind == EnvelopeKind::Commit && entry.epoch == epoch
 }
 
+/// How many of `entries` (read from the log after `asked_after`) may be applied on a reader at
+/// `cursor` without skipping anything the log could still hold: entries must follow each
+/// other and the cursor, except that the first new entry may lie beyond `cursor + 1` when the
+/// read asked for exactly what follows the cursor (the log's own word that nothing readable
+/// lies in between, e.g. before we joined). Entries at or below the cursor are repeats.
+pub(crate) fn continuing(cursor: u64, asked_after: u64, entries: &[Envelope]) -> usize {
+    let mut at = cursor;
+    for (i, e) in entries.iter().enumerate() {
+        if e.seq <= at {
+            continue;
+        }
+        let jump_allowed = at == cursor && asked_after == cursor;
+        if e.seq != at + 1 && !jump_allowed {
+            return i;
+        }
+        at = e.seq;
+    }
+    entries.len()
+}
+
 /// Reads group `group_id`'s log after `after` up to and including `up_to` (`None`: to its
 /// end) in batches of [`FETCH_BATCH`], handing each batch to `reader`. `stop_before` may name
 /// an entry of a batch to stop in front of: the entries before it are applied and its sequence
 /// number is returned. A member the server no longer counts as one reads nothing more.
+///
+/// Nothing is applied past a gap: a batch that does not continue the reader's cursor is
+/// applied up to the gap, and the log is read again from the cursor (see [`continuing`]).
 pub async fn read_log<R: LogReader>(
     delivery: &DeliveryClient,
     group_id: &[u8],
@@ -118,6 +141,22 @@ pub async fn read_log<R: LogReader>(
         };
         let stop = stop_before(reader, &entries).map_err(DriveError::Host)?;
         let batch = entries.get(..stop.unwrap_or(entries.len())).unwrap_or(&[]);
+        let before = reader.cursor();
+        let take = continuing(before, cursor, batch);
+        if take < batch.len() {
+            // A gap: apply what continues the cursor, then read again from where it got to.
+            let head = batch.get(..take).unwrap_or(&[]);
+            if !head.is_empty() && !reader.apply(head).await.map_err(DriveError::Host)? {
+                return Ok(None);
+            }
+            if reader.cursor() == cursor {
+                // Asked from the cursor already and nothing moved it: a reader that does not
+                // advance would only loop.
+                break;
+            }
+            cursor = reader.cursor();
+            continue;
+        }
         if !batch.is_empty() && !reader.apply(batch).await.map_err(DriveError::Host)? {
             return Ok(None);
         }
@@ -266,4 +305,41 @@ fn own_commit_index<H: CommitHost>(
     Ok(entries
         .iter()
         .position(|e| returns_pending(pending, epoch, e, host.is_own(e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continuing;
+    use crate::delivery::{Envelope, EnvelopeKind};
+
+    fn entries(seqs: &[u64]) -> Vec<Envelope> {
+        seqs.iter()
+            .map(|&seq| Envelope {
+                group_id: vec![1; 16],
+                seq,
+                epoch: 0,
+                kind: EnvelopeKind::Application,
+                message_id: vec![seq as u8],
+                payload: Vec::new(),
+                appended_at_micros: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_read_batch_is_applied_only_as_far_as_it_continues_the_cursor() {
+        // Following on, with repeats: all of it.
+        assert_eq!(continuing(4, 4, &entries(&[5, 6, 7])), 3);
+        assert_eq!(continuing(4, 4, &entries(&[4, 5, 5, 6])), 4);
+        // A gap inside the batch: up to it.
+        assert_eq!(continuing(4, 4, &entries(&[5, 6, 8, 9])), 2);
+        // Asked from the cursor, the log's first entry may lie beyond it (before we joined),
+        // but what follows must follow on.
+        assert_eq!(continuing(4, 4, &entries(&[9, 10])), 2);
+        assert_eq!(continuing(4, 4, &entries(&[9, 11])), 1);
+        // Asked from beyond the cursor: the entries in between were never read.
+        assert_eq!(continuing(4, 6, &entries(&[7, 8])), 0);
+        assert_eq!(continuing(4, 6, &entries(&[3, 4, 7])), 2);
+        assert_eq!(continuing(4, 6, &[]), 0);
+    }
 }
