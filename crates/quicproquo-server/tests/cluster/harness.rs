@@ -37,6 +37,12 @@ pub(crate) struct Cluster {
     restarted: Vec<Child>,
 }
 
+/// The nodes' log filter: `QPQ_TEST_NODE_LOG` when set (e.g. `quicproquo_server=debug` to see
+/// why a node dropped a connection), warnings otherwise.
+fn node_log() -> String {
+    std::env::var("QPQ_TEST_NODE_LOG").unwrap_or_else(|_| "warn".to_owned())
+}
+
 fn read_line(rx: &mpsc::Receiver<String>, deadline: Instant) -> Result<String> {
     let left = deadline.saturating_duration_since(Instant::now());
     rx.recv_timeout(left)
@@ -62,7 +68,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(base)
             .args(["--lease-ttl", "2s"])
-            .env("QPQ_LOG", "warn")
+            .env("QPQ_LOG", node_log())
             .env("QPQ_RING_REFRESH", "200ms")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -152,7 +158,7 @@ impl Cluster {
             .args(["--database-url", &self.database_url])
             .args(["--lease-ttl", "2s", "--ring-refresh", "200ms"])
             .args(["--ops-listen", "127.0.0.1:0"])
-            .env("QPQ_LOG", "warn")
+            .env("QPQ_LOG", node_log())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()?;

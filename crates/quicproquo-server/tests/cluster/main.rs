@@ -1,6 +1,7 @@
 //! Fault tests of the sharded cluster: separate edge and shard processes on loopback against
 //! one Postgres, members driven through the client library, nodes killed mid-traffic.
 
+mod follow;
 mod harness;
 
 use std::cell::RefCell;
