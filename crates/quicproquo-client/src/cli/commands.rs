@@ -244,7 +244,7 @@ pub(super) async fn recv(cli: &Cli, out: &Output, follow: Option<&Stop>) -> Resu
             .receive_all(&mut |e| events.push(e))
             .await?;
         for e in events.drain(..) {
-            out.event(&mut names, &session, e).await?;
+            out.event(&mut names, Some(&session), e).await?;
         }
         anyhow::Ok((conn, session))
     };
@@ -271,7 +271,7 @@ pub(super) async fn groups(cli: &Cli, out: &Output) -> Result<()> {
             .groups
             .get(&g.group_id)
             .map_or_else(|| short_group_id(&g.group_id), |m| m.name.clone());
-        let members = names.describe(&session, &g.members).await?;
+        let members = names.describe(Some(&session), &g.members).await;
         out.line(
             &format!(
                 "{label} ({}) epoch {} members: {}",

@@ -30,16 +30,17 @@ impl Output {
     pub(crate) async fn events(&self, session: &Session, events: Vec<ChatEvent>) -> Result<()> {
         let mut names = Names::default();
         for e in events {
-            self.event(&mut names, session, e).await?;
+            self.event(&mut names, Some(session), e).await?;
         }
         Ok(())
     }
 
-    /// Prints a chat event.
+    /// Prints a chat event; members are named through `session` when it can say (fingerprints
+    /// otherwise: an event is never dropped for want of a name).
     pub(crate) async fn event(
         &self,
         names: &mut Names,
-        session: &Session,
+        session: Option<&Session>,
         e: ChatEvent,
     ) -> Result<()> {
         match e {
@@ -49,7 +50,7 @@ impl Output {
                 sender,
                 body,
             } => {
-                let who = names.name(session, &sender).await?;
+                let who = names.name(session, &sender).await;
                 let text = String::from_utf8_lossy(&body).into_owned();
                 self.line(
                     &format!("[{group} #{seq}] {who}: {text}"),
@@ -64,8 +65,8 @@ impl Output {
                 added,
                 removed,
             } => {
-                let added = names.describe(session, &added).await?;
-                let removed = names.describe(session, &removed).await?;
+                let added = names.describe(session, &added).await;
+                let removed = names.describe(session, &removed).await;
                 let mut what = Vec::new();
                 if !added.is_empty() {
                     what.push(format!("added {}", added.join(", ")));
@@ -95,7 +96,7 @@ impl Output {
                 epoch,
                 members,
             } => {
-                let members = names.describe(session, &members).await?;
+                let members = names.describe(session, &members).await;
                 self.line(
                     &format!(
                         "joined group {group} (epoch {epoch}, members: {})",
@@ -117,42 +118,51 @@ pub(crate) struct Names {
 
 impl Names {
     /// The user name, or the first fingerprint groups when the identity has none.
-    pub(crate) async fn name(&mut self, session: &Session, id: &IdentityKey) -> Result<String> {
-        Ok(self
-            .describe(session, std::slice::from_ref(id))
-            .await?
-            .remove(0))
+    pub(crate) async fn name(&mut self, session: Option<&Session>, id: &IdentityKey) -> String {
+        self.describe(session, std::slice::from_ref(id))
+            .await
+            .remove(0)
     }
 
-    /// Names of several identities, in order.
+    /// Names of several identities, in order. Identities not yet known are asked of the
+    /// server through `session`; when there is none, or it cannot answer (the connection just
+    /// broke), they are shown by fingerprint for now and asked again next time.
     pub(crate) async fn describe(
         &mut self,
-        session: &Session,
+        session: Option<&Session>,
         ids: &[IdentityKey],
-    ) -> Result<Vec<String>> {
+    ) -> Vec<String> {
         let missing: Vec<IdentityKey> = ids
             .iter()
             .filter(|i| !self.cache.contains_key(*i))
             .copied()
             .collect();
-        if !missing.is_empty() {
-            let names = session.auth.names_of(&missing).await?;
+        if let (false, Some(session)) = (missing.is_empty(), session)
+            && let Ok(names) = session.auth.names_of(&missing).await
+        {
             for (id, name) in missing.iter().zip(names) {
-                let label = name.unwrap_or_else(|| {
-                    id.fingerprint()
-                        .split(' ')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .join("")
-                });
+                let label = name.unwrap_or_else(|| short_fingerprint(id));
                 self.cache.insert(*id, label);
             }
         }
-        Ok(ids
-            .iter()
-            .map(|i| self.cache.get(i).cloned().unwrap_or_default())
-            .collect())
+        ids.iter()
+            .map(|i| {
+                self.cache
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| short_fingerprint(i))
+            })
+            .collect()
     }
+}
+
+/// The first two groups of an identity's fingerprint: its label when it has no name.
+fn short_fingerprint(id: &IdentityKey) -> String {
+    id.fingerprint()
+        .split(' ')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("")
 }
 
 /// Follows every group and the inbox, printing events until `stop` (SIGINT or SIGTERM);
@@ -178,11 +188,10 @@ pub(crate) async fn follow_live(
                 );
             }
         }
-        let Some(session) = follower.session() else {
-            continue;
-        };
+        // Printed whether or not the connection still stands: these entries are processed
+        // and their cursor saved, so they will not come again.
         for e in events {
-            out.event(names, session, e).await?;
+            out.event(names, follower.session(), e).await?;
         }
     }
     follower.close().await;
