@@ -52,7 +52,7 @@ impl AuthClient {
         packages: &[Vec<u8>],
         last_resort: Option<&[u8]>,
     ) -> Result<u32, ClientError> {
-        let span = rpc_span("AuthenticationService", "uploadKeyPackages");
+        let span = rpc_span(self.addr, "AuthenticationService", "uploadKeyPackages");
         let mut req = self.cap.upload_key_packages_request();
         {
             let mut p = req.get();
@@ -76,7 +76,7 @@ impl AuthClient {
         &self,
         identities: &[IdentityKey],
     ) -> Result<Vec<FetchedKeyPackage>, ClientError> {
-        let span = rpc_span("AuthenticationService", "fetchKeyPackages");
+        let span = rpc_span(self.addr, "AuthenticationService", "fetchKeyPackages");
         let mut req = self.cap.fetch_key_packages_request();
         write_trace(req.get().init_trace(), &span);
         let count = list_len(identities.len(), "identities")?;
@@ -101,7 +101,7 @@ impl AuthClient {
 
     /// How many KeyPackages the server holds for us, and whether we should upload more.
     pub async fn key_package_count(&self) -> Result<(u32, bool), ClientError> {
-        let span = rpc_span("AuthenticationService", "keyPackageCount");
+        let span = rpc_span(self.addr, "AuthenticationService", "keyPackageCount");
         let mut req = self.cap.key_package_count_request();
         write_trace(req.get().init_trace(), &span);
         let call = timed(self.addr, self.timeout, "count", req.send().promise);
@@ -112,7 +112,7 @@ impl AuthClient {
 
     /// Claims a user name for our identity.
     pub async fn claim_name(&self, name: &str) -> Result<(), ClientError> {
-        let span = rpc_span("AuthenticationService", "claimName");
+        let span = rpc_span(self.addr, "AuthenticationService", "claimName");
         let mut req = self.cap.claim_name_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_name(name);
@@ -126,7 +126,7 @@ impl AuthClient {
         &self,
         identities: &[IdentityKey],
     ) -> Result<Vec<Option<String>>, ClientError> {
-        let span = rpc_span("AuthenticationService", "namesOf");
+        let span = rpc_span(self.addr, "AuthenticationService", "namesOf");
         let mut req = self.cap.names_of_request();
         write_trace(req.get().init_trace(), &span);
         let count = list_len(identities.len(), "identities")?;
@@ -151,7 +151,7 @@ impl AuthClient {
 
     /// The identity that owns a user name.
     pub async fn resolve_name(&self, name: &str) -> Result<IdentityKey, ClientError> {
-        let span = rpc_span("AuthenticationService", "resolveName");
+        let span = rpc_span(self.addr, "AuthenticationService", "resolveName");
         let mut req = self.cap.resolve_name_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_name(name);

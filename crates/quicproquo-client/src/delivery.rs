@@ -218,7 +218,7 @@ impl DeliveryClient {
 
     /// Registers a new group with us as its only member.
     pub async fn create_group(&self, group_id: &[u8]) -> Result<(), ClientError> {
-        let span = rpc_span("DeliveryService", "createGroup");
+        let span = rpc_span(self.addr, "DeliveryService", "createGroup");
         let mut req = self.cap.create_group_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_group_id(group_id);
@@ -235,7 +235,7 @@ impl DeliveryClient {
         message: &[u8],
         commit: Option<&CommitParts>,
     ) -> Result<SendOutcome, ClientError> {
-        let span = rpc_span("DeliveryService", "send");
+        let span = rpc_span(self.addr, "DeliveryService", "send");
         span.record("messaging.system", "quicproquo");
         span.record("messaging.operation.type", "send");
         span.record("messaging.message.body.size", message.len());
@@ -290,7 +290,7 @@ impl DeliveryClient {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<Envelope>, ClientError> {
-        let span = rpc_span("DeliveryService", "fetch");
+        let span = rpc_span(self.addr, "DeliveryService", "fetch");
         let mut req = self.cap.fetch_request();
         {
             let mut p = req.get();
@@ -311,7 +311,7 @@ impl DeliveryClient {
 
     /// Stores our cursor for `group_id`.
     pub async fn acknowledge(&self, group_id: &[u8], seq: u64) -> Result<(), ClientError> {
-        let span = rpc_span("DeliveryService", "acknowledge");
+        let span = rpc_span(self.addr, "DeliveryService", "acknowledge");
         let mut req = self.cap.acknowledge_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_group_id(group_id);
@@ -323,7 +323,7 @@ impl DeliveryClient {
 
     /// The groups we are a member of.
     pub async fn groups(&self) -> Result<Vec<GroupInfo>, ClientError> {
-        let span = rpc_span("DeliveryService", "groups");
+        let span = rpc_span(self.addr, "DeliveryService", "groups");
         let mut req = self.cap.groups_request();
         write_trace(req.get().init_trace(), &span);
         let call = timed(self.addr, self.timeout, "groups", req.send().promise);
@@ -348,7 +348,7 @@ impl DeliveryClient {
 
     /// Up to `limit` Welcomes after `after_seq` from our inbox.
     pub async fn inbox(&self, after_seq: u64, limit: u32) -> Result<Vec<Welcome>, ClientError> {
-        let span = rpc_span("DeliveryService", "inbox");
+        let span = rpc_span(self.addr, "DeliveryService", "inbox");
         let mut req = self.cap.inbox_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_after_seq(after_seq);
@@ -371,7 +371,7 @@ impl DeliveryClient {
     ) -> Result<Subscription<Envelope>, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink: message_stream::Client = capnp_rpc::new_client(StreamSink(tx));
-        let span = rpc_span("DeliveryService", "subscribe");
+        let span = rpc_span(self.addr, "DeliveryService", "subscribe");
         let mut req = self.cap.subscribe_request();
         {
             let mut p = req.get();
@@ -397,7 +397,7 @@ impl DeliveryClient {
     ) -> Result<Subscription<Welcome>, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink: inbox_stream::Client = capnp_rpc::new_client(InboxSink(tx));
-        let span = rpc_span("DeliveryService", "subscribeInbox");
+        let span = rpc_span(self.addr, "DeliveryService", "subscribeInbox");
         let mut req = self.cap.subscribe_inbox_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_after_seq(after_seq);

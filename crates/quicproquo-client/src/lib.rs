@@ -293,7 +293,7 @@ impl Connection {
 
     /// Sends `payload` and waits for it to be echoed back.
     pub async fn ping(&self, payload: &[u8]) -> Result<Pong, ClientError> {
-        let span = trace::rpc_span("Bootstrap", "ping");
+        let span = trace::rpc_span(self.addr, "Bootstrap", "ping");
         let mut request = self.bootstrap.ping_request();
         trace::write_trace(request.get().init_trace(), &span);
         request.get().set_payload(payload);
@@ -334,7 +334,7 @@ impl Connection {
         signature: &[u8],
     ) -> Result<Session, ClientError> {
         let draining = events::Draining::default();
-        let span = trace::rpc_span("Bootstrap", "bind");
+        let span = trace::rpc_span(self.addr, "Bootstrap", "bind");
         let mut request = self.bootstrap.bind_request();
         {
             let mut p = request.get();

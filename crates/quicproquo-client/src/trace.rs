@@ -9,6 +9,8 @@
 //! Spans carry no identity key, user name, group id or payload byte: only the call's name and,
 //! for a send, the message's size.
 
+use std::net::SocketAddr;
+
 use quicproquo_proto::common_capnp::trace_context;
 use quicproquo_telemetry::propagation;
 use tracing::field::Empty;
@@ -17,7 +19,7 @@ use tracing::{Instrument, Span};
 use crate::ClientError;
 
 /// The client span of one call of `service`/`method` (child of the current span).
-pub(crate) fn rpc_span(service: &'static str, method: &'static str) -> Span {
+pub(crate) fn rpc_span(server: SocketAddr, service: &'static str, method: &'static str) -> Span {
     let name = format!("quicproquo.{service}/{method}");
     tracing::info_span!(
         "rpc.client",
@@ -26,6 +28,8 @@ pub(crate) fn rpc_span(service: &'static str, method: &'static str) -> Span {
         otel.status_code = Empty,
         rpc.system.name = "capnp",
         rpc.method = %name,
+        server.address = %server.ip(),
+        server.port = i64::from(server.port()),
         rpc.response.status_code = Empty,
         "error.type" = Empty,
         messaging.system = Empty,

@@ -303,9 +303,11 @@ fn failed_commands_are_error_roots_and_a_stopped_follower_leaves_no_orphan() -> 
     let store = quicproquo_server::open_store(&config)?;
     let server = quicproquo_server::start(config, listener, identity, store)?;
     let addr = server.local_addr().to_string();
+    let server_port = server.local_addr().port();
     let key = server.cluster_key().to_hex();
     let other = ClusterSigningKey::generate()?.public_key().to_hex();
-    let dead = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let dead_addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (dead, dead_port) = (dead_addr.to_string(), i64::from(dead_addr.port()));
     let state = |user: &str| dir.path().join(format!("{user}.bin")).display().to_string();
     let (alice, bob) = (state("alice"), state("bob"));
     let alice_at: Vec<&str> = vec!["--server", &addr, "--server-key", &key, "--state", &alice];
@@ -438,6 +440,25 @@ fn failed_commands_are_error_roots_and_a_stopped_follower_leaves_no_orphan() -> 
         .filter(|g| g.resource("service.name") == Some(&Attr::Text("qpq-standalone".into())))
         .count();
     ensure!(served > 0, "the server's spans joined the follower's trace");
+    // Every call qpq made names the node it went to (the pid-independent check: all CLIENT
+    // spans of qpq processes whose server answered).
+    let port = i64::from(server_port);
+    let calls: Vec<&Got> = all
+        .iter()
+        .filter(|g| g.kind == 3)
+        .filter(|g| g.resource("service.name") != Some(&Attr::Text("qpq-standalone".into())))
+        .filter(|g| g.attr("server.port") != Some(&Attr::Int(dead_port)))
+        .collect();
+    ensure!(!calls.is_empty(), "qpq exported its calls");
+    for call in &calls {
+        ensure!(
+            call.attr("server.address") == Some(&Attr::Text("127.0.0.1".into()))
+                && call.attr("server.port") == Some(&Attr::Int(port)),
+            "{} names its server: {:?}",
+            call.name,
+            call.attributes
+        );
+    }
     let ids: HashSet<(&[u8], &[u8])> = all
         .iter()
         .map(|g| (g.trace_id.as_slice(), g.span_id.as_slice()))
