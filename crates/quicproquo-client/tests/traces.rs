@@ -9,15 +9,16 @@
 //!   of any run (the server's included) has a parent that was never exported.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use quicproquo_core::{ClusterSigningKey, NodeRole};
 use quicproquo_server::{NodeIdentity, ServerConfig};
+use quicproquo_testkit::otlp::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qpq");
 
@@ -177,50 +178,6 @@ fn decode(body: &[u8]) -> Result<Vec<Got>> {
     Ok(out)
 }
 
-/// Every OTLP/HTTP request body received.
-type Bodies = Arc<Mutex<Vec<Vec<u8>>>>;
-
-/// A minimal OTLP/HTTP receiver: answers 200 to every POST and keeps its body.
-fn receiver() -> Result<(SocketAddr, Bodies)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let bodies: Bodies = Arc::default();
-    let kept = Arc::clone(&bodies);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let _ = receive(stream, &kept);
-        }
-    });
-    Ok((addr, bodies))
-}
-
-fn receive(mut stream: TcpStream, bodies: &Mutex<Vec<Vec<u8>>>) -> Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    bodies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(body);
-    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    Ok(())
-}
-
 /// `qpq` exporting its trace to `otlp`.
 fn qpq(otlp: SocketAddr, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
@@ -287,7 +244,8 @@ fn ok(out: Output) -> Result<Output> {
 
 #[test]
 fn failed_commands_are_error_roots_and_a_stopped_follower_leaves_no_orphan() -> Result<()> {
-    let (otlp, bodies) = receiver()?;
+    let receiver = Receiver::start()?;
+    let otlp = receiver.addr();
     // The server in this process exports too: its spans must find their `qpq` parents.
     let telemetry = quicproquo_telemetry::init(&quicproquo_telemetry::Options {
         service_name: "qpq-standalone".into(),
@@ -427,8 +385,8 @@ fn failed_commands_are_error_roots_and_a_stopped_follower_leaves_no_orphan() -> 
     telemetry.shutdown();
 
     let mut all = Vec::new();
-    for body in bodies.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-        all.extend(decode(body)?);
+    for body in receiver.bodies() {
+        all.extend(decode(&body)?);
     }
     for (pid, name, code, error_type) in runs {
         let root = root_of(&all, pid)?;

@@ -11,8 +11,10 @@
 //! |---|---|
 //! | [`conformance`] | the Authentication Service store's specification, as tests |
 //! | [`log_conformance`] | the Delivery Service store's specification (ordering, epochs, windows) |
+//! | [`otlp`] | an OTLP/HTTP receiver keeping what exporters send, for the trace tests |
 //! | [`postgres`] | one fresh database per test, on a given or throwaway server |
 
 pub mod conformance;
 pub mod log_conformance;
+pub mod otlp;
 pub mod postgres;

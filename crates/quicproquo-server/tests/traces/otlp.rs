@@ -1,11 +1,6 @@
 //! A real OTLP/HTTP receiver in the test process, and the queries the trace tests ask of what
 //! it received.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -20,37 +15,22 @@ pub(crate) const CLIENT: i32 = 3;
 /// OTLP status code of a failed span.
 pub(crate) const STATUS_ERROR: i32 = 2;
 
-/// Answers 200 to every POST and keeps its body.
-pub(crate) struct Receiver {
-    addr: SocketAddr,
-    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
-}
+/// The testkit's OTLP receiver, with the queries these tests ask of what it received.
+pub(crate) struct Receiver(quicproquo_testkit::otlp::Receiver);
 
 impl Receiver {
     pub(crate) fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        let kept = Arc::clone(&bodies);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = receive(stream, &kept);
-            }
-        });
-        Ok(Self { addr, bodies })
+        Ok(Self(quicproquo_testkit::otlp::Receiver::start()?))
     }
 
     /// The base URL exporters are given.
     pub(crate) fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        self.0.endpoint()
     }
 
     /// Every request body received so far.
     pub(crate) fn bodies(&self) -> Vec<Vec<u8>> {
-        self.bodies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.0.bodies()
     }
 
     /// Every span received so far, with the resource that sent it.
@@ -77,33 +57,6 @@ impl Receiver {
         }
         Ok(out)
     }
-}
-
-fn receive(mut stream: TcpStream, bodies: &Mutex<Vec<Vec<u8>>>) -> Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    bodies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(body);
-    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    Ok(())
 }
 
 /// A received span with the process that sent it.
