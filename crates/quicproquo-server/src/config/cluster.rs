@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ConfigError, invalid};
+use super::{ConfigError, FileConfig, Overrides, duration, invalid};
 
 /// How a node takes part in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,40 @@ impl Default for ClusterSettings {
 }
 
 impl ClusterSettings {
+    /// The cluster settings from the flags/environment over the file over `defaults`.
+    pub(super) fn resolve(
+        file: &mut FileConfig,
+        overrides: &mut Overrides,
+        defaults: Self,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            advertise: overrides
+                .advertise
+                .take()
+                .or(file.advertise.take())
+                .filter(|a| !a.trim().is_empty()),
+            cluster_key_file: overrides
+                .cluster_key_file
+                .take()
+                .or(file.cluster_key_file.take()),
+            node_id: overrides
+                .node_id
+                .take()
+                .or(file.node_id.take())
+                .filter(|n| !n.trim().is_empty()),
+            lease_ttl: duration(
+                "lease_ttl",
+                overrides.lease_ttl.take().or(file.lease_ttl.take()),
+                defaults.lease_ttl,
+            )?,
+            ring_refresh: duration(
+                "ring_refresh",
+                overrides.ring_refresh.take().or(file.ring_refresh.take()),
+                defaults.ring_refresh,
+            )?,
+        })
+    }
+
     /// Checks the cluster settings' ranges and formats.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = self;

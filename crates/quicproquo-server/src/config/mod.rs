@@ -14,9 +14,11 @@ use serde::Deserialize;
 use crate::auth::AuthSettings;
 
 mod cluster;
+mod limits;
 mod parse;
 
 pub use cluster::ClusterSettings;
+pub use limits::{LimitOverrides, LimitSettings};
 use parse::parse_suites;
 pub use parse::{check_database_url, parse_duration, parse_ops_listen, redact_database_url};
 
@@ -46,6 +48,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_WORKERS",
     "QPQ_MAX_CONNECTIONS",
     "QPQ_MAX_HANDSHAKES",
+    "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
+    "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
+    "QPQ_BIND_TIMEOUT",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -127,6 +132,9 @@ pub struct Overrides {
     /// Most handshakes in progress at once; more are closed on accept [default: 1024].
     #[arg(long, env = "QPQ_MAX_HANDSHAKES")]
     pub max_handshakes: Option<usize>,
+    /// Per-address caps and the bind deadline.
+    #[command(flatten)]
+    pub limits: LimitOverrides,
     /// Deadline for a client to complete the Noise handshake, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, env = "QPQ_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<String>,
@@ -193,6 +201,12 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// See [`Overrides::max_handshakes`].
     pub max_handshakes: Option<usize>,
+    /// See [`LimitOverrides::max_connections_per_address`].
+    pub max_connections_per_address: Option<usize>,
+    /// See [`LimitOverrides::max_handshakes_per_address`].
+    pub max_handshakes_per_address: Option<usize>,
+    /// See [`LimitOverrides::bind_timeout`].
+    pub bind_timeout: Option<String>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].
@@ -271,6 +285,8 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     /// Handshake deadline.
     pub handshake_timeout: Duration,
+    /// Per-address caps and the bind deadline.
+    pub limits: LimitSettings,
     /// Largest frame and RPC message accepted.
     pub max_frame_bytes: usize,
     /// Largest MLS message (with its Welcome) the Delivery Service accepts.
@@ -301,6 +317,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_connections", &self.max_connections)
             .field("max_handshakes", &self.max_handshakes)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("limits", &self.limits)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -328,6 +345,7 @@ impl ServerConfig {
             max_connections: 10_000,
             max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
+            limits: LimitSettings::default(),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             shutdown_grace: Duration::from_secs(30),
@@ -348,7 +366,8 @@ impl ServerConfig {
     ) -> Result<Self, ConfigError> {
         let defaults = Self::for_role(role, PathBuf::from(DEFAULT_DATA_DIR));
         let auth = resolve_auth(&mut file, &mut overrides, defaults.auth)?;
-        let cluster = resolve_cluster(&mut file, &mut overrides, defaults.cluster)?;
+        let cluster = ClusterSettings::resolve(&mut file, &mut overrides, defaults.cluster)?;
+        let limits = LimitSettings::resolve(&mut file, &mut overrides.limits, defaults.limits)?;
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -390,6 +409,7 @@ impl ServerConfig {
                     .or(file.handshake_timeout.take()),
                 defaults.handshake_timeout,
             )?,
+            limits,
             max_frame_bytes: overrides
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
@@ -487,6 +507,7 @@ impl ServerConfig {
         if self.auth.fetch_limit_per_minute == 0 {
             return Err(invalid("key_package_fetch_limit", "must be at least 1"));
         }
+        self.limits.validate()?;
         if let Some(url) = &self.database_url {
             check_database_url(url)?;
         }
@@ -545,40 +566,6 @@ fn resolve_auth(
             .key_package_low_watermark
             .or(file.key_package_low_watermark)
             .unwrap_or(defaults.low_watermark),
-    })
-}
-
-/// The cluster settings from the flags/environment over the file.
-fn resolve_cluster(
-    file: &mut FileConfig,
-    overrides: &mut Overrides,
-    defaults: ClusterSettings,
-) -> Result<ClusterSettings, ConfigError> {
-    Ok(ClusterSettings {
-        advertise: overrides
-            .advertise
-            .take()
-            .or(file.advertise.take())
-            .filter(|a| !a.trim().is_empty()),
-        cluster_key_file: overrides
-            .cluster_key_file
-            .take()
-            .or(file.cluster_key_file.take()),
-        node_id: overrides
-            .node_id
-            .take()
-            .or(file.node_id.take())
-            .filter(|n| !n.trim().is_empty()),
-        lease_ttl: duration(
-            "lease_ttl",
-            overrides.lease_ttl.take().or(file.lease_ttl.take()),
-            defaults.lease_ttl,
-        )?,
-        ring_refresh: duration(
-            "ring_refresh",
-            overrides.ring_refresh.take().or(file.ring_refresh.take()),
-            defaults.ring_refresh,
-        )?,
     })
 }
 

@@ -250,3 +250,45 @@ fn the_client_trace_ratio_layers_and_is_checked() -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[test]
+fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
+    let f = file("max_connections_per_address = 64\nbind_timeout = \"3s\"\n")?;
+    let o = Overrides {
+        limits: LimitOverrides {
+            max_connections_per_address: Some(128),
+            ..LimitOverrides::default()
+        },
+        ..Overrides::default()
+    };
+    let c = ServerConfig::resolve(NodeRole::Standalone, f, o)?;
+    assert_eq!(
+        c.limits.max_connections_per_address, 128,
+        "override beats file"
+    );
+    assert_eq!(
+        c.limits.bind_timeout,
+        Duration::from_secs(3),
+        "file beats default"
+    );
+    assert_eq!(c.limits.max_handshakes_per_address, 32, "default");
+
+    let bad = |text: &str| {
+        ServerConfig::resolve(NodeRole::Standalone, file(text)?, Overrides::default())
+            .err()
+            .map(|e| e.to_string())
+            .ok_or_else(|| invalid("test", format!("`{text}` was accepted")))
+    };
+    assert!(bad("max_connections_per_address = 0")?.contains("max_connections_per_address"));
+    assert!(bad("max_handshakes_per_address = 0")?.contains("max_handshakes_per_address"));
+    assert!(bad("bind_timeout = \"0s\"")?.contains("bind_timeout"));
+    assert!(bad("bind_timeout = \"10m\"")?.contains("bind_timeout"));
+    for name in [
+        "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
+        "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
+        "QPQ_BIND_TIMEOUT",
+    ] {
+        assert!(KNOWN_ENV.contains(&name), "{name}");
+    }
+    Ok(())
+}

@@ -3,16 +3,20 @@
 //! Each worker thread runs a single-threaded tokio runtime with a `LocalSet` (capnp-rpc's
 //! `RpcSystem` is `!Send`) and accepts from its own registration of the one listening socket,
 //! so a connection is served on the thread that accepted it, with no hand-off between threads.
-//! A connection first holds a slot of the connection cap and of the handshake cap; a
-//! connection arriving when either is full is closed at once. After the Noise handshake the
-//! connection serves Cap'n Proto RPC over the encrypted channel until the peer leaves or the
-//! server shuts down; on shutdown, calls in progress get the configured grace period to finish
-//! before the connection is closed.
+//! A connection first holds a slot of the connection cap and of the handshake cap, both
+//! globally and for its source address (an IPv6 /64 counts as one address); a connection
+//! arriving when any of them is full is closed at once and counted. After the Noise handshake
+//! the connection serves Cap'n Proto RPC over the encrypted channel until the peer leaves or
+//! the server shuts down; a peer that is not a node must bind an identity within the bind
+//! deadline or be closed. On shutdown, calls in progress get the configured grace period to
+//! finish before the connection is closed.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -36,7 +40,7 @@ use crate::obs::calls::InFlight;
 use crate::obs::metrics::ConnectionStats;
 use crate::ordering::Appender;
 use crate::rpc::backend::Backend;
-use crate::rpc::bootstrap::{BootstrapImpl, EventsSlot, SessionInfo};
+use crate::rpc::bootstrap::{BindSignal, BootstrapImpl, SessionHooks, SessionInfo};
 use crate::store::AnyStore;
 
 /// What a role serves its connections with.
@@ -56,11 +60,136 @@ struct Shared {
     observer: Arc<Observer>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    addresses: Arc<AddressTable>,
 }
 
 impl Shared {
     fn stats(&self) -> &ConnectionStats {
         &self.observer.metrics.connections
+    }
+
+    /// The slots a new connection from `peer` holds, or `None` (counted) when a cap is full.
+    fn admit(&self, peer: SocketAddr) -> Option<Slots> {
+        let (address, address_handshake) = match self.addresses.admit(peer.ip()) {
+            Ok(slots) => slots,
+            Err(full) => {
+                ConnectionStats::count(match full {
+                    AddressFull::Connections => &self.stats().address_connections_full,
+                    AddressFull::Handshakes => &self.stats().address_handshakes_full,
+                });
+                debug!(%peer, ?full, "source address at capacity; closing new connection");
+                return None;
+            }
+        };
+        let global = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .and_then(|c| Ok((c, Arc::clone(&self.handshakes).try_acquire_owned()?)));
+        let Ok((connection, handshake)) = global else {
+            ConnectionStats::count(&self.stats().refused_at_capacity);
+            debug!(%peer, "at capacity; closing new connection");
+            return None;
+        };
+        Some(Slots {
+            _connection: (connection, address),
+            handshake: (handshake, address_handshake),
+        })
+    }
+}
+
+/// What an accepted connection holds: its connection slots for its lifetime, its handshake
+/// slots until the handshake ends.
+struct Slots {
+    _connection: (OwnedSemaphorePermit, AddressSlot),
+    handshake: (OwnedSemaphorePermit, AddressSlot),
+}
+
+/// Which per-address cap refused a connection.
+#[derive(Debug, Clone, Copy)]
+enum AddressFull {
+    Connections,
+    Handshakes,
+}
+
+/// Connections and handshakes in progress per source address, shared by the workers. An
+/// address has an entry only while it holds a slot, so the table is bounded by the connection
+/// cap.
+struct AddressTable {
+    max_connections: usize,
+    max_handshakes: usize,
+    counts: Mutex<HashMap<IpAddr, AddressCounts>>,
+}
+
+#[derive(Default)]
+struct AddressCounts {
+    connections: usize,
+    handshakes: usize,
+}
+
+/// A connection's (or its handshake's) place in its address's count, given back on drop.
+struct AddressSlot {
+    table: Arc<AddressTable>,
+    key: IpAddr,
+    handshake: bool,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.lock();
+        if let Entry::Occupied(mut entry) = counts.entry(self.key) {
+            let c = entry.get_mut();
+            if self.handshake {
+                c.handshakes = c.handshakes.saturating_sub(1);
+            } else {
+                c.connections = c.connections.saturating_sub(1);
+            }
+            if c.connections == 0 && c.handshakes == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
+
+impl AddressTable {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, AddressCounts>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A connection slot and a handshake slot for `ip`, or which cap is full.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(AddressSlot, AddressSlot), AddressFull> {
+        let key = address_key(ip);
+        {
+            let mut counts = self.lock();
+            let c = counts.entry(key).or_default();
+            if c.connections >= self.max_connections {
+                return Err(AddressFull::Connections);
+            }
+            if c.handshakes >= self.max_handshakes {
+                return Err(AddressFull::Handshakes);
+            }
+            c.connections += 1;
+            c.handshakes += 1;
+        }
+        let slot = |handshake| AddressSlot {
+            table: Arc::clone(self),
+            key,
+            handshake,
+        };
+        Ok((slot(false), slot(true)))
+    }
+}
+
+/// The address a peer is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by its
+/// /64 prefix, the block one host is usually given.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -81,6 +210,11 @@ pub(super) fn start(
         verifier: NodeVerifier::new(identity.cluster_public),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
+        addresses: Arc::new(AddressTable {
+            max_connections: config.limits.max_connections_per_address,
+            max_handshakes: config.limits.max_handshakes_per_address,
+            counts: Mutex::default(),
+        }),
         config,
         identity,
         observer: Arc::clone(observer),
@@ -133,19 +267,15 @@ fn worker(
                     }
                 },
             };
-            let slots = Arc::clone(&shared.connections)
-                .try_acquire_owned()
-                .and_then(|c| Ok((c, Arc::clone(&shared.handshakes).try_acquire_owned()?)));
-            let Ok((connection_slot, handshake_slot)) = slots else {
-                ConnectionStats::count(&shared.stats().refused_at_capacity);
-                debug!(%peer, "at capacity; closing new connection");
+            // Dropping the stream closes a connection that finds a cap full.
+            let Some(slots) = shared.admit(peer) else {
                 continue;
             };
             ConnectionStats::count(&shared.stats().accepted);
             tracker.spawn_local(serve_connection(
                 stream,
                 peer,
-                (connection_slot, handshake_slot),
+                slots,
                 Arc::clone(&shared),
                 shutdown.clone(),
             ));
@@ -166,7 +296,7 @@ fn worker(
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    (_connection_slot, handshake_slot): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    slots: Slots,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
@@ -182,7 +312,11 @@ async fn serve_connection(
             config.handshake_timeout,
         ) => r,
     };
-    drop(handshake_slot);
+    let Slots {
+        _connection: _connection_slots,
+        handshake: handshake_slots,
+    } = slots;
+    drop(handshake_slots);
     let outcome = match handshake {
         Ok(o) => {
             ConnectionStats::count(&shared.stats().handshakes_ok);
@@ -194,7 +328,19 @@ async fn serve_connection(
             return;
         }
     };
+    serve_session(stream, peer, outcome, &shared, &shutdown).await;
+}
 
+/// Serves RPC on a connection whose handshake gave `outcome`, until the peer leaves, misses
+/// the bind deadline, or the server shuts down (then drains it).
+async fn serve_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    outcome: noise::HandshakeOutcome,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let config = &shared.config;
     let in_flight = Rc::new(InFlight::new(Arc::clone(&shared.observer)));
     // A peer that presented a certificate the cluster key vouches for is a fellow node.
     let peer_node = outcome
@@ -205,7 +351,8 @@ async fn serve_connection(
         client_static: outcome.remote_static,
         peer_node,
     };
-    let events = EventsSlot::default();
+    let exempt = peer_node.is_some();
+    let hooks = SessionHooks::default();
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
         config.role,
         session,
@@ -213,7 +360,7 @@ async fn serve_connection(
         shared.served.backend.clone(),
         shared.served.shard.clone(),
         Rc::clone(&in_flight),
-        events.clone(),
+        hooks.clone(),
     ));
     let (r, w) = stream.into_split();
     let limits = ChannelLimits {
@@ -238,11 +385,16 @@ async fn serve_connection(
             }
             return;
         }
+        () = bind_deadline(&hooks.bound, exempt, config.limits.bind_timeout) => {
+            ConnectionStats::count(&shared.stats().bind_timeouts);
+            debug!(%peer, "no identity bound before the deadline; closing connection");
+            return;
+        }
         () = shutdown.cancelled() => {}
     }
     // Draining: tell the client to move to another node, keep serving the calls in progress,
     // then close politely.
-    events.draining();
+    hooks.events.draining();
     let drain = async {
         in_flight.idle().await;
         let _ = disconnector.await;
@@ -253,5 +405,53 @@ async fn serve_connection(
         () = tokio::time::sleep(config.shutdown_grace) => {
             debug!(%peer, "grace period over; closing connection");
         }
+    }
+}
+
+/// Resolves when a peer that is not a node (`exempt` false) has not bound an identity within
+/// `after`; never otherwise.
+async fn bind_deadline(bound: &BindSignal, exempt: bool, after: Duration) {
+    if exempt || tokio::time::timeout(after, bound.bound()).await.is_ok() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64_and_mapped_ipv4_as_ipv4() -> TestResult {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse()?;
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse()?;
+        let c: IpAddr = "2001:db8:1:3::1".parse()?;
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse()?;
+        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn address_slots_are_given_back_and_entries_removed() -> TestResult {
+        let table = Arc::new(AddressTable {
+            max_connections: 2,
+            max_handshakes: 1,
+            counts: Mutex::default(),
+        });
+        let ip: IpAddr = "192.0.2.1".parse()?;
+        let full = |f: AddressFull| format!("refused: {f:?}");
+        let (conn1, hs1) = table.admit(ip).map_err(full)?;
+        assert!(matches!(table.admit(ip), Err(AddressFull::Handshakes)));
+        drop(hs1);
+        let (conn2, hs2) = table.admit(ip).map_err(full)?;
+        drop(hs2);
+        assert!(matches!(table.admit(ip), Err(AddressFull::Connections)));
+        assert!(table.admit("192.0.2.2".parse()?).is_ok());
+        drop((conn1, conn2));
+        assert!(table.lock().is_empty(), "no entry outlives its slots");
+        Ok(())
     }
 }

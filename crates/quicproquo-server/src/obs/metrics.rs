@@ -133,6 +133,14 @@ pub struct ConnectionStats {
     pub handshakes_failed: AtomicU64,
     /// Connections that ended with a transport or RPC error after the handshake.
     pub connection_errors: AtomicU64,
+    /// Connections closed on accept because their source address had
+    /// `max_connections_per_address` open.
+    pub address_connections_full: AtomicU64,
+    /// Connections closed on accept because their source address had
+    /// `max_handshakes_per_address` handshakes in progress.
+    pub address_handshakes_full: AtomicU64,
+    /// Connections closed because they did not bind an identity within `bind_timeout`.
+    pub bind_timeouts: AtomicU64,
 }
 
 impl ConnectionStats {
@@ -172,6 +180,24 @@ impl ConnectionStats {
             self.handshakes_ok.load(Ordering::Relaxed),
             self.handshakes_failed.load(Ordering::Relaxed)
         );
+        family(
+            out,
+            "qpq_connections_limited_total",
+            "counter",
+            "Connections closed by a per-address or per-session limit, by reason \
+             (address_connections, address_handshakes, bind_timeout).",
+        );
+        for (reason, n) in [
+            ("address_connections", &self.address_connections_full),
+            ("address_handshakes", &self.address_handshakes_full),
+            ("bind_timeout", &self.bind_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "qpq_connections_limited_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 
@@ -403,5 +429,18 @@ mod tests {
         assert!(out.contains(
             "qpq_rpc_duration_seconds_count{rpc_service=\"DeliveryService\",rpc_method=\"send\"} 2"
         ));
+    }
+
+    #[test]
+    fn limit_closes_render_by_reason() {
+        let m = Metrics::default();
+        ConnectionStats::count(&m.connections.bind_timeouts);
+        ConnectionStats::count(&m.connections.address_connections_full);
+        ConnectionStats::count(&m.connections.address_connections_full);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("qpq_connections_limited_total{reason=\"address_connections\"} 2\n"));
+        assert!(out.contains("qpq_connections_limited_total{reason=\"address_handshakes\"} 0\n"));
+        assert!(out.contains("qpq_connections_limited_total{reason=\"bind_timeout\"} 1\n"));
     }
 }

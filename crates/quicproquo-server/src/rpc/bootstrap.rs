@@ -2,7 +2,7 @@
 //! hands a client its Authentication and Delivery Services) and `cluster` (the shard's
 //! internal interface, for nodes only).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,6 +13,7 @@ use quicproquo_proto::bootstrap_capnp::{bootstrap, session_events};
 use quicproquo_proto::common_capnp;
 use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
+use tokio::sync::Notify;
 
 use super::auth::AuthService;
 use super::backend::Backend;
@@ -51,6 +52,44 @@ impl EventsSlot {
     }
 }
 
+/// Set once a connection's session binds an identity; the runtime waits on it for the bind
+/// deadline.
+#[derive(Clone, Default)]
+pub struct BindSignal(Rc<(Cell<bool>, Notify)>);
+
+impl BindSignal {
+    /// Marks the session bound and wakes whoever waits.
+    fn set(&self) {
+        self.0.0.set(true);
+        self.0.1.notify_waiters();
+    }
+
+    /// Whether the session has bound an identity.
+    pub fn is_bound(&self) -> bool {
+        self.0.0.get()
+    }
+
+    /// Resolves once the session has bound an identity.
+    pub async fn bound(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            if self.is_bound() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What the runtime and the bootstrap of one connection share.
+#[derive(Clone, Default)]
+pub struct SessionHooks {
+    /// The client's `SessionEvents` capability, to warn it of a drain.
+    pub events: EventsSlot,
+    /// Set when the session binds.
+    pub bound: BindSignal,
+}
+
 /// The bootstrap capability handed to every connection after the handshake.
 pub struct BootstrapImpl {
     role: NodeRole,
@@ -60,7 +99,7 @@ pub struct BootstrapImpl {
     shard: Option<Arc<Appender>>,
     bound: RefCell<Option<(IdentityKey, Services)>>,
     in_flight: Rc<InFlight>,
-    events: EventsSlot,
+    hooks: SessionHooks,
 }
 
 /// The capabilities a bound session holds.
@@ -78,7 +117,7 @@ impl BootstrapImpl {
         backend: Option<Backend>,
         shard: Option<Arc<Appender>>,
         in_flight: Rc<InFlight>,
-        events: EventsSlot,
+        hooks: SessionHooks,
     ) -> Self {
         Self {
             role,
@@ -88,7 +127,7 @@ impl BootstrapImpl {
             shard,
             bound: RefCell::new(None),
             in_flight,
-            events,
+            hooks,
         }
     }
 }
@@ -180,12 +219,13 @@ impl bootstrap::Server for BootstrapImpl {
                             )),
                         };
                         *self.bound.borrow_mut() = Some((identity, services.clone()));
+                        self.hooks.bound.set();
                         services
                     }
                 }
             };
             if params.has_events() {
-                *self.events.0.borrow_mut() = Some(params.get_events()?);
+                *self.hooks.events.0.borrow_mut() = Some(params.get_events()?);
             }
             let mut out = results.get();
             out.set_auth(services.auth);

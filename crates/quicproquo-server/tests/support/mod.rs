@@ -219,3 +219,87 @@ impl User {
             .collect()
     }
 }
+
+/// A TCP connection to `server` from the loopback address `ip` (e.g. `[127, 0, 0, 2]`), so
+/// that tests can play several source addresses.
+pub async fn tcp_from(ip: [u8; 4], server: &TestServer) -> Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((ip, 0)))?;
+    Ok(socket.connect(server.addr).await?)
+}
+
+/// A connection from `ip` that completes the Noise handshake with `server` and then sends
+/// nothing: the stream, and what the handshake established.
+pub async fn handshake_from(
+    ip: [u8; 4],
+    server: &TestServer,
+) -> Result<(TcpStream, quicproquo_core::noise::HandshakeOutcome)> {
+    let mut stream = tcp_from(ip, server).await?;
+    let key = quicproquo_core::NoiseKeypair::generate()?;
+    let outcome = quicproquo_core::noise::initiate(
+        &mut stream,
+        &key,
+        &server.options.verifier,
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok((stream, outcome))
+}
+
+/// A client session from `ip` at the RPC level (the client library always dials from the
+/// default address): the bootstrap capability and the handshake's channel binding. Runs its
+/// RPC system as a local task (call inside [`local`]).
+pub struct RawClient {
+    pub bootstrap: quicproquo_proto::bootstrap_capnp::bootstrap::Client,
+    pub handshake_hash: [u8; 32],
+    pub client_static: [u8; 32],
+}
+
+impl RawClient {
+    /// Connects to `server` from `ip` and starts RPC.
+    pub async fn connect_from(ip: [u8; 4], server: &TestServer) -> Result<Self> {
+        let mut stream = tcp_from(ip, server).await?;
+        let key = quicproquo_core::NoiseKeypair::generate()?;
+        let outcome = quicproquo_core::noise::initiate(
+            &mut stream,
+            &key,
+            &server.options.verifier,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let (r, w) = stream.into_split();
+        let mut rpc = quicproquo_core::rpc::rpc_system(
+            r,
+            w,
+            outcome.session,
+            quicproquo_core::channel::ChannelLimits::default(),
+            capnp_rpc::rpc_twoparty_capnp::Side::Client,
+            None,
+        );
+        let bootstrap = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+        tokio::task::spawn_local(rpc);
+        Ok(Self {
+            bootstrap,
+            handshake_hash: outcome.handshake_hash,
+            client_static: *key.public(),
+        })
+    }
+
+    /// Binds `identity` to this session.
+    pub async fn bind(&self, identity: &quicproquo_core::IdentityKeypair) -> Result<()> {
+        let signature = identity.sign_binding(&self.handshake_hash, &self.client_static);
+        let mut request = self.bootstrap.bind_request();
+        request.get().set_identity_key(identity.public().as_bytes());
+        request.get().set_signature(&signature);
+        request.send().promise.await?;
+        Ok(())
+    }
+
+    /// Pings with `payload`; the payload echoed back.
+    pub async fn ping(&self, payload: &[u8]) -> Result<Vec<u8>> {
+        let mut request = self.bootstrap.ping_request();
+        request.get().set_payload(payload);
+        let response = request.send().promise.await?;
+        Ok(response.get()?.get_payload()?.to_vec())
+    }
+}

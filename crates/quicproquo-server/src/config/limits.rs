@@ -1,0 +1,95 @@
+//! Limits a single host or peer cannot exhaust: caps per source address and the bind
+//! deadline, with their flags, defaults and checks.
+
+use std::time::Duration;
+
+use super::{ConfigError, FileConfig, duration, invalid};
+
+/// Default `max_connections_per_address`: more than a NAT'd office opens.
+const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+/// Default `max_handshakes_per_address`.
+const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+/// Default `bind_timeout`.
+const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-address and per-session limits (see `docs/operations.md`, "Limits").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// Most connections open at once from one source address (an IPv6 /64 counts as one).
+    pub max_connections_per_address: usize,
+    /// Most handshakes in progress at once from one source address.
+    pub max_handshakes_per_address: usize,
+    /// How long a peer that is not a node may stay connected after its handshake without
+    /// binding an identity.
+    pub bind_timeout: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            bind_timeout: DEFAULT_BIND_TIMEOUT,
+        }
+    }
+}
+
+/// The limits' flags and `QPQ_*` variables (flattened into the server's overrides).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitOverrides {
+    /// Most connections open at once from one source address (an IPv6 /64 counts as one);
+    /// more are closed on accept [default: 256].
+    #[arg(long, env = "QPQ_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+    /// Most handshakes in progress at once from one source address; more are closed on
+    /// accept [default: 32].
+    #[arg(long, env = "QPQ_MAX_HANDSHAKES_PER_ADDRESS")]
+    pub max_handshakes_per_address: Option<usize>,
+    /// Deadline for a client to bind an identity after its handshake, e.g. `10s`
+    /// [default: 10s].
+    #[arg(long, env = "QPQ_BIND_TIMEOUT")]
+    pub bind_timeout: Option<String>,
+}
+
+impl LimitSettings {
+    /// The limits from the flags/environment over the file over `defaults`.
+    pub(super) fn resolve(
+        file: &mut FileConfig,
+        overrides: &mut LimitOverrides,
+        defaults: Self,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_connections_per_address: overrides
+                .max_connections_per_address
+                .or(file.max_connections_per_address)
+                .unwrap_or(defaults.max_connections_per_address),
+            max_handshakes_per_address: overrides
+                .max_handshakes_per_address
+                .or(file.max_handshakes_per_address)
+                .unwrap_or(defaults.max_handshakes_per_address),
+            bind_timeout: duration(
+                "bind_timeout",
+                overrides.bind_timeout.take().or(file.bind_timeout.take()),
+                defaults.bind_timeout,
+            )?,
+        })
+    }
+
+    /// Checks the limits' ranges. The per-address caps may exceed the global ones (the
+    /// smaller cap applies).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections_per_address == 0 {
+            return Err(invalid("max_connections_per_address", "must be at least 1"));
+        }
+        if self.max_handshakes_per_address == 0 {
+            return Err(invalid("max_handshakes_per_address", "must be at least 1"));
+        }
+        if self.bind_timeout.is_zero() || self.bind_timeout > Duration::from_secs(300) {
+            return Err(invalid(
+                "bind_timeout",
+                "must be more than 0 and at most 5m",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! Limits one host or one unbound peer cannot exhaust, through real sockets: per-address caps
+//! on connections and handshakes, and the bind deadline. Each refusal is a counted close, and
+//! honest clients are served throughout.
+//! Several source addresses are played with 127.0.0.x on loopback.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use quicproquo_core::{IdentityKeypair, NodeRole};
+use quicproquo_server::obs::metrics::ConnectionStats;
+use support::{
+    RawClient, TestServer, closed_by_server, eventually, handshake_from, local, tcp_from,
+};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn read(server: &TestServer, counter: impl Fn(&ConnectionStats) -> &AtomicU64) -> Result<u64> {
+    Ok(counter(server.handle()?.stats()).load(Ordering::Relaxed))
+}
+
+/// The server's `/metrics` text.
+fn metrics(server: &TestServer) -> Result<String> {
+    let mut out = String::new();
+    server.handle()?.observer().metrics.render(&mut out);
+    Ok(out)
+}
+
+/// N connections idling after the handshake from one address fill its cap: the next one from
+/// that address is closed at once and counted, while a client from another address still
+/// connects, binds and is served.
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() -> Result<()> {
+    const CAP: usize = 3;
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.max_connections_per_address = CAP;
+        })?;
+        let mut idle = Vec::new();
+        for _ in 0..CAP {
+            idle.push(handshake_from([127, 0, 0, 2], &server).await?);
+        }
+        let mut excess = tcp_from([127, 0, 0, 2], &server).await?;
+        closed_by_server(&mut excess, WITHIN).await?;
+        assert_eq!(read(&server, |s| &s.address_connections_full)?, 1);
+        assert_eq!(read(&server, |s| &s.refused_at_capacity)?, 0);
+        assert!(
+            metrics(&server)?
+                .contains("qpq_connections_limited_total{reason=\"address_connections\"} 1\n")
+        );
+
+        let other = RawClient::connect_from([127, 0, 0, 3], &server).await?;
+        other.bind(&IdentityKeypair::generate()?).await?;
+        let payload = vec![7u8; 4096];
+        assert_eq!(other.ping(&payload).await?, payload);
+
+        // A slot given back (once the server sees the close) is free again for that address:
+        // CAP - 1 idle connections and `other` stay open.
+        drop(idle.pop());
+        let open = format!("qpq_connections_open {CAP}\n");
+        eventually(WITHIN, || metrics(&server).is_ok_and(|m| m.contains(&open))).await?;
+        let again = RawClient::connect_from([127, 0, 0, 2], &server).await?;
+        assert_eq!(again.ping(b"back").await?, b"back");
+        Ok(())
+    })
+    .await
+}
+
+/// Handshakes in progress are capped per address too: a stalled handshake holds its
+/// address's only slot, the next connection from there is closed at once, and another
+/// address is served.
+#[tokio::test]
+async fn one_address_cannot_hold_every_handshake() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.max_handshakes_per_address = 1;
+        })?;
+        let _stalled = tcp_from([127, 0, 0, 2], &server).await?;
+        eventually(WITHIN, || {
+            server
+                .handle()
+                .map(|h| h.stats().accepted.load(Ordering::Relaxed) >= 1)
+                .unwrap_or(false)
+        })
+        .await?;
+        let mut excess = tcp_from([127, 0, 0, 2], &server).await?;
+        closed_by_server(&mut excess, WITHIN).await?;
+        assert_eq!(read(&server, |s| &s.address_handshakes_full)?, 1);
+        assert!(
+            metrics(&server)?
+                .contains("qpq_connections_limited_total{reason=\"address_handshakes\"} 1\n")
+        );
+        let other = RawClient::connect_from([127, 0, 0, 3], &server).await?;
+        assert_eq!(other.ping(b"served").await?, b"served");
+        Ok(())
+    })
+    .await
+}
+
+/// A connection that completes the handshake but binds no identity is closed at the bind
+/// deadline and counted; a bound client, connected earlier, stays.
+#[tokio::test]
+async fn an_unbound_connection_is_closed_at_the_bind_deadline() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.bind_timeout = Duration::from_secs(1);
+        })?;
+        let bound = server.connect().await?;
+        bound.bind(&IdentityKeypair::generate()?).await?;
+        let (mut unbound, _) = handshake_from([127, 0, 0, 1], &server).await?;
+        let started = tokio::time::Instant::now();
+        closed_by_server(&mut unbound, WITHIN).await?;
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed before the deadline, after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(read(&server, |s| &s.bind_timeouts)?, 1);
+        assert!(
+            metrics(&server)?
+                .contains("qpq_connections_limited_total{reason=\"bind_timeout\"} 1\n")
+        );
+        // The bound client's own deadline has passed too: binding exempts it.
+        assert_eq!(bound.ping(b"still here").await?.payload, b"still here");
+        Ok(())
+    })
+    .await
+}
