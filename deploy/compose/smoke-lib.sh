@@ -364,6 +364,12 @@ delivered_once_in_order() {
     received "$1" | grep -Fx -f "$work/acked" | diff -q - "$work/acked" >/dev/null
 }
 
+# follower_has_first N: the follower printed each of the first N acknowledged messages.
+follower_has_first() {
+    awk '$1 == "ok" { print $2 }' "$work/sent.log" | head -n "$1" >"$work/acked-first"
+    [ "$(received "$work/follow.jsonl" | grep -Fx -f "$work/acked-first" | sort -u | wc -l)" -eq "$1" ]
+}
+
 delivery_report() {
     local got dups missing
     awk '$1 == "ok" { print $2 }' "$work/sent.log" >"$work/acked"
