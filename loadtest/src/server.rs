@@ -93,6 +93,9 @@ fn config(dir: &Path, max_connections: usize) -> ServerConfig {
     let mut config = ServerConfig::for_role(NodeRole::Standalone, dir.join("data"));
     config.max_connections = max_connections;
     config.max_handshakes = max_connections.clamp(1024, 65_536);
+    // Every member connects from loopback: the per-address caps are the global ones here.
+    config.limits.max_connections_per_address = config.max_connections;
+    config.limits.max_handshakes_per_address = config.max_handshakes;
     config.handshake_timeout = Duration::from_secs(60);
     config.shutdown_grace = Duration::from_secs(2);
     config

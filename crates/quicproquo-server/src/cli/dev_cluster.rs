@@ -33,6 +33,11 @@ struct Node {
     exited: bool,
 }
 
+/// Per-address caps of a local cluster's nodes when the environment sets none: a node's whole
+/// default capacity (`max_connections`, `max_handshakes`), since every client is on loopback.
+const LOOPBACK_CONNECTIONS: &str = "10000";
+const LOOPBACK_HANDSHAKES: &str = "1024";
+
 fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Result<Node> {
     let exe = std::env::current_exe().context("locating the qpq-server binary")?;
     let data_dir = plan.base_dir.join(format!("{role}-{index}"));
@@ -52,6 +57,24 @@ fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Resu
         .arg(format!("{}:0", plan.host))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    // Every client of a local cluster comes from loopback: unless told otherwise, one address
+    // may hold as much as the node does (the per-address caps guard public nodes).
+    for (var, flag, value) in [
+        (
+            "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
+            "--max-connections-per-address",
+            LOOPBACK_CONNECTIONS,
+        ),
+        (
+            "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
+            "--max-handshakes-per-address",
+            LOOPBACK_HANDSHAKES,
+        ),
+    ] {
+        if std::env::var_os(var).is_none() {
+            cmd.arg(flag).arg(value);
+        }
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {role} {index}"))?;
