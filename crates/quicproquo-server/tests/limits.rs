@@ -1,6 +1,6 @@
 //! Limits one host or one unbound peer cannot exhaust, through real sockets: per-address caps
-//! on connections and handshakes, and the bind deadline. Each refusal is a counted close, and
-//! honest clients are served throughout.
+//! on connections and handshakes, the bind deadline, and small pings before `bind`. Each
+//! refusal is a counted close (or a typed error), and honest clients are served throughout.
 //! Several source addresses are played with 127.0.0.x on loopback.
 
 mod support;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use quicproquo_core::{IdentityKeypair, NodeRole};
+use quicproquo_proto::errors::ErrorCode;
 use quicproquo_server::obs::metrics::ConnectionStats;
 use support::{
     RawClient, TestServer, closed_by_server, eventually, handshake_from, local, tcp_from,
@@ -124,6 +125,39 @@ async fn an_unbound_connection_is_closed_at_the_bind_deadline() -> Result<()> {
         );
         // The bound client's own deadline has passed too: binding exempts it.
         assert_eq!(bound.ping(b"still here").await?.payload, b"still here");
+        Ok(())
+    })
+    .await
+}
+
+/// Before `bind`, a ping echoes a small payload only; a larger one is refused with
+/// `too_large`. After `bind`, large pings work as before.
+#[tokio::test]
+async fn a_large_ping_before_bind_is_refused() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.max_unbound_ping_bytes = 64;
+        })?;
+        let conn = server.connect().await?;
+        let small = [1u8; 64];
+        assert_eq!(conn.ping(&small).await?.payload, small);
+        let refused = conn.ping(&[2u8; 65]).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.code()),
+            Some(ErrorCode::TooLarge)
+        );
+        let large = vec![3u8; 1024 * 1024];
+        let refused = conn.ping(&large).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.code()),
+            Some(ErrorCode::TooLarge)
+        );
+        assert!(metrics(&server)?.contains(
+            "qpq_rpc_requests_total{rpc_service=\"Bootstrap\",rpc_method=\"ping\",status=\"too_large\"} 2\n"
+        ));
+
+        conn.bind(&IdentityKeypair::generate()?).await?;
+        assert!(conn.ping(&large).await?.payload == large, "large ping after bind");
         Ok(())
     })
     .await

@@ -30,6 +30,9 @@ async fn ten_mib_payload_crosses_the_rpc_channel_intact() -> Result<()> {
     local(async {
         let server = TestServer::start(NodeRole::Standalone, |_| {})?;
         let conn = server.connect().await?;
+        // Large echoes are for bound sessions only (an unbound peer gets small pings).
+        conn.bind(&quicproquo_core::IdentityKeypair::generate()?)
+            .await?;
         let payload: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
         let pong = conn.ping(&payload).await?;
         assert!(pong.payload == payload, "10 MiB payload altered in transit");

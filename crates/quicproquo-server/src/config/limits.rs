@@ -1,5 +1,5 @@
-//! Limits a single host or peer cannot exhaust: caps per source address and the bind
-//! deadline, with their flags, defaults and checks.
+//! Limits a single host or peer cannot exhaust: caps per source address, the bind deadline
+//! and the size of a `ping` before `bind`, with their flags, defaults and checks.
 
 use std::time::Duration;
 
@@ -11,6 +11,10 @@ const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
 const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
 /// Default `bind_timeout`.
 const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `max_unbound_ping_bytes`.
+const DEFAULT_MAX_UNBOUND_PING_BYTES: usize = 64;
+/// Largest accepted `max_unbound_ping_bytes`.
+const MAX_UNBOUND_PING_BYTES: usize = 64 * 1024;
 
 /// Per-address and per-session limits (see `docs/operations.md`, "Limits").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,8 @@ pub struct LimitSettings {
     /// How long a peer that is not a node may stay connected after its handshake without
     /// binding an identity.
     pub bind_timeout: Duration,
+    /// Largest `ping` payload answered before the session binds (nodes are exempt).
+    pub max_unbound_ping_bytes: usize,
 }
 
 impl Default for LimitSettings {
@@ -30,6 +36,7 @@ impl Default for LimitSettings {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             bind_timeout: DEFAULT_BIND_TIMEOUT,
+            max_unbound_ping_bytes: DEFAULT_MAX_UNBOUND_PING_BYTES,
         }
     }
 }
@@ -49,6 +56,9 @@ pub struct LimitOverrides {
     /// [default: 10s].
     #[arg(long, env = "QPQ_BIND_TIMEOUT")]
     pub bind_timeout: Option<String>,
+    /// Largest `ping` payload answered before `bind`, in bytes [default: 64].
+    #[arg(long, env = "QPQ_MAX_UNBOUND_PING_BYTES")]
+    pub max_unbound_ping_bytes: Option<usize>,
 }
 
 impl LimitSettings {
@@ -72,6 +82,10 @@ impl LimitSettings {
                 overrides.bind_timeout.take().or(file.bind_timeout.take()),
                 defaults.bind_timeout,
             )?,
+            max_unbound_ping_bytes: overrides
+                .max_unbound_ping_bytes
+                .or(file.max_unbound_ping_bytes)
+                .unwrap_or(defaults.max_unbound_ping_bytes),
         })
     }
 
@@ -88,6 +102,12 @@ impl LimitSettings {
             return Err(invalid(
                 "bind_timeout",
                 "must be more than 0 and at most 5m",
+            ));
+        }
+        if self.max_unbound_ping_bytes > MAX_UNBOUND_PING_BYTES {
+            return Err(invalid(
+                "max_unbound_ping_bytes",
+                format!("must be at most {MAX_UNBOUND_PING_BYTES}"),
             ));
         }
         Ok(())

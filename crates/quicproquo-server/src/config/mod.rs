@@ -51,6 +51,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
     "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
     "QPQ_BIND_TIMEOUT",
+    "QPQ_MAX_UNBOUND_PING_BYTES",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -132,7 +133,7 @@ pub struct Overrides {
     /// Most handshakes in progress at once; more are closed on accept [default: 1024].
     #[arg(long, env = "QPQ_MAX_HANDSHAKES")]
     pub max_handshakes: Option<usize>,
-    /// Per-address caps and the bind deadline.
+    /// Per-address caps, the bind deadline and the size of a ping before bind.
     #[command(flatten)]
     pub limits: LimitOverrides,
     /// Deadline for a client to complete the Noise handshake, e.g. `10s`, `500ms` [default: 10s].
@@ -207,6 +208,8 @@ pub struct FileConfig {
     pub max_handshakes_per_address: Option<usize>,
     /// See [`LimitOverrides::bind_timeout`].
     pub bind_timeout: Option<String>,
+    /// See [`LimitOverrides::max_unbound_ping_bytes`].
+    pub max_unbound_ping_bytes: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].
@@ -285,7 +288,7 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     /// Handshake deadline.
     pub handshake_timeout: Duration,
-    /// Per-address caps and the bind deadline.
+    /// Per-address caps, the bind deadline and the size of a ping before bind.
     pub limits: LimitSettings,
     /// Largest frame and RPC message accepted.
     pub max_frame_bytes: usize,

@@ -257,6 +257,7 @@ fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
     let o = Overrides {
         limits: LimitOverrides {
             max_connections_per_address: Some(128),
+            max_unbound_ping_bytes: Some(16),
             ..LimitOverrides::default()
         },
         ..Overrides::default()
@@ -271,6 +272,7 @@ fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
         Duration::from_secs(3),
         "file beats default"
     );
+    assert_eq!(c.limits.max_unbound_ping_bytes, 16);
     assert_eq!(c.limits.max_handshakes_per_address, 32, "default");
 
     let bad = |text: &str| {
@@ -283,10 +285,12 @@ fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
     assert!(bad("max_handshakes_per_address = 0")?.contains("max_handshakes_per_address"));
     assert!(bad("bind_timeout = \"0s\"")?.contains("bind_timeout"));
     assert!(bad("bind_timeout = \"10m\"")?.contains("bind_timeout"));
+    assert!(bad("max_unbound_ping_bytes = 1000000")?.contains("max_unbound_ping_bytes"));
     for name in [
         "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
         "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
         "QPQ_BIND_TIMEOUT",
+        "QPQ_MAX_UNBOUND_PING_BYTES",
     ] {
         assert!(KNOWN_ENV.contains(&name), "{name}");
     }

@@ -352,7 +352,10 @@ async fn serve_session(
         peer_node,
     };
     let exempt = peer_node.is_some();
-    let hooks = SessionHooks::default();
+    let hooks = SessionHooks {
+        max_unbound_ping_bytes: (!exempt).then_some(config.limits.max_unbound_ping_bytes),
+        ..SessionHooks::default()
+    };
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
         config.role,
         session,

@@ -88,6 +88,9 @@ pub struct SessionHooks {
     pub events: EventsSlot,
     /// Set when the session binds.
     pub bound: BindSignal,
+    /// Largest `ping` payload answered before the session binds (`None`: no limit, for
+    /// nodes).
+    pub max_unbound_ping_bytes: Option<usize>,
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
@@ -149,6 +152,17 @@ impl bootstrap::Server for BootstrapImpl {
         serve!(self.in_flight, "Bootstrap", "ping", params, async move {
             let params = params.get()?;
             let payload = params.get_payload()?;
+            // Before bind, a peer that is not a node gets small echoes only: it cannot make
+            // the node send MiBs to someone who need not even read them.
+            if let Some(max) = self.hooks.max_unbound_ping_bytes
+                && payload.len() > max
+                && !self.hooks.bound.is_bound()
+            {
+                return Err(error(
+                    ErrorCode::TooLarge,
+                    format!("a ping before bind carries at most {max} bytes"),
+                ));
+            }
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
