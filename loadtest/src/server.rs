@@ -96,6 +96,8 @@ fn config(dir: &Path, max_connections: usize) -> ServerConfig {
     // Every member connects from loopback: the per-address caps are the global ones here.
     config.limits.max_connections_per_address = config.max_connections;
     config.limits.max_handshakes_per_address = config.max_handshakes;
+    // Members may sit connected between phases for as long as a large set-up takes.
+    config.limits.idle_timeout = Duration::from_secs(24 * 3600);
     config.handshake_timeout = Duration::from_secs(60);
     config.shutdown_grace = Duration::from_secs(2);
     config

@@ -1,5 +1,6 @@
 //! Limits one host or one unbound peer cannot exhaust, through real sockets: per-address caps
-//! on connections and handshakes, the bind deadline, and small pings before `bind`. Each
+//! on connections and handshakes, the bind deadline, the idle timeout, and small pings before
+//! `bind`. Each
 //! refusal is a counted close (or a typed error), and honest clients are served throughout.
 //! Several source addresses are played with 127.0.0.x on loopback.
 
@@ -9,11 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
+use quicproquo_core::mls::Suite;
 use quicproquo_core::{IdentityKeypair, NodeRole};
 use quicproquo_proto::errors::ErrorCode;
 use quicproquo_server::obs::metrics::ConnectionStats;
 use support::{
-    RawClient, TestServer, closed_by_server, eventually, handshake_from, local, tcp_from,
+    RawClient, TestServer, User, closed_by_server, eventually, handshake_from, local, tcp_from,
 };
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -158,6 +160,49 @@ async fn a_large_ping_before_bind_is_refused() -> Result<()> {
 
         conn.bind(&IdentityKeypair::generate()?).await?;
         assert!(conn.ping(&large).await?.payload == large, "large ping after bind");
+        Ok(())
+    })
+    .await
+}
+
+/// A bound connection that makes no call and holds no subscription is closed after the idle
+/// timeout and counted; a client that holds a subscription stays however quiet it is.
+#[tokio::test]
+async fn an_idle_connection_without_subscription_is_closed() -> Result<()> {
+    local(async {
+        let idle_timeout = Duration::from_secs(1);
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.idle_timeout = idle_timeout;
+        })?;
+        let dir = tempfile::tempdir()?;
+        let quiet = User::register(&server, dir.path(), "quiet", Suite::Classical).await?;
+        let _inbox = quiet.session.delivery.subscribe_inbox(0).await?;
+        let idle = RawClient::connect_from([127, 0, 0, 1], &server).await?;
+        idle.bind(&IdentityKeypair::generate()?).await?;
+        let last_call = tokio::time::Instant::now();
+
+        eventually(WITHIN, || {
+            read(&server, |s| &s.idle_timeouts).unwrap_or(0) >= 1
+        })
+        .await?;
+        assert!(
+            last_call.elapsed() >= idle_timeout - Duration::from_millis(100),
+            "closed before the timeout, after {:?}",
+            last_call.elapsed()
+        );
+        assert!(
+            idle.ping(b"anyone?").await.is_err(),
+            "the idle connection is closed"
+        );
+        assert!(
+            metrics(&server)?
+                .contains("qpq_connections_limited_total{reason=\"idle_timeout\"} 1\n")
+        );
+        // Not a synchronisation: the subscriber must outlast one more whole timeout with no
+        // call before it is asked anything, to show the timeout passed it by.
+        tokio::time::sleep_until(last_call + idle_timeout * 2 + Duration::from_millis(200)).await;
+        assert_eq!(quiet.conn.ping(b"still here").await?.payload, b"still here");
+        assert_eq!(read(&server, |s| &s.idle_timeouts)?, 1);
         Ok(())
     })
     .await

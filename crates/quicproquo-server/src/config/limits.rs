@@ -1,5 +1,6 @@
-//! Limits a single host or peer cannot exhaust: caps per source address, the bind deadline
-//! and the size of a `ping` before `bind`, with their flags, defaults and checks.
+//! Limits a single host or peer cannot exhaust: caps per source address, the bind deadline,
+//! the idle timeout and the size of a `ping` before `bind`, with their flags, defaults and
+//! checks.
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
 const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
 /// Default `bind_timeout`.
 const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `idle_timeout`.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `max_unbound_ping_bytes`.
 const DEFAULT_MAX_UNBOUND_PING_BYTES: usize = 64;
 /// Largest accepted `max_unbound_ping_bytes`.
@@ -28,6 +31,9 @@ pub struct LimitSettings {
     pub bind_timeout: Duration,
     /// Largest `ping` payload answered before the session binds (nodes are exempt).
     pub max_unbound_ping_bytes: usize,
+    /// How long a connection that holds no subscription may go without a call before it is
+    /// closed (nodes are exempt).
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitSettings {
@@ -37,6 +43,7 @@ impl Default for LimitSettings {
             max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             bind_timeout: DEFAULT_BIND_TIMEOUT,
             max_unbound_ping_bytes: DEFAULT_MAX_UNBOUND_PING_BYTES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -59,6 +66,10 @@ pub struct LimitOverrides {
     /// Largest `ping` payload answered before `bind`, in bytes [default: 64].
     #[arg(long, env = "QPQ_MAX_UNBOUND_PING_BYTES")]
     pub max_unbound_ping_bytes: Option<usize>,
+    /// Close a client connection that holds no subscription after this long without a call,
+    /// e.g. `5m` [default: 5m].
+    #[arg(long, env = "QPQ_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
 }
 
 impl LimitSettings {
@@ -86,6 +97,11 @@ impl LimitSettings {
                 .max_unbound_ping_bytes
                 .or(file.max_unbound_ping_bytes)
                 .unwrap_or(defaults.max_unbound_ping_bytes),
+            idle_timeout: duration(
+                "idle_timeout",
+                overrides.idle_timeout.take().or(file.idle_timeout.take()),
+                defaults.idle_timeout,
+            )?,
         })
     }
 
@@ -103,6 +119,11 @@ impl LimitSettings {
                 "bind_timeout",
                 "must be more than 0 and at most 5m",
             ));
+        }
+        if self.idle_timeout < Duration::from_secs(1)
+            || self.idle_timeout > Duration::from_secs(86_400)
+        {
+            return Err(invalid("idle_timeout", "must be between 1s and 24h"));
         }
         if self.max_unbound_ping_bytes > MAX_UNBOUND_PING_BYTES {
             return Err(invalid(

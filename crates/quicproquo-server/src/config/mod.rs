@@ -52,6 +52,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
     "QPQ_BIND_TIMEOUT",
     "QPQ_MAX_UNBOUND_PING_BYTES",
+    "QPQ_IDLE_TIMEOUT",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -210,6 +211,8 @@ pub struct FileConfig {
     pub bind_timeout: Option<String>,
     /// See [`LimitOverrides::max_unbound_ping_bytes`].
     pub max_unbound_ping_bytes: Option<usize>,
+    /// See [`LimitOverrides::idle_timeout`].
+    pub idle_timeout: Option<String>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].

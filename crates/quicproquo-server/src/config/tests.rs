@@ -286,11 +286,14 @@ fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
     assert!(bad("bind_timeout = \"0s\"")?.contains("bind_timeout"));
     assert!(bad("bind_timeout = \"10m\"")?.contains("bind_timeout"));
     assert!(bad("max_unbound_ping_bytes = 1000000")?.contains("max_unbound_ping_bytes"));
+    assert!(bad("idle_timeout = \"500ms\"")?.contains("idle_timeout"));
+    assert!(bad("idle_timeout = \"25h\"")?.contains("idle_timeout"));
     for name in [
         "QPQ_MAX_CONNECTIONS_PER_ADDRESS",
         "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
         "QPQ_BIND_TIMEOUT",
         "QPQ_MAX_UNBOUND_PING_BYTES",
+        "QPQ_IDLE_TIMEOUT",
     ] {
         assert!(KNOWN_ENV.contains(&name), "{name}");
     }

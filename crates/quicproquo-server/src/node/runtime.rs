@@ -393,6 +393,11 @@ async fn serve_session(
             debug!(%peer, "no identity bound before the deadline; closing connection");
             return;
         }
+        () = idle_deadline(&in_flight, exempt, config.limits.idle_timeout) => {
+            ConnectionStats::count(&shared.stats().idle_timeouts);
+            debug!(%peer, "idle with no subscription; closing connection");
+            return;
+        }
         () = shutdown.cancelled() => {}
     }
     // Draining: tell the client to move to another node, keep serving the calls in progress,
@@ -413,6 +418,24 @@ async fn serve_session(
 
 /// Resolves when a peer that is not a node (`exempt` false) has not bound an identity within
 /// `after`; never otherwise.
+/// Resolves once the connection has gone `after` without a call while holding no
+/// subscription (never for a cluster node).
+async fn idle_deadline(in_flight: &InFlight, exempt: bool, after: Duration) {
+    if exempt {
+        return std::future::pending().await;
+    }
+    loop {
+        // Checked again at the earliest moment the connection could have become idle long
+        // enough; while it is in use, a quarter of the timeout later.
+        let wake = match in_flight.idle_since() {
+            Some(since) if since.elapsed() >= after => return,
+            Some(since) => since + after,
+            None => std::time::Instant::now() + after / 4,
+        };
+        tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
 async fn bind_deadline(bound: &BindSignal, exempt: bool, after: Duration) {
     if exempt || tokio::time::timeout(after, bound.bound()).await.is_ok() {
         std::future::pending::<()>().await;

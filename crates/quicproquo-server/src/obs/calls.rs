@@ -5,6 +5,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use quicproquo_telemetry::propagation::WireContext;
 use tokio::sync::Notify;
@@ -18,6 +19,10 @@ pub struct InFlight {
     calls: Cell<usize>,
     idle: Notify,
     observer: Arc<Observer>,
+    /// When the last call started or finished (the connection's last sign of use).
+    last_call: Cell<Instant>,
+    /// Subscriptions this connection holds open.
+    subscriptions: Cell<usize>,
 }
 
 impl InFlight {
@@ -27,6 +32,8 @@ impl InFlight {
             calls: Cell::new(0),
             idle: Notify::new(),
             observer,
+            last_call: Cell::new(Instant::now()),
+            subscriptions: Cell::new(0),
         }
     }
 
@@ -50,7 +57,21 @@ impl InFlight {
 
     fn enter(self: &Rc<Self>) -> InFlightGuard {
         self.calls.set(self.calls.get() + 1);
+        self.last_call.set(Instant::now());
         InFlightGuard(Rc::clone(self))
+    }
+
+    /// Counts a subscription as held until the returned guard drops (a connection that holds
+    /// one is in use even when it makes no calls).
+    pub fn hold_subscription(self: &Rc<Self>) -> SubscriptionGuard {
+        self.subscriptions.set(self.subscriptions.get() + 1);
+        SubscriptionGuard(Rc::clone(self))
+    }
+
+    /// Since when the connection has been unused — no call in progress and no subscription
+    /// held — or `None` while it is in use.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.calls.get() == 0 && self.subscriptions.get() == 0).then(|| self.last_call.get())
     }
 
     /// Calls in progress now.
@@ -77,9 +98,21 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         let n = self.0.calls.get().saturating_sub(1);
         self.0.calls.set(n);
+        self.0.last_call.set(Instant::now());
         if n == 0 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// Marks one subscription as held until dropped.
+pub struct SubscriptionGuard(Rc<InFlight>);
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let n = self.0.subscriptions.get().saturating_sub(1);
+        self.0.subscriptions.set(n);
+        self.0.last_call.set(Instant::now());
     }
 }
 

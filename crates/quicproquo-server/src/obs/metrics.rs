@@ -141,6 +141,8 @@ pub struct ConnectionStats {
     pub address_handshakes_full: AtomicU64,
     /// Connections closed because they did not bind an identity within `bind_timeout`.
     pub bind_timeouts: AtomicU64,
+    /// Connections closed after `idle_timeout` without a call or a subscription.
+    pub idle_timeouts: AtomicU64,
 }
 
 impl ConnectionStats {
@@ -191,6 +193,7 @@ impl ConnectionStats {
             ("address_connections", &self.address_connections_full),
             ("address_handshakes", &self.address_handshakes_full),
             ("bind_timeout", &self.bind_timeouts),
+            ("idle_timeout", &self.idle_timeouts),
         ] {
             let _ = writeln!(
                 out,

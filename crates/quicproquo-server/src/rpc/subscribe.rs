@@ -66,7 +66,10 @@ where
     let stop = CancellationToken::new();
     let fut = task(stop.clone());
     let stopped = stop.clone();
+    // The connection counts as in use while the subscription lives (no idle timeout).
+    let held = in_flight.hold_subscription();
     tokio::task::spawn_local(async move {
+        let _held = held;
         tokio::select! {
             () = stopped.cancelled() => {}
             () = fut => {}
