@@ -124,7 +124,7 @@ async fn data_survives_a_new_pool() -> Result<()> {
     }
     let store = PgStore::connect(db.url(), 2).await?;
     ensure!(store.resolve_name(&UserName::parse("alice")?).await? == Some(alice));
-    ensure!(store.name_of(&bob).await?.is_none());
+    ensure!(store.names_of(&[bob]).await?[0].is_none());
     ensure!(store.key_package_count(&alice).await? == 1);
     let got = store.fetch_key_packages(&[alice, alice]).await?;
     ensure!(
@@ -208,7 +208,7 @@ async fn name_claim_errors_have_the_embedded_stores_precedence() -> Result<()> {
         store.claim_name(&bob, &UserName::parse("bobby")?).await,
         Err(StoreError::AlreadyNamed)
     ));
-    ensure!(store.name_of(&bob).await? == Some(UserName::parse("bob")?));
+    ensure!(store.names_of(&[bob]).await?[0] == Some(UserName::parse("bob")?));
     Ok(())
 }
 

@@ -35,11 +35,17 @@ pub async fn names<S: Store>(store: &S) -> Result<()> {
     store.register_identity(&alice).await?;
     store.register_identity(&bob).await?;
     ensure!(store.resolve_name(&name("alice")?).await?.is_none());
-    ensure!(store.name_of(&alice).await?.is_none());
+    ensure!(store.names_of(&[alice]).await?[0].is_none());
 
     store.claim_name(&alice, &name("alice")?).await?;
     ensure!(store.resolve_name(&name("ALICE")?).await? == Some(alice));
-    ensure!(store.name_of(&alice).await? == Some(name("alice")?));
+    ensure!(store.names_of(&[alice]).await?[0] == Some(name("alice")?));
+    // Several at once, in order, repeats and unnamed identities included: one query.
+    ensure!(
+        store.names_of(&[bob, alice, carol, alice]).await?
+            == vec![None, Some(name("alice")?), None, Some(name("alice")?)]
+    );
+    ensure!(store.names_of(&[]).await?.is_empty());
     // Claiming one's own name again is fine.
     store.claim_name(&alice, &name("alice")?).await?;
     // Another identity cannot take it.
@@ -48,7 +54,7 @@ pub async fn names<S: Store>(store: &S) -> Result<()> {
         Err(StoreError::NameTaken)
     ));
     ensure!(
-        store.name_of(&bob).await?.is_none(),
+        store.names_of(&[bob]).await?[0].is_none(),
         "a refused claim stored nothing"
     );
     // An identity keeps its one name.

@@ -46,7 +46,7 @@ fn operation(method: &str) -> Option<Operation> {
         "register_identity" => op("INSERT", "identities", true, "identities"),
         "claim_name" => op("INSERT", "user_names", true, "names"),
         "resolve_name" => op("SELECT", "user_names", false, "names"),
-        "name_of" => op("SELECT", "user_names", false, "name_of"),
+        "names_of" => op("SELECT", "user_names", false, "name_of"),
         "add_key_packages" => op("INSERT", "key_packages", true, "key_packages"),
         "fetch_key_packages" => op("DELETE", "key_packages", true, "key_packages"),
         "key_package_count" => op("SELECT", "key_packages", false, "key_packages"),

@@ -12,6 +12,7 @@ use quicproquo_proto::auth_capnp::authentication_service;
 use quicproquo_proto::errors::{ErrorCode, error};
 
 use crate::auth::{AuthContext, MAX_FETCH, MAX_UPLOAD};
+use crate::model::UserName;
 use crate::obs::calls::InFlight;
 use crate::store::Store;
 use crate::wire::errors::auth_error;
@@ -213,14 +214,10 @@ impl authentication_service::Server for AuthService {
             params,
             async move {
                 let ids = parse::identities(params.get()?.get_identities()?, MAX_FETCH)?;
-                let mut names = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let name = self.ctx.store().name_of(&id).await.map_err(store_error)?;
-                    names.push(name.map(|n| n.to_string()).unwrap_or_default());
-                }
+                let names = self.ctx.store().names_of(&ids).await.map_err(store_error)?;
                 let mut out = results.get().init_names(names.len() as u32);
                 for (i, n) in names.iter().enumerate() {
-                    out.set(i as u32, n.as_str());
+                    out.set(i as u32, n.as_ref().map_or("", UserName::as_str));
                 }
                 Ok(())
             }

@@ -174,17 +174,24 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
-        let id = *identity.as_bytes();
+    async fn names_of(
+        &self,
+        identities: &[IdentityKey],
+    ) -> Result<Vec<Option<UserName>>, StoreError> {
+        let ids: Vec<[u8; 32]> = identities.iter().map(|i| *i.as_bytes()).collect();
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let name_of = txn.open_table(NAME_OF).map_err(unavailable)?;
-            let Some(name) = name_of.get(id.as_slice()).map_err(unavailable)? else {
-                return Ok(None);
-            };
-            UserName::parse(name.value())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
+            ids.iter()
+                .map(|id| {
+                    let Some(name) = name_of.get(id.as_slice()).map_err(unavailable)? else {
+                        return Ok(None);
+                    };
+                    UserName::parse(name.value())
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .collect()
         })
         .await
     }

@@ -120,11 +120,12 @@ pub trait Store: Send + Sync + 'static {
         name: &UserName,
     ) -> impl Future<Output = Result<Option<IdentityKey>, StoreError>> + Send;
 
-    /// The name `identity` claimed.
-    fn name_of(
+    /// The names `identities` claimed, in order (`None` for one with no name), read in one
+    /// query whatever their number.
+    fn names_of(
         &self,
-        identity: &IdentityKey,
-    ) -> impl Future<Output = Result<Option<UserName>, StoreError>> + Send;
+        identities: &[IdentityKey],
+    ) -> impl Future<Output = Result<Vec<Option<UserName>>, StoreError>> + Send;
 
     /// Adds KeyPackages to `identity`'s pool (ones whose `hash_ref` is already stored are
     /// skipped) and, if given, replaces its last-resort KeyPackage. Returns the pool size after.
@@ -213,8 +214,11 @@ impl Store for AnyStore {
         dispatch!(self, "resolve_name", s => s.resolve_name(name))
     }
 
-    async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
-        dispatch!(self, "name_of", s => s.name_of(identity))
+    async fn names_of(
+        &self,
+        identities: &[IdentityKey],
+    ) -> Result<Vec<Option<UserName>>, StoreError> {
+        dispatch!(self, "names_of", s => s.names_of(identities))
     }
 
     async fn add_key_packages(

@@ -380,15 +380,24 @@ impl Store for PgStore {
             .transpose()
     }
 
-    async fn name_of(&self, identity: &IdentityKey) -> Result<Option<UserName>, StoreError> {
-        let rows = self.query(sql::NAME_OF, &[&key(identity)]).await?;
-        rows.first()
-            .map(|row| {
-                let name: String = column(row, 0)?;
-                UserName::parse(&name)
-                    .map_err(|_| StoreError::Corrupt("stored user name is invalid".into()))
-            })
-            .transpose()
+    async fn names_of(
+        &self,
+        identities: &[IdentityKey],
+    ) -> Result<Vec<Option<UserName>>, StoreError> {
+        let keys: Vec<&[u8]> = identities.iter().map(|i| i.as_bytes().as_slice()).collect();
+        let rows = self.query(sql::NAMES_OF, &[&keys]).await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let identity: Vec<u8> = column(row, 0)?;
+            let name: String = column(row, 1)?;
+            let name = UserName::parse(&name)
+                .map_err(|_| StoreError::Corrupt("stored user name is invalid".into()))?;
+            found.insert(identity, name);
+        }
+        Ok(identities
+            .iter()
+            .map(|i| found.get(i.as_bytes().as_slice()).cloned())
+            .collect())
     }
 
     async fn add_key_packages(
@@ -453,7 +462,8 @@ mod sql {
 
     pub(super) const RESOLVE: &str = "SELECT identity FROM user_names WHERE name = $1";
 
-    pub(super) const NAME_OF: &str = "SELECT name FROM user_names WHERE identity = $1";
+    pub(super) const NAMES_OF: &str =
+        "SELECT identity, name FROM user_names WHERE identity = ANY($1::bytea[])";
 
     /// Adds the pool (in upload order, skipping stored hash refs) and replaces the last-resort
     /// KeyPackage, only if the identity is registered; returns whether it is and the pool size.
