@@ -236,10 +236,7 @@ impl<'a> Chat<'a> {
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
-        let mut targets = Vec::with_capacity(names.len());
-        for n in names {
-            targets.push(self.session.auth.resolve_name(n).await?);
-        }
+        let targets = self.resolve(names).await?;
         let fetched = self.session.auth.fetch_key_packages(&targets).await?;
         for (n, t) in names.iter().zip(&targets) {
             if !fetched.iter().any(|k| &k.identity == t) {
@@ -253,6 +250,15 @@ impl<'a> Chat<'a> {
         .await
     }
 
+    /// The identities of `names`, in order.
+    async fn resolve(&self, names: &[String]) -> Result<Vec<IdentityKey>, ChatError> {
+        let mut targets = Vec::with_capacity(names.len());
+        for n in names {
+            targets.push(self.session.auth.resolve_name(n).await?);
+        }
+        Ok(targets)
+    }
+
     /// Removes users (by name) from a group in one commit; returns the new epoch. What arrives
     /// while catching up first goes to `on_event`.
     pub async fn remove(
@@ -262,10 +268,7 @@ impl<'a> Chat<'a> {
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
-        let mut targets = Vec::with_capacity(names.len());
-        for n in names {
-            targets.push(self.session.auth.resolve_name(n).await?);
-        }
+        let targets = self.resolve(names).await?;
         self.commit(&id, on_event, |g, state| {
             Ok(g.remove_members(&state.mls, state.mls_identity(), &targets)?)
         })

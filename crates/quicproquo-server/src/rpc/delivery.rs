@@ -15,7 +15,9 @@ use quicproquo_proto::errors::{ErrorCode, error};
 
 use super::backend::Backend;
 use super::subscribe;
-use crate::model::group::{AppendRequest, CommitChange, EntryKind, MAX_CHANGE, MAX_MESSAGE_ID};
+use crate::model::group::{
+    AppendRequest, CommitChange, EntryKind, GroupId, MAX_CHANGE, MAX_MESSAGE_ID,
+};
 use crate::obs::calls::InFlight;
 use crate::obs::spans::record_group;
 use crate::store::log::LogStore;
@@ -39,6 +41,17 @@ impl DeliveryService {
             backend,
             in_flight,
         }
+    }
+
+    /// Parses the group a call names and records its keyed hash on the call's span.
+    fn group(&self, bytes: &[u8]) -> Result<GroupId, capnp::Error> {
+        let group = parse::group_id(bytes)?;
+        record_group(
+            &tracing::Span::current(),
+            self.in_flight.observer(),
+            group.as_bytes(),
+        );
+        Ok(group)
     }
 
     /// Builds the append request for `message`, checking its framing against the call.
@@ -135,9 +148,7 @@ impl delivery_service::Server for DeliveryService {
             "createGroup",
             params,
             async move {
-                let group = parse::group_id(params.get()?.get_group_id()?)?;
-                let span = tracing::Span::current();
-                record_group(&span, self.in_flight.observer(), group.as_bytes());
+                let group = self.group(params.get()?.get_group_id()?)?;
                 self.backend
                     .create_group(&group, &self.identity)
                     .await
@@ -185,9 +196,7 @@ impl delivery_service::Server for DeliveryService {
             params,
             async move {
                 let p = params.get()?;
-                let group = parse::group_id(p.get_group_id()?)?;
-                let span = tracing::Span::current();
-                record_group(&span, self.in_flight.observer(), group.as_bytes());
+                let group = self.group(p.get_group_id()?)?;
                 let limit = p.get_limit().clamp(1, MAX_FETCH);
                 let entries = self
                     .backend
@@ -216,9 +225,7 @@ impl delivery_service::Server for DeliveryService {
             params,
             async move {
                 let p = params.get()?;
-                let group = parse::group_id(p.get_group_id()?)?;
-                let span = tracing::Span::current();
-                record_group(&span, self.in_flight.observer(), group.as_bytes());
+                let group = self.group(p.get_group_id()?)?;
                 // Only current members may subscribe (a removed member can still fetch the commit
                 // that removed it); refuse up front rather than in the background task.
                 self.backend
