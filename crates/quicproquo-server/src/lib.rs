@@ -15,7 +15,7 @@
 //!
 //! | layer | module | role, and the rules that live there |
 //! |---|---|---|
-//! | 1 | [`model`], [`keystore`] | values and rules with no I/O: group and message ids, user names, append requests and outcomes, the append decision, the epoch rule, the size rule; the node's keys on disk |
+//! | 1 | [`model`], [`keystore`], [`pool`] | values and rules with no I/O: group and message ids, user names, append requests and outcomes, the append decision, the epoch rule, the size rule; the node's keys on disk; the bounded CPU pool that runs CPU-heavy checks off the connections' threads |
 //! | 2 | [`obs`] | the one metrics registry, spans, calls in flight (the wrapper every served method runs in) |
 //! | 3 | [`store`] | the durable stores (Postgres, embedded) behind the Authentication and Delivery Services, each calling the model's decision |
 //! | 4 | [`auth`], [`ordering`] | the Authentication Service's rules (KeyPackage checks, fetch rate); the appender (group commit), live feeds and the typed ordering error |
@@ -37,6 +37,7 @@ pub mod model;
 pub mod node;
 pub mod obs;
 pub mod ordering;
+pub mod pool;
 pub mod rpc;
 pub mod store;
 pub mod wire;

@@ -60,6 +60,9 @@ async fn alice_registers_and_bob_fetches(store: Option<AnyStore>) -> Result<()> 
         .mls
         .last_resort_key_package(&alice.provider, Suite::Hybrid)?;
     ensure!(alice_auth.upload_key_packages(&kps, Some(&lr)).await? == 5);
+    // The upload's checks ran as one job on the bounded CPU pool, not on the worker.
+    let pool = &server.handle()?.observer().metrics.pool;
+    ensure!(pool.completed.load(std::sync::atomic::Ordering::Relaxed) == 1);
     ensure!(
         alice_auth.key_package_count().await? == (5, true),
         "5 < low watermark 10"

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 /// The layers, lowest first: a module may import only modules of earlier layers.
 const LAYERS: &[&[&str]] = &[
-    &["model", "keystore"],
+    &["model", "keystore", "pool"],
     &["obs"],
     &["store"],
     &["auth", "ordering"],

@@ -5,13 +5,14 @@
 //! What it is not: the RPC face (`crate::rpc::auth` serves it to bound connections).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::PoisonError;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::mls::{KeyPackageChecker, MlsError, Suite};
 
+use crate::pool::{CpuPool, PoolError};
 use crate::store::{AnyStore, KeyPackageRecord};
 
 /// Most KeyPackages accepted in one upload.
@@ -32,6 +33,9 @@ pub enum AuthError {
     /// Too many fetches of these targets' KeyPackages by this requester.
     #[error("too many KeyPackage fetches for this identity; retry later")]
     RateLimited,
+    /// The CPU pool could not run the check (it shut down, or the check panicked).
+    #[error("KeyPackage check failed to run: {0}")]
+    Pool(PoolError),
 }
 
 /// Settings of the Authentication Service.
@@ -59,17 +63,20 @@ impl Default for AuthSettings {
 /// the fetch rate per (requester, target), the top-up watermark.
 pub struct AuthContext {
     store: AnyStore,
-    checker: KeyPackageChecker,
+    checker: Arc<KeyPackageChecker>,
+    pool: CpuPool,
     limiter: FetchLimiter,
     low_watermark: u32,
 }
 
 impl AuthContext {
-    /// The Authentication Service over `store`, with `settings`.
-    pub fn new(store: AnyStore, settings: &AuthSettings) -> Self {
+    /// The Authentication Service over `store`, with `settings`, checking KeyPackages on
+    /// `pool`.
+    pub fn new(store: AnyStore, settings: &AuthSettings, pool: CpuPool) -> Self {
         Self {
             store,
-            checker: KeyPackageChecker::new(&settings.suites),
+            checker: Arc::new(KeyPackageChecker::new(&settings.suites)),
+            pool,
             limiter: FetchLimiter::new(settings.fetch_limit_per_minute, Duration::from_secs(60)),
             low_watermark: settings.low_watermark,
         }
@@ -80,21 +87,24 @@ impl AuthContext {
         &self.store
     }
 
-    /// Checks that `data` is a valid KeyPackage of an accepted suite whose credential is
-    /// `owner`'s identity, and returns it ready to store.
-    pub fn check_key_package(
+    /// Checks, on the CPU pool, that every one of `packages` is a valid KeyPackage of an
+    /// accepted suite whose credential is `owner`'s identity, and returns them ready to store
+    /// (in order), or the first refusal.
+    pub async fn check_key_packages(
         &self,
-        owner: &IdentityKey,
-        data: &[u8],
-    ) -> Result<KeyPackageRecord, AuthError> {
-        let checked = self.checker.check(data).map_err(AuthError::BadKeyPackage)?;
-        if checked.identity != *owner {
-            return Err(AuthError::WrongIdentity);
-        }
-        Ok(KeyPackageRecord {
-            hash_ref: checked.hash_ref,
-            data: data.to_vec(),
-        })
+        owner: IdentityKey,
+        packages: Vec<Vec<u8>>,
+    ) -> Result<Vec<KeyPackageRecord>, AuthError> {
+        let checker = Arc::clone(&self.checker);
+        self.pool
+            .run(move || {
+                packages
+                    .into_iter()
+                    .map(|data| check_one(&checker, &owner, data))
+                    .collect()
+            })
+            .await
+            .map_err(AuthError::Pool)?
     }
 
     /// Counts one fetch by `requester` of each of `targets`' KeyPackages, or refuses the
@@ -115,6 +125,22 @@ impl AuthContext {
     pub fn is_low(&self, remaining: u32) -> bool {
         remaining < self.low_watermark
     }
+}
+
+/// Checks one KeyPackage (see [`AuthContext::check_key_packages`]).
+fn check_one(
+    checker: &KeyPackageChecker,
+    owner: &IdentityKey,
+    data: Vec<u8>,
+) -> Result<KeyPackageRecord, AuthError> {
+    let checked = checker.check(&data).map_err(AuthError::BadKeyPackage)?;
+    if checked.identity != *owner {
+        return Err(AuthError::WrongIdentity);
+    }
+    Ok(KeyPackageRecord {
+        hash_ref: checked.hash_ref,
+        data,
+    })
 }
 
 /// Fixed-window counters per (requester, target).

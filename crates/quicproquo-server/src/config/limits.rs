@@ -1,10 +1,11 @@
 //! Limits a single host or peer cannot exhaust: caps per source address, the bind deadline,
-//! the idle timeout and the size of a `ping` before `bind`, with their flags, defaults and
-//! checks.
+//! the idle timeout, the size of a `ping` before `bind` and the CPU pool's size, with their
+//! flags, defaults and checks.
 
 use std::time::Duration;
 
 use super::{ConfigError, FileConfig, duration, invalid};
+use crate::pool;
 
 /// Default `max_connections_per_address`: more than a NAT'd office opens.
 const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
@@ -16,6 +17,10 @@ const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `max_unbound_ping_bytes`.
 const DEFAULT_MAX_UNBOUND_PING_BYTES: usize = 64;
+/// Most threads accepted for `cpu_pool_threads`.
+const MAX_CPU_POOL_THREADS: usize = 256;
+/// Most jobs accepted for `cpu_pool_queue`.
+const MAX_CPU_POOL_QUEUE: usize = 65_536;
 /// Largest accepted `max_unbound_ping_bytes`.
 const MAX_UNBOUND_PING_BYTES: usize = 64 * 1024;
 
@@ -34,6 +39,10 @@ pub struct LimitSettings {
     /// How long a connection that holds no subscription may go without a call before it is
     /// closed (nodes are exempt).
     pub idle_timeout: Duration,
+    /// Threads of the bounded CPU pool (KeyPackage validation and other CPU-heavy checks).
+    pub cpu_pool_threads: usize,
+    /// Jobs the CPU pool admits beyond those running; past them, callers wait.
+    pub cpu_pool_queue: usize,
 }
 
 impl Default for LimitSettings {
@@ -44,6 +53,8 @@ impl Default for LimitSettings {
             bind_timeout: DEFAULT_BIND_TIMEOUT,
             max_unbound_ping_bytes: DEFAULT_MAX_UNBOUND_PING_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            cpu_pool_threads: pool::default_threads(),
+            cpu_pool_queue: pool::DEFAULT_QUEUE,
         }
     }
 }
@@ -70,6 +81,14 @@ pub struct LimitOverrides {
     /// e.g. `5m` [default: 5m].
     #[arg(long, env = "QPQ_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Threads of the bounded pool that runs CPU-heavy checks (KeyPackage validation) off
+    /// the connections' workers [default: one per core, at most 8].
+    #[arg(long, env = "QPQ_CPU_POOL_THREADS")]
+    pub cpu_pool_threads: Option<usize>,
+    /// Jobs the CPU pool admits beyond those running; past them, calls wait for a slot
+    /// [default: 256].
+    #[arg(long, env = "QPQ_CPU_POOL_QUEUE")]
+    pub cpu_pool_queue: Option<usize>,
 }
 
 impl LimitSettings {
@@ -102,6 +121,14 @@ impl LimitSettings {
                 overrides.idle_timeout.take().or(file.idle_timeout.take()),
                 defaults.idle_timeout,
             )?,
+            cpu_pool_threads: overrides
+                .cpu_pool_threads
+                .or(file.cpu_pool_threads)
+                .unwrap_or(defaults.cpu_pool_threads),
+            cpu_pool_queue: overrides
+                .cpu_pool_queue
+                .or(file.cpu_pool_queue)
+                .unwrap_or(defaults.cpu_pool_queue),
         })
     }
 
@@ -124,6 +151,18 @@ impl LimitSettings {
             || self.idle_timeout > Duration::from_secs(86_400)
         {
             return Err(invalid("idle_timeout", "must be between 1s and 24h"));
+        }
+        if !(1..=MAX_CPU_POOL_THREADS).contains(&self.cpu_pool_threads) {
+            return Err(invalid(
+                "cpu_pool_threads",
+                format!("must be between 1 and {MAX_CPU_POOL_THREADS}"),
+            ));
+        }
+        if self.cpu_pool_queue > MAX_CPU_POOL_QUEUE {
+            return Err(invalid(
+                "cpu_pool_queue",
+                format!("must be at most {MAX_CPU_POOL_QUEUE}"),
+            ));
         }
         if self.max_unbound_ping_bytes > MAX_UNBOUND_PING_BYTES {
             return Err(invalid(

@@ -53,6 +53,8 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_BIND_TIMEOUT",
     "QPQ_MAX_UNBOUND_PING_BYTES",
     "QPQ_IDLE_TIMEOUT",
+    "QPQ_CPU_POOL_THREADS",
+    "QPQ_CPU_POOL_QUEUE",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -213,6 +215,10 @@ pub struct FileConfig {
     pub max_unbound_ping_bytes: Option<usize>,
     /// See [`LimitOverrides::idle_timeout`].
     pub idle_timeout: Option<String>,
+    /// See [`LimitOverrides::cpu_pool_threads`].
+    pub cpu_pool_threads: Option<usize>,
+    /// See [`LimitOverrides::cpu_pool_queue`].
+    pub cpu_pool_queue: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].

@@ -26,6 +26,7 @@ use crate::keystore::{KeyStoreError, NodeIdentity};
 use crate::obs::Observer;
 use crate::obs::metrics::ConnectionStats;
 use crate::ordering::Appender;
+use crate::pool::CpuPool;
 use crate::rpc::backend::Backend;
 use crate::store::postgres::PgStore;
 use crate::store::{AnyStore, StoreError, embedded};
@@ -255,6 +256,12 @@ pub fn start(
         Observer::new(identity.redactor.clone()).with_client_trace_ratio(config.client_trace_ratio),
     );
     let identity = Arc::new(identity);
+    let pool = CpuPool::new(
+        config.limits.cpu_pool_threads,
+        config.limits.cpu_pool_queue,
+        Arc::clone(&observer.metrics.pool),
+    )
+    .map_err(io_err("starting the CPU pool"))?;
     let backend_stop = CancellationToken::new();
     let mut parts = match config.role {
         NodeRole::Edge => edge::start(&config, &identity, &store, &observer, &backend_stop)?,
@@ -291,6 +298,7 @@ pub fn start(
     let served = runtime::Served {
         backend: parts.backend,
         shard: parts.shard,
+        pool,
     };
     let threads = runtime::start(
         config, listener, identity, store, served, &observer, &shutdown,

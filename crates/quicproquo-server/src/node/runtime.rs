@@ -39,6 +39,7 @@ use crate::obs::Observer;
 use crate::obs::calls::InFlight;
 use crate::obs::metrics::ConnectionStats;
 use crate::ordering::Appender;
+use crate::pool::CpuPool;
 use crate::rpc::backend::Backend;
 use crate::rpc::bootstrap::{BindSignal, BootstrapImpl, SessionHooks, SessionInfo};
 use crate::store::AnyStore;
@@ -49,6 +50,8 @@ pub(super) struct Served {
     pub(super) backend: Option<Backend>,
     /// The appender served to cluster nodes (shard role only).
     pub(super) shard: Option<Arc<Appender>>,
+    /// The bounded pool CPU-heavy checks run on.
+    pub(super) pool: CpuPool,
 }
 
 struct Shared {
@@ -205,7 +208,7 @@ pub(super) fn start(
     shutdown: &CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let shared = Arc::new(Shared {
-        auth: Arc::new(AuthContext::new(store, &config.auth)),
+        auth: Arc::new(AuthContext::new(store, &config.auth, served.pool.clone())),
         served,
         verifier: NodeVerifier::new(identity.cluster_public),
         connections: Arc::new(Semaphore::new(config.max_connections)),

@@ -7,8 +7,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use crate::pool::PoolStats;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -222,6 +224,8 @@ pub struct Metrics {
     pub fanout_calls: AtomicU64,
     /// Calls an edge forwarded to an owner shard.
     pub forwarded: AtomicU64,
+    /// The bounded CPU pool's counters (shared with the pool).
+    pub pool: Arc<PoolStats>,
 }
 
 impl Default for Metrics {
@@ -236,6 +240,7 @@ impl Default for Metrics {
             fanout_entries: AtomicU64::new(0),
             fanout_calls: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            pool: Arc::default(),
         }
     }
 }
@@ -375,6 +380,30 @@ impl Metrics {
             "qpq_forwarded_calls_total",
             "Calls an edge forwarded to an owner shard.",
             self.forwarded.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "qpq_cpu_pool_jobs",
+            "Jobs admitted to the bounded CPU pool and not yet finished (running or queued).",
+            self.pool.admitted.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_cpu_pool_jobs_total",
+            "Jobs the bounded CPU pool finished.",
+            self.pool.completed.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_cpu_pool_waits_total",
+            "Callers that found the CPU pool full and waited for a slot.",
+            self.pool.waited.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_cpu_pool_panics_total",
+            "CPU pool jobs that panicked (the call failed; the pool lived on).",
+            self.pool.panicked.load(Ordering::Relaxed),
         );
     }
 }

@@ -4,7 +4,7 @@
 //! ([`calls::InFlight`], through which every served method runs).
 //!
 //! What it is not: the HTTP listener that exposes these (`crate::node::ops`) or the tracing
-//! and log setup (`quicproquo-telemetry`). It imports only the model.
+//! and log setup (`quicproquo-telemetry`). It imports only the model and the pool (whose counters it renders).
 
 pub mod calls;
 mod db;

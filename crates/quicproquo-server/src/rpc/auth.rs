@@ -37,12 +37,6 @@ impl AuthService {
             in_flight,
         }
     }
-
-    fn check_upload(&self, data: &[u8]) -> Result<crate::store::KeyPackageRecord, capnp::Error> {
-        self.ctx
-            .check_key_package(&self.identity, data)
-            .map_err(auth_error)
-    }
 }
 
 impl authentication_service::Server for AuthService {
@@ -65,16 +59,22 @@ impl authentication_service::Server for AuthService {
                         format!("at most {MAX_UPLOAD} KeyPackages per upload"),
                     ));
                 }
-                // Validate everything before storing anything.
-                let mut records = Vec::with_capacity(packages.len() as usize);
+                // Validate everything (on the CPU pool) before storing anything; the last
+                // resort, if any, is checked last.
+                let mut datas = Vec::with_capacity(packages.len() as usize + 1);
                 for kp in packages.iter() {
-                    records.push(self.check_upload(kp?)?);
+                    datas.push(kp?.to_vec());
                 }
-                let last_resort = if params.has_last_resort() {
-                    Some(self.check_upload(params.get_last_resort()?)?)
-                } else {
-                    None
-                };
+                let has_last_resort = params.has_last_resort();
+                if has_last_resort {
+                    datas.push(params.get_last_resort()?.to_vec());
+                }
+                let mut records = self
+                    .ctx
+                    .check_key_packages(self.identity, datas)
+                    .await
+                    .map_err(auth_error)?;
+                let last_resort = if has_last_resort { records.pop() } else { None };
                 let remaining = self
                     .ctx
                     .store()

@@ -41,6 +41,10 @@ pub fn auth_error(e: AuthError) -> capnp::Error {
         AuthError::BadKeyPackage(_) => error(ErrorCode::BadKeyPackage, e),
         AuthError::WrongIdentity => error(ErrorCode::WrongIdentity, e),
         AuthError::RateLimited => error(ErrorCode::RateLimited, e),
+        AuthError::Pool(_) => {
+            warn!(error = %e, "KeyPackage check did not run");
+            error(ErrorCode::Internal, "internal error")
+        }
     }
 }
 
