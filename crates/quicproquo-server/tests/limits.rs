@@ -207,3 +207,39 @@ async fn an_idle_connection_without_subscription_is_closed() -> Result<()> {
     })
     .await
 }
+
+/// Replies are paged by bytes: with a 64 KiB reply budget, one `fetch` of up to 1000 entries
+/// returns only the 40 kB messages that fit (the first always does), and a member reading
+/// the log page after page still gets every message.
+#[tokio::test]
+async fn fetch_is_paged_by_bytes_and_readers_still_get_everything() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.max_reply_bytes = 64 * 1024;
+        })?;
+        let dir = tempfile::tempdir()?;
+        let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+        let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
+        let id = alice.chat().create_group("big").await?;
+        let joined = alice
+            .chat()
+            .invite("big", &["bob".into()], &mut |_| {})
+            .await?;
+        bob.recv().await?;
+        let body = vec![b'x'; 40_000];
+        for _ in 0..3 {
+            alice.chat().send("big", &body, &mut |_| {}).await?;
+        }
+        let page = bob.session.delivery.fetch(&id, joined, 1000).await?;
+        assert_eq!(page.len(), 1, "one 40 kB message per 64 KiB page");
+        let more = bob.session.delivery.fetch(&id, page[0].seq, 1000).await?;
+        assert_eq!(more.len(), 1);
+        assert_eq!(more[0].seq, page[0].seq + 1);
+
+        let got = User::messages(&bob.recv().await?);
+        assert_eq!(got.len(), 3, "every message, read page by page");
+        assert!(got.iter().all(|(_, text)| text.len() == body.len()));
+        Ok(())
+    })
+    .await
+}

@@ -8,6 +8,7 @@ use quicproquo_core::IdentityKey;
 use quicproquo_server::model::group::{
     APPLICATION_EPOCH_LAG, AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId,
 };
+use quicproquo_server::model::page::{Page, log_entry_bytes, welcome_bytes};
 use quicproquo_server::store::log::LogStore;
 use quicproquo_server::store::{Store, StoreError};
 
@@ -372,6 +373,65 @@ pub async fn concurrent_appends<S: Store + LogStore>(store: S) -> Result<()> {
     Ok(())
 }
 
+/// Reads are paged by bytes as well as count: a page stops before the entry that would pass
+/// its byte budget, and the first entry always fits, however large.
+pub async fn pages_by_bytes<S: Store + LogStore>(store: &S) -> Result<()> {
+    let (alice, bob) = (registered(store).await?, registered(store).await?);
+    let g = gid("group-pages")?;
+    store.create_group(&g, &alice).await?;
+    let sized = |mid: &str, n: usize| AppendRequest {
+        payload: vec![7u8; n],
+        ..app(&g, alice, 0, mid)
+    };
+    for (mid, n) in [("a", 10_000), ("b", 10_000), ("c", 50_000), ("d", 10)] {
+        one(store, sized(mid, n)).await?;
+    }
+    let size = |n: usize| log_entry_bytes(1, n);
+    let seqs = |v: Vec<quicproquo_server::model::group::LogEntry>| {
+        v.iter().map(|e| e.seq).collect::<Vec<_>>()
+    };
+    // Two 10 kB entries fit a budget of exactly their size; the 50 kB one does not.
+    let two = Page::new(1000, 2 * size(10_000));
+    ensure!(seqs(store.read_log(&g, &alice, 0, two).await?) == vec![1, 2]);
+    // The next page starts with the large entry, alone: the first entry always fits.
+    ensure!(seqs(store.read_log(&g, &alice, 2, two).await?) == vec![3]);
+    ensure!(seqs(store.read_log(&g, &alice, 3, two).await?) == vec![4]);
+    // One byte less than two entries: one per page.
+    let tight = Page::new(1000, 2 * size(10_000) - 1);
+    ensure!(seqs(store.read_log(&g, &alice, 0, tight).await?) == vec![1]);
+    // The count still applies.
+    ensure!(
+        seqs(
+            store
+                .read_log(&g, &alice, 0, Page::new(1, usize::MAX))
+                .await?
+        ) == vec![1]
+    );
+    ensure!(store.read_log(&g, &alice, 0, 1000).await?.len() == 4);
+
+    // Inboxes are paged the same way: Bob is invited to three groups.
+    for (i, n) in [20_000usize, 20_000, 1].into_iter().enumerate() {
+        let gi = gid(&format!("group-pages-{i}"))?;
+        store.create_group(&gi, &alice).await?;
+        let mut add = commit(&gi, alice, 0, "add-bob", &[bob], &[]);
+        if let Some(c) = add.commit.as_mut() {
+            c.welcome = Some(vec![1u8; n]);
+        }
+        one(store, add).await?;
+    }
+    let w = |v: Vec<quicproquo_server::model::group::InboxEntry>| {
+        v.iter().map(|e| e.welcome.len()).collect::<Vec<_>>()
+    };
+    let one_welcome = Page::new(1000, welcome_bytes(20_000));
+    ensure!(w(store.read_inbox(&bob, 0, one_welcome).await?) == vec![20_000]);
+    let both = Page::new(1000, 2 * welcome_bytes(20_000));
+    let first = store.read_inbox(&bob, 0, both).await?;
+    ensure!(w(first.clone()) == vec![20_000, 20_000]);
+    let rest = store.read_inbox(&bob, first[1].seq, both).await?;
+    ensure!(w(rest) == vec![1]);
+    Ok(())
+}
+
 /// Generates one test per Delivery Service conformance check (see
 /// [`conformance_tests!`](crate::conformance_tests)).
 #[macro_export]
@@ -380,6 +440,11 @@ macro_rules! log_conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn log_conformance_group_lifecycle() -> anyhow::Result<()> {
             $crate::log_conformance::group_lifecycle(&$make.await?).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn log_conformance_pages_by_bytes() -> anyhow::Result<()> {
+            $crate::log_conformance::pages_by_bytes(&$make.await?).await
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,10 +166,9 @@ pub async fn read_log<R: LogReader>(
         let Some(end) = entries.last() else {
             break;
         };
+        // A short page is not the end: the server pages by bytes as well as count. Only an
+        // empty page is.
         cursor = end.seq;
-        if entries.len() < limit as usize {
-            break;
-        }
     }
     Ok(None)
 }

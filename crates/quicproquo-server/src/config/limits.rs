@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::{ConfigError, FileConfig, duration, invalid};
+use crate::model::page::DEFAULT_PAGE_BYTES;
 use crate::pool;
 
 /// Default `max_connections_per_address`: more than a NAT'd office opens.
@@ -17,6 +18,8 @@ const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `max_unbound_ping_bytes`.
 const DEFAULT_MAX_UNBOUND_PING_BYTES: usize = 64;
+/// Smallest accepted `max_reply_bytes`.
+const MIN_REPLY_BYTES: usize = 64 * 1024;
 /// Most threads accepted for `cpu_pool_threads`.
 const MAX_CPU_POOL_THREADS: usize = 256;
 /// Most jobs accepted for `cpu_pool_queue`.
@@ -43,6 +46,9 @@ pub struct LimitSettings {
     pub cpu_pool_threads: usize,
     /// Jobs the CPU pool admits beyond those running; past them, callers wait.
     pub cpu_pool_queue: usize,
+    /// Byte budget of one page of a reply (`fetch`, `inbox`) or push; one entry always fits.
+    /// Capped to `max_frame_bytes` − 64 KiB (see `ServerConfig::reply_budget`).
+    pub max_reply_bytes: usize,
 }
 
 impl Default for LimitSettings {
@@ -55,6 +61,7 @@ impl Default for LimitSettings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             cpu_pool_threads: pool::default_threads(),
             cpu_pool_queue: pool::DEFAULT_QUEUE,
+            max_reply_bytes: DEFAULT_PAGE_BYTES,
         }
     }
 }
@@ -89,6 +96,10 @@ pub struct LimitOverrides {
     /// [default: 256].
     #[arg(long, env = "QPQ_CPU_POOL_QUEUE")]
     pub cpu_pool_queue: Option<usize>,
+    /// Byte budget of one page of a reply or push (fetch, inbox); one entry always fits;
+    /// capped to max_frame_bytes - 64 KiB [default: 4194304].
+    #[arg(long, env = "QPQ_MAX_REPLY_BYTES")]
+    pub max_reply_bytes: Option<usize>,
 }
 
 impl LimitSettings {
@@ -129,6 +140,10 @@ impl LimitSettings {
                 .cpu_pool_queue
                 .or(file.cpu_pool_queue)
                 .unwrap_or(defaults.cpu_pool_queue),
+            max_reply_bytes: overrides
+                .max_reply_bytes
+                .or(file.max_reply_bytes)
+                .unwrap_or(defaults.max_reply_bytes),
         })
     }
 
@@ -156,6 +171,12 @@ impl LimitSettings {
             return Err(invalid(
                 "cpu_pool_threads",
                 format!("must be between 1 and {MAX_CPU_POOL_THREADS}"),
+            ));
+        }
+        if self.max_reply_bytes < MIN_REPLY_BYTES {
+            return Err(invalid(
+                "max_reply_bytes",
+                format!("must be at least {MIN_REPLY_BYTES}"),
             ));
         }
         if self.cpu_pool_queue > MAX_CPU_POOL_QUEUE {

@@ -12,6 +12,8 @@ use quicproquo_core::NodeRole;
 use serde::Deserialize;
 
 use crate::auth::AuthSettings;
+use crate::model::group::MAX_MESSAGE_ID;
+use crate::model::page::{FRAME_HEADROOM, log_entry_bytes};
 
 mod cluster;
 mod limits;
@@ -55,6 +57,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_IDLE_TIMEOUT",
     "QPQ_CPU_POOL_THREADS",
     "QPQ_CPU_POOL_QUEUE",
+    "QPQ_MAX_REPLY_BYTES",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -219,6 +222,8 @@ pub struct FileConfig {
     pub cpu_pool_threads: Option<usize>,
     /// See [`LimitOverrides::cpu_pool_queue`].
     pub cpu_pool_queue: Option<usize>,
+    /// See [`LimitOverrides::max_reply_bytes`].
+    pub max_reply_bytes: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].
@@ -445,14 +450,17 @@ impl ServerConfig {
             otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),
             client_trace_ratio: overrides.client_trace_ratio.or(file.client_trace_ratio),
         };
-        // Without an explicit limit, messages may use the frame minus room for the call.
+        // Without an explicit limit, messages may use the frame minus room for the call and
+        // the envelope a reply wraps each one in.
         config.max_message_bytes = overrides
             .max_message_bytes
             .or(file.max_message_bytes)
             .unwrap_or_else(|| {
-                defaults
-                    .max_message_bytes
-                    .min(config.max_frame_bytes.saturating_sub(64 << 10))
+                defaults.max_message_bytes.min(
+                    config
+                        .max_frame_bytes
+                        .saturating_sub(FRAME_HEADROOM + log_entry_bytes(MAX_MESSAGE_ID, 0)),
+                )
             });
         config.validate()?;
         config.validate_store()?;
@@ -475,6 +483,14 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The byte budget of one page of a reply or push: `max_reply_bytes`, capped to what a
+    /// frame holds beside the rest of a call.
+    pub fn reply_budget(&self) -> usize {
+        self.limits
+            .max_reply_bytes
+            .min(self.max_frame_bytes.saturating_sub(FRAME_HEADROOM))
     }
 
     /// Checks every setting's range.
@@ -503,11 +519,16 @@ impl ServerConfig {
                 format!("must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES}"),
             ));
         }
-        if self.max_message_bytes == 0 || self.max_message_bytes + (64 << 10) > self.max_frame_bytes
+        // A reply page always holds at least one entry: the largest message in its envelope,
+        // with room for the rest of the call, must fit a frame.
+        if self.max_message_bytes == 0
+            || log_entry_bytes(MAX_MESSAGE_ID, self.max_message_bytes) + FRAME_HEADROOM
+                > self.max_frame_bytes
         {
             return Err(invalid(
                 "max_message_bytes",
-                "must be at least 1 and leave 64 KiB of max_frame_bytes for the rest of a call",
+                "must be at least 1 and, in its reply envelope, leave 64 KiB of max_frame_bytes \
+                 for the rest of a call",
             ));
         }
         if self.shutdown_grace > Duration::from_secs(3600) {

@@ -357,6 +357,7 @@ async fn serve_session(
     let exempt = peer_node.is_some();
     let hooks = SessionHooks {
         max_unbound_ping_bytes: (!exempt).then_some(config.limits.max_unbound_ping_bytes),
+        max_reply_bytes: Some(config.reply_budget()),
         ..SessionHooks::default()
     };
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(

@@ -1,7 +1,8 @@
 //! The appender: batched appends (group commit), publishing each new entry to the live feeds.
 //!
 //! Appends from every connection go through one appender task. It takes whatever requests are
-//! waiting (up to [`MAX_BATCH`]) and writes them in one store transaction, so at low load a
+//! waiting (up to [`MAX_BATCH`] requests and [`MAX_BATCH_BYTES`] bytes) and writes them in one
+//! store transaction, so at low load a
 //! request is written alone and at once, and under load many requests share one durable
 //! commit. Only after the transaction commits are outcomes returned and entries published.
 //!
@@ -29,6 +30,11 @@ use crate::store::{AnyStore, StoreError};
 
 /// Most requests written in one transaction.
 pub const MAX_BATCH: usize = 256;
+/// Most bytes of requests ([`AppendRequest::size`]) written in one transaction, far below
+/// what PostgreSQL takes in one protocol message (1 GiB): a batch that reaches it is written
+/// and the request that would pass it starts the next one. A request larger than this alone
+/// (it cannot be: `max_message_bytes` is smaller) would still be written, alone.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Queued appends beyond which senders wait.
 const QUEUE: usize = 8192;
 
@@ -168,20 +174,35 @@ async fn appender(
 ) {
     let metrics = &observer.metrics;
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // A request taken from the queue that did not fit the last batch's bytes: it starts the
+    // next one.
+    let mut carried: Option<Queued> = None;
     loop {
-        let first = tokio::select! {
-            biased;
-            next = rx.recv() => next,
-            () = shutdown.cancelled() => {
-                rx.close();
-                rx.recv().await
-            }
+        let first = match carried.take() {
+            Some(c) => Some(c),
+            None => tokio::select! {
+                biased;
+                next = rx.recv() => next,
+                () = shutdown.cancelled() => {
+                    rx.close();
+                    rx.recv().await
+                }
+            },
         };
         let Some(first) = first else { break };
+        let mut bytes = first.0.size();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    let size = next.0.size();
+                    if bytes.saturating_add(size) > MAX_BATCH_BYTES {
+                        carried = Some(next);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }

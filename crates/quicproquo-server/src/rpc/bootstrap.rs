@@ -20,6 +20,7 @@ use super::backend::Backend;
 use super::delivery::DeliveryService;
 use super::shard::ShardServiceImpl;
 use crate::auth::AuthContext;
+use crate::model::page::DEFAULT_PAGE_BYTES;
 use crate::obs::calls::InFlight;
 use crate::ordering::Appender;
 use crate::store::Store;
@@ -91,6 +92,9 @@ pub struct SessionHooks {
     /// Largest `ping` payload answered before the session binds (`None`: no limit, for
     /// nodes).
     pub max_unbound_ping_bytes: Option<usize>,
+    /// Byte budget of one page of a reply (`fetch`, `inbox`); `None`: the default
+    /// [`crate::model::page::DEFAULT_PAGE_BYTES`].
+    pub max_reply_bytes: Option<usize>,
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
@@ -230,6 +234,7 @@ impl bootstrap::Server for BootstrapImpl {
                                 identity,
                                 backend,
                                 Rc::clone(&self.in_flight),
+                                self.hooks.max_reply_bytes.unwrap_or(DEFAULT_PAGE_BYTES),
                             )),
                         };
                         *self.bound.borrow_mut() = Some((identity, services.clone()));

@@ -18,6 +18,7 @@ use super::subscribe;
 use crate::model::group::{
     AppendRequest, CommitChange, EntryKind, GroupId, MAX_CHANGE, MAX_MESSAGE_ID,
 };
+use crate::model::page::Page;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::record_group;
 use crate::store::log::LogStore;
@@ -32,14 +33,22 @@ pub(super) struct DeliveryService {
     identity: IdentityKey,
     backend: Backend,
     in_flight: Rc<InFlight>,
+    /// Byte budget of one page of `fetch` or `inbox`.
+    reply_bytes: usize,
 }
 
 impl DeliveryService {
-    pub(super) fn new(identity: IdentityKey, backend: Backend, in_flight: Rc<InFlight>) -> Self {
+    pub(super) fn new(
+        identity: IdentityKey,
+        backend: Backend,
+        in_flight: Rc<InFlight>,
+        reply_bytes: usize,
+    ) -> Self {
         Self {
             identity,
             backend,
             in_flight,
+            reply_bytes,
         }
     }
 
@@ -197,11 +206,12 @@ impl delivery_service::Server for DeliveryService {
             async move {
                 let p = params.get()?;
                 let group = self.group(p.get_group_id()?)?;
-                let limit = p.get_limit().clamp(1, MAX_FETCH);
+                // One page, by count and by bytes: the client asks again after its last seq.
+                let page = Page::new(p.get_limit().clamp(1, MAX_FETCH), self.reply_bytes);
                 let entries = self
                     .backend
                     .store()
-                    .read_log(&group, &self.identity, p.get_after_seq(), limit)
+                    .read_log(&group, &self.identity, p.get_after_seq(), page)
                     .await
                     .map_err(store_error)?;
                 let mut list = results.get().init_entries(entries.len() as u32);
@@ -320,11 +330,11 @@ impl delivery_service::Server for DeliveryService {
             params,
             async move {
                 let p = params.get()?;
-                let limit = p.get_limit().clamp(1, MAX_FETCH);
+                let page = Page::new(p.get_limit().clamp(1, MAX_FETCH), self.reply_bytes);
                 let welcomes = self
                     .backend
                     .store()
-                    .read_inbox(&self.identity, p.get_after_seq(), limit)
+                    .read_inbox(&self.identity, p.get_after_seq(), page)
                     .await
                     .map_err(store_error)?;
                 let mut list = results.get().init_welcomes(welcomes.len() as u32);

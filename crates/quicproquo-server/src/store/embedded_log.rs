@@ -16,6 +16,7 @@ use crate::model::decide::{Decision, GroupHead, Membership, Reads, State, decide
 use crate::model::group::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
 };
+use crate::model::page::{Page, log_entry_bytes, welcome_bytes};
 
 /// group → (epoch, last seq, seq of the commit that started the epoch).
 const GROUPS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("groups");
@@ -234,8 +235,9 @@ impl LogStore for EmbeddedStore {
         group_id: &GroupId,
         reader: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<LogEntry>, StoreError> {
+        let page = page.into();
         let (gid, reader) = (group_id.clone(), *reader);
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
@@ -263,13 +265,15 @@ impl LogStore for EmbeddedStore {
                 return Ok(Vec::new());
             }
             let log = txn.open_table(LOG).map_err(unavailable)?;
-            let mut out = Vec::new();
+            let (mut out, mut used) = (Vec::new(), 0usize);
             for row in log.range((gid, from)..=(gid, left)).map_err(unavailable)? {
-                if out.len() >= limit as usize {
-                    break;
-                }
                 let (k, v) = row.map_err(unavailable)?;
                 let (epoch, kind, message_id, payload, at) = v.value();
+                let size = log_entry_bytes(message_id.len(), payload.len());
+                if !page.admits(out.len(), used, size) {
+                    break;
+                }
+                used += size;
                 out.push(LogEntry {
                     seq: k.value().1,
                     epoch,
@@ -350,31 +354,33 @@ impl LogStore for EmbeddedStore {
         &self,
         identity: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<InboxEntry>, StoreError> {
+        let page = page.into();
         let identity = *identity;
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let inbox = txn.open_table(INBOX).map_err(unavailable)?;
             let welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
             let id = identity.as_bytes().as_slice();
-            let mut out = Vec::new();
+            let (mut out, mut used) = (Vec::new(), 0usize);
             let from = after_seq.saturating_add(1);
             for row in inbox
                 .range((id, from)..=(id, u64::MAX))
                 .map_err(unavailable)?
             {
-                if out.len() >= limit as usize {
-                    break;
-                }
                 let (k, v) = row.map_err(unavailable)?;
                 let (gid, commit_seq, wid) = v.value();
-                let welcome = welcomes
+                let stored = welcomes
                     .get(wid)
                     .map_err(unavailable)?
-                    .ok_or_else(|| corrupt("welcome"))?
-                    .value()
-                    .to_vec();
+                    .ok_or_else(|| corrupt("welcome"))?;
+                let size = welcome_bytes(stored.value().len());
+                if !page.admits(out.len(), used, size) {
+                    break;
+                }
+                used += size;
+                let welcome = stored.value().to_vec();
                 out.push(InboxEntry {
                     seq: k.value().1,
                     group_id: GroupId::new(gid)?,

@@ -16,6 +16,7 @@ use super::StoreError;
 use crate::model::group::{
     AppendOutcome, AppendRequest, GroupId, GroupSummary, InboxEntry, LogEntry,
 };
+use crate::model::page::Page;
 
 /// The Delivery Service's storage operations.
 pub trait LogStore: Send + Sync + 'static {
@@ -33,13 +34,14 @@ pub trait LogStore: Send + Sync + 'static {
         batch: &[AppendRequest],
     ) -> impl Future<Output = Result<Vec<AppendOutcome>, StoreError>> + Send;
 
-    /// Up to `limit` entries after `after_seq` that `reader` may read.
+    /// The entries after `after_seq` that `reader` may read, one [`Page`] of them (a bare
+    /// count means that many under the default byte budget).
     fn read_log(
         &self,
         group_id: &GroupId,
         reader: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> impl Future<Output = Result<Vec<LogEntry>, StoreError>> + Send;
 
     /// The group as `reader` (a current member) sees it.
@@ -55,12 +57,12 @@ pub trait LogStore: Send + Sync + 'static {
         identity: &IdentityKey,
     ) -> impl Future<Output = Result<Vec<GroupId>, StoreError>> + Send;
 
-    /// Up to `limit` Welcomes in `identity`'s inbox after `after_seq`.
+    /// The Welcomes in `identity`'s inbox after `after_seq`, one [`Page`] of them.
     fn read_inbox(
         &self,
         identity: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> impl Future<Output = Result<Vec<InboxEntry>, StoreError>> + Send;
 
     /// Records that `identity` has processed `group_id` up to `seq` (never moves backwards).

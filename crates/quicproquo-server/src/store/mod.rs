@@ -22,6 +22,7 @@ pub mod log;
 use quicproquo_core::IdentityKey;
 
 use crate::model::group;
+use crate::model::page::Page;
 use crate::model::{ModelError, UserName};
 
 pub mod postgres;
@@ -263,9 +264,10 @@ impl log::LogStore for AnyStore {
         group_id: &group::GroupId,
         reader: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<group::LogEntry>, StoreError> {
-        dispatch!(self, "read_log", s => s.read_log(group_id, reader, after_seq, limit))
+        let page = page.into();
+        dispatch!(self, "read_log", s => s.read_log(group_id, reader, after_seq, page))
     }
 
     async fn group_summary(
@@ -284,9 +286,10 @@ impl log::LogStore for AnyStore {
         &self,
         identity: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<group::InboxEntry>, StoreError> {
-        dispatch!(self, "read_inbox", s => s.read_inbox(identity, after_seq, limit))
+        let page = page.into();
+        dispatch!(self, "read_inbox", s => s.read_inbox(identity, after_seq, page))
     }
 
     async fn set_cursor(

@@ -54,6 +54,7 @@ use crate::model::decide::{Reads, decide};
 use crate::model::group::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
 };
+use crate::model::page::{Page, log_entry_bytes, welcome_bytes};
 
 /// A database error of a Delivery Service operation: the transaction had no effect (or, if the
 /// connection broke during `COMMIT`, possibly did: retrying with the same message ids is safe).
@@ -79,6 +80,16 @@ pub(super) fn stored_u64(n: i64, what: &str) -> Result<u64, StoreError> {
 }
 
 /// A caller's position as a `BIGINT` (past `i64::MAX` nothing is stored anyway).
+/// A page's byte budget as a SQL bigint.
+fn page_bytes(page: Page) -> i64 {
+    i64::try_from(page.bytes).unwrap_or(i64::MAX)
+}
+
+/// The fixed part of an entry's cost in a reply, as a SQL bigint.
+fn entry_overhead(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 fn position(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -220,8 +231,9 @@ impl LogStore for PgStore {
         group_id: &GroupId,
         reader: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<LogEntry>, StoreError> {
+        let page = page.into();
         let rows = self
             .log_query(
                 sql::READ_LOG,
@@ -229,7 +241,9 @@ impl LogStore for PgStore {
                     &group_id.as_bytes(),
                     &reader.as_bytes().as_slice(),
                     &position(after_seq),
-                    &i64::from(limit),
+                    &i64::from(page.entries),
+                    &page_bytes(page),
+                    &entry_overhead(log_entry_bytes(0, 0)),
                 ],
             )
             .await?;
@@ -304,15 +318,18 @@ impl LogStore for PgStore {
         &self,
         identity: &IdentityKey,
         after_seq: u64,
-        limit: u32,
+        page: impl Into<Page> + Send,
     ) -> Result<Vec<InboxEntry>, StoreError> {
+        let page = page.into();
         let rows = self
             .log_query(
                 sql::READ_INBOX,
                 &[
                     &identity.as_bytes().as_slice(),
                     &position(after_seq),
-                    &i64::from(limit),
+                    &i64::from(page.entries),
+                    &page_bytes(page),
+                    &entry_overhead(welcome_bytes(0)),
                 ],
             )
             .await?;
@@ -392,13 +409,23 @@ mod sql {
             LEFT JOIN members AS m ON m.group_id = $1 AND m.identity = $2
         ) AS s
         LEFT JOIN LATERAL (
-            SELECT * FROM group_log
-            WHERE s.joined_seq IS NOT NULL
-              AND group_id = $1
-              AND seq > greatest($3::bigint, s.joined_seq)
-              AND (s.left_seq IS NULL OR seq <= s.left_seq)
-            ORDER BY seq
-            LIMIT $4
+            SELECT * FROM (
+                SELECT g.*,
+                       row_number() OVER (ORDER BY g.seq) AS n,
+                       sum(octet_length(g.payload) + octet_length(g.message_id) + $6::bigint)
+                           OVER (ORDER BY g.seq) AS upto
+                FROM (
+                    SELECT * FROM group_log
+                    WHERE s.joined_seq IS NOT NULL
+                      AND group_id = $1
+                      AND seq > greatest($3::bigint, s.joined_seq)
+                      AND (s.left_seq IS NULL OR seq <= s.left_seq)
+                    ORDER BY seq
+                    LIMIT $4
+                ) AS g
+            ) AS c
+            -- One page: the first entry always, then entries while the bytes fit.
+            WHERE c.n = 1 OR c.upto <= $5::bigint
         ) AS l ON true
         ORDER BY l.seq";
 
@@ -411,12 +438,23 @@ mod sql {
     pub(super) const GROUPS_OF: &str = "
         SELECT group_id FROM members WHERE identity = $1 AND left_seq IS NULL ORDER BY group_id";
 
+    /// One page of an inbox: the first Welcome always, then Welcomes while the bytes fit.
     pub(super) const READ_INBOX: &str = "
-        SELECT i.seq, i.group_id, i.commit_seq, w.payload
-        FROM inbox AS i JOIN welcomes AS w ON w.id = i.welcome_id
-        WHERE i.identity = $1 AND i.seq > $2
-        ORDER BY i.seq
-        LIMIT $3";
+        SELECT c.seq, c.group_id, c.commit_seq, c.payload
+        FROM (
+            SELECT p.*,
+                   row_number() OVER (ORDER BY p.seq) AS n,
+                   sum(octet_length(p.payload) + $5::bigint) OVER (ORDER BY p.seq) AS upto
+            FROM (
+                SELECT i.seq, i.group_id, i.commit_seq, w.payload
+                FROM inbox AS i JOIN welcomes AS w ON w.id = i.welcome_id
+                WHERE i.identity = $1 AND i.seq > $2
+                ORDER BY i.seq
+                LIMIT $3
+            ) AS p
+        ) AS c
+        WHERE c.n = 1 OR c.upto <= $4::bigint
+        ORDER BY c.seq";
 
     /// Raises the cursor of anyone who is or was a member; returns whether they are.
     pub(super) const SET_CURSOR: &str = "
