@@ -1,0 +1,259 @@
+//! The real server: a standalone node in this process, one group of `subscribers + 1` members
+//! (a creator that sends, everyone else subscribed on a connection of its own), each a light
+//! receiver that only takes the pushed batches off its connection and counts them.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use quicproquo_client::chat::Chat;
+use quicproquo_client::delivery::SendOutcome;
+use quicproquo_client::{ClientState, ConnectOptions, Connection, Session};
+use quicproquo_core::NodeRole;
+use quicproquo_core::group::Group;
+use quicproquo_core::mls::Suite;
+use quicproquo_server::{NodeIdentity, ServerConfig, ServerHandle};
+use tokio::sync::Notify;
+use tokio::task::spawn_local;
+
+use crate::cpu;
+use crate::{Measured, Settings, plaintext};
+
+/// The server's threads: connection workers, the appender, and the store's blocking pool
+/// (tokio's default thread name; the bench's own runtime names its threads otherwise).
+const SERVER_THREADS: [&str; 2] = ["qpq-", "tokio-r"];
+
+/// Starts a standalone server in this process with room for every member on loopback.
+pub(crate) fn start_server(dir: &Path, members: usize) -> Result<ServerHandle> {
+    let mut config = ServerConfig::for_role(NodeRole::Standalone, dir.join("data"));
+    config.max_connections = members + 64;
+    config.max_handshakes = config.max_connections;
+    config.limits.max_connections_per_address = config.max_connections;
+    config.limits.max_handshakes_per_address = config.max_handshakes;
+    config.limits.idle_timeout = Duration::from_secs(3600);
+    config.handshake_timeout = Duration::from_secs(60);
+    config.shutdown_grace = Duration::from_secs(2);
+    let identity = NodeIdentity::load_or_create(&config.data_dir, NodeRole::Standalone)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let store = quicproquo_server::open_store(&config)?;
+    Ok(quicproquo_server::start(config, listener, identity, store)?)
+}
+
+/// A registered member: its connection and bound session.
+struct Member {
+    state: ClientState,
+    name: String,
+    session: Session,
+    _conn: Connection,
+}
+
+async fn register(addr: SocketAddr, options: &ConnectOptions, index: usize) -> Result<Member> {
+    let name = format!("fan{index:04}");
+    let mut state = ClientState::create(Suite::Classical)?;
+    state.name = Some(name.clone());
+    let conn = Connection::connect(addr, options).await?;
+    let session = conn.bind(state.identity()).await?;
+    session.auth.claim_name(&name).await?;
+    let kps = state
+        .mls_identity()
+        .key_packages(&state.mls, Suite::Classical, 1)?;
+    session.auth.upload_key_packages(&kps, None).await?;
+    Ok(Member {
+        state,
+        name,
+        session,
+        _conn: conn,
+    })
+}
+
+/// What every receiver adds to.
+#[derive(Default)]
+struct Counts {
+    delivered: Cell<u64>,
+    pushes: Cell<u64>,
+    target: Cell<u64>,
+    out_of_order: Cell<u64>,
+    last_at: Cell<Option<Instant>>,
+    done: Notify,
+}
+
+impl Counts {
+    fn add(&self, n: u64) {
+        self.pushes.set(self.pushes.get() + 1);
+        self.delivered.set(self.delivered.get() + n);
+        if self.delivered.get() >= self.target.get() {
+            self.last_at.set(Some(Instant::now()));
+            self.done.notify_one();
+        }
+    }
+
+    /// Waits until `target` deliveries were counted, or fails after `deadline`.
+    async fn wait(&self, deadline: Duration) -> Result<Instant> {
+        let until = tokio::time::Instant::now() + deadline;
+        while self.delivered.get() < self.target.get() {
+            if tokio::time::timeout_at(until, self.done.notified())
+                .await
+                .is_err()
+            {
+                bail!(
+                    "{} of {} deliveries within {deadline:?}",
+                    self.delivered.get(),
+                    self.target.get()
+                );
+            }
+        }
+        self.last_at.get().context("no delivery time")
+    }
+}
+
+/// Runs both phases against the real server: paced (one entry per push), then a backlog.
+pub(crate) async fn run(
+    s: &Settings,
+    addr: SocketAddr,
+    options: ConnectOptions,
+) -> Result<([Measured; 2], usize)> {
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    let mut members = Vec::with_capacity(s.subscribers + 1);
+    // Register in chunks: every handshake at once would only queue on the server.
+    for chunk in (0..=s.subscribers).collect::<Vec<_>>().chunks(64) {
+        let batch =
+            futures::future::try_join_all(chunk.iter().map(|i| register(addr, &options, *i)))
+                .await?;
+        members.extend(batch);
+    }
+    let (creator, others) = members.split_first_mut().context("no members")?;
+    let path = dir.path().join("creator.bin");
+    let mut chat = Chat::new(&mut creator.state, &path, &creator.session);
+    let id = chat.create_group("fanout").await?;
+    let names: Vec<String> = others.iter().map(|m| m.name.clone()).collect();
+    chat.invite("fanout", &names, &mut |_| {}).await?;
+    let after = creator
+        .session
+        .delivery
+        .groups()
+        .await?
+        .into_iter()
+        .find(|g| g.group_id == id)
+        .map(|g| g.last_seq)
+        .context("the creator does not see the group")?;
+    eprintln!(
+        "real: {} members registered, group created in {:.1?}",
+        s.subscribers + 1,
+        t.elapsed()
+    );
+
+    let counts = Rc::new(Counts::default());
+    let mut receivers = Vec::with_capacity(others.len());
+    for m in others.iter() {
+        let mut sub = m.session.delivery.subscribe(&id, after).await?;
+        let counts = Rc::clone(&counts);
+        receivers.push(spawn_local(async move {
+            let mut next = after + 1;
+            while let Some(batch) = sub.next().await {
+                for e in &batch {
+                    if e.seq != next {
+                        counts.out_of_order.set(counts.out_of_order.get() + 1);
+                    }
+                    next = e.seq + 1;
+                }
+                counts.add(batch.len() as u64);
+            }
+        }));
+    }
+
+    let mut group = Group::load(&creator.state.mls, &id)?.context("no group")?;
+    let total = s.paced_messages + s.backlog_messages;
+    let mut messages = Vec::with_capacity(usize::try_from(total)?);
+    for i in 0..total {
+        let body = plaintext(i, s.payload_bytes);
+        messages.push(group.encrypt(&creator.state.mls, creator.state.mls_identity(), &body)?);
+    }
+    let message_bytes = messages.first().map_or(0, Vec::len);
+    let mut messages = messages.into_iter();
+    let recipients = others.len() as u64;
+    let delivery = creator.session.delivery.clone();
+
+    // Paced: one message every 1/rate, each send its own task.
+    counts.target.set(s.paced_messages * recipients);
+    let cpu0 = cpu::snapshot();
+    let start = Instant::now();
+    let mut sends = Vec::new();
+    for i in 0..s.paced_messages {
+        let planned = start + Duration::from_secs_f64(i as f64 / s.rate);
+        tokio::time::sleep_until(planned.into()).await;
+        let (delivery, gid, msg) = (delivery.clone(), id.clone(), messages.next());
+        let msg = msg.context("message pool")?;
+        sends.push(spawn_local(async move {
+            delivery.send(&gid, &i.to_be_bytes(), &msg, None).await
+        }));
+    }
+    let end = counts.wait(s.deadline).await?;
+    let paced = Measured {
+        deliveries: counts.delivered.get(),
+        pushes: counts.pushes.get(),
+        wall: end - start,
+        server_cpu_ns: cpu::Snapshot::since(&cpu0, &SERVER_THREADS),
+    };
+    check_sends(sends).await?;
+
+    // Backlog: every message at once, `in_flight` sends outstanding.
+    counts.target.set(total * recipients);
+    let pool: Vec<Vec<u8>> = messages.collect();
+    let pool = Rc::new(pool);
+    let next = Rc::new(Cell::new(0usize));
+    let cpu0 = cpu::snapshot();
+    let start = Instant::now();
+    let mut sends = Vec::new();
+    for _ in 0..s.in_flight {
+        let (delivery, gid, pool, next) = (
+            delivery.clone(),
+            id.clone(),
+            Rc::clone(&pool),
+            Rc::clone(&next),
+        );
+        sends.push(spawn_local(async move {
+            loop {
+                let i = next.get();
+                let Some(msg) = pool.get(i) else {
+                    return Ok(SendOutcome::Duplicate { seq: 0 });
+                };
+                next.set(i + 1);
+                let mid = backlog_id(i).to_be_bytes();
+                delivery.send(&gid, &mid, msg, None).await?;
+            }
+        }));
+    }
+    let end = counts.wait(s.deadline).await?;
+    let backlog = Measured {
+        deliveries: counts.delivered.get() - paced.deliveries,
+        pushes: counts.pushes.get() - paced.pushes,
+        wall: end - start,
+        server_cpu_ns: cpu::Snapshot::since(&cpu0, &SERVER_THREADS),
+    };
+    check_sends(sends).await?;
+    ensure!(
+        counts.out_of_order.get() == 0,
+        "{} entries arrived out of order",
+        counts.out_of_order.get()
+    );
+    drop(receivers);
+    Ok(([paced, backlog], message_bytes))
+}
+
+/// Message ids of the backlog phase, distinct from the paced phase's.
+fn backlog_id(i: usize) -> u64 {
+    (1 << 40) + i as u64
+}
+
+async fn check_sends(
+    sends: Vec<tokio::task::JoinHandle<Result<SendOutcome, quicproquo_client::ClientError>>>,
+) -> Result<()> {
+    for send in sends {
+        send.await??;
+    }
+    Ok(())
+}
