@@ -160,8 +160,8 @@ pub(crate) fn call_error(e: capnp::Error) -> ClientError {
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// Checks servers' certificates against the pinned cluster key (shared, with its cache,
-    /// by every connection made with these options).
+    /// Checks servers' certificates (issuer among the pinned cluster keys, signature,
+    /// validity) — shared, with its cache, by every connection made with these options.
     pub verifier: Arc<NodeVerifier>,
     /// Deadline for the TCP connection, the handshake and each call, each separately.
     pub timeout: Duration,
@@ -172,8 +172,20 @@ pub struct ConnectOptions {
 impl ConnectOptions {
     /// Options with a 10 s timeout and the default 16 MiB frame limit.
     pub fn new(cluster_key: ClusterPublicKey) -> Self {
+        Self::with_verifier(NodeVerifier::new(cluster_key))
+    }
+
+    /// Options pinning every key of `cluster_keys` (during a rollover: the old and the new
+    /// cluster key), otherwise like [`ConnectOptions::new`].
+    pub fn with_keys(
+        cluster_keys: impl IntoIterator<Item = ClusterPublicKey>,
+    ) -> Result<Self, quicproquo_core::KeyError> {
+        Ok(Self::with_verifier(NodeVerifier::with_keys(cluster_keys)?))
+    }
+
+    fn with_verifier(verifier: NodeVerifier) -> Self {
         Self {
-            verifier: Arc::new(NodeVerifier::new(cluster_key)),
+            verifier: Arc::new(verifier),
             timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
         }

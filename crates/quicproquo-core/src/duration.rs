@@ -1,4 +1,4 @@
-//! Durations written the way operators and users type them: `250ms`, `10s`, `5m`, `1h`.
+//! Durations written the way operators and users type them: `250ms`, `10s`, `5m`, `1h`, `30d`.
 //!
 //! One parser for every command line and configuration file of the project (the server's
 //! settings, `qpq --timeout`, the load test's options), so that a duration one of them accepts
@@ -11,18 +11,18 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum DurationError {
     /// Digits only (or nothing at all): the unit is missing.
-    #[error("`{0}` needs a unit (ms, s, m or h)")]
+    #[error("`{0}` needs a unit (ms, s, m, h or d)")]
     MissingUnit(String),
     /// The part before the unit is not a whole number that fits in 64 bits.
     #[error("`{0}` is not a duration like 500ms, 10s, 5m")]
     NotANumber(String),
-    /// The unit is none of `ms`, `s`, `m`, `h`.
-    #[error("`{0}` has an unknown unit (use ms, s, m or h)")]
+    /// The unit is none of `ms`, `s`, `m`, `h`, `d`.
+    #[error("`{0}` has an unknown unit (use ms, s, m, h or d)")]
     UnknownUnit(String),
 }
 
 /// Parses a whole number followed by a unit: `ms` (milliseconds), `s` (seconds), `m` (minutes)
-/// or `h` (hours), e.g. `250ms`, `10s`, `5m`, `1h`. Surrounding whitespace is ignored; a bare
+/// `h` (hours) or `d` (days of 24 hours), e.g. `250ms`, `10s`, `5m`, `1h`, `30d`. Surrounding whitespace is ignored; a bare
 /// number is refused (its unit would be a guess). Values too large for a [`Duration`] of
 /// seconds saturate.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
@@ -39,6 +39,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
         "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        "d" => Ok(Duration::from_secs(n.saturating_mul(86_400))),
         _ => Err(DurationError::UnknownUnit(text.to_owned())),
     }
 }
@@ -54,6 +55,7 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_duration(" 30s\n"), Ok(Duration::from_secs(30)));
     }
@@ -84,7 +86,7 @@ mod tests {
 
     #[test]
     fn unknown_units_and_fractions_are_refused() {
-        for text in ["5 parsecs", "1.5s", "10S", "3d", "-1s", "10 s"] {
+        for text in ["5 parsecs", "1.5s", "10S", "3w", "-1s", "10 s"] {
             assert!(
                 matches!(
                     parse_duration(text),
@@ -94,8 +96,8 @@ mod tests {
             );
         }
         assert_eq!(
-            parse_duration("3d").map_err(|e| e.to_string()),
-            Err("`3d` has an unknown unit (use ms, s, m or h)".to_owned())
+            parse_duration("3w").map_err(|e| e.to_string()),
+            Err("`3w` has an unknown unit (use ms, s, m, h or d)".to_owned())
         );
     }
 

@@ -26,9 +26,49 @@ pub enum KeyError {
     /// An identity binding signature is malformed or does not verify.
     #[error("identity binding signature does not verify")]
     BadBinding,
-    /// A node certificate's signature does not verify under the pinned cluster key.
-    #[error("the server's key is not vouched for by the pinned cluster key")]
+    /// A node certificate's signature does not verify under the key that claims to issue it.
+    #[error("the node certificate's signature does not verify")]
     UntrustedNode,
+    /// A node certificate was issued by a cluster key this peer does not trust.
+    #[error("the node certificate was issued by a cluster key this peer does not trust")]
+    UnknownClusterKey,
+    /// A node certificate certifies another Noise key than the one the handshake proved.
+    #[error("the node certificate is for another node key")]
+    CertificateForAnotherKey,
+    /// A node certificate is not valid yet.
+    #[error("the node certificate is not valid before {not_before} (Unix time)")]
+    CertificateNotYetValid {
+        /// First second of validity.
+        not_before: u64,
+    },
+    /// A node certificate has expired.
+    #[error("the node certificate expired at {not_after} (Unix time)")]
+    CertificateExpired {
+        /// Last second of validity.
+        not_after: u64,
+    },
+    /// A node certificate is valid but for a role this peer does not accept here.
+    #[error("a {found} certificate is not accepted here (only {allowed})")]
+    WrongRole {
+        /// The certified role.
+        found: crate::keys::NodeRole,
+        /// The roles accepted.
+        allowed: String,
+    },
+    /// A certificate's fields are not acceptable (node id, validity).
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(&'static str),
+    /// A role name is none of `edge`, `shard`, `standalone`.
+    #[error("unknown role `{0}` (edge, shard or standalone)")]
+    UnknownRole(String),
+    /// A verifier was given no trusted cluster key, or too many.
+    #[error("{count} trusted cluster keys: between 1 and {max} are accepted")]
+    TrustedKeyCount {
+        /// How many distinct keys were given.
+        count: usize,
+        /// The most accepted.
+        max: usize,
+    },
 }
 
 /// Errors of the Noise handshake and of the framed channel.
@@ -52,9 +92,13 @@ pub enum TransportError {
     /// to prove. Refused before anything is answered.
     #[error("the peer sent a low-order public key")]
     LowOrderKey,
-    /// The server's node certificate did not verify under the pinned cluster key.
+    /// The server's node certificate did not verify under the pinned cluster key(s).
     #[error("the server is not vouched for by the pinned cluster key")]
     WrongClusterKey,
+    /// The server's node certificate verified but may not be used now (expired, not yet
+    /// valid): the reason is in the [`KeyError`].
+    #[error("the server's certificate is refused: {0}")]
+    RefusedCertificate(KeyError),
     /// A transport message failed to decrypt or authenticate (tampering or desynchronisation).
     #[error("transport message failed authentication")]
     Decrypt,

@@ -1,25 +1,22 @@
 //! Keys: X25519 Noise static keys, the cluster's Ed25519 key and node certificates.
 //!
-//! Every server node has a Noise static key. The cluster key (Ed25519) signs each node's Noise
-//! public key together with its role; the signature travels in the responder's handshake payload
-//! as a [`NodeCertificate`]. Clients pin the cluster public key, so any node the cluster vouches
-//! for is accepted and nothing else is.
+//! Every server node has a Noise static key. The cluster key (Ed25519), kept by the operator,
+//! issues each node a certificate naming its role, node id, Noise public key and validity (see
+//! [`crate::cert`]); the certificate travels in the responder's handshake payload. Clients pin
+//! the cluster public key (or, during a rollover, the old and the new one), so any node the
+//! cluster vouches for is accepted and nothing else is.
 
-use std::collections::HashSet;
 use std::fmt;
-use std::sync::Mutex;
+use std::time::Duration;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::cert::{CertificateFields, NodeCertificate, default_node_id, signed_message, unix_now};
 use crate::error::KeyError;
 
-/// Domain separation for node certificate signatures.
-const CERT_DOMAIN: &[u8] = b"quicproquo node certificate v1";
-/// Version byte of the encoded certificate.
-const CERT_VERSION: u8 = 1;
-/// Encoded certificate length: version, role, Ed25519 signature.
-pub const NODE_CERTIFICATE_LEN: usize = 2 + 64;
+/// How long a certificate [`ClusterSigningKey::certify`] issues is valid.
+pub const SELF_ISSUED_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 
 fn random_32() -> Result<Zeroizing<[u8; 32]>, KeyError> {
     let mut bytes = Zeroizing::new([0u8; 32]);
@@ -93,7 +90,7 @@ pub enum NodeRole {
 }
 
 impl NodeRole {
-    fn to_byte(self) -> u8 {
+    pub(crate) fn to_byte(self) -> u8 {
         match self {
             Self::Edge => 1,
             Self::Shard => 2,
@@ -101,7 +98,7 @@ impl NodeRole {
         }
     }
 
-    fn from_byte(b: u8) -> Option<Self> {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
         match b {
             1 => Some(Self::Edge),
             2 => Some(Self::Shard),
@@ -120,18 +117,24 @@ impl NodeRole {
     }
 }
 
+impl std::str::FromStr for NodeRole {
+    type Err = KeyError;
+
+    /// Parses `edge`, `shard` or `standalone`.
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s.trim() {
+            "edge" => Ok(Self::Edge),
+            "shard" => Ok(Self::Shard),
+            "standalone" => Ok(Self::Standalone),
+            _ => Err(KeyError::UnknownRole(s.trim().to_owned())),
+        }
+    }
+}
+
 impl fmt::Display for NodeRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-fn certificate_message(role: NodeRole, noise_public: &[u8; 32]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(CERT_DOMAIN.len() + 1 + 32);
-    msg.extend_from_slice(CERT_DOMAIN);
-    msg.push(role.to_byte());
-    msg.extend_from_slice(noise_public);
-    msg
 }
 
 /// The cluster's Ed25519 signing key. Zeroized on drop (ed25519-dalek's `zeroize` feature).
@@ -163,13 +166,30 @@ impl ClusterSigningKey {
         ClusterPublicKey(self.0.verifying_key())
     }
 
-    /// Vouches for a node's Noise static public key in the given role.
+    /// Issues a certificate for `fields` (its node id and validity are checked first).
+    pub fn issue(&self, fields: &CertificateFields) -> Result<NodeCertificate, KeyError> {
+        fields.check()?;
+        Ok(self.sign(fields))
+    }
+
+    /// Vouches for a node's Noise static public key in `role`, under the node id derived from
+    /// the key, valid from a minute ago for [`SELF_ISSUED_VALIDITY`]: what a standalone node
+    /// (which holds the cluster key itself) and tests use.
     pub fn certify(&self, role: NodeRole, noise_public: &[u8; 32]) -> NodeCertificate {
-        let signature = self.0.sign(&certificate_message(role, noise_public));
-        NodeCertificate {
+        let now = unix_now();
+        self.sign(&CertificateFields {
             role,
-            signature: signature.to_bytes(),
-        }
+            node_key: *noise_public,
+            node_id: default_node_id(noise_public),
+            not_before: now.saturating_sub(60),
+            not_after: now.saturating_add(SELF_ISSUED_VALIDITY.as_secs()),
+        })
+    }
+
+    fn sign(&self, fields: &CertificateFields) -> NodeCertificate {
+        let issuer = self.public_key().to_bytes();
+        let message = signed_message(&issuer, fields);
+        NodeCertificate::from_parts(issuer, fields.clone(), self.0.sign(&message).to_bytes())
     }
 }
 
@@ -213,17 +233,20 @@ impl ClusterPublicKey {
         hex::encode(self.0.to_bytes())
     }
 
-    /// Checks that `cert` vouches for `noise_public`; returns the certified role.
+    /// Checks that `cert` vouches for `noise_public` now and that this key issued it;
+    /// returns the certified role.
     pub fn verify(
         &self,
         cert: &NodeCertificate,
         noise_public: &[u8; 32],
     ) -> Result<NodeRole, KeyError> {
-        let signature = ed25519_dalek::Signature::from_bytes(&cert.signature);
-        self.0
-            .verify_strict(&certificate_message(cert.role, noise_public), &signature)
-            .map_err(|_| KeyError::UntrustedNode)?;
-        Ok(cert.role)
+        crate::cert::check(cert, noise_public, std::slice::from_ref(self), unix_now())
+    }
+
+    /// Checks an Ed25519 signature by this key over `message`.
+    pub(crate) fn verify_signature(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        self.0.verify_strict(message, &signature).is_ok()
     }
 }
 
@@ -239,160 +262,9 @@ impl fmt::Display for ClusterPublicKey {
     }
 }
 
-/// Verifies node certificates under a pinned cluster key, remembering those already verified.
-///
-/// A client that reconnects to the same nodes (a load generator opens thousands of connections)
-/// then pays for one Ed25519 verification per node, not per connection. Certificates are
-/// deterministic signatures over public data, so a cached (key, certificate) pair that verified
-/// once verifies forever under the same cluster key.
-#[derive(Debug)]
-pub struct NodeVerifier {
-    cluster: ClusterPublicKey,
-    verified: Mutex<HashSet<([u8; 32], [u8; NODE_CERTIFICATE_LEN])>>,
-}
-
-/// Most (key, certificate) pairs a [`NodeVerifier`] remembers before starting afresh.
-const VERIFIED_CACHE_LIMIT: usize = 4096;
-
-impl NodeVerifier {
-    /// A verifier for certificates signed by `cluster`.
-    pub fn new(cluster: ClusterPublicKey) -> Self {
-        Self {
-            cluster,
-            verified: Mutex::new(HashSet::new()),
-        }
-    }
-
-    /// The pinned cluster key.
-    pub fn cluster_key(&self) -> ClusterPublicKey {
-        self.cluster
-    }
-
-    /// Checks that `cert` vouches for `noise_public`; returns the certified role.
-    pub fn verify(
-        &self,
-        cert: &NodeCertificate,
-        noise_public: &[u8; 32],
-    ) -> Result<NodeRole, KeyError> {
-        let entry = (*noise_public, cert.encode());
-        let mut verified = self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if verified.contains(&entry) {
-            return Ok(cert.role);
-        }
-        drop(verified);
-        let role = self.cluster.verify(cert, noise_public)?;
-        verified = self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if verified.len() >= VERIFIED_CACHE_LIMIT {
-            verified.clear();
-        }
-        verified.insert(entry);
-        Ok(role)
-    }
-}
-
-/// A cluster key's signature over a node's role and Noise static public key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeCertificate {
-    role: NodeRole,
-    signature: [u8; 64],
-}
-
-impl NodeCertificate {
-    /// The certified role.
-    pub fn role(&self) -> NodeRole {
-        self.role
-    }
-
-    /// Encodes as `[version][role][signature]`.
-    pub fn encode(&self) -> [u8; NODE_CERTIFICATE_LEN] {
-        let mut out = [0u8; NODE_CERTIFICATE_LEN];
-        out[0] = CERT_VERSION;
-        out[1] = self.role.to_byte();
-        out[2..].copy_from_slice(&self.signature);
-        out
-    }
-
-    /// Decodes `[version][role][signature]`.
-    pub fn decode(bytes: &[u8]) -> Result<Self, KeyError> {
-        if bytes.len() != NODE_CERTIFICATE_LEN || bytes[0] != CERT_VERSION {
-            return Err(KeyError::MalformedCertificate);
-        }
-        let role = NodeRole::from_byte(bytes[1]).ok_or(KeyError::MalformedCertificate)?;
-        let mut signature = [0u8; 64];
-        signature.copy_from_slice(&bytes[2..]);
-        Ok(Self { role, signature })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn certificate_round_trips_and_verifies() -> Result<(), KeyError> {
-        let cluster = ClusterSigningKey::generate()?;
-        let node = NoiseKeypair::generate()?;
-        let cert = cluster.certify(NodeRole::Edge, node.public());
-        let decoded = NodeCertificate::decode(&cert.encode())?;
-        assert_eq!(decoded, cert);
-        assert_eq!(
-            cluster.public_key().verify(&decoded, node.public())?,
-            NodeRole::Edge
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn certificate_rejects_other_cluster_other_node_and_other_role() -> Result<(), KeyError> {
-        let cluster = ClusterSigningKey::generate()?;
-        let other_cluster = ClusterSigningKey::generate()?;
-        let node = NoiseKeypair::generate()?;
-        let other_node = NoiseKeypair::generate()?;
-        let cert = cluster.certify(NodeRole::Shard, node.public());
-        assert!(matches!(
-            other_cluster.public_key().verify(&cert, node.public()),
-            Err(KeyError::UntrustedNode)
-        ));
-        assert!(matches!(
-            cluster.public_key().verify(&cert, other_node.public()),
-            Err(KeyError::UntrustedNode)
-        ));
-        let mut encoded = cert.encode();
-        encoded[1] = 1; // claim the edge role with the shard's signature
-        let forged = NodeCertificate::decode(&encoded)?;
-        assert!(matches!(
-            cluster.public_key().verify(&forged, node.public()),
-            Err(KeyError::UntrustedNode)
-        ));
-        assert!(matches!(
-            NodeCertificate::decode(&encoded[..10]),
-            Err(KeyError::MalformedCertificate)
-        ));
-        Ok(())
-    }
-
-    #[test]
-    fn verifier_caches_only_what_verified() -> Result<(), KeyError> {
-        let cluster = ClusterSigningKey::generate()?;
-        let node = NoiseKeypair::generate()?;
-        let other = NoiseKeypair::generate()?;
-        let cert = cluster.certify(NodeRole::Edge, node.public());
-        let verifier = NodeVerifier::new(cluster.public_key());
-        assert_eq!(verifier.verify(&cert, node.public())?, NodeRole::Edge);
-        assert_eq!(verifier.verify(&cert, node.public())?, NodeRole::Edge);
-        // A cached certificate does not vouch for another key.
-        assert!(verifier.verify(&cert, other.public()).is_err());
-        let wrong = NodeVerifier::new(ClusterSigningKey::generate()?.public_key());
-        assert!(wrong.verify(&cert, node.public()).is_err());
-        assert!(wrong.verify(&cert, node.public()).is_err());
-        Ok(())
-    }
 
     #[test]
     fn keys_round_trip_through_hex() -> Result<(), KeyError> {
@@ -408,5 +280,13 @@ mod tests {
         assert_eq!(node_again.public(), node.public());
         assert!(ClusterPublicKey::from_hex("abcd").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn roles_parse_from_their_names() {
+        for role in [NodeRole::Edge, NodeRole::Shard, NodeRole::Standalone] {
+            assert_eq!(role.as_str().parse::<NodeRole>().ok(), Some(role));
+        }
+        assert!("client".parse::<NodeRole>().is_err());
     }
 }

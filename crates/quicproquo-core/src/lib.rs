@@ -21,7 +21,8 @@
 //!
 //! | module | role, and the rules that live there |
 //! |---|---|
-//! | [`keys`], [`identity`] | Noise static keys, the cluster key and node certificates; identity keys and the session binding |
+//! | [`keys`], [`identity`] | Noise static keys and the cluster key; identity keys and the session binding |
+//! | [`cert`] | node certificates (role, node id, key, validity, issuer) and their verifier over a set of trusted cluster keys |
 //! | [`noise`] | the handshake (with its deadline and certificate check) |
 //! | [`channel`] | frames over Noise messages; the frame size limit, checked before allocating |
 //! | [`rpc`] | the RPC system over a session; the reader limits of every connection |
@@ -34,6 +35,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod channel;
 pub mod duration;
 pub mod error;
@@ -44,10 +46,9 @@ pub mod mls;
 pub mod noise;
 pub mod rpc;
 
+pub use cert::{CertificateFields, NodeCertificate, NodeVerifier};
 pub use channel::{ChannelLimits, NoiseReader, NoiseWriter};
 pub use error::{KeyError, TransportError};
 pub use identity::{IdentityKey, IdentityKeypair};
-pub use keys::{
-    ClusterPublicKey, ClusterSigningKey, NodeCertificate, NodeRole, NodeVerifier, NoiseKeypair,
-};
+pub use keys::{ClusterPublicKey, ClusterSigningKey, NodeRole, NoiseKeypair};
 pub use noise::{HandshakeOutcome, Session};

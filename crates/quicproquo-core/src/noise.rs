@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::cert::{NodeCertificate, NodeVerifier};
+use crate::error::KeyError;
 use crate::error::TransportError;
-use crate::keys::{NodeCertificate, NodeRole, NodeVerifier, NoiseKeypair};
+use crate::keys::{NodeRole, NoiseKeypair};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
@@ -191,6 +193,17 @@ fn finish(
     })
 }
 
+/// What the initiator answers to a server certificate it refuses: a wrong cluster key when no
+/// trusted key vouches for the server, the reason itself when one does but not for now.
+fn refused_certificate(e: KeyError) -> TransportError {
+    match e {
+        KeyError::CertificateExpired { .. } | KeyError::CertificateNotYetValid { .. } => {
+            TransportError::RefusedCertificate(e)
+        }
+        _ => TransportError::WrongClusterKey,
+    }
+}
+
 async fn with_deadline<T>(
     deadline: Duration,
     fut: impl Future<Output = Result<T, TransportError>>,
@@ -203,7 +216,9 @@ async fn with_deadline<T>(
 /// Runs the initiator (client) side of the handshake within `deadline`.
 ///
 /// Fails with [`TransportError::WrongClusterKey`] when the responder's certificate does not
-/// verify under the verifier's pinned cluster key; message 3 is then never sent.
+/// verify under the verifier's trusted cluster keys, and with
+/// [`TransportError::RefusedCertificate`] when it has expired or is not valid yet; message 3 is
+/// then never sent.
 pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     local: &NoiseKeypair,
@@ -214,7 +229,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Runs the initiator side as a cluster node: like [`initiate`], and also presents
-/// `certificate` (this node's, signed by the cluster key) in message 3, so the responder can
+/// `certificate` (this node's, issued by a cluster key) in message 3, so the responder can
 /// tell a fellow node from a client.
 pub async fn initiate_as_node<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
@@ -254,12 +269,12 @@ async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
         check_contributory(&server_static)?;
         let role = verifier
             .verify(&cert, &server_static)
-            .map_err(|_| TransportError::WrongClusterKey)?;
+            .map_err(refused_certificate)?;
 
         // Message 3 is encrypted to the responder: the certificate is not visible on the wire.
         let own = certificate.map(NodeCertificate::encode);
         let n = hs
-            .write_message(own.as_ref().map_or(&[][..], |c| &c[..]), &mut msg)
+            .write_message(own.as_deref().unwrap_or(&[]), &mut msg)
             .map_err(snow_error)?;
         write_handshake(io, &msg[..n]).await?;
         finish(hs, Some(role), None)

@@ -1,4 +1,5 @@
-//! Key files in the data directory: the cluster key and this node's Noise static key.
+//! Key files: this node's Noise static key, its certificate, the telemetry key, and (for a
+//! standalone node and the operator's commands) the cluster signing key.
 //!
 //! Both are created on first use, hex-encoded, mode 0600, in a directory of mode 0700. A file is
 //! written to a temporary name, synced, then hard-linked into place, so a crash never leaves a
@@ -9,8 +10,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::{PoisonError, RwLock};
+
 use quicproquo_core::{
-    ClusterPublicKey, ClusterSigningKey, KeyError, NodeCertificate, NodeRole, NoiseKeypair,
+    ClusterPublicKey, ClusterSigningKey, KeyError, NodeCertificate, NodeRole, NodeVerifier,
+    NoiseKeypair,
 };
 use zeroize::Zeroizing;
 
@@ -18,6 +22,8 @@ use zeroize::Zeroizing;
 pub const CLUSTER_KEY_FILE: &str = "cluster.key";
 /// File holding this node's X25519 Noise static secret.
 pub const NODE_KEY_FILE: &str = "node.key";
+/// File holding the telemetry key when no `telemetry_key_file` is configured.
+pub const TELEMETRY_KEY_FILE: &str = "telemetry.key";
 
 /// Errors reading or creating key files.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,15 @@ pub enum KeyStoreError {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
+        source: KeyError,
+    },
+    /// A node certificate file is unreadable as one, or the certificate is refused (expired,
+    /// not yet valid, another role, another node key, an untrusted issuer, a bad signature).
+    #[error("node certificate {path}: {source}")]
+    Certificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why it is refused.
         source: KeyError,
     },
     /// Generating a key failed.
@@ -173,22 +188,95 @@ pub fn node_key(dir: &Path) -> Result<NoiseKeypair, KeyStoreError> {
     })
 }
 
-/// A node's Noise key and the cluster's certificate for it.
+/// Most bytes read from a certificate file (a certificate is a few hundred hex digits).
+const MAX_CERTIFICATE_FILE: u64 = 4096;
+
+/// Reads and parses the node certificate at `path` (hex, one line, at most 4 KiB).
+pub fn read_certificate(path: &Path) -> Result<NodeCertificate, KeyStoreError> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_CERTIFICATE_FILE).read_to_string(&mut text))
+        .map_err(io_err("reading", path))?;
+    NodeCertificate::from_hex(&text).map_err(|source| KeyStoreError::Certificate {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `certificate` to `path` (hex, one line, mode 0644: a certificate is public), through
+/// a temporary file renamed into place, so a node polling the file never reads half of it.
+pub fn write_certificate(path: &Path, certificate: &NodeCertificate) -> Result<(), KeyStoreError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let mut suffix = [0u8; 8];
+    unique_suffix(&mut suffix);
+    let name = path
+        .file_name()
+        .map_or_else(|| "node.cert".into(), |n| n.to_string_lossy().into_owned());
+    let tmp_name = format!(".{name}.{}", hex::encode(suffix));
+    let tmp = dir.map_or_else(|| PathBuf::from(&tmp_name), |d| d.join(&tmp_name));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(certificate.to_hex().as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io_err("writing", path))
+}
+
+/// Loads the telemetry key from `path` if given (it must exist), otherwise from
+/// `dir/telemetry.key`, created on first use.
+pub fn telemetry_key(dir: &Path, path: Option<&Path>) -> Result<Zeroizing<String>, KeyStoreError> {
+    let text = match path {
+        Some(path) => {
+            let text = fs::read_to_string(path)
+                .map(Zeroizing::new)
+                .map_err(io_err("reading", path))?;
+            warn_if_exposed(path);
+            text
+        }
+        None => load_or_create(dir, TELEMETRY_KEY_FILE, || {
+            let secret = NoiseKeypair::generate()?;
+            Ok(secret.secret_hex())
+        })?,
+    };
+    let trimmed = Zeroizing::new(text.trim().to_owned());
+    if trimmed.len() < 32 {
+        return Err(KeyStoreError::Invalid {
+            path: path.map_or_else(|| dir.join(TELEMETRY_KEY_FILE), Path::to_owned),
+            source: KeyError::InvalidEncoding {
+                what: "telemetry key (at least 32 characters)",
+                expected: 16,
+            },
+        });
+    }
+    Ok(trimmed)
+}
+
+/// A node's Noise key, the certificate a cluster key issued for it, and the cluster keys it
+/// trusts for its peers' certificates.
 #[derive(Debug)]
 pub struct NodeIdentity {
     /// The Noise static key.
     pub noise: NoiseKeypair,
-    /// The cluster key's signature over the role and the Noise public key.
-    pub certificate: NodeCertificate,
-    /// The cluster public key clients pin.
-    pub cluster_public: ClusterPublicKey,
-    /// Hashes group ids for spans and logs under a key derived from the cluster secret, so
-    /// every node of the cluster names a group alike and no one else can recompute it.
+    certificate: RwLock<NodeCertificate>,
+    trusted: Vec<ClusterPublicKey>,
+    certificate_file: Option<PathBuf>,
+    /// Hashes group ids for spans and logs under the telemetry key, so every node of the
+    /// cluster names a group alike and no one else can recompute it.
     pub redactor: quicproquo_telemetry::Redactor,
 }
 
-/// Loads the cluster signing key from `path`, which must exist (the key every node of a
-/// cluster shares, e.g. mounted from a secret).
+/// Loads the cluster signing key from `path`, which must exist (the operator's key, e.g. for
+/// `qpq-server node-cert`).
 pub fn cluster_key_file(path: &Path) -> Result<ClusterSigningKey, KeyStoreError> {
     let text = fs::read_to_string(path)
         .map(Zeroizing::new)
@@ -200,14 +288,28 @@ pub fn cluster_key_file(path: &Path) -> Result<ClusterSigningKey, KeyStoreError>
     })
 }
 
+/// Where a node's certificate comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct CertificateSource<'a> {
+    /// The certificate file (`node_certificate_file`).
+    pub file: &'a Path,
+    /// The cluster keys trusted for peers; empty: the key that issued this node's certificate.
+    pub trusted: &'a [ClusterPublicKey],
+    /// The telemetry key file; `None`: `DATA_DIR/telemetry.key`.
+    pub telemetry_key_file: Option<&'a Path>,
+}
+
 impl NodeIdentity {
-    /// Loads (or creates) the keys in `dir` and certifies the node key for `role`.
+    /// Loads (or creates) the keys in `dir` and certifies the node key for `role` with the
+    /// data directory's cluster key: a standalone node, which is its own operator.
     pub fn load_or_create(dir: &Path, role: NodeRole) -> Result<Self, KeyStoreError> {
         Self::load(dir, None, role)
     }
 
-    /// Like [`NodeIdentity::load_or_create`], but takes the cluster key from
-    /// `cluster_key_file` when given (it must exist) instead of the data directory.
+    /// Like [`NodeIdentity::load_or_create`], but takes the cluster signing key from
+    /// `cluster_key_file` when given (it must exist) instead of the data directory. The node
+    /// then holds the signing key: for a standalone node and for tests; an edge or a shard
+    /// starts from a certificate ([`NodeIdentity::with_certificate`]).
     pub fn load(
         dir: &Path,
         cluster_key_file: Option<&Path>,
@@ -220,11 +322,115 @@ impl NodeIdentity {
         let noise = node_key(dir)?;
         Ok(Self {
             redactor: quicproquo_telemetry::Redactor::new(cluster.secret_hex().as_bytes()),
-            certificate: cluster.certify(role, noise.public()),
-            cluster_public: cluster.public_key(),
+            certificate: RwLock::new(cluster.certify(role, noise.public())),
+            trusted: vec![cluster.public_key()],
+            certificate_file: None,
             noise,
         })
     }
+
+    /// Loads the node key from `dir` (created on first use) and the certificate from
+    /// `source.file`, and checks the certificate: it must certify this node key in `role`,
+    /// be issued by a trusted cluster key, verify, and be valid now.
+    pub fn with_certificate(
+        dir: &Path,
+        source: &CertificateSource<'_>,
+        role: NodeRole,
+    ) -> Result<Self, KeyStoreError> {
+        let noise = node_key(dir)?;
+        let certificate = read_certificate(source.file)?;
+        let trusted = if source.trusted.is_empty() {
+            vec![
+                certificate
+                    .issuer()
+                    .map_err(|e| cert_error(source.file, e))?,
+            ]
+        } else {
+            source.trusted.to_vec()
+        };
+        check_own(&certificate, &noise, &trusted, role).map_err(|e| cert_error(source.file, e))?;
+        let telemetry = telemetry_key(dir, source.telemetry_key_file)?;
+        Ok(Self {
+            redactor: quicproquo_telemetry::Redactor::new(telemetry.as_bytes()),
+            certificate: RwLock::new(certificate),
+            trusted,
+            certificate_file: Some(source.file.to_owned()),
+            noise,
+        })
+    }
+
+    /// The certificate this node presents now.
+    pub fn certificate(&self) -> NodeCertificate {
+        self.certificate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The cluster key that issued this node's current certificate (what its clients pin).
+    pub fn cluster_public(&self) -> ClusterPublicKey {
+        self.certificate().issuer().unwrap_or(self.trusted[0])
+    }
+
+    /// The cluster keys this node trusts for its peers' certificates.
+    pub fn trusted_keys(&self) -> &[ClusterPublicKey] {
+        &self.trusted
+    }
+
+    /// A verifier for peers' certificates under the trusted keys.
+    pub fn verifier(&self) -> NodeVerifier {
+        NodeVerifier::with_keys(self.trusted.iter().copied())
+            .unwrap_or_else(|_| NodeVerifier::new(self.trusted[0]))
+    }
+
+    /// The certificate file this node was started with (`None`: it certified itself).
+    pub fn certificate_file(&self) -> Option<&Path> {
+        self.certificate_file.as_deref()
+    }
+
+    /// Re-reads the certificate file and, when it holds another certificate that passes the
+    /// same checks as at start (same role, this node key, a trusted issuer, valid now),
+    /// presents it from now on. Returns the new certificate, or `None` when nothing changed.
+    pub fn reload_certificate(&self) -> Result<Option<NodeCertificate>, KeyStoreError> {
+        let Some(path) = self.certificate_file.as_deref() else {
+            return Ok(None);
+        };
+        let fresh = read_certificate(path)?;
+        let current = self.certificate();
+        if fresh == current {
+            return Ok(None);
+        }
+        check_own(&fresh, &self.noise, &self.trusted, current.role())
+            .map_err(|e| cert_error(path, e))?;
+        *self
+            .certificate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+        Ok(Some(fresh))
+    }
+}
+
+fn cert_error(path: &Path, source: KeyError) -> KeyStoreError {
+    KeyStoreError::Certificate {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The checks a node makes of its own certificate: every check a peer makes, with the role
+/// it was started in.
+fn check_own(
+    certificate: &NodeCertificate,
+    noise: &NoiseKeypair,
+    trusted: &[ClusterPublicKey],
+    role: NodeRole,
+) -> Result<(), KeyError> {
+    NodeVerifier::with_keys(trusted.iter().copied())?.verify_role(
+        certificate,
+        noise.public(),
+        &[role],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -237,7 +443,7 @@ mod tests {
         let dir = tmp.path().join("data");
         let first = NodeIdentity::load_or_create(&dir, NodeRole::Standalone)?;
         let again = NodeIdentity::load_or_create(&dir, NodeRole::Standalone)?;
-        assert_eq!(first.cluster_public, again.cluster_public);
+        assert_eq!(first.cluster_public(), again.cluster_public());
         assert_eq!(first.noise.public(), again.noise.public());
         assert_eq!(fs::metadata(&dir)?.permissions().mode() & 0o777, 0o700);
         for f in [CLUSTER_KEY_FILE, NODE_KEY_FILE] {
@@ -247,8 +453,8 @@ mod tests {
             );
         }
         first
-            .cluster_public
-            .verify(&first.certificate, first.noise.public())?;
+            .cluster_public()
+            .verify(&first.certificate(), first.noise.public())?;
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(&dir)?.count(), 2);
         Ok(())
@@ -272,6 +478,124 @@ mod tests {
             cluster_key(tmp.path()),
             Err(KeyStoreError::Invalid { .. })
         ));
+        Ok(())
+    }
+
+    fn issue(
+        cluster: &ClusterSigningKey,
+        node: &NoiseKeypair,
+        role: NodeRole,
+        from_now: i64,
+        for_secs: u64,
+    ) -> Result<NodeCertificate, KeyError> {
+        let now = quicproquo_core::cert::unix_now();
+        let not_before = now.saturating_add_signed(from_now);
+        cluster.issue(&quicproquo_core::CertificateFields {
+            role,
+            node_key: *node.public(),
+            node_id: "n1".into(),
+            not_before,
+            not_after: not_before + for_secs,
+        })
+    }
+
+    #[test]
+    fn a_node_starts_from_a_valid_certificate_only() -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("data");
+        let node = node_key(&dir)?;
+        let cluster = ClusterSigningKey::generate()?;
+        let other = ClusterSigningKey::generate()?;
+        let file = tmp.path().join("node.cert");
+        let source = CertificateSource {
+            file: &file,
+            trusted: &[],
+            telemetry_key_file: None,
+        };
+        write_certificate(&file, &issue(&cluster, &node, NodeRole::Edge, -10, 3600)?)?;
+        let identity = NodeIdentity::with_certificate(&dir, &source, NodeRole::Edge)?;
+        assert_eq!(identity.cluster_public(), cluster.public_key());
+        assert_eq!(identity.certificate().node_id(), "n1");
+        assert!(
+            !dir.join(CLUSTER_KEY_FILE).exists(),
+            "no signing key on a node"
+        );
+
+        let refused = |cert: NodeCertificate, role, trusted: &[ClusterPublicKey]| {
+            write_certificate(&file, &cert).map_err(|e| e.to_string())?;
+            let source = CertificateSource {
+                file: &file,
+                trusted,
+                telemetry_key_file: None,
+            };
+            match NodeIdentity::with_certificate(&dir, &source, role) {
+                Err(KeyStoreError::Certificate { source, .. }) => Ok(source),
+                other => Err(format!("expected a refusal, got {other:?}")),
+            }
+        };
+        assert!(matches!(
+            refused(
+                issue(&cluster, &node, NodeRole::Edge, -7200, 3600)?,
+                NodeRole::Edge,
+                &[]
+            )?,
+            KeyError::CertificateExpired { .. }
+        ));
+        assert!(matches!(
+            refused(
+                issue(&cluster, &node, NodeRole::Shard, -10, 3600)?,
+                NodeRole::Edge,
+                &[]
+            )?,
+            KeyError::WrongRole { .. }
+        ));
+        assert!(matches!(
+            refused(
+                issue(&other, &node, NodeRole::Edge, -10, 3600)?,
+                NodeRole::Edge,
+                &[cluster.public_key()]
+            )?,
+            KeyError::UnknownClusterKey
+        ));
+        let stranger = NoiseKeypair::generate()?;
+        assert!(matches!(
+            refused(
+                issue(&cluster, &stranger, NodeRole::Edge, -10, 3600)?,
+                NodeRole::Edge,
+                &[]
+            )?,
+            KeyError::CertificateForAnotherKey
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_picked_up_and_a_bad_one_is_not()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("data");
+        let node = node_key(&dir)?;
+        let old = ClusterSigningKey::generate()?;
+        let new = ClusterSigningKey::generate()?;
+        let file = tmp.path().join("node.cert");
+        write_certificate(&file, &issue(&old, &node, NodeRole::Shard, -10, 60)?)?;
+        let trusted = [old.public_key(), new.public_key()];
+        let source = CertificateSource {
+            file: &file,
+            trusted: &trusted,
+            telemetry_key_file: None,
+        };
+        let identity = NodeIdentity::with_certificate(&dir, &source, NodeRole::Shard)?;
+        assert!(identity.reload_certificate()?.is_none(), "nothing changed");
+        // Renewed by the new cluster key (a rollover).
+        let renewed = issue(&new, &node, NodeRole::Shard, -10, 3600)?;
+        write_certificate(&file, &renewed)?;
+        assert_eq!(identity.reload_certificate()?, Some(renewed.clone()));
+        assert_eq!(identity.cluster_public(), new.public_key());
+        // A certificate for another role is refused; the renewed one stays.
+        write_certificate(&file, &issue(&new, &node, NodeRole::Edge, -10, 3600)?)?;
+        assert!(identity.reload_certificate().is_err());
+        assert_eq!(identity.certificate(), renewed);
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use quicproquo_core::NodeRole;
 use quicproquo_server::config::{self, DEFAULT_DATA_DIR, FileConfig, Overrides, ServerConfig};
 use quicproquo_server::store::postgres;
-use quicproquo_server::{NodeIdentity, bind_and_start, keystore, node};
+use quicproquo_server::{bind_and_start, keystore, node};
 use quicproquo_telemetry::{self as telemetry, Telemetry};
 use std::io::Write;
 use tracing::{info, warn};
@@ -36,11 +36,43 @@ enum Command {
     Edge(Overrides),
     /// Run a Delivery Service shard.
     Shard(Overrides),
-    /// Print the cluster public key clients pin (creating the keys on first use).
+    /// Print the cluster public key clients pin (creating the signing key on first use). The
+    /// operator keeps the signing key; nodes get certificates (node-cert).
     ClusterKey {
         /// Directory holding the keys.
         #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// Print this node's Noise public key, the one to certify (creating it on first use).
+    NodeKey {
+        /// The node's data directory.
+        #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Issue a node certificate with the cluster signing key (an operator's step): the role,
+    /// node key and node id it certifies, valid from now for --expires.
+    NodeCert {
+        /// The cluster signing key [default: DATA_DIR/cluster.key; it must exist].
+        #[arg(long)]
+        cluster_key_file: Option<PathBuf>,
+        /// Directory holding the cluster key when --cluster-key-file is not given.
+        #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The node's role: edge, shard or standalone.
+        #[arg(long)]
+        role: String,
+        /// The node's Noise public key in hex (qpq-server node-key prints it).
+        #[arg(long)]
+        node_key: String,
+        /// The node id (a shard's place on the ring) [default: derived from the node key].
+        #[arg(long)]
+        node_id: Option<String>,
+        /// How long the certificate is valid, e.g. 30d, 12h (at most 400d).
+        #[arg(long, default_value = "30d")]
+        expires: String,
+        /// Write the certificate to this file (atomically) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Show the cluster's shard ring: its version, the live shards and (with --group) the
     /// shard that owns a group.
@@ -106,11 +138,7 @@ fn prepare(cli: &Cli) -> Result<Option<Serving>> {
     };
     let file = FileConfig::load(overrides.config.as_deref())?;
     let config = ServerConfig::resolve(role, file, overrides.clone())?;
-    let identity = NodeIdentity::load(
-        &config.data_dir,
-        config.cluster.cluster_key_file.as_deref(),
-        role,
-    )?;
+    let identity = node::load_identity(&config)?;
     let node_id = node::node_id(&config, &identity);
     Ok(Some(Serving {
         role,
@@ -228,6 +256,24 @@ fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
             println!("{}", key.public_key());
             Ok(())
         }
+        Command::NodeKey { data_dir } => cli::certs::node_key(&data_dir),
+        Command::NodeCert {
+            cluster_key_file,
+            data_dir,
+            role,
+            node_key,
+            node_id,
+            expires,
+            out,
+        } => cli::certs::node_cert(&cli::certs::Request {
+            cluster_key_file: cluster_key_file
+                .unwrap_or_else(|| data_dir.join(keystore::CLUSTER_KEY_FILE)),
+            role,
+            node_key,
+            node_id,
+            expires,
+            out,
+        }),
         Command::Migrate {
             database_url,
             config,

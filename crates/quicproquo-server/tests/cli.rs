@@ -20,6 +20,50 @@ fn server_cmd(dir: &std::path::Path) -> Command {
     c
 }
 
+/// Runs `qpq-server` with `args` in `dir` and returns its trimmed stdout (failing on error).
+fn run_ok(dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let out = server_cmd(dir).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{args:?} failed: {out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// The operator's steps for one node: its node key (created in `node_dir`), then a
+/// certificate for `role` issued with the cluster key in `ops_dir`, written to
+/// `node_dir.cert`.
+fn certify(
+    dir: &std::path::Path,
+    ops_dir: &std::path::Path,
+    node_dir: &std::path::Path,
+    role: &str,
+) -> Result<std::path::PathBuf> {
+    let key = run_ok(
+        dir,
+        &[
+            "node-key".as_ref(),
+            "--data-dir".as_ref(),
+            node_dir.as_os_str(),
+        ],
+    )?;
+    let cert = node_dir.with_extension("cert");
+    run_ok(
+        dir,
+        &[
+            "node-cert".as_ref(),
+            "--data-dir".as_ref(),
+            ops_dir.as_os_str(),
+            "--role".as_ref(),
+            role.as_ref(),
+            "--node-key".as_ref(),
+            key.as_ref(),
+            "--expires".as_ref(),
+            "1d".as_ref(),
+            "--out".as_ref(),
+            cert.as_os_str(),
+        ],
+    )?;
+    Ok(cert)
+}
+
 #[test]
 fn cluster_key_is_created_once_and_printed() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -210,6 +254,18 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
         .args(["migrate", "--database-url", db.url()])
         .output()?;
     assert!(out.status.success(), "{out:?}");
+    // The operator keeps the cluster key; each node gets a certificate.
+    let ops = tmp.path().join("ops");
+    run_ok(
+        tmp.path(),
+        &[
+            "cluster-key".as_ref(),
+            "--data-dir".as_ref(),
+            ops.as_os_str(),
+        ],
+    )?;
+    let shard_cert = certify(tmp.path(), &ops, &tmp.path().join("shard"), "shard")?;
+    let edge_cert = certify(tmp.path(), &ops, &tmp.path().join("edge"), "edge")?;
     let mut shard = server_cmd(tmp.path())
         .args([
             "shard",
@@ -220,6 +276,8 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
         ])
         .arg("--data-dir")
         .arg(tmp.path().join("shard"))
+        .arg("--node-certificate-file")
+        .arg(&shard_cert)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -239,8 +297,8 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
         ])
         .arg("--data-dir")
         .arg(tmp.path().join("edge"))
-        .arg("--cluster-key-file")
-        .arg(tmp.path().join("shard").join("cluster.key"))
+        .arg("--node-certificate-file")
+        .arg(&edge_cert)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -263,6 +321,12 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
         shard_key, edge_key,
         "both nodes vouched for by one cluster key"
     );
+    for node in ["shard", "edge"] {
+        assert!(
+            !tmp.path().join(node).join("cluster.key").exists(),
+            "the {node} holds no cluster signing key"
+        );
+    }
     let key = quicproquo_core::ClusterPublicKey::from_hex(&edge_key)?;
     let carol = quicproquo_core::IdentityKeypair::generate()?;
     let used = tokio::task::LocalSet::new()

@@ -155,9 +155,10 @@ async fn shutdown_stops_every_thread_and_closes_clients() -> Result<()> {
     .await
 }
 
-/// A shard's internal interface answers only peers whose Noise handshake carried a certificate
-/// from the cluster key: a fellow node gets it; a peer whose certificate another key signed is
-/// refused with `not_a_node`, and so is a client (a shard also refuses to bind clients).
+/// A shard's internal interface answers only edges whose Noise handshake carried a certificate
+/// from the cluster key: a fellow edge gets it; a node certified for another role is refused
+/// with `wrong_role`; a peer whose certificate another key signed is refused with
+/// `not_a_node`, and so is a client (a shard also refuses to bind clients).
 #[tokio::test]
 async fn a_shard_serves_its_internal_interface_to_cluster_nodes_only() -> Result<()> {
     use quicproquo_core::NodeVerifier;
@@ -193,6 +194,18 @@ async fn a_shard_serves_its_internal_interface_to_cluster_nodes_only() -> Result
         )?;
         let link = dial(member).await?;
         link.close();
+
+        // A node of this cluster, but certified as a shard: only edges call a shard.
+        let shard_peer = NodeIdentity::load(
+            &tmp.path().join("shard-peer"),
+            Some(&data.join(keystore::CLUSTER_KEY_FILE)),
+            NodeRole::Shard,
+        )?;
+        match dial(shard_peer).await {
+            Err(ClusterError::Rpc(e)) => assert_eq!(code_of(&e), Some(ErrorCode::WrongRole)),
+            Err(e) => anyhow::bail!("expected wrong_role, got {e}"),
+            Ok(_) => anyhow::bail!("a shard's certificate opened the shard interface"),
+        }
 
         // A node of another cluster (its certificate signed by another key).
         let stranger = NodeIdentity::load_or_create(&tmp.path().join("other"), NodeRole::Edge)?;

@@ -30,8 +30,14 @@ impl Ctx {
         if cli.server_key.is_empty() {
             return Err(UsageError::MissingServerKey.into());
         }
-        let key = ClusterPublicKey::from_hex(&cli.server_key).map_err(UsageError::BadServerKey)?;
-        let mut options = ConnectOptions::new(key);
+        // Several keys, comma-separated, during a cluster key rollover.
+        let keys = cli
+            .server_key
+            .split(',')
+            .map(ClusterPublicKey::from_hex)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(UsageError::BadServerKey)?;
+        let mut options = ConnectOptions::with_keys(keys).map_err(UsageError::BadServerKey)?;
         options.timeout = cli.timeout;
         let addrs = resolve(&cli.server).await?;
         Ok(Self { addrs, options })

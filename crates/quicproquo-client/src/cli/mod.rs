@@ -35,7 +35,8 @@ pub(crate) struct Cli {
         default_value = "127.0.0.1:7000"
     )]
     server: Vec<String>,
-    /// The cluster public key (hex) printed by `qpq-server cluster-key`.
+    /// The cluster public key (hex) printed by `qpq-server cluster-key`; during a key
+    /// rollover, the old and the new key, comma-separated.
     #[arg(long, env = "QPQ_SERVER_KEY", default_value = "")]
     server_key: String,
     /// The device state file.

@@ -1,6 +1,8 @@
 //! Operator commands of the `qpq-server` binary beyond running a node: `ring` (what the
-//! cluster's shard ring looks like) and `dev-cluster` (a whole cluster on loopback).
+//! cluster's shard ring looks like), `dev-cluster` (a whole cluster on loopback), `node-key`
+//! and `node-cert` (certificates for nodes).
 
+pub(crate) mod certs;
 pub(crate) mod dev_cluster;
 
 use std::io::Write;

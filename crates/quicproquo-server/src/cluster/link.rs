@@ -1,8 +1,8 @@
 //! Connections from a node to a shard's internal interface.
 //!
-//! The dialing node presents its own certificate in Noise message 3 (signed by the cluster
-//! key, like the shard's in message 2), checks that the shard's certificate vouches for the
-//! shard role and that its static key is the one the shard registered, then asks the shard's
+//! The dialing node presents its own certificate in Noise message 3 (issued by a cluster key,
+//! like the shard's in message 2), checks that the shard's certificate is valid under a key it
+//! trusts, vouches for the shard role, and that its static key is the one the shard registered, then asks the shard's
 //! bootstrap for `ShardService`. The RPC system runs as a local task; [`Link::closed`] fires
 //! when the connection ends for any reason.
 
@@ -83,7 +83,7 @@ impl Dialer {
                 &mut stream,
                 &self.identity.noise,
                 &self.verifier,
-                &self.identity.certificate,
+                &self.identity.certificate(),
                 self.timeout,
             )
             .await

@@ -19,7 +19,7 @@ mod cluster;
 mod limits;
 mod parse;
 
-pub use cluster::ClusterSettings;
+pub use cluster::{ClusterSettings, TrustOverrides};
 pub use limits::{LimitOverrides, LimitSettings};
 use parse::parse_suites;
 pub use parse::{check_database_url, parse_duration, parse_ops_listen, redact_database_url};
@@ -65,6 +65,11 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_DATABASE_URL",
     "QPQ_ADVERTISE",
     "QPQ_CLUSTER_KEY_FILE",
+    "QPQ_NODE_CERTIFICATE_FILE",
+    "QPQ_CLUSTER_PUBLIC_KEYS",
+    "QPQ_TELEMETRY_KEY_FILE",
+    "QPQ_CERTIFICATE_RENEWAL_WINDOW",
+    "QPQ_CERTIFICATE_CHECK_INTERVAL",
     "QPQ_NODE_ID",
     "QPQ_LEASE_TTL",
     "QPQ_RING_REFRESH",
@@ -171,10 +176,14 @@ pub struct Overrides {
     /// Address other nodes use to reach this shard, `host:port` [default: the bound address].
     #[arg(long, env = "QPQ_ADVERTISE")]
     pub advertise: Option<String>,
-    /// File holding the cluster signing key, shared by every node [default: DATA_DIR/cluster.key,
-    /// created on first use].
+    /// File holding the cluster signing key, for a standalone node, which certifies itself
+    /// [default: DATA_DIR/cluster.key, created on first use]. Edges and shards start from a
+    /// certificate instead (--node-certificate-file).
     #[arg(long, env = "QPQ_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// The node certificate, the cluster keys trusted, the telemetry key.
+    #[command(flatten)]
+    pub trust: TrustOverrides,
     /// A shard's stable identity, its place on the ring [default: derived from its node key].
     #[arg(long, env = "QPQ_NODE_ID")]
     pub node_id: Option<String>,
@@ -244,6 +253,16 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     /// See [`Overrides::cluster_key_file`].
     pub cluster_key_file: Option<PathBuf>,
+    /// See [`TrustOverrides::node_certificate_file`].
+    pub node_certificate_file: Option<PathBuf>,
+    /// See [`TrustOverrides::cluster_public_keys`].
+    pub cluster_public_keys: Option<Vec<String>>,
+    /// See [`TrustOverrides::telemetry_key_file`].
+    pub telemetry_key_file: Option<PathBuf>,
+    /// See [`TrustOverrides::certificate_renewal_window`].
+    pub certificate_renewal_window: Option<String>,
+    /// See [`TrustOverrides::certificate_check_interval`].
+    pub certificate_check_interval: Option<String>,
     /// See [`Overrides::node_id`].
     pub node_id: Option<String>,
     /// See [`Overrides::lease_ttl`].

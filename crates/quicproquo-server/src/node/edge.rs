@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quicproquo_core::NodeVerifier;
 use tokio_util::sync::CancellationToken;
 
 use super::{RoleParts, ServerError, io_err};
@@ -33,7 +32,7 @@ pub(super) fn start(
         ring_refresh: config.cluster.ring_refresh,
         dialer: Dialer {
             identity: Arc::clone(identity),
-            verifier: NodeVerifier::new(identity.cluster_public),
+            verifier: identity.verifier(),
             timeout: config.handshake_timeout.min(MAX_DIAL),
             max_frame_bytes: config.max_frame_bytes,
         },

@@ -11,6 +11,9 @@ pub mod ops;
 mod runtime;
 mod shard;
 mod standalone;
+mod trust;
+
+pub use trust::load_identity;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -211,25 +214,22 @@ fn connect_postgres(url: &str, pool_size: usize) -> Result<PgStore, ServerError>
     })
 }
 
-/// This node's id: `node_id` from the configuration, or the first 8 bytes of its Noise key in
-/// hex. A shard's place on the ring, and every node's `service.instance.id` in its traces.
+/// This node's id: `node_id` from the configuration, or the one its certificate names (for a
+/// self-certified node, the first 8 bytes of its Noise key in hex). A shard's place on the
+/// ring, and every node's `service.instance.id` in its traces.
 pub fn node_id(config: &ServerConfig, identity: &NodeIdentity) -> String {
     config
         .cluster
         .node_id
         .clone()
-        .unwrap_or_else(|| hex::encode(&identity.noise.public()[..8]))
+        .unwrap_or_else(|| identity.certificate().node_id().to_owned())
 }
 
-/// Loads this node's keys from the data directory, opens its store, binds `config.listen`
-/// and starts serving.
+/// Loads this node's keys and certificate, opens its store, binds `config.listen` and starts
+/// serving.
 pub fn bind_and_start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     config.validate()?;
-    let identity = NodeIdentity::load(
-        &config.data_dir,
-        config.cluster.cluster_key_file.as_deref(),
-        config.role,
-    )?;
+    let identity = load_identity(&config)?;
     let store = open_store(&config)?;
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(io_err("binding the listener"))?;
@@ -251,7 +251,7 @@ pub fn start(
         .local_addr()
         .map_err(io_err("reading the listen address"))?;
     let shutdown = CancellationToken::new();
-    let cluster_key = identity.cluster_public;
+    let cluster_key = identity.cluster_public();
     let observer = Arc::new(
         Observer::new(identity.redactor.clone()).with_client_trace_ratio(config.client_trace_ratio),
     );
@@ -275,6 +275,9 @@ pub fn start(
         )?,
         _ => standalone::start(&config, &store, &observer, &backend_stop)?,
     };
+    if let Some(watcher) = trust::start_watcher(&identity, &observer, &config, &backend_stop)? {
+        parts.threads.push(watcher);
+    }
     // The ops listener serves until the backends stop, so /readyz answers 503 while the
     // workers drain and /metrics stays scrapeable until the end.
     let ops_addr = match config.ops_listen {

@@ -210,7 +210,7 @@ pub(super) fn start(
     let shared = Arc::new(Shared {
         auth: Arc::new(AuthContext::new(store, &config.auth, served.pool.clone())),
         served,
-        verifier: NodeVerifier::new(identity.cluster_public),
+        verifier: identity.verifier(),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
         addresses: Arc::new(AddressTable {
@@ -306,12 +306,14 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let _open = shared.observer.metrics.connection_opened();
     let config = &shared.config;
+    // The current certificate: a renewed one is presented from the next handshake on.
+    let certificate = shared.identity.certificate();
     let handshake = tokio::select! {
         () = shutdown.cancelled() => return,
         r = noise::respond(
             &mut stream,
             &shared.identity.noise,
-            &shared.identity.certificate,
+            &certificate,
             config.handshake_timeout,
         ) => r,
     };
@@ -345,14 +347,25 @@ async fn serve_session(
 ) {
     let config = &shared.config;
     let in_flight = Rc::new(InFlight::new(Arc::clone(&shared.observer)));
-    // A peer that presented a certificate the cluster key vouches for is a fellow node.
-    let peer_node = outcome
-        .peer_certificate
-        .and_then(|cert| shared.verifier.verify(&cert, &outcome.remote_static).ok());
+    // A peer that presented a certificate a trusted cluster key vouches for, valid now, is a
+    // fellow node; one whose certificate is refused is told why when it asks for a node's
+    // interface.
+    let (peer_node, refused_certificate) = match &outcome.peer_certificate {
+        None => (None, None),
+        Some(cert) => match shared.verifier.verify(cert, &outcome.remote_static) {
+            Ok(role) => (Some(role), None),
+            Err(e) => {
+                ConnectionStats::count(&shared.observer.metrics.certificates.peers_refused);
+                debug!(%peer, reason = %e, "peer's node certificate refused");
+                (None, Some(e.to_string()))
+            }
+        },
+    };
     let session = SessionInfo {
         handshake_hash: outcome.handshake_hash,
         client_static: outcome.remote_static,
         peer_node,
+        refused_certificate,
     };
     let exempt = peer_node.is_some();
     let hooks = SessionHooks {

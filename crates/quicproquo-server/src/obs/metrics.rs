@@ -226,6 +226,8 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// The bounded CPU pool's counters (shared with the pool).
     pub pool: Arc<PoolStats>,
+    /// This node's certificate and its peers'.
+    pub certificates: super::certs::CertificateStats,
 }
 
 impl Default for Metrics {
@@ -241,6 +243,7 @@ impl Default for Metrics {
             fanout_calls: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
+            certificates: super::certs::CertificateStats::default(),
         }
     }
 }
@@ -405,6 +408,7 @@ impl Metrics {
             "CPU pool jobs that panicked (the call failed; the pool lived on).",
             self.pool.panicked.load(Ordering::Relaxed),
         );
+        self.certificates.render(out);
     }
 }
 

@@ -7,6 +7,7 @@
 //! and log setup (`quicproquo-telemetry`). It imports only the model and the pool (whose counters it renders).
 
 pub mod calls;
+pub mod certs;
 mod db;
 pub mod metrics;
 pub(crate) mod spans;

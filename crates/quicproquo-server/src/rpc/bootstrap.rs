@@ -1,6 +1,7 @@
 //! The bootstrap capability every connection gets after the handshake: `ping`, `bind` (which
 //! hands a client its Authentication and Delivery Services) and `cluster` (the shard's
-//! internal interface, for nodes only).
+//! internal interface, for edges only: a peer whose certificate is refused, or valid for
+//! another role, is told why).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -34,6 +35,8 @@ pub struct SessionInfo {
     pub client_static: [u8; 32],
     /// The role a valid cluster certificate vouches for, when the peer is a node.
     pub peer_node: Option<NodeRole>,
+    /// Why the certificate the peer presented was refused, if it presented one that was.
+    pub refused_certificate: Option<String>,
 }
 
 /// Where a connection keeps the client's `SessionEvents` capability, to warn it of a drain.
@@ -259,10 +262,27 @@ impl bootstrap::Server for BootstrapImpl {
         mut results: bootstrap::ClusterResults,
     ) -> Result<(), capnp::Error> {
         serve!(self.in_flight, "Bootstrap", "cluster", async move {
-            if self.session.peer_node.is_none() {
+            let peer = match (self.session.peer_node, &self.session.refused_certificate) {
+                (_, Some(reason)) => {
+                    return Err(error(
+                        ErrorCode::NotANode,
+                        format!("node certificate refused: {reason}"),
+                    ));
+                }
+                (None, None) => {
+                    return Err(error(
+                        ErrorCode::NotANode,
+                        "only cluster nodes may use the internal interface",
+                    ));
+                }
+                (Some(role), None) => role,
+            };
+            // Only edges call a shard: a shard's or a standalone node's certificate does not
+            // open its internal interface.
+            if peer != NodeRole::Edge {
                 return Err(error(
-                    ErrorCode::NotANode,
-                    "only cluster nodes may use the internal interface",
+                    ErrorCode::WrongRole,
+                    format!("a shard serves edges only, not a {peer}"),
                 ));
             }
             let Some(shard) = self.shard.clone() else {

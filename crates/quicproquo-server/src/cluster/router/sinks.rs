@@ -12,6 +12,8 @@ use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
 use quicproquo_telemetry::propagation::{self, LinkContext, WireContext};
 use tracing::Span;
 
+use super::followed::check_followed;
+use crate::model::group::GroupId;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::{record_group, trace_of};
 use crate::ordering::hub::Hub;
@@ -22,6 +24,8 @@ use crate::wire::parse;
 pub(super) struct EntrySink {
     pub(super) hub: Arc<Hub>,
     pub(super) calls: Rc<InFlight>,
+    /// The group this feed follows: pushes for any other are refused.
+    pub(super) group: GroupId,
 }
 
 impl entry_sink::Server for EntrySink {
@@ -62,6 +66,7 @@ impl EntrySink {
     /// for the pushes to subscribers to link to.
     fn publish(&self, p: entry_sink::deliver_params::Reader<'_>) -> Result<(), capnp::Error> {
         let group = parse::group_id(p.get_group_id()?)?;
+        check_followed(&self.group, &group)?;
         let entries = p.get_entries()?;
         // Present only when the shard traced some of these appends: one context per entry.
         let origins = if p.has_origins() {

@@ -43,6 +43,7 @@ pub(super) async fn follow_group(state: Rc<State>, group: GroupId, stop: Cancell
         let sink: entry_sink::Client = capnp_rpc::new_client(EntrySink {
             hub: Arc::clone(&state.hub),
             calls: Rc::clone(&state.calls),
+            group: group.clone(),
         });
         let mut call = link.client.watch_request();
         call.get().set_group_id(group.as_bytes());
