@@ -46,7 +46,7 @@ fn spawn_relay(
                     let (mut s, _) = listener.accept().await?;
                     s.set_nodelay(true)?;
                     let hs =
-                        noise::respond(&mut s, &identity.noise, &identity.certificate, DEADLINE)
+                        noise::respond(&mut s, &identity.noise, &identity.certificate(), DEADLINE)
                             .await?;
                     let (_, w) = s.into_split();
                     let (_, writer) =
@@ -55,7 +55,7 @@ fn spawn_relay(
                 }
                 let (mut s, _) = listener.accept().await?;
                 s.set_nodelay(true)?;
-                let hs = noise::respond(&mut s, &identity.noise, &identity.certificate, DEADLINE)
+                let hs = noise::respond(&mut s, &identity.noise, &identity.certificate(), DEADLINE)
                     .await?;
                 let (r, _w) = s.into_split();
                 let (mut reader, _) =
@@ -88,7 +88,7 @@ async fn connect(
 pub(crate) async fn run(s: &Settings, message_bytes: usize) -> Result<[Measured; 2]> {
     let dir = tempfile::tempdir()?;
     let identity = NodeIdentity::load_or_create(dir.path(), NodeRole::Standalone)?;
-    let verifier = NodeVerifier::new(identity.cluster_public);
+    let verifier = NodeVerifier::new(identity.cluster_public());
     let (addr, relay) = spawn_relay(identity, s.subscribers)?;
 
     let delivered = Rc::new(Cell::new(0u64));
