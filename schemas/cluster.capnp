@@ -10,13 +10,16 @@ using Envelope = import "envelope.capnp".Envelope;
 using Delivery = import "delivery.capnp";
 
 interface ShardService {
-  createGroup @0 (trace :Common.TraceContext, groupId :Data, creator :Data) -> ();
-  # Register a new group with `creator` as its only member, at epoch 0.
+  createGroup @0 (trace :Common.TraceContext, groupId :Data, creator :Data, groupInfo :Data)
+      -> ();
+  # Register a new group with `creator` as its only member, at epoch 0, and its public view
+  # built from the creator's GroupInfo.
 
   append @1 (trace :Common.TraceContext, request :AppendRequest)
       -> (result :Delivery.SendResult);
-  # Append one message the edge has already checked (framing, group, sizes). Acknowledged once
-  # durable. Membership and group errors come back as typed errors.
+  # Append one message the edge has already checked (framing, group, sizes). The shard verifies
+  # a commit or proposal against its public view of the group first. Acknowledged once durable.
+  # Membership, group and verification errors come back as typed errors.
 
   watch @2 (groupId :Data, sink :EntrySink) -> (subscription :Delivery.Subscription);
   # Push entries this shard appends to the group from now on. Best effort: the edge's
@@ -34,7 +37,7 @@ struct AppendRequest {
   epoch @4 :UInt64;
   payload @5 :Data;
   commit @6 :Delivery.CommitInfo;
-  hasCommit @7 :Bool;           # a commit carries its membership change
+  hasCommit @7 :Bool;           # a commit carries its Welcome and GroupInfo
 }
 
 interface EntrySink {

@@ -7,14 +7,20 @@ using Common = import "common.capnp";
 using Envelope = import "envelope.capnp".Envelope;
 
 interface DeliveryService {
-  createGroup @0 (trace :Common.TraceContext, groupId :Data) -> ();
-  # Register a new group with the caller as its only member, at epoch 0.
+  createGroup @0 (trace :Common.TraceContext, groupId :Data, groupInfo :Data) -> ();
+  # Register a new group with the caller as its only member, at epoch 0. `groupInfo` is the
+  # creator's GroupInfo (an MLSMessage with the ratchet tree extension) for epoch 0: the server
+  # builds its public view of the group from it and verifies every commit against that view.
 
   send @1 (trace :Common.TraceContext, groupId :Data, messageId :Data, message :Data,
            commit :CommitInfo) -> (result :SendResult);
   # Append one MLS message. The server reads its kind and epoch from the public framing. A
-  # commit must carry `commit` (its membership change and Welcome, stored in the same
-  # transaction). Acknowledged once durable.
+  # commit or proposal must be a PublicMessage from the caller's own leaf, and is verified
+  # against the server's public view of the group before it is appended (refused with
+  # `bad_commit` naming the rule otherwise); the membership change is derived from the verified
+  # commit. A commit must carry `commit` (its Welcome and the new epoch's GroupInfo, stored in
+  # the same transaction). An application message must be a PrivateMessage. Acknowledged once
+  # durable.
 
   fetch @2 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64, limit :UInt32)
       -> (entries :List(Envelope));
@@ -37,12 +43,18 @@ interface DeliveryService {
   subscribeInbox @7 (trace :Common.TraceContext, afterSeq :UInt64, stream :InboxStream)
       -> (subscription :Subscription);
   # Push Welcomes after `afterSeq`, then new ones as they arrive.
+
+  groupInfo @8 (trace :Common.TraceContext, groupId :Data)
+      -> (groupInfo :Data, epoch :UInt64);
+  # The group's latest GroupInfo (an MLSMessage, as its last committer or creator uploaded and
+  # the server verified it) and its epoch. Current members only.
 }
 
 struct CommitInfo {
-  added @0 :List(Data);    # identity keys the commit adds
-  removed @1 :List(Data);  # identity keys the commit removes
+  obsoleteAdded @0 :List(Data);    # must be empty: the server derives the change from the commit
+  obsoleteRemoved @1 :List(Data);  # must be empty: the server derives the change from the commit
   welcome @2 :Data;        # the Welcome for the added members (empty if none)
+  groupInfo @3 :Data;      # the new epoch's GroupInfo (an MLSMessage), signed by the committer
 }
 
 struct SendResult {

@@ -284,9 +284,12 @@ impl Member {
         for slot in slots.iter_mut().filter(|s| s.position == 0) {
             let group = Group::create(provider, mls, suite, &slot.id)
                 .map_err(|_| fail(stats, progress, "group create".into()))?;
+            let info = group
+                .group_info(provider, mls)
+                .map_err(|_| fail(stats, progress, "group info".into()))?;
             session
                 .delivery
-                .create_group(&slot.id)
+                .create_group(&slot.id, &info)
                 .await
                 .map_err(|e| fail(stats, progress, error_kind("create group", &e)))?;
             slot.group = Some(group);

@@ -12,7 +12,7 @@ use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
 
 use crate::trace::{rpc_span, traced, write_trace};
-use crate::wire::{list_len, read_group_id, read_identities, write_identities};
+use crate::wire::{read_group_id, read_identities};
 use crate::{ClientError, call_error, timed};
 
 /// What kind of message an envelope holds.
@@ -97,15 +97,14 @@ pub enum SendOutcome {
     },
 }
 
-/// The membership change and Welcome sent with a commit.
+/// What travels with a commit: the Welcome for the members it adds and the new epoch's
+/// GroupInfo. The server derives the membership change from the commit itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommitParts {
-    /// Identities added.
-    pub added: Vec<IdentityKey>,
-    /// Identities removed.
-    pub removed: Vec<IdentityKey>,
     /// The Welcome for the added members.
     pub welcome: Option<Vec<u8>>,
+    /// The new epoch's GroupInfo (an MLSMessage), signed by the committer.
+    pub group_info: Vec<u8>,
 }
 
 fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
@@ -216,15 +215,35 @@ impl DeliveryClient {
         Self { cap, addr, timeout }
     }
 
-    /// Registers a new group with us as its only member.
-    pub async fn create_group(&self, group_id: &[u8]) -> Result<(), ClientError> {
+    /// Registers a new group with us as its only member. `group_info` is the group's GroupInfo
+    /// at epoch 0 with its ratchet tree (`Group::group_info`): the server builds its public
+    /// view of the group from it.
+    pub async fn create_group(
+        &self,
+        group_id: &[u8],
+        group_info: &[u8],
+    ) -> Result<(), ClientError> {
         let span = rpc_span(self.addr, "DeliveryService", "createGroup");
         let mut req = self.cap.create_group_request();
         write_trace(req.get().init_trace(), &span);
         req.get().set_group_id(group_id);
+        req.get().set_group_info(group_info);
         let call = timed(self.addr, self.timeout, "create group", req.send().promise);
         traced(&span, call).await?;
         Ok(())
+    }
+
+    /// The group's latest GroupInfo as the server verified it, and its epoch (members only).
+    pub async fn group_info(&self, group_id: &[u8]) -> Result<(Vec<u8>, u64), ClientError> {
+        let span = rpc_span(self.addr, "DeliveryService", "groupInfo");
+        let mut req = self.cap.group_info_request();
+        write_trace(req.get().init_trace(), &span);
+        req.get().set_group_id(group_id);
+        let call = timed(self.addr, self.timeout, "group info", req.send().promise);
+        let resp = traced(&span, call).await?;
+        let r = resp.get().map_err(call_error)?;
+        let info = r.get_group_info().map_err(call_error)?.to_vec();
+        Ok((info, r.get_epoch()))
     }
 
     /// Appends an MLS message (with its membership change when it is a commit).
@@ -248,13 +267,10 @@ impl DeliveryClient {
             p.set_message(message);
             if let Some(c) = commit {
                 let mut ci = p.init_commit();
-                let added = list_len(c.added.len(), "added members")?;
-                write_identities(ci.reborrow().init_added(added), &c.added);
-                let removed = list_len(c.removed.len(), "removed members")?;
-                write_identities(ci.reborrow().init_removed(removed), &c.removed);
                 if let Some(w) = &c.welcome {
                     ci.set_welcome(w);
                 }
+                ci.set_group_info(&c.group_info);
             }
         }
         let call = timed(self.addr, self.timeout, "send", req.send().promise);

@@ -49,10 +49,13 @@ pub enum ErrorCode {
     WrongRole,
     /// The peer is not a cluster node (the call is for cluster nodes only).
     NotANode,
+    /// A commit or proposal failed verification against the group's public view; the detail
+    /// names the rule. Nothing changed.
+    BadCommit,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 20] = [
+    const ALL: [Self; 21] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -73,6 +76,7 @@ impl ErrorCode {
         Self::BadMessage,
         Self::WrongRole,
         Self::NotANode,
+        Self::BadCommit,
     ];
 
     /// The code as written on the wire.
@@ -98,6 +102,7 @@ impl ErrorCode {
             Self::BadMessage => "bad_message",
             Self::WrongRole => "wrong_role",
             Self::NotANode => "not_a_node",
+            Self::BadCommit => "bad_commit",
         }
     }
 

@@ -183,6 +183,7 @@ async fn start_cluster(url: &str, settings: &Settings) -> Result<Cluster> {
             store,
             quicproquo_server::config::DEFAULT_MAX_MESSAGE_BYTES,
             Arc::default(),
+            quicproquo_server::pool::CpuPool::with_defaults()?,
             stop.clone(),
         )?;
         shards.push(shard);
@@ -216,6 +217,7 @@ async fn run_store(cluster: &Cluster, settings: &Settings, round: usize) -> Resu
                     epoch: 0,
                     payload: payload.to_vec(),
                     commit: None,
+                    view: None,
                 };
                 barrier.wait().await;
                 let until = Instant::now() + run;

@@ -344,7 +344,12 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
             let conn = quicproquo_client::Connection::connect(edge_addr, &options).await?;
             let session = conn.bind(&carol).await?;
             session.auth.claim_name("carol").await?;
-            session.delivery.create_group(b"pg-group").await?;
+            let mls = quicproquo_core::mls::MlsIdentity::new(&carol);
+            let provider = quicproquo_core::mls::MlsProvider::default();
+            let suite = quicproquo_core::mls::Suite::Hybrid;
+            let group = quicproquo_core::group::Group::create(&provider, &mls, suite, b"pg-group")?;
+            let info = group.group_info(&provider, &mls)?;
+            session.delivery.create_group(b"pg-group", &info).await?;
             anyhow::Ok(())
         })
         .await;

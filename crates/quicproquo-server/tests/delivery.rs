@@ -208,19 +208,18 @@ async fn concurrent_commits_have_one_winner(store: Option<AnyStore>) -> Result<(
         let mut g = u.group(&id)?;
         let out = g.self_update(&u.state.mls, u.state.mls_identity())?;
         ensure!(out.epoch == 1);
-        sends.push((out.commit, random_id()?));
+        let parts = quicproquo_client::delivery::CommitParts {
+            welcome: None,
+            group_info: out.group_info,
+        };
+        sends.push((out.commit, random_id()?, parts));
     }
-    let results = futures::future::join_all(users.iter().zip(&sends).map(|(u, (commit, mid))| {
-        let parts = quicproquo_client::delivery::CommitParts::default();
-        let id = id.clone();
-        async move {
-            u.session
-                .delivery
-                .send(&id, mid, commit, Some(&parts))
-                .await
-        }
-    }))
-    .await;
+    let results =
+        futures::future::join_all(users.iter().zip(&sends).map(|(u, (commit, mid, parts))| {
+            let id = id.clone();
+            async move { u.session.delivery.send(&id, mid, commit, Some(parts)).await }
+        }))
+        .await;
     let mut winners = 0;
     // The winner merges its commit; every loser drops its own and follows the log.
     for (u, r) in users.iter_mut().zip(results) {

@@ -158,7 +158,15 @@ async fn an_appended_commit_left_pending_is_merged_from_the_log(
     let sent = alice
         .session
         .delivery
-        .send(&id, &mid, &out.commit, Some(&CommitParts::default()))
+        .send(
+            &id,
+            &mid,
+            &out.commit,
+            Some(&CommitParts {
+                welcome: None,
+                group_info: out.group_info.clone(),
+            }),
+        )
         .await?;
     ensure!(
         matches!(sent, SendOutcome::Appended { epoch: 2, .. }),

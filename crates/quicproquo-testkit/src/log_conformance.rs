@@ -34,6 +34,7 @@ pub fn app(group: &GroupId, sender: IdentityKey, epoch: u64, mid: &str) -> Appen
         epoch,
         payload: format!("payload {mid}").into_bytes(),
         commit: None,
+        view: None,
     }
 }
 
@@ -52,6 +53,7 @@ pub fn commit(
             added: added.to_vec(),
             removed: removed.to_vec(),
             welcome: (!added.is_empty()).then(|| format!("welcome {mid}").into_bytes()),
+            group_info: None,
         }),
         ..app(group, sender, epoch, mid)
     }

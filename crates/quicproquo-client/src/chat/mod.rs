@@ -209,12 +209,13 @@ impl<'a> Chat<'a> {
             )));
         }
         let id = random_id()?;
-        Group::create(
+        let group = Group::create(
             &self.state.mls,
             self.state.mls_identity(),
             self.state.suite,
             &id,
         )?;
+        let group_info = group.group_info(&self.state.mls, self.state.mls_identity())?;
         self.state.groups.insert(
             id.clone(),
             GroupMeta {
@@ -223,7 +224,7 @@ impl<'a> Chat<'a> {
             },
         );
         self.save()?;
-        self.session.delivery.create_group(&id).await?;
+        self.session.delivery.create_group(&id, &group_info).await?;
         Ok(id)
     }
 

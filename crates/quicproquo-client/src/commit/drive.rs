@@ -266,9 +266,8 @@ fn build<H: CommitHost>(host: &mut H) -> Result<PendingCommit, DriveError<H::Err
         epoch: out.epoch,
         commit: out.commit,
         parts: CommitParts {
-            added: out.added,
-            removed: out.removed,
             welcome: out.welcome,
+            group_info: out.group_info,
         },
     })
 }

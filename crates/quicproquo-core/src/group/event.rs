@@ -14,6 +14,9 @@ pub struct CommitOutput {
     /// The Welcome for the added members (an MLSMessage, with the ratchet tree), if any. Deliver
     /// it only once the commit is accepted.
     pub welcome: Option<Vec<u8>>,
+    /// The new epoch's GroupInfo (an MLSMessage with the ratchet tree, signed by us): the
+    /// server checks it against its view of the group and serves it to members.
+    pub group_info: Vec<u8>,
     /// The epoch the commit applies to: the group's epoch now, before merging.
     pub epoch: u64,
     /// Who the commit adds.
@@ -27,6 +30,7 @@ impl std::fmt::Debug for CommitOutput {
         f.debug_struct("CommitOutput")
             .field("commit_len", &self.commit.len())
             .field("welcome_len", &self.welcome.as_ref().map(Vec::len))
+            .field("group_info_len", &self.group_info.len())
             .field("epoch", &self.epoch)
             .field("added", &self.added)
             .field("removed", &self.removed)

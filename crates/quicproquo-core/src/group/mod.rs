@@ -63,6 +63,7 @@ mod error;
 mod event;
 mod inspect;
 mod policy;
+pub mod public;
 #[cfg(test)]
 mod tests;
 
@@ -254,11 +255,16 @@ impl Group {
             validated.push(kp);
         }
         let epoch = self.epoch();
-        let (commit, welcome, _) = self
+        let (commit, welcome, info) = self
             .mls
             .add_members(provider, me.signer(), &validated)
             .map_err(GroupError::library)?;
-        self.commit_output(epoch, &commit, Some(&welcome))
+        self.commit_output(
+            epoch,
+            &commit,
+            Some(&welcome),
+            info.map(MlsMessageOut::from),
+        )
     }
 
     /// Stages a commit removing these members (found by the identity in their credential).
@@ -288,11 +294,16 @@ impl Group {
             }
         }
         let epoch = self.epoch();
-        let (commit, welcome, _) = self
+        let (commit, welcome, info) = self
             .mls
             .remove_members(provider, me.signer(), &leaves)
             .map_err(GroupError::library)?;
-        self.commit_output(epoch, &commit, welcome.as_ref())
+        self.commit_output(
+            epoch,
+            &commit,
+            welcome.as_ref(),
+            info.map(MlsMessageOut::from),
+        )
     }
 
     /// Stages a commit that only refreshes our leaf's keys (post-compromise security), also
@@ -308,8 +319,8 @@ impl Group {
             .mls
             .self_update(provider, me.signer(), LeafNodeParameters::default())
             .map_err(GroupError::library)?;
-        let (commit, welcome, _) = bundle.into_messages();
-        self.commit_output(epoch, &commit, welcome.as_ref())
+        let (commit, welcome, info) = bundle.into_messages();
+        self.commit_output(epoch, &commit, welcome.as_ref(), info)
     }
 
     /// Merges our pending commit (the server accepted it) and returns the new epoch. Its echo
@@ -428,6 +439,21 @@ impl Group {
         }
     }
 
+    /// The group's GroupInfo for the current epoch (an MLSMessage), with the ratchet tree and
+    /// signed by us: what the server builds its public view of a new group from.
+    pub fn group_info(
+        &self,
+        provider: &MlsProvider,
+        me: &MlsIdentity,
+    ) -> Result<Vec<u8>, GroupError> {
+        self.check_me(me)?;
+        let info = self
+            .mls
+            .export_group_info(provider.crypto(), me.signer(), true)
+            .map_err(GroupError::library)?;
+        serialize(&info)
+    }
+
     /// The group id.
     pub fn group_id(&self) -> Vec<u8> {
         self.mls.group_id().as_slice().to_vec()
@@ -508,7 +534,10 @@ impl Group {
         epoch: u64,
         commit: &MlsMessageOut,
         welcome: Option<&MlsMessageOut>,
+        group_info: Option<MlsMessageOut>,
     ) -> Result<CommitOutput, GroupError> {
+        let group_info = group_info
+            .ok_or_else(|| GroupError::library("the commit came without its GroupInfo"))?;
         let staged = self
             .mls
             .pending_commit()
@@ -517,6 +546,7 @@ impl Group {
         Ok(CommitOutput {
             commit: serialize(commit)?,
             welcome: welcome.map(serialize).transpose()?,
+            group_info: serialize(&group_info)?,
             epoch,
             added: changes.added,
             removed: changes.removed,

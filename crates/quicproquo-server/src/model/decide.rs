@@ -229,6 +229,15 @@ impl<'a> State<'a> {
         if let Some(change) = commit_change(req) {
             self.apply_commit(g, group, seq, change, decision);
         }
+        if let Some(view) = &req.view {
+            decision.views.push(NewView {
+                group,
+                epoch: view.epoch,
+                state: view.state.as_deref(),
+                proposals: &view.proposals,
+                group_info: view.group_info.as_deref(),
+            });
+        }
         self.groups[g] = Some(new);
         self.changed_groups[g] = true;
         Ok(AppendOutcome::Appended {
@@ -386,6 +395,21 @@ pub struct Delivery<'a> {
     pub welcome: usize,
 }
 
+/// A group's public view to write (after the verified handshake message appended with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewView<'a> {
+    /// The group.
+    pub group: &'a [u8],
+    /// Its epoch after the message.
+    pub epoch: u64,
+    /// The new encoded state; `None`: unchanged.
+    pub state: Option<&'a [u8]>,
+    /// The epoch's encoded proposals.
+    pub proposals: &'a [u8],
+    /// The new GroupInfo; `None`: unchanged.
+    pub group_info: Option<&'a [u8]>,
+}
+
 /// A decided batch: one outcome per request, and the writes that carry them out.
 #[derive(Debug)]
 pub struct Decision<'a> {
@@ -402,6 +426,9 @@ pub struct Decision<'a> {
     pub welcomes: Vec<NewWelcome<'a>>,
     /// The inbox entries, in batch order (each identity's in the order it gets them).
     pub deliveries: Vec<Delivery<'a>>,
+    /// The public views to write, in batch order (at most one per group: its handshake
+    /// messages are verified one at a time).
+    pub views: Vec<NewView<'a>>,
     /// When decided without the stored message ids: the requests refused for their epoch,
     /// whose ids may be stored ones (then their outcome is `Duplicate`: see
     /// [`found_stored`](Self::found_stored)).
@@ -446,6 +473,7 @@ pub fn decide<'a>(
         members: Vec::new(),
         welcomes: Vec::new(),
         deliveries: Vec::new(),
+        views: Vec::new(),
         unchecked: Vec::new(),
     };
     for (i, req) in batch.iter().enumerate() {

@@ -102,6 +102,36 @@ pub struct CommitChange {
     pub removed: Vec<IdentityKey>,
     /// The Welcome for the added members (stored once, delivered to each added inbox).
     pub welcome: Option<Vec<u8>>,
+    /// The new epoch's GroupInfo as the committer uploaded it (checked against the group's
+    /// public view, then kept with it).
+    pub group_info: Option<Vec<u8>>,
+}
+
+/// The group's public view after a verified handshake message, written with it: the new
+/// encoded state (after a commit), the current epoch's proposals and the latest GroupInfo.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewWrite {
+    /// The group's epoch once the message is appended.
+    pub epoch: u64,
+    /// The new encoded state; `None`: unchanged (a proposal).
+    pub state: Option<Vec<u8>>,
+    /// The encoded proposals of the epoch (replacing the stored ones).
+    pub proposals: Vec<u8>,
+    /// The new epoch's GroupInfo; `None`: unchanged.
+    pub group_info: Option<Vec<u8>>,
+}
+
+/// A group's public view as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredView {
+    /// The epoch the state is at.
+    pub epoch: u64,
+    /// The encoded state (`quicproquo_core::group::public`).
+    pub state: Vec<u8>,
+    /// The encoded proposals of the epoch.
+    pub proposals: Vec<u8>,
+    /// The latest GroupInfo (the creator's, then each committer's).
+    pub group_info: Vec<u8>,
 }
 
 /// One message to append.
@@ -121,17 +151,20 @@ pub struct AppendRequest {
     pub payload: Vec<u8>,
     /// With a commit: its membership change and Welcome.
     pub commit: Option<CommitChange>,
+    /// With a verified commit or proposal: the group's public view to write with it.
+    pub view: Option<ViewWrite>,
 }
 
 impl AppendRequest {
-    /// The bytes the request asks a node to store: its message and its Welcome.
+    /// The bytes the request asks a node to store: its message, its Welcome and its GroupInfo.
     pub fn size(&self) -> usize {
-        let welcome = self
-            .commit
-            .as_ref()
-            .and_then(|c| c.welcome.as_ref())
-            .map_or(0, Vec::len);
-        self.payload.len() + welcome
+        let (welcome, group_info) = self.commit.as_ref().map_or((0, 0), |c| {
+            (
+                c.welcome.as_ref().map_or(0, Vec::len),
+                c.group_info.as_ref().map_or(0, Vec::len),
+            )
+        });
+        self.payload.len() + welcome + group_info
     }
 
     /// Refuses a request larger than `max` bytes ([`AppendRequest::size`]): the one size rule,

@@ -270,10 +270,11 @@ pub fn start(
             &identity,
             &store,
             &observer,
+            &pool,
             (&backend_stop, &shutdown),
             local_addr,
         )?,
-        _ => standalone::start(&config, &store, &observer, &backend_stop)?,
+        _ => standalone::start(&config, &store, &observer, &pool, &backend_stop)?,
     };
     if let Some(watcher) = trust::start_watcher(&identity, &observer, &config, &backend_stop)? {
         parts.threads.push(watcher);

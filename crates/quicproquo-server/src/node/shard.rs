@@ -13,6 +13,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::keystore::NodeIdentity;
 use crate::obs::Observer;
 use crate::ordering::Appender;
+use crate::pool::CpuPool;
 use crate::store::AnyStore;
 use crate::store::postgres_cluster::LeaseClaim;
 
@@ -23,6 +24,7 @@ pub(super) fn start(
     identity: &NodeIdentity,
     store: &AnyStore,
     observer: &Arc<Observer>,
+    pool: &CpuPool,
     (stop, shutdown): (&CancellationToken, &CancellationToken),
     local_addr: SocketAddr,
 ) -> Result<RoleParts, ServerError> {
@@ -30,6 +32,7 @@ pub(super) fn start(
         store.clone(),
         config.max_message_bytes,
         Arc::clone(observer),
+        pool.clone(),
         stop.clone(),
     )
     .map_err(io_err("starting the appender"))?;

@@ -10,6 +10,7 @@ use super::{RoleParts, ServerError, io_err};
 use crate::config::ServerConfig;
 use crate::obs::Observer;
 use crate::ordering::Appender;
+use crate::pool::CpuPool;
 use crate::rpc::backend::Backend;
 use crate::store::AnyStore;
 
@@ -18,12 +19,14 @@ pub(super) fn start(
     config: &ServerConfig,
     store: &AnyStore,
     observer: &Arc<Observer>,
+    pool: &CpuPool,
     stop: &CancellationToken,
 ) -> Result<RoleParts, ServerError> {
     let (appender, thread) = Appender::start(
         store.clone(),
         config.max_message_bytes,
         Arc::clone(observer),
+        pool.clone(),
         stop.clone(),
     )
     .map_err(io_err("starting the appender"))?;

@@ -228,6 +228,10 @@ pub struct Metrics {
     pub pool: Arc<PoolStats>,
     /// This node's certificate and its peers'.
     pub certificates: super::certs::CertificateStats,
+    /// Time to verify one handshake message against its group's public view (on the pool).
+    pub verify_seconds: Histogram,
+    /// Handshake messages the public view refused, by rule (a closed set of names).
+    refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -244,6 +248,8 @@ impl Default for Metrics {
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
             certificates: super::certs::CertificateStats::default(),
+            verify_seconds: Histogram::new(&LATENCY_BUCKETS),
+            refused: Mutex::default(),
         }
     }
 }
@@ -287,6 +293,12 @@ impl Metrics {
         if let Some(i) = AppendResult::ALL.iter().position(|r| *r == result) {
             self.appends[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one handshake message refused by its group's public view, by the rule it broke.
+    pub fn commit_refused(&self, rule: &'static str) {
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        *refused.entry(rule).or_insert(0) += 1;
     }
 
     /// Counts one push of `entries` to a subscriber.
@@ -366,6 +378,28 @@ impl Metrics {
         );
         self.append_batch_seconds
             .render(out, "qpq_append_batch_duration_seconds", "");
+        family(
+            out,
+            "qpq_handshake_verify_duration_seconds",
+            "histogram",
+            "Time to verify one commit or proposal against its group's public view.",
+        );
+        self.verify_seconds
+            .render(out, "qpq_handshake_verify_duration_seconds", "");
+        family(
+            out,
+            "qpq_handshake_refused_total",
+            "counter",
+            "Commits and proposals the group's public view refused, by rule.",
+        );
+        for (rule, n) in self
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(out, "qpq_handshake_refused_total{{rule=\"{rule}\"}} {n}");
+        }
         counter(
             out,
             "qpq_fanout_entries_total",

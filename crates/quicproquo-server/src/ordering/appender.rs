@@ -22,9 +22,11 @@ use tracing::{Instrument, Span, warn};
 
 use super::OrderingError;
 use super::hub::Hub;
-use crate::model::group::{AppendOutcome, AppendRequest, GroupId, LogEntry};
+use super::views::{Checked, Views};
+use crate::model::group::{AppendOutcome, AppendRequest, EntryKind, GroupId, LogEntry};
 use crate::obs::Observer;
 use crate::obs::metrics::AppendResult;
+use crate::pool::CpuPool;
 use crate::store::log::LogStore;
 use crate::store::{AnyStore, StoreError};
 
@@ -47,6 +49,7 @@ type Queued = (AppendRequest, Reply, Span);
 /// live feeds it publishes to.
 pub struct Appender {
     store: AnyStore,
+    views: Views,
     max_message_bytes: usize,
     queue: mpsc::Sender<Queued>,
     hub: Arc<Hub>,
@@ -66,6 +69,7 @@ impl Appender {
         store: AnyStore,
         max_message_bytes: usize,
         observer: Arc<Observer>,
+        pool: CpuPool,
         shutdown: CancellationToken,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -87,6 +91,7 @@ impl Appender {
                 ))
             })?;
         let shard = Self {
+            views: Views::new(store.clone(), pool, Arc::clone(&observer)),
             store,
             max_message_bytes,
             queue,
@@ -106,10 +111,34 @@ impl Appender {
         &self.store
     }
 
-    /// Appends one message; resolves once it is durable (or refused).
+    /// Appends one message; resolves once it is durable (or refused). A commit or proposal is
+    /// verified against its group's public view first (see [`Views`]), one at a time per
+    /// group.
     pub async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
-        let closed = || OrderingError::Unavailable("the appender is shutting down".into());
         req.check_size(self.max_message_bytes)?;
+        if req.kind == EntryKind::Application {
+            return self.enqueue(req).await;
+        }
+        let slot = self.views.slot(&req.group_id);
+        let mut slot = slot.lock().await;
+        let req = match self.views.check(&mut slot, req).await? {
+            Checked::Outcome(outcome) => return Ok(outcome),
+            Checked::PassThrough(req) => return self.enqueue(req).await,
+            Checked::Verified(req) => req,
+        };
+        let outcome = self.enqueue(req).await;
+        Views::settle(&mut slot, &outcome);
+        outcome
+    }
+
+    /// The groups' public views.
+    pub fn views(&self) -> &Views {
+        &self.views
+    }
+
+    /// Queues one request for the next batch; resolves with its outcome.
+    async fn enqueue(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
+        let closed = || OrderingError::Unavailable("the appender is shutting down".into());
         let (tx, rx) = oneshot::channel();
         self.queue
             .send((req, tx, Span::current()))
@@ -118,13 +147,19 @@ impl Appender {
         Ok(rx.await.map_err(|_| closed())??)
     }
 
-    /// Creates `group` with `creator` as its only member.
+    /// Creates `group` with `creator` as its only member, and its public view built from the
+    /// creator's GroupInfo.
     pub async fn create_group(
         &self,
         group: &GroupId,
         creator: &IdentityKey,
+        group_info: Vec<u8>,
     ) -> Result<(), OrderingError> {
-        Ok(self.store.create_group(group, creator).await?)
+        let view = self.views.create(group, creator, group_info).await?;
+        Ok(self
+            .store
+            .create_group_with_view(group, creator, Some(&view))
+            .await?)
     }
 
     /// The live feeds the appender publishes to.

@@ -1,5 +1,6 @@
-//! Ordering: the appender that writes each node's appends in batches (group commit) and the
-//! in-memory live feeds ([`hub`]) that fan new entries out to subscriptions.
+//! Ordering: the appender that writes each node's appends in batches (group commit), the
+//! groups' public views every commit and proposal is verified against first ([`views`]), and
+//! the in-memory live feeds ([`hub`]) that fan new entries out to subscriptions.
 //!
 //! What it is not: an RPC face. Callers hand it model values and get model outcomes or an
 //! [`OrderingError`]; the RPC layer turns those into wire answers. A standalone node and a
@@ -7,6 +8,7 @@
 
 pub mod appender;
 pub mod hub;
+pub mod views;
 
 pub use appender::Appender;
 
@@ -27,6 +29,10 @@ pub enum OrderingError {
     /// operation had no effect that the caller can rely on, and may be retried.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The group's public view refused a commit or proposal (or a new group's GroupInfo): the
+    /// error names the rule. Nothing changed.
+    #[error("{0}")]
+    BadCommit(quicproquo_core::group::public::ViewError),
     /// The group's owner shard refused the call with a typed reason (an edge forwarding).
     #[error("[{code}] {message}")]
     Refused {

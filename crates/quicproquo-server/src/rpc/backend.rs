@@ -75,15 +75,17 @@ impl Backend {
         }
     }
 
-    /// Creates `group` with `creator` as its only member.
+    /// Creates `group` with `creator` as its only member, and its public view from the
+    /// creator's GroupInfo.
     pub async fn create_group(
         &self,
         group: &GroupId,
         creator: &IdentityKey,
+        group_info: Vec<u8>,
     ) -> Result<(), OrderingError> {
         match self {
-            Self::Local(s) => s.create_group(group, creator).await,
-            Self::Routed(r) => r.create_group(group.clone(), *creator).await,
+            Self::Local(s) => s.create_group(group, creator, group_info).await,
+            Self::Routed(r) => r.create_group(group.clone(), *creator, group_info).await,
         }
     }
 }

@@ -15,9 +15,7 @@ use quicproquo_proto::errors::{ErrorCode, error};
 
 use super::backend::Backend;
 use super::subscribe;
-use crate::model::group::{
-    AppendRequest, CommitChange, EntryKind, GroupId, MAX_CHANGE, MAX_MESSAGE_ID,
-};
+use crate::model::group::{AppendRequest, CommitChange, EntryKind, GroupId, MAX_MESSAGE_ID};
 use crate::model::page::Page;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::record_group;
@@ -78,7 +76,8 @@ impl DeliveryService {
         }
         let payload = params.get_message()?;
         let welcome_len = if params.has_commit() {
-            params.get_commit()?.get_welcome()?.len()
+            let c = params.get_commit()?;
+            c.get_welcome()?.len() + c.get_group_info()?.len()
         } else {
             0
         };
@@ -92,44 +91,66 @@ impl DeliveryService {
             }));
         }
         let info = inspect(payload).map_err(|e| error(ErrorCode::BadMessage, e))?;
-        if info.group_id.as_deref() != Some(group.as_bytes()) {
+        let keyless = matches!(info.kind, MessageKind::Welcome | MessageKind::KeyPackage);
+        if !keyless && info.group_id.as_deref() != Some(group.as_bytes()) {
             return Err(error(ErrorCode::BadMessage, "message is for another group"));
         }
-        let epoch = info
-            .epoch
-            .ok_or_else(|| error(ErrorCode::BadMessage, "message has no epoch"))?;
+        let epoch = info.epoch.unwrap_or(0);
         let (kind, commit) = match info.kind {
+            MessageKind::Application if !info.encrypted => {
+                return Err(error(
+                    ErrorCode::BadMessage,
+                    "an application message must be a PrivateMessage (RFC 9420 forbids \
+                     unencrypted application messages)",
+                ));
+            }
             MessageKind::Application => (EntryKind::Application, None),
             MessageKind::Proposal => (EntryKind::Proposal, None),
             MessageKind::Commit => {
                 if !params.has_commit() {
                     return Err(error(
                         ErrorCode::BadMessage,
-                        "a commit must carry its membership change",
+                        "a commit must carry its GroupInfo (and Welcome, if it adds members)",
                     ));
                 }
                 let c = params.get_commit()?;
+                if c.has_obsolete_added() && !c.get_obsolete_added()?.is_empty()
+                    || c.has_obsolete_removed() && !c.get_obsolete_removed()?.is_empty()
+                {
+                    return Err(error(
+                        ErrorCode::BadCommit,
+                        "membership: a commit no longer declares whom it adds or removes; \
+                         the server derives it from the verified commit",
+                    ));
+                }
                 let welcome = c.get_welcome()?;
-                let welcome = if welcome.is_empty() {
-                    None
-                } else {
-                    let w = inspect(welcome).map_err(|e| error(ErrorCode::BadMessage, e))?;
-                    if w.kind != MessageKind::Welcome {
-                        return Err(error(ErrorCode::BadMessage, "welcome is not a Welcome"));
-                    }
-                    Some(welcome.to_vec())
-                };
+                let group_info = c.get_group_info()?;
                 let change = CommitChange {
-                    added: parse::identities(c.get_added()?, MAX_CHANGE)?,
-                    removed: parse::identities(c.get_removed()?, MAX_CHANGE)?,
-                    welcome,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    welcome: (!welcome.is_empty()).then(|| welcome.to_vec()),
+                    group_info: (!group_info.is_empty()).then(|| group_info.to_vec()),
                 };
                 (EntryKind::Commit, Some(change))
             }
-            _ => {
+            MessageKind::Welcome => {
                 return Err(error(
                     ErrorCode::BadMessage,
-                    "only application messages, proposals and commits go in a group log",
+                    "a Welcome is not a group message: send it with the commit that adds its \
+                     members",
+                ));
+            }
+            MessageKind::KeyPackage => {
+                return Err(error(
+                    ErrorCode::BadMessage,
+                    "a KeyPackage is not a group message: upload it to the Authentication \
+                     Service",
+                ));
+            }
+            MessageKind::GroupInfo => {
+                return Err(error(
+                    ErrorCode::BadMessage,
+                    "a GroupInfo is not a group message: send it with the commit it follows",
                 ));
             }
         };
@@ -141,6 +162,7 @@ impl DeliveryService {
             epoch,
             payload: payload.to_vec(),
             commit,
+            view: None,
         })
     }
 }
@@ -157,9 +179,18 @@ impl delivery_service::Server for DeliveryService {
             "createGroup",
             params,
             async move {
-                let group = self.group(params.get()?.get_group_id()?)?;
+                let p = params.get()?;
+                let group = self.group(p.get_group_id()?)?;
+                let group_info = p.get_group_info()?;
+                let max = self.backend.max_message_bytes();
+                if group_info.len() > max {
+                    return Err(model_error(crate::model::ModelError::TooLarge {
+                        size: group_info.len(),
+                        max,
+                    }));
+                }
                 self.backend
-                    .create_group(&group, &self.identity)
+                    .create_group(&group, &self.identity, group_info.to_vec())
                     .await
                     .map_err(ordering_error)
             }
@@ -341,6 +372,37 @@ impl delivery_service::Server for DeliveryService {
                 for (i, w) in welcomes.iter().enumerate() {
                     write_welcome(list.reborrow().get(i as u32), w);
                 }
+                Ok(())
+            }
+        )
+    }
+
+    async fn group_info(
+        self: Rc<Self>,
+        params: delivery_service::GroupInfoParams,
+        mut results: delivery_service::GroupInfoResults,
+    ) -> Result<(), capnp::Error> {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "groupInfo",
+            params,
+            async move {
+                let group = self.group(params.get()?.get_group_id()?)?;
+                let store = self.backend.store();
+                // Current members only (refused with not_member or unknown_group otherwise).
+                store
+                    .group_summary(&group, &self.identity)
+                    .await
+                    .map_err(store_error)?;
+                let view = store
+                    .load_view(&group)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or_else(|| error(ErrorCode::UnknownGroup, "the group has no GroupInfo"))?;
+                let mut r = results.get();
+                r.set_group_info(&view.group_info);
+                r.set_epoch(view.epoch);
                 Ok(())
             }
         )

@@ -59,10 +59,11 @@ impl shard_service::Server for ShardServiceImpl {
                 let p = params.get()?;
                 let group = parse::group_id(p.get_group_id()?)?;
                 let creator = parse::identity(p.get_creator()?)?;
+                let group_info = p.get_group_info()?.to_vec();
                 let observer = self.in_flight.observer();
                 record_group(&tracing::Span::current(), observer, group.as_bytes());
                 self.shard
-                    .create_group(&group, &creator)
+                    .create_group(&group, &creator, group_info)
                     .await
                     .map_err(ordering_error)
             }

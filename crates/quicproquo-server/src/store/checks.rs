@@ -24,6 +24,7 @@ fn request(
         epoch,
         payload: mid.as_bytes().to_vec(),
         commit: (kind == EntryKind::Commit).then(CommitChange::default),
+        view: None,
     }
 }
 

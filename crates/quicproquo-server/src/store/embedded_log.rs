@@ -15,6 +15,7 @@ use super::log::LogStore;
 use crate::model::decide::{Decision, GroupHead, Membership, Reads, State, decide};
 use crate::model::group::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
+    StoredView,
 };
 use crate::model::page::{Page, log_entry_bytes, welcome_bytes};
 
@@ -40,6 +41,9 @@ type InboxValue = (&'static [u8], u64, u64);
 const INBOX_LAST: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_last");
 /// (identity, group) → cursor.
 const CURSORS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("cursors");
+/// group → (epoch, encoded state, encoded proposals, GroupInfo): the public view (ADR 0012).
+const VIEWS: TableDefinition<&[u8], ViewValue> = TableDefinition::new("group_views");
+type ViewValue = (u64, &'static [u8], &'static [u8], &'static [u8]);
 /// Shared with the AS tables: "welcome_id" → last welcome id.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -58,6 +62,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(INBOX).map_err(unavailable)?;
     txn.open_table(INBOX_LAST).map_err(unavailable)?;
     txn.open_table(CURSORS).map_err(unavailable)?;
+    txn.open_table(VIEWS).map_err(unavailable)?;
     Ok(())
 }
 
@@ -144,7 +149,41 @@ fn write_decision(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(),
             member_groups.remove((id, m.group)).map_err(unavailable)?;
         }
     }
-    write_welcomes(txn, decision)
+    write_welcomes(txn, decision)?;
+    write_views(txn, decision)
+}
+
+/// Rewrites the public view of each group a verified handshake message was appended to.
+fn write_views(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), StoreError> {
+    if decision.views.is_empty() {
+        return Ok(());
+    }
+    let mut views = txn.open_table(VIEWS).map_err(unavailable)?;
+    for v in &decision.views {
+        let (state, group_info) = {
+            let stored = views
+                .get(v.group)
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("a verified group has no stored view"))?;
+            let (_, state, _, info) = stored.value();
+            (
+                v.state.map_or_else(|| state.to_vec(), <[u8]>::to_vec),
+                v.group_info.map_or_else(|| info.to_vec(), <[u8]>::to_vec),
+            )
+        };
+        views
+            .insert(
+                v.group,
+                (
+                    v.epoch,
+                    state.as_slice(),
+                    v.proposals,
+                    group_info.as_slice(),
+                ),
+            )
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// Stores each Welcome once (numbered by the `welcome_id` counter) and appends each inbox
@@ -188,12 +227,13 @@ fn write_welcomes(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(),
 }
 
 impl LogStore for EmbeddedStore {
-    async fn create_group(
+    async fn create_group_with_view(
         &self,
         group_id: &GroupId,
         creator: &IdentityKey,
+        view: Option<&StoredView>,
     ) -> Result<(), StoreError> {
-        let (gid, creator) = (group_id.clone(), *creator);
+        let (gid, creator, view) = (group_id.clone(), *creator, view.cloned());
         self.run(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             {
@@ -213,8 +253,39 @@ impl LogStore for EmbeddedStore {
                     .map_err(unavailable)?
                     .insert((id, gid.as_bytes()), ())
                     .map_err(unavailable)?;
+                if let Some(v) = &view {
+                    let row = (
+                        v.epoch,
+                        v.state.as_slice(),
+                        v.proposals.as_slice(),
+                        v.group_info.as_slice(),
+                    );
+                    txn.open_table(VIEWS)
+                        .map_err(unavailable)?
+                        .insert(gid.as_bytes(), row)
+                        .map_err(unavailable)?;
+                }
             }
             txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn load_view(&self, group_id: &GroupId) -> Result<Option<StoredView>, StoreError> {
+        let gid = group_id.clone();
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let views = txn.open_table(VIEWS).map_err(unavailable)?;
+            let stored = views.get(gid.as_bytes()).map_err(unavailable)?;
+            Ok(stored.map(|row| {
+                let (epoch, state, proposals, group_info) = row.value();
+                StoredView {
+                    epoch,
+                    state: state.to_vec(),
+                    proposals: proposals.to_vec(),
+                    group_info: group_info.to_vec(),
+                }
+            }))
         })
         .await
     }

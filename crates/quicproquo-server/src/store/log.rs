@@ -14,18 +14,37 @@ use quicproquo_core::IdentityKey;
 
 use super::StoreError;
 use crate::model::group::{
-    AppendOutcome, AppendRequest, GroupId, GroupSummary, InboxEntry, LogEntry,
+    AppendOutcome, AppendRequest, GroupId, GroupSummary, InboxEntry, LogEntry, StoredView,
 };
 use crate::model::page::Page;
 
 /// The Delivery Service's storage operations.
 pub trait LogStore: Send + Sync + 'static {
-    /// Creates `group_id` at epoch 0 with `creator` as its only member.
+    /// Creates `group_id` at epoch 0 with `creator` as its only member and no public view
+    /// (the store's own tests; the Delivery Service creates groups with
+    /// [`create_group_with_view`](Self::create_group_with_view)).
     fn create_group(
         &self,
         group_id: &GroupId,
         creator: &IdentityKey,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.create_group_with_view(group_id, creator, None)
+    }
+
+    /// Creates `group_id` at epoch 0 with `creator` as its only member and, if given, its
+    /// public view, in one transaction.
+    fn create_group_with_view(
+        &self,
+        group_id: &GroupId,
+        creator: &IdentityKey,
+        view: Option<&StoredView>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The group's public view as last written (`None`: the group has none).
+    fn load_view(
+        &self,
+        group_id: &GroupId,
+    ) -> impl Future<Output = Result<Option<StoredView>, StoreError>> + Send;
 
     /// Appends a batch in one transaction (group commit); one outcome per request, in order.
     /// Requests for the same group are applied in batch order.

@@ -244,12 +244,20 @@ impl Store for AnyStore {
 }
 
 impl log::LogStore for AnyStore {
-    async fn create_group(
+    async fn create_group_with_view(
         &self,
         group_id: &group::GroupId,
         creator: &IdentityKey,
+        view: Option<&group::StoredView>,
     ) -> Result<(), StoreError> {
-        dispatch!(self, "create_group", s => s.create_group(group_id, creator))
+        dispatch!(self, "create_group", s => s.create_group_with_view(group_id, creator, view))
+    }
+
+    async fn load_view(
+        &self,
+        group_id: &group::GroupId,
+    ) -> Result<Option<group::StoredView>, StoreError> {
+        dispatch!(self, "load_view", s => s.load_view(group_id))
     }
 
     async fn append(

@@ -57,6 +57,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_cluster",
         include_str!("../../../../sql/0003_cluster.sql"),
     ),
+    (
+        "0004_group_views",
+        include_str!("../../../../sql/0004_group_views.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).

@@ -53,6 +53,7 @@ use super::postgres_plan::{
 use crate::model::decide::{Reads, decide};
 use crate::model::group::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
+    StoredView,
 };
 use crate::model::page::{Page, log_entry_bytes, welcome_bytes};
 
@@ -200,15 +201,24 @@ impl PgStore {
 }
 
 impl LogStore for PgStore {
-    async fn create_group(
+    async fn create_group_with_view(
         &self,
         group_id: &GroupId,
         creator: &IdentityKey,
+        view: Option<&StoredView>,
     ) -> Result<(), StoreError> {
+        let epoch = view.map(|v| i64::try_from(v.epoch).unwrap_or(i64::MAX));
         let rows = self
             .log_query(
                 sql::CREATE_GROUP,
-                &[&group_id.as_bytes(), &creator.as_bytes().as_slice()],
+                &[
+                    &group_id.as_bytes(),
+                    &creator.as_bytes().as_slice(),
+                    &epoch,
+                    &view.map(|v| v.state.as_slice()),
+                    &view.map(|v| v.proposals.as_slice()),
+                    &view.map(|v| v.group_info.as_slice()),
+                ],
             )
             .await?;
         let created: i64 = rows.first().map_or(Ok(0), |row| column(row, 0))?;
@@ -217,6 +227,21 @@ impl LogStore for PgStore {
         } else {
             Err(StoreError::GroupExists)
         }
+    }
+
+    async fn load_view(&self, group_id: &GroupId) -> Result<Option<StoredView>, StoreError> {
+        let rows = self
+            .log_query(sql::LOAD_VIEW, &[&group_id.as_bytes()])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some(StoredView {
+            epoch: stored_u64(column(row, 0)?, "epoch")?,
+            state: column(row, 1)?,
+            proposals: column(row, 2)?,
+            group_info: column(row, 3)?,
+        }))
     }
 
     async fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
@@ -394,8 +419,16 @@ mod sql {
         m AS (
             INSERT INTO members (group_id, identity, joined_seq)
             SELECT group_id, $2, 0 FROM g
+        ),
+        v AS (
+            INSERT INTO group_views (group_id, epoch, state, proposals, group_info)
+            SELECT group_id, $3, $4, $5, $6 FROM g WHERE $4::bytea IS NOT NULL
         )
         SELECT count(*) FROM g";
+
+    /// A group's public view.
+    pub(super) const LOAD_VIEW: &str = "
+        SELECT epoch, state, proposals, group_info FROM group_views WHERE group_id = $1";
 
     /// One row telling whether the group exists and the reader may read it, joined with the
     /// entries it may read (none: a single row of NULL entry columns).

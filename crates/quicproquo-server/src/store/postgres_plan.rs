@@ -86,6 +86,16 @@ pub(super) struct InboxRows<'a> {
     pub(super) commit_seqs: Vec<i64>,
 }
 
+/// Public views to rewrite (a `NULL` state or GroupInfo keeps the stored one).
+#[derive(Default)]
+pub(super) struct ViewRows<'a> {
+    pub(super) groups: Vec<&'a [u8]>,
+    pub(super) epochs: Vec<i64>,
+    pub(super) states: Vec<Option<&'a [u8]>>,
+    pub(super) proposals: Vec<&'a [u8]>,
+    pub(super) group_infos: Vec<Option<&'a [u8]>>,
+}
+
 /// The (group, message id) pairs of the requests a decision refused for their epoch without
 /// knowing whether their ids are stored ([`Decision::unchecked`]).
 #[derive(Default)]
@@ -102,6 +112,7 @@ pub(super) struct Plan<'a> {
     pub(super) members: MemberRows<'a>,
     pub(super) welcomes: WelcomeRows<'a>,
     pub(super) inbox: InboxRows<'a>,
+    pub(super) views: ViewRows<'a>,
     pub(super) unchecked: UncheckedIds<'a>,
 }
 
@@ -148,6 +159,13 @@ impl<'a> Plan<'a> {
             plan.inbox.groups.push(d.group);
             plan.inbox.commit_seqs.push(bigint(d.commit_seq)?);
         }
+        for v in &decision.views {
+            plan.views.groups.push(v.group);
+            plan.views.epochs.push(bigint(v.epoch)?);
+            plan.views.states.push(v.state);
+            plan.views.proposals.push(v.proposals);
+            plan.views.group_infos.push(v.group_info);
+        }
         for (group, message_id) in decision.unchecked_ids() {
             plan.unchecked.groups.push(group);
             plan.unchecked.message_ids.push(message_id);
@@ -189,22 +207,32 @@ pub(super) struct AppendStatements {
     update_groups: Statement,
     upsert_members: Statement,
     deliver_welcomes: Statement,
+    update_views: Statement,
 }
 
 impl AppendStatements {
     /// Prepares them on `client` (cached per connection).
     pub(super) async fn prepare(client: &deadpool_postgres::Client) -> Result<Self, StoreError> {
-        let (lock, members, message_ids, insert_log, update_groups, upsert_members, welcomes) =
-            tokio::try_join!(
-                client.prepare_cached(append_sql::LOCK_GROUPS),
-                client.prepare_cached(append_sql::READ_MEMBERS),
-                client.prepare_cached(append_sql::READ_MESSAGE_IDS),
-                client.prepare_cached(append_sql::INSERT_LOG),
-                client.prepare_cached(append_sql::UPDATE_GROUPS),
-                client.prepare_cached(append_sql::UPSERT_MEMBERS),
-                client.prepare_cached(append_sql::DELIVER_WELCOMES),
-            )
-            .map_err(|e| db_error(&e))?;
+        let (
+            lock,
+            members,
+            message_ids,
+            insert_log,
+            update_groups,
+            upsert_members,
+            welcomes,
+            views,
+        ) = tokio::try_join!(
+            client.prepare_cached(append_sql::LOCK_GROUPS),
+            client.prepare_cached(append_sql::READ_MEMBERS),
+            client.prepare_cached(append_sql::READ_MESSAGE_IDS),
+            client.prepare_cached(append_sql::INSERT_LOG),
+            client.prepare_cached(append_sql::UPDATE_GROUPS),
+            client.prepare_cached(append_sql::UPSERT_MEMBERS),
+            client.prepare_cached(append_sql::DELIVER_WELCOMES),
+            client.prepare_cached(append_sql::UPDATE_VIEWS),
+        )
+        .map_err(|e| db_error(&e))?;
         Ok(Self {
             lock,
             members,
@@ -213,6 +241,7 @@ impl AppendStatements {
             update_groups,
             upsert_members,
             deliver_welcomes: welcomes,
+            update_views: views,
         })
     }
 }
@@ -294,6 +323,7 @@ pub(super) async fn write_and_commit(
         members,
         welcomes,
         inbox,
+        views,
         unchecked,
     } = plan;
     let st = statements;
@@ -326,7 +356,14 @@ pub(super) async fn write_and_commit(
         &inbox.groups,
         &inbox.commit_seqs,
     ];
-    let (found, l, g, m, w, c) = tokio::join!(
+    let view_params: [&(dyn ToSql + Sync); 5] = [
+        &views.groups,
+        &views.epochs,
+        &views.states,
+        &views.proposals,
+        &views.group_infos,
+    ];
+    let (found, l, g, m, w, v, c) = tokio::join!(
         query_unless(
             unchecked.groups.is_empty(),
             client,
@@ -352,6 +389,12 @@ pub(super) async fn write_and_commit(
             &st.deliver_welcomes,
             &welcome_params
         ),
+        execute_unless(
+            views.groups.is_empty(),
+            client,
+            &st.update_views,
+            &view_params
+        ),
         client.batch_execute("COMMIT"),
     );
     if let Err(e) = &l
@@ -361,14 +404,15 @@ pub(super) async fn write_and_commit(
     {
         return Ok(Written::RepeatedMessageId);
     }
-    match (found, l, g, m, w, c) {
-        (Ok(found), Ok(_), Ok(_), Ok(_), Ok(_), Ok(())) => Ok(Written::Committed(found)),
-        (f, l, g, m, w, c) => Err(pipeline_error([
+    match (found, l, g, m, w, v, c) {
+        (Ok(found), Ok(_), Ok(_), Ok(_), Ok(_), Ok(_), Ok(())) => Ok(Written::Committed(found)),
+        (f, l, g, m, w, v, c) => Err(pipeline_error([
             f.err(),
             l.err(),
             g.err(),
             m.err(),
             w.err(),
+            v.err(),
             c.err(),
         ])),
     }
@@ -402,6 +446,18 @@ async fn execute_unless(
 
 /// The statements of an append batch, which take the arrays above.
 pub(super) mod append_sql {
+    /// Rewrites the public view of each group a verified handshake message was appended to
+    /// (a `NULL` state or GroupInfo keeps the stored one).
+    pub(super) const UPDATE_VIEWS: &str = "
+        UPDATE group_views v SET
+            epoch = u.epoch,
+            state = COALESCE(u.state, v.state),
+            proposals = u.proposals,
+            group_info = COALESCE(u.group_info, v.group_info)
+        FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[], $5::bytea[])
+            AS u (group_id, epoch, state, proposals, group_info)
+        WHERE v.group_id = u.group_id";
+
     /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
     /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.
     pub(super) const LOCK_GROUPS: &str = "
@@ -500,6 +556,7 @@ mod tests {
             epoch,
             payload: mid.as_bytes().to_vec(),
             commit: None,
+            view: None,
         })
     }
 
@@ -515,6 +572,7 @@ mod tests {
             added: vec![bob, carol],
             removed: vec![alice],
             welcome: Some(b"w".to_vec()),
+            group_info: None,
         });
         let batch = vec![
             req(alice, EntryKind::Application, 3, "a")?,

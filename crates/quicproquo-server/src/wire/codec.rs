@@ -9,7 +9,6 @@ use quicproquo_proto::errors::{ErrorCode, error};
 use super::parse;
 use crate::model::group::{
     AppendOutcome, AppendRequest, CommitChange, EntryKind, GroupId, InboxEntry, LogEntry,
-    MAX_CHANGE,
 };
 
 fn invalid(e: impl std::fmt::Display) -> capnp::Error {
@@ -43,17 +42,13 @@ pub(crate) fn write_request(mut out: append_request::Builder<'_>, req: &AppendRe
     out.set_payload(&req.payload);
     if let Some(change) = &req.commit {
         out.set_has_commit(true);
+        // Only the uploads travel: the owner shard derives the membership change itself.
         let mut c = out.init_commit();
-        let mut added = c.reborrow().init_added(change.added.len() as u32);
-        for (i, id) in change.added.iter().enumerate() {
-            added.set(i as u32, id.as_bytes());
-        }
-        let mut removed = c.reborrow().init_removed(change.removed.len() as u32);
-        for (i, id) in change.removed.iter().enumerate() {
-            removed.set(i as u32, id.as_bytes());
-        }
         if let Some(w) = &change.welcome {
             c.set_welcome(w);
+        }
+        if let Some(info) = &change.group_info {
+            c.set_group_info(info);
         }
     }
 }
@@ -63,10 +58,12 @@ pub(crate) fn read_request(r: append_request::Reader<'_>) -> Result<AppendReques
     let commit = if r.get_has_commit() {
         let c = r.get_commit()?;
         let welcome = c.get_welcome()?;
+        let group_info = c.get_group_info()?;
         Some(CommitChange {
-            added: parse::identities(c.get_added()?, MAX_CHANGE)?,
-            removed: parse::identities(c.get_removed()?, MAX_CHANGE)?,
+            added: Vec::new(),
+            removed: Vec::new(),
             welcome: (!welcome.is_empty()).then(|| welcome.to_vec()),
+            group_info: (!group_info.is_empty()).then(|| group_info.to_vec()),
         })
     } else {
         None
@@ -79,6 +76,7 @@ pub(crate) fn read_request(r: append_request::Reader<'_>) -> Result<AppendReques
         epoch: r.get_epoch(),
         payload: r.get_payload()?.to_vec(),
         commit,
+        view: None,
     })
 }
 

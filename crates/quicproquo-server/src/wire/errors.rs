@@ -67,6 +67,7 @@ pub fn ordering_error(e: OrderingError) -> capnp::Error {
         OrderingError::Model(e) => model_error(e),
         OrderingError::Store(e) => store_error(e),
         OrderingError::Unavailable(m) => error(ErrorCode::Unavailable, m),
+        OrderingError::BadCommit(e) => error(ErrorCode::BadCommit, e),
         OrderingError::Refused { code, message } => error(code, message),
     }
 }

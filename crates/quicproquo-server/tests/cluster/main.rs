@@ -384,79 +384,148 @@ async fn two_owners() -> Result<()> {
     for s in &snapshot.shards {
         links.push(dialer.dial(&s.node_id, &s.address, &s.noise_key).await?);
     }
-    let member = IdentityKeypair::generate()?.public();
+    // Two real members, so that each epoch gets two commits that both verify against the
+    // group's public view: Alice's through one shard, Bob's through the other.
+    use quicproquo_core::group::Group;
+    use quicproquo_core::mls::{MlsIdentity, MlsProvider, Suite};
+    let alice = MlsIdentity::new(&IdentityKeypair::generate()?);
+    let bob = MlsIdentity::new(&IdentityKeypair::generate()?);
+    let (pa, pb) = (MlsProvider::default(), MlsProvider::default());
+    let (member, bob_id) = (alice.identity(), bob.identity());
     let group = b"one group, two owners".to_vec();
+    let mut ga = Group::create(&pa, &alice, Suite::Classical, &group)?;
     let mut create = links[0].client.create_group_request();
     create.get().set_group_id(&group);
     create.get().set_creator(member.as_bytes());
+    create.get().set_group_info(&ga.group_info(&pa, &alice)?);
     create.send().promise.await?;
+
+    /// A message to append: its id, sender, epoch and, for a commit, its bytes, Welcome and
+    /// GroupInfo (an application message's payload is its id: shards do not read it).
+    struct Msg<'a> {
+        id: String,
+        sender: &'a [u8],
+        epoch: u64,
+        commit: Option<&'a quicproquo_core::group::CommitOutput>,
+    }
 
     // (message id, outcome): Some(seq) when appended, None when it lost the epoch.
     async fn append(
         client: &shard_service::Client,
         group: &[u8],
-        sender: &[u8],
-        message_id: String,
-        commit: bool,
-        epoch: u64,
+        m: Msg<'_>,
     ) -> Result<(String, Option<u64>)> {
         let mut call = client.append_request();
         {
             let mut r = call.get().init_request();
             r.set_group_id(group);
-            r.set_sender(sender);
-            r.set_message_id(message_id.as_bytes());
-            r.set_kind(if commit {
-                envelope::Kind::Commit
-            } else {
-                envelope::Kind::Application
-            });
-            r.set_epoch(epoch);
-            r.set_payload(message_id.as_bytes());
-            r.set_has_commit(commit);
-            if commit {
-                r.init_commit();
+            r.set_sender(m.sender);
+            r.set_message_id(m.id.as_bytes());
+            r.set_epoch(m.epoch);
+            match m.commit {
+                Some(out) => {
+                    r.set_kind(envelope::Kind::Commit);
+                    r.set_payload(&out.commit);
+                    r.set_has_commit(true);
+                    let mut c = r.init_commit();
+                    if let Some(w) = &out.welcome {
+                        c.set_welcome(w);
+                    }
+                    c.set_group_info(&out.group_info);
+                }
+                None => {
+                    r.set_kind(envelope::Kind::Application);
+                    r.set_payload(m.id.as_bytes());
+                }
             }
         }
         let response = call.send().promise.await?;
         let outcome = match response.get()?.get_result()?.which()? {
             send_result::Appended(a) => Some(a?.get_seq()),
             send_result::StaleEpoch(_) => None,
-            send_result::Duplicate(_) => anyhow::bail!("{message_id} reported as a duplicate"),
+            send_result::Duplicate(_) => anyhow::bail!("{} reported as a duplicate", m.id),
         };
-        Ok((message_id, outcome))
+        Ok((m.id, outcome))
     }
 
-    const ROUNDS: u64 = 15;
     let mut appended: Vec<(String, u64)> = Vec::new();
-    for epoch in 0..ROUNDS {
-        let mut calls = Vec::new();
-        for (side, link) in links.iter().enumerate() {
-            calls.push(append(
-                &link.client,
+    let kp = bob.key_packages(&pb, Suite::Classical, 1)?;
+    let add = ga.add_members(&pa, &alice, &kp)?;
+    let first = Msg {
+        id: "commit e0 add".into(),
+        sender: member.as_bytes(),
+        epoch: 0,
+        commit: Some(&add),
+    };
+    let (id, seq) = append(&links[0].client, &group, first).await?;
+    appended.push((id, seq.ok_or_else(|| anyhow::anyhow!("the add lost"))?));
+    ga.merge_pending_commit(&pa)?;
+    let mut gb = Group::join(&pb, add.welcome.as_deref().unwrap_or_default())?;
+
+    const ROUNDS: u64 = 15;
+    for epoch in 1..=ROUNDS {
+        let oa = ga.self_update(&pa, &alice)?;
+        let ob = gb.self_update(&pb, &bob)?;
+        // Alternate which shard gets whose commit.
+        let (la, lb) = if epoch % 2 == 0 { (0, 1) } else { (1, 0) };
+        let mut calls = vec![
+            append(
+                &links[la].client,
                 &group,
-                member.as_bytes(),
-                format!("commit e{epoch} via {side}"),
-                true,
-                epoch,
-            ));
+                Msg {
+                    id: format!("commit e{epoch} alice via {la}"),
+                    sender: member.as_bytes(),
+                    epoch,
+                    commit: Some(&oa),
+                },
+            ),
+            append(
+                &links[lb].client,
+                &group,
+                Msg {
+                    id: format!("commit e{epoch} bob via {lb}"),
+                    sender: bob_id.as_bytes(),
+                    epoch,
+                    commit: Some(&ob),
+                },
+            ),
+        ];
+        for (side, link) in links.iter().enumerate() {
             for i in 0..4 {
                 calls.push(append(
                     &link.client,
                     &group,
-                    member.as_bytes(),
-                    format!("app e{epoch} #{i} via {side}"),
-                    false,
-                    epoch,
+                    Msg {
+                        id: format!("app e{epoch} #{i} via {side}"),
+                        sender: member.as_bytes(),
+                        epoch,
+                        commit: None,
+                    },
                 ));
             }
         }
         let results = futures::future::try_join_all(calls).await?;
-        let winners = results
-            .iter()
-            .filter(|(id, seq)| id.starts_with("commit") && seq.is_some())
-            .count();
-        ensure!(winners == 1, "epoch {epoch}: {winners} commits won");
+        let won = |who: &str| {
+            results
+                .iter()
+                .any(|(id, seq)| id.starts_with("commit") && id.contains(who) && seq.is_some())
+        };
+        let (alice_won, bob_won) = (won("alice"), won("bob"));
+        ensure!(
+            alice_won != bob_won,
+            "epoch {epoch}: alice {alice_won}, bob {bob_won}"
+        );
+        // Both follow the winner: its committer merges, the other drops its own commit.
+        if alice_won {
+            ga.merge_pending_commit(&pa)?;
+            gb.discard_pending_commit(&pb)?;
+            gb.process(&pb, &oa.commit)?;
+        } else {
+            gb.merge_pending_commit(&pb)?;
+            ga.discard_pending_commit(&pa)?;
+            ga.process(&pa, &ob.commit)?;
+        }
+        ensure!(ga.epoch() == epoch + 1 && gb.epoch() == epoch + 1);
         appended.extend(results.into_iter().filter_map(|(id, seq)| Some((id, seq?))));
     }
 
@@ -486,7 +555,7 @@ async fn two_owners() -> Result<()> {
         .map(|e| e.epoch)
         .collect();
     ensure!(
-        commit_epochs == (0..ROUNDS).collect::<Vec<_>>(),
+        commit_epochs == (0..=ROUNDS).collect::<Vec<_>>(),
         "commits by epoch: {commit_epochs:?}"
     );
     for l in &links {

@@ -5,6 +5,7 @@ use std::error::Error;
 use super::*;
 use crate::identity::IdentityKeypair;
 
+mod public;
 mod refusals;
 
 type R<T = ()> = Result<T, Box<dyn Error>>;

@@ -54,7 +54,8 @@ type Reply<T> = oneshot::Sender<Result<T, capnp::Error>>;
 /// A forwarded call carries the span of its client side, whose context goes on the wire.
 enum Cmd {
     Append(Box<AppendRequest>, Reply<AppendOutcome>, Span),
-    CreateGroup(GroupId, IdentityKey, Reply<()>, Span),
+    /// A new group: its id, creator and the creator's GroupInfo.
+    CreateGroup(Box<(GroupId, IdentityKey, Vec<u8>)>, Reply<()>, Span),
     Watch(GroupId),
 }
 
@@ -229,9 +230,10 @@ impl Router {
         &self,
         group: GroupId,
         creator: IdentityKey,
+        group_info: Vec<u8>,
     ) -> Result<(), OrderingError> {
         let span = self.forward_span("createGroup", &group);
-        self.call(|tx| Cmd::CreateGroup(group, creator, tx, span))
+        self.call(|tx| Cmd::CreateGroup(Box::new((group, creator, group_info)), tx, span))
             .await
     }
 }
@@ -483,10 +485,11 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
                         .await
                 });
             }
-            Cmd::CreateGroup(group, creator, reply, span) => {
+            Cmd::CreateGroup(created, reply, span) => {
                 let state = Rc::clone(&state);
                 spawn_forward(span, reply, async move {
-                    let (g, c) = (&group, &creator);
+                    let (group, creator, group_info) = &*created;
+                    let (g, c, info) = (group, creator, group_info);
                     let span = &Span::current();
                     state
                         .forward(g, |link| async move {
@@ -494,6 +497,7 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
                             write_trace(call.get().init_trace(), span);
                             call.get().set_group_id(g.as_bytes());
                             call.get().set_creator(c.as_bytes());
+                            call.get().set_group_info(info);
                             call.send().promise.await.map(drop)
                         })
                         .await

@@ -18,6 +18,7 @@ fn req(group: &str, sender: IdentityKey, kind: EntryKind, epoch: u64, mid: &str)
         epoch,
         payload: format!("payload {mid}").into_bytes(),
         commit: None,
+        view: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn commit(
             added: added.to_vec(),
             removed: removed.to_vec(),
             welcome: Some(format!("welcome {mid}").into_bytes()),
+            group_info: None,
         }),
         ..req("g", sender, EntryKind::Commit, epoch, mid)
     }
@@ -259,6 +261,7 @@ fn welcomes_are_stored_once_and_delivered_to_each_added_member() -> Result<()> {
         added: vec![dave],
         removed: vec![alice],
         welcome: Some(b"ignored".to_vec()),
+        group_info: None,
     });
     let batch = vec![
         commit(alice, 0, "c1", &[bob, carol], &[]),
@@ -354,6 +357,7 @@ fn reads_name_each_key_once() -> Result<()> {
         added: vec![],
         removed: vec![who()?],
         welcome: None,
+        group_info: None,
     });
     let batch = vec![
         app(alice, 0, "a"),

@@ -1,0 +1,380 @@
+//! The Delivery Service verifies every commit against its public view of the group (ADR 0012):
+//! the attacks a member could run when the server applied declared membership changes, sent
+//! through the client library as such a member would, against the real server on both
+//! stores. Each is refused, the group's epoch and membership stay as they were, and the
+//! members keep talking.
+
+mod support;
+
+use anyhow::{Result, bail, ensure};
+use quicproquo_client::ClientError;
+use quicproquo_client::chat::random_id;
+use quicproquo_client::delivery::{CommitParts, SendOutcome};
+use quicproquo_core::mls::Suite;
+use quicproquo_core::{IdentityKey, NodeRole};
+use quicproquo_proto::errors::ErrorCode;
+use quicproquo_server::store::AnyStore;
+use support::{TestServer, User, local};
+
+fn server(store: Option<AnyStore>) -> Result<TestServer> {
+    TestServer::start_with(NodeRole::Standalone, store, |_| {})
+}
+
+/// Sends `message` to group `id` as `user`, with `parts` if it is a commit.
+async fn send(
+    user: &User,
+    id: &[u8],
+    message: &[u8],
+    parts: Option<&CommitParts>,
+) -> Result<Result<SendOutcome, ClientError>> {
+    let mid = random_id()?;
+    Ok(user.session.delivery.send(id, &mid, message, parts).await)
+}
+
+/// The error code of a refused send; fails if it was not refused.
+fn refused(r: Result<SendOutcome, ClientError>) -> Result<(ErrorCode, String)> {
+    match r {
+        Err(e) => match e.code() {
+            Some(code) => Ok((code, e.to_string())),
+            None => bail!("refused without a code: {e}"),
+        },
+        Ok(outcome) => bail!("not refused: {outcome:?}"),
+    }
+}
+
+/// The group's (epoch, sorted members) as the server sees it, asked by `user`.
+async fn server_view(user: &User, id: &[u8]) -> Result<(u64, Vec<IdentityKey>)> {
+    let groups = user.session.delivery.groups().await?;
+    let g = groups
+        .into_iter()
+        .find(|g| g.group_id == id)
+        .ok_or_else(|| anyhow::anyhow!("not a member"))?;
+    let mut members = g.members;
+    members.sort();
+    Ok((g.epoch, members))
+}
+
+/// The offset of the epoch in a PublicMessage of group `id` (after version, wire format and
+/// the group id's one-byte length).
+fn epoch_at(message: &[u8], id: &[u8]) -> Result<usize> {
+    let at = message
+        .windows(id.len())
+        .position(|w| w == id)
+        .ok_or_else(|| anyhow::anyhow!("no group id in the message"))?;
+    Ok(at + id.len())
+}
+
+/// A well-formed PublicMessage application message of group `id` at `epoch` from leaf 0
+/// (openmls never sends one: it encrypts every application message).
+fn public_application(id: &[u8], epoch: u64) -> Vec<u8> {
+    let mut m = vec![0, 1, 0, 1]; // mls10, mls_public_message
+    m.push(id.len() as u8);
+    m.extend_from_slice(id);
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&[1, 0, 0, 0, 0]); // sender: member, leaf 0
+    m.push(0); // authenticated_data: empty
+    m.push(1); // content_type: application
+    m.push(5);
+    m.extend_from_slice(b"hello");
+    m.extend_from_slice(&[0x40, 64]); // signature (a two-byte length)
+    m.extend_from_slice(&[7; 64]);
+    m.push(32); // membership tag
+    m.extend_from_slice(&[9; 32]);
+    m
+}
+
+/// Alice creates `g` and adds Bob; Eve is registered but never added.
+async fn group_of_two(
+    server: &TestServer,
+    dir: &std::path::Path,
+) -> Result<(User, User, User, Vec<u8>)> {
+    let mut alice = User::register(server, dir, "alice", Suite::Classical).await?;
+    let mut bob = User::register(server, dir, "bob", Suite::Classical).await?;
+    let eve = User::register(server, dir, "eve", Suite::Classical).await?;
+    let id = alice.chat().create_group("g").await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
+    bob.recv().await?;
+    Ok((alice, bob, eve, id))
+}
+
+/// Alice and Bob still exchange a message both ways.
+async fn still_talking(alice: &mut User, bob: &mut User, id: &[u8]) -> Result<()> {
+    let g = hex::encode(&id[..4]);
+    alice.chat().send(&g, b"still here", &mut |_| {}).await?;
+    let got = User::messages(&bob.recv().await?);
+    ensure!(
+        got.iter().any(|(_, t)| t == "still here"),
+        "bob got {got:?}"
+    );
+    bob.chat().send(&g, b"me too", &mut |_| {}).await?;
+    let got = User::messages(&alice.recv().await?);
+    ensure!(got.iter().any(|(_, t)| t == "me too"), "alice got {got:?}");
+    Ok(())
+}
+
+async fn forged_commits_are_refused_and_change_nothing(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (mut alice, mut bob, eve, id) = group_of_two(&server, dir.path()).await?;
+    let before = server_view(&alice, &id).await?;
+    ensure!(before.0 == 1 && before.1.len() == 2, "{before:?}");
+
+    // Alice stages a commit; the pending commit stays with her while others try it.
+    let mut ga = alice.group(&id)?;
+    let out = ga.self_update(&alice.state.mls, alice.state.mls_identity())?;
+    let parts = CommitParts {
+        welcome: None,
+        group_info: out.group_info.clone(),
+    };
+
+    // A non-member: refused as such.
+    let (code, _) = refused(send(&eve, &id, &out.commit, Some(&parts)).await?)?;
+    ensure!(code == ErrorCode::NotMember, "{code:?}");
+    // Another member's leaf: Bob sends Alice's commit as his own.
+    let (code, text) = refused(send(&bob, &id, &out.commit, Some(&parts)).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("sender"),
+        "{text}"
+    );
+    // The commit declaring a membership change it does not make can no longer be sent: the
+    // change is derived; a commit without the new GroupInfo is refused.
+    let (code, text) =
+        refused(send(&alice, &id, &out.commit, Some(&CommitParts::default())).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("group_info"),
+        "{text}"
+    );
+    // The GroupInfo of the previous epoch (as the server serves it) with a valid commit.
+    let (old_info, epoch) = alice.session.delivery.group_info(&id).await?;
+    ensure!(epoch == 1);
+    let stale = CommitParts {
+        welcome: None,
+        group_info: old_info,
+    };
+    let (code, text) = refused(send(&alice, &id, &out.commit, Some(&stale)).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("group_info"),
+        "{text}"
+    );
+    // A Welcome where no one is added.
+    let with_welcome = CommitParts {
+        welcome: Some(out.group_info.clone()),
+        group_info: out.group_info.clone(),
+    };
+    let (code, text) = refused(send(&alice, &id, &out.commit, Some(&with_welcome)).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("welcome"),
+        "{text}"
+    );
+
+    // The epoch rewritten ahead, and a commit of another group with the group id rewritten.
+    let mut ahead = out.commit.clone();
+    let at = epoch_at(&ahead, &id)?;
+    ahead[at..at + 8].copy_from_slice(&2u64.to_be_bytes());
+    let (code, text) = refused(send(&alice, &id, &ahead, Some(&parts)).await?)?;
+    ensure!(code == ErrorCode::BadCommit, "{text}");
+    let other = bob.chat().create_group("other").await?;
+    let mut gb = bob.group(&other)?;
+    let foreign = gb.self_update(&bob.state.mls, bob.state.mls_identity())?;
+    gb.discard_pending_commit(&bob.state.mls)?;
+    let mut moved = foreign.commit.clone();
+    let at = epoch_at(&moved, &other)? - other.len();
+    moved[at..at + id.len()].copy_from_slice(&id);
+    let at = epoch_at(&moved, &id)?;
+    moved[at..at + 8].copy_from_slice(&1u64.to_be_bytes());
+    let (code, text) = refused(send(&bob, &id, &moved, Some(&parts)).await?)?;
+    ensure!(code == ErrorCode::BadCommit, "{text}");
+
+    // Unencrypted application messages, and Welcomes or GroupInfos as group messages.
+    let (code, text) = refused(send(&bob, &id, &public_application(&id, 1), None).await?)?;
+    ensure!(
+        code == ErrorCode::BadMessage && text.contains("PrivateMessage"),
+        "{text}"
+    );
+    let (code, text) = refused(send(&bob, &id, &out.group_info, None).await?)?;
+    ensure!(
+        code == ErrorCode::BadMessage && text.contains("GroupInfo"),
+        "{text}"
+    );
+
+    // Nothing moved; Alice's own commit still goes through and everyone follows it.
+    ensure!(server_view(&alice, &id).await? == before);
+    let sent = send(&alice, &id, &out.commit, Some(&parts)).await??;
+    ensure!(
+        matches!(sent, SendOutcome::Appended { epoch: 2, .. }),
+        "{sent:?}"
+    );
+    ga.merge_pending_commit(&alice.state.mls)?;
+    bob.recv().await?;
+    ensure!(bob.group(&id)?.epoch() == 2);
+    let (info, epoch) = bob.session.delivery.group_info(&id).await?;
+    ensure!(epoch == 2 && info == out.group_info);
+    still_talking(&mut alice, &mut bob, &id).await?;
+    Ok(())
+}
+
+/// An Add needs the added member's Welcome, and the Welcome of another commit does not do.
+async fn adds_need_their_own_welcome(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (mut alice, mut bob, eve, id) = group_of_two(&server, dir.path()).await?;
+    let before = server_view(&alice, &id).await?;
+    let kps = alice
+        .session
+        .auth
+        .fetch_key_packages(&[eve.state.identity().public()])
+        .await?;
+    let kp = kps
+        .into_iter()
+        .next()
+        .map(|k| k.data)
+        .ok_or_else(|| anyhow::anyhow!("no KeyPackage"))?;
+    let mut gb = bob.group(&id)?;
+    let out = gb.add_members(&bob.state.mls, bob.state.mls_identity(), &[kp])?;
+    let no_welcome = CommitParts {
+        welcome: None,
+        group_info: out.group_info.clone(),
+    };
+    let (code, text) = refused(send(&bob, &id, &out.commit, Some(&no_welcome)).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("welcome"),
+        "{text}"
+    );
+    ensure!(
+        server_view(&alice, &id).await? == before,
+        "eve was not added"
+    );
+    let fetched = eve.session.delivery.fetch(&id, 0, 10).await;
+    ensure!(
+        fetched.as_ref().err().and_then(ClientError::code) == Some(ErrorCode::NotMember),
+        "eve reads the group: {fetched:?}"
+    );
+    // With its Welcome it is Bob's valid commit: appended, and Eve is in.
+    let parts = CommitParts {
+        welcome: out.welcome.clone(),
+        group_info: out.group_info.clone(),
+    };
+    let sent = send(&bob, &id, &out.commit, Some(&parts)).await??;
+    ensure!(
+        matches!(sent, SendOutcome::Appended { epoch: 2, .. }),
+        "{sent:?}"
+    );
+    gb.merge_pending_commit(&bob.state.mls)?;
+    let (epoch, members) = server_view(&alice, &id).await?;
+    ensure!(epoch == 2 && members.len() == 3, "{members:?}");
+    alice.recv().await?;
+    still_talking(&mut alice, &mut bob, &id).await?;
+    Ok(())
+}
+
+/// 1000 random mutations of a valid commit: none is appended, the server never fails, and the
+/// valid commit is appended afterwards. The membership tag (the last 33 bytes) is left alone:
+/// the server has no key to check it (ADR 0012).
+async fn random_mutations_are_never_appended(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (mut alice, mut bob, _eve, id) = group_of_two(&server, dir.path()).await?;
+    let mut gb = bob.group(&id)?;
+    let out = gb.self_update(&bob.state.mls, bob.state.mls_identity())?;
+    let parts = CommitParts {
+        welcome: None,
+        group_info: out.group_info.clone(),
+    };
+    let mut rng = Rng(u64::from_le_bytes(random_id()?[..8].try_into()?));
+    let body = out.commit.len() - 33;
+    let mut refusals = std::collections::BTreeMap::new();
+    for _ in 0..1000 {
+        let mut m = out.commit.clone();
+        match rng.below(4) {
+            0 => {
+                let at = rng.below(body);
+                m[at] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let at = rng.below(body);
+                m[at] = rng.below(256) as u8;
+            }
+            2 => m.truncate(rng.below(m.len())),
+            _ => {
+                let at = rng.below(body);
+                m.insert(at, rng.below(256) as u8);
+            }
+        }
+        if m == out.commit {
+            continue;
+        }
+        match send(&bob, &id, &m, Some(&parts)).await? {
+            Ok(SendOutcome::Appended { .. }) => bail!("a mutated commit was appended"),
+            Ok(other) => {
+                let name = format!("{other:?}");
+                let name = name.split(' ').next().unwrap_or_default().to_owned();
+                *refusals.entry(name).or_insert(0) += 1;
+            }
+            Err(e) => {
+                let code = e
+                    .code()
+                    .ok_or_else(|| anyhow::anyhow!("uncoded error: {e}"))?;
+                ensure!(
+                    matches!(code, ErrorCode::BadCommit | ErrorCode::BadMessage),
+                    "unexpected refusal {code:?}: {e}"
+                );
+                *refusals.entry(code.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    ensure!(server_view(&alice, &id).await?.0 == 1, "{refusals:?}");
+    let sent = send(&bob, &id, &out.commit, Some(&parts)).await??;
+    ensure!(
+        matches!(sent, SendOutcome::Appended { epoch: 2, .. }),
+        "{sent:?}"
+    );
+    gb.merge_pending_commit(&bob.state.mls)?;
+    alice.recv().await?;
+    still_talking(&mut alice, &mut bob, &id).await?;
+    Ok(())
+}
+
+/// xorshift64: reproducible from its seed, which a failure prints through the mutation.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() -> Result<()> {
+                    local(super::$name(None)).await
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() -> Result<()> {
+                    let (store, _db) = support::postgres_store().await?;
+                    local(super::$name(store)).await
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    forged_commits_are_refused_and_change_nothing,
+    adds_need_their_own_welcome,
+    random_mutations_are_never_appended,
+);
