@@ -22,6 +22,9 @@ use zeroize::Zeroizing;
 pub const CLUSTER_KEY_FILE: &str = "cluster.key";
 /// File holding this node's X25519 Noise static secret.
 pub const NODE_KEY_FILE: &str = "node.key";
+/// File a node's certificate is written to by `qpq-server node-cert --node-key-dir` and
+/// `dev-cluster`.
+pub const NODE_CERTIFICATE_FILE: &str = "node.cert";
 /// File holding the telemetry key when no `telemetry_key_file` is configured.
 pub const TELEMETRY_KEY_FILE: &str = "telemetry.key";
 
@@ -288,11 +291,51 @@ pub fn cluster_key_file(path: &Path) -> Result<ClusterSigningKey, KeyStoreError>
     })
 }
 
+/// Loads a node's Noise key from `path`, which must exist (e.g. mounted from a secret).
+pub fn node_key_file(path: &Path) -> Result<NoiseKeypair, KeyStoreError> {
+    let text = fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(io_err("reading", path))?;
+    warn_if_exposed(path);
+    NoiseKeypair::from_secret_hex(&text).map_err(|source| KeyStoreError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The operator's step for a node whose keys live in `dir`: creates its Noise key there on
+/// first use, issues it a certificate for `role` valid from a minute ago for `validity`
+/// (under `node_id`, or the id derived from the key), and writes it to `dir/node.cert`.
+pub fn certify_node_dir(
+    cluster: &ClusterSigningKey,
+    dir: &Path,
+    role: NodeRole,
+    node_id: Option<&str>,
+    validity: std::time::Duration,
+) -> Result<NodeCertificate, KeyStoreError> {
+    let noise = node_key(dir)?;
+    let not_before = quicproquo_core::cert::unix_now().saturating_sub(60);
+    let certificate = cluster.issue(&quicproquo_core::CertificateFields {
+        role,
+        node_key: *noise.public(),
+        node_id: node_id.map_or_else(
+            || quicproquo_core::cert::default_node_id(noise.public()),
+            str::to_owned,
+        ),
+        not_before,
+        not_after: not_before + 60 + validity.as_secs(),
+    })?;
+    write_certificate(&dir.join(NODE_CERTIFICATE_FILE), &certificate)?;
+    Ok(certificate)
+}
+
 /// Where a node's certificate comes from.
 #[derive(Debug, Clone, Copy)]
 pub struct CertificateSource<'a> {
     /// The certificate file (`node_certificate_file`).
     pub file: &'a Path,
+    /// The node key file (`node_key_file`); `None`: `DATA_DIR/node.key`, created on first use.
+    pub node_key_file: Option<&'a Path>,
     /// The cluster keys trusted for peers; empty: the key that issued this node's certificate.
     pub trusted: &'a [ClusterPublicKey],
     /// The telemetry key file; `None`: `DATA_DIR/telemetry.key`.
@@ -320,8 +363,9 @@ impl NodeIdentity {
             None => cluster_key(dir)?,
         };
         let noise = node_key(dir)?;
+        let telemetry = telemetry_key(dir, None)?;
         Ok(Self {
-            redactor: quicproquo_telemetry::Redactor::new(cluster.secret_hex().as_bytes()),
+            redactor: quicproquo_telemetry::Redactor::new(telemetry.as_bytes()),
             certificate: RwLock::new(cluster.certify(role, noise.public())),
             trusted: vec![cluster.public_key()],
             certificate_file: None,
@@ -329,15 +373,18 @@ impl NodeIdentity {
         })
     }
 
-    /// Loads the node key from `dir` (created on first use) and the certificate from
-    /// `source.file`, and checks the certificate: it must certify this node key in `role`,
+    /// Loads the node key from `source.node_key_file` or `dir` (created there on first use)
+    /// and the certificate from `source.file`, and checks the certificate: it must certify this node key in `role`,
     /// be issued by a trusted cluster key, verify, and be valid now.
     pub fn with_certificate(
         dir: &Path,
         source: &CertificateSource<'_>,
         role: NodeRole,
     ) -> Result<Self, KeyStoreError> {
-        let noise = node_key(dir)?;
+        let noise = match source.node_key_file {
+            Some(path) => node_key_file(path)?,
+            None => node_key(dir)?,
+        };
         let certificate = read_certificate(source.file)?;
         let trusted = if source.trusted.is_empty() {
             vec![
@@ -375,6 +422,13 @@ impl NodeIdentity {
     /// The cluster keys this node trusts for its peers' certificates.
     pub fn trusted_keys(&self) -> &[ClusterPublicKey] {
         &self.trusted
+    }
+
+    /// Hashes group ids under the key in `path` (`telemetry_key_file`) from now on.
+    pub fn use_telemetry_key_file(&mut self, path: &Path) -> Result<(), KeyStoreError> {
+        let key = telemetry_key(Path::new("."), Some(path))?;
+        self.redactor = quicproquo_telemetry::Redactor::new(key.as_bytes());
+        Ok(())
     }
 
     /// A verifier for peers' certificates under the trusted keys.
@@ -446,7 +500,7 @@ mod tests {
         assert_eq!(first.cluster_public(), again.cluster_public());
         assert_eq!(first.noise.public(), again.noise.public());
         assert_eq!(fs::metadata(&dir)?.permissions().mode() & 0o777, 0o700);
-        for f in [CLUSTER_KEY_FILE, NODE_KEY_FILE] {
+        for f in [CLUSTER_KEY_FILE, NODE_KEY_FILE, TELEMETRY_KEY_FILE] {
             assert_eq!(
                 fs::metadata(dir.join(f))?.permissions().mode() & 0o777,
                 0o600
@@ -456,7 +510,7 @@ mod tests {
             .cluster_public()
             .verify(&first.certificate(), first.noise.public())?;
         // No temporary files are left behind.
-        assert_eq!(fs::read_dir(&dir)?.count(), 2);
+        assert_eq!(fs::read_dir(&dir)?.count(), 3);
         Ok(())
     }
 
@@ -509,6 +563,7 @@ mod tests {
         let file = tmp.path().join("node.cert");
         let source = CertificateSource {
             file: &file,
+            node_key_file: None,
             trusted: &[],
             telemetry_key_file: None,
         };
@@ -525,6 +580,7 @@ mod tests {
             write_certificate(&file, &cert).map_err(|e| e.to_string())?;
             let source = CertificateSource {
                 file: &file,
+                node_key_file: None,
                 trusted,
                 telemetry_key_file: None,
             };
@@ -582,6 +638,7 @@ mod tests {
         let trusted = [old.public_key(), new.public_key()];
         let source = CertificateSource {
             file: &file,
+            node_key_file: None,
             trusted: &trusted,
             telemetry_key_file: None,
         };

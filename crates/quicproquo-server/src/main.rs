@@ -43,6 +43,13 @@ enum Command {
         #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Create the telemetry key every node hashes group ids with (DIR/telemetry.key), once;
+    /// prints nothing.
+    TelemetryKey {
+        /// Directory for the key.
+        #[arg(long, env = "QPQ_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Print this node's Noise public key, the one to certify (creating it on first use).
     NodeKey {
         /// The node's data directory.
@@ -63,7 +70,11 @@ enum Command {
         role: String,
         /// The node's Noise public key in hex (qpq-server node-key prints it).
         #[arg(long)]
-        node_key: String,
+        node_key: Option<String>,
+        /// Or: the directory holding the node's key (node.key, created there on first use);
+        /// the certificate then goes to DIR/node.cert unless --out says otherwise.
+        #[arg(long)]
+        node_key_dir: Option<PathBuf>,
         /// The node id (a shard's place on the ring) [default: derived from the node key].
         #[arg(long)]
         node_id: Option<String>,
@@ -257,11 +268,16 @@ fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
             Ok(())
         }
         Command::NodeKey { data_dir } => cli::certs::node_key(&data_dir),
+        Command::TelemetryKey { data_dir } => {
+            keystore::telemetry_key(&data_dir, None)?;
+            Ok(())
+        }
         Command::NodeCert {
             cluster_key_file,
             data_dir,
             role,
             node_key,
+            node_key_dir,
             node_id,
             expires,
             out,
@@ -270,6 +286,7 @@ fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
                 .unwrap_or_else(|| data_dir.join(keystore::CLUSTER_KEY_FILE)),
             role,
             node_key,
+            node_key_dir,
             node_id,
             expires,
             out,

@@ -389,7 +389,8 @@ fn every_qpq_variable_in_the_deployment_files_is_one_the_server_reads() -> Resul
     // The scan itself works: the settings every cluster node needs were found.
     for needed in [
         "QPQ_DATABASE_URL",
-        "QPQ_CLUSTER_KEY_FILE",
+        "QPQ_NODE_CERTIFICATE_FILE",
+        "QPQ_NODE_KEY_FILE",
         "QPQ_ADVERTISE",
         "QPQ_OPS_LISTEN",
     ] {
@@ -407,7 +408,14 @@ fn every_qpq_server_invocation_names_a_real_subcommand_and_flags() -> Result<()>
     let families = [
         (
             "deploy/compose",
-            &["cluster-key", "edge", "migrate", "shard"][..],
+            &[
+                "cluster-key",
+                "edge",
+                "migrate",
+                "node-cert",
+                "shard",
+                "telemetry-key",
+            ][..],
         ),
         ("deploy/k8s", &["edge", "migrate", "shard"][..]),
     ];

@@ -32,10 +32,9 @@ use otlp::{
     CLIENT, Got, INTERNAL, Receiver, SERVER, STATUS_ERROR, child, int, linked, links_to, text,
 };
 use quicproquo_client::{ClientState, ConnectOptions, Connection};
+use quicproquo_core::ClusterPublicKey;
 use quicproquo_core::mls::Suite;
-use quicproquo_core::{ClusterPublicKey, NodeRole};
 use quicproquo_proto::errors::ErrorCode;
-use quicproquo_server::NodeIdentity;
 use quicproquo_server::store::postgres::migrate;
 use quicproquo_telemetry::propagation::{self, WireContext};
 use quicproquo_testkit::postgres::fresh_database;
@@ -66,6 +65,23 @@ impl Cluster<'_> {
     fn start(&self, role: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Node> {
         let log = self.dir.join(format!("{name}.log"));
         let data = self.dir.join(name);
+        // The operator's step: a certificate for the node's key, under its node id if given.
+        let node_id = args
+            .iter()
+            .position(|a| *a == "--node-id")
+            .and_then(|i| args.get(i + 1));
+        let key_dir = self.key_file.parent().context("key directory")?;
+        let mut issue = Command::new(BIN);
+        issue
+            .args(["node-cert", "--role", role, "--expires", "1d", "--data-dir"])
+            .arg(key_dir)
+            .arg("--node-key-dir")
+            .arg(&data);
+        if let Some(id) = node_id {
+            issue.args(["--node-id", id]);
+        }
+        let issued = issue.output()?;
+        ensure!(issued.status.success(), "node-cert: {issued:?}");
         let mut child = Command::new(BIN)
             .arg(role)
             .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
@@ -79,8 +95,10 @@ impl Cluster<'_> {
             ])
             .arg("--data-dir")
             .arg(&data)
-            .arg("--cluster-key-file")
-            .arg(self.key_file)
+            .arg("--node-certificate-file")
+            .arg(data.join("node.cert"))
+            .arg("--telemetry-key-file")
+            .arg(key_dir.join("telemetry.key"))
             .args(["--database-url", self.db])
             .args(args)
             .env_remove("QPQ_CONFIG")
@@ -128,10 +146,10 @@ impl Node {
         Ok(())
     }
 
-    /// The node id an edge derives from its Noise key.
-    fn derived_id(&self, key_file: &Path) -> Result<String> {
-        let identity = NodeIdentity::load(&self.data, Some(key_file), NodeRole::Edge)?;
-        Ok(hex::encode(&identity.noise.public()[..8]))
+    /// The node id an edge's certificate derives from its Noise key.
+    fn derived_id(&self) -> Result<String> {
+        let key = quicproquo_server::keystore::node_key(&self.data)?;
+        Ok(hex::encode(&key.public()[..8]))
     }
 }
 
@@ -553,6 +571,8 @@ async fn traces_name_every_instance_chain_the_fan_out_and_name_nobody() -> Resul
     ensure!(key_out.status.success());
     let key = ClusterPublicKey::from_hex(String::from_utf8(key_out.stdout)?.trim())?;
     let key_file = dir.path().join("key").join("cluster.key");
+    // One telemetry key for every node, so they hash a group alike.
+    quicproquo_server::keystore::telemetry_key(&dir.path().join("key"), None)?;
     let cluster = Cluster {
         dir: dir.path(),
         key_file: &key_file,
@@ -583,7 +603,7 @@ async fn traces_name_every_instance_chain_the_fan_out_and_name_nobody() -> Resul
     let metrics = [get(edge1.ops, "/metrics")?, get(shard.ops, "/metrics")?];
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     // Stopped nodes have flushed every span: what the receiver holds is all there is.
-    let edge_ids = [edge1.derived_id(&key_file)?, edge2.derived_id(&key_file)?];
+    let edge_ids = [edge1.derived_id()?, edge2.derived_id()?];
     ensure!(edge_ids[0] != edge_ids[1]);
     for node in [&mut edge1, &mut edge2, &mut gate, &mut shard] {
         node.stop()?;

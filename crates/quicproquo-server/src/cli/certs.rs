@@ -22,7 +22,9 @@ pub(crate) struct Request {
     /// `edge`, `shard` or `standalone`.
     pub(crate) role: String,
     /// The node's Noise public key, hex.
-    pub(crate) node_key: String,
+    pub(crate) node_key: Option<String>,
+    /// Or a directory holding the node's key (created there on first use).
+    pub(crate) node_key_dir: Option<PathBuf>,
     /// The node id; `None`: derived from the node key.
     pub(crate) node_id: Option<String>,
     /// Validity, e.g. `30d`.
@@ -42,8 +44,12 @@ pub(crate) fn node_key(data_dir: &Path) -> Result<()> {
 pub(crate) fn node_cert(req: &Request) -> Result<()> {
     let role: NodeRole = req.role.parse()?;
     let mut node_key = [0u8; 32];
-    hex::decode_to_slice(req.node_key.trim(), &mut node_key)
-        .context("--node-key must be the node's Noise public key: 64 hex digits")?;
+    match (&req.node_key, &req.node_key_dir) {
+        (Some(hex_key), None) => hex::decode_to_slice(hex_key.trim(), &mut node_key)
+            .context("--node-key must be the node's Noise public key: 64 hex digits")?,
+        (None, Some(dir)) => node_key = *keystore::node_key(dir)?.public(),
+        _ => bail!("name the node by exactly one of --node-key and --node-key-dir"),
+    }
     let node_id = req
         .node_id
         .clone()
@@ -62,7 +68,12 @@ pub(crate) fn node_cert(req: &Request) -> Result<()> {
         not_before,
         not_after: not_before + 60 + validity.as_secs(),
     })?;
-    match &req.out {
+    let out = req.out.clone().or_else(|| {
+        req.node_key_dir
+            .as_ref()
+            .map(|d| d.join(keystore::NODE_CERTIFICATE_FILE))
+    });
+    match &out {
         Some(path) => keystore::write_certificate(path, &certificate)?,
         None => {
             let mut out = std::io::stdout().lock();

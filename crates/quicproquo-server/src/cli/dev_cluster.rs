@@ -1,17 +1,20 @@
 //! `qpq-server dev-cluster`: a local cluster in one command.
 //!
-//! Migrates the database, creates (or reuses) a cluster key in the base directory, starts the
-//! shards and then the edges as child processes of this same binary on loopback (each with its
-//! own data directory and port 0), prints the cluster key and one line per node, and on
+//! Migrates the database, creates (or reuses) a cluster key in the base directory, issues every
+//! node a certificate into its own data directory (as an operator would: the nodes never see
+//! the signing key), starts the shards and then the edges as child processes of this same
+//! binary on loopback (each with its own data directory and port 0, all with one telemetry
+//! key), prints the cluster key and one line per node, and on
 //! ctrl-c or SIGTERM stops the edges (which drain) and then the shards. A node that dies is
 //! reported and the others keep running; restart it with the command its line shows.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use quicproquo_core::{ClusterSigningKey, NodeRole};
 use quicproquo_server::keystore;
 use quicproquo_server::store::postgres;
 use rustix::process::{Pid, Signal, kill_process};
@@ -38,17 +41,39 @@ struct Node {
 const LOOPBACK_CONNECTIONS: &str = "10000";
 const LOOPBACK_HANDSHAKES: &str = "1024";
 
-fn spawn(plan: &Plan, role: &'static str, index: usize, key_file: &Path) -> Result<Node> {
+/// How long the certificates of a local cluster are valid (reissued at every start).
+const DEV_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+fn spawn(
+    plan: &Plan,
+    role: &'static str,
+    index: usize,
+    cluster: &ClusterSigningKey,
+) -> Result<Node> {
     let exe = std::env::current_exe().context("locating the qpq-server binary")?;
     let data_dir = plan.base_dir.join(format!("{role}-{index}"));
+    let node_role = if role == "edge" {
+        NodeRole::Edge
+    } else {
+        NodeRole::Shard
+    };
+    keystore::certify_node_dir(
+        cluster,
+        &data_dir,
+        node_role,
+        None,
+        DEV_CERTIFICATE_VALIDITY,
+    )?;
     let mut cmd = Command::new(exe);
     cmd.arg(role)
         .arg("--listen")
         .arg(format!("{}:0", plan.host))
         .arg("--data-dir")
         .arg(&data_dir)
-        .arg("--cluster-key-file")
-        .arg(key_file)
+        .arg("--node-certificate-file")
+        .arg(data_dir.join(keystore::NODE_CERTIFICATE_FILE))
+        .arg("--telemetry-key-file")
+        .arg(plan.base_dir.join(keystore::TELEMETRY_KEY_FILE))
         .arg("--database-url")
         .arg(&plan.database_url)
         .arg("--lease-ttl")
@@ -154,18 +179,17 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
     }
     keystore::ensure_data_dir(&plan.base_dir)?;
     let key = keystore::cluster_key(&plan.base_dir)?;
-    let key_file = plan.base_dir.join(keystore::CLUSTER_KEY_FILE);
+    keystore::telemetry_key(&plan.base_dir, None)?;
     println!("cluster-key {}", key.public_key());
-    drop(key);
     let mut signal = runtime.block_on(async { crate::shutdown_signal() })?;
     let mut shards = Vec::new();
     let mut edges = Vec::new();
     let started = (|| -> Result<()> {
         for i in 0..plan.shards {
-            shards.push(spawn(plan, "shard", i, &key_file)?);
+            shards.push(spawn(plan, "shard", i, &key)?);
         }
         for i in 0..plan.edges {
-            edges.push(spawn(plan, "edge", i, &key_file)?);
+            edges.push(spawn(plan, "edge", i, &key)?);
         }
         Ok(())
     })();
@@ -178,11 +202,9 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
     println!(
         "ready: qpq --server {} --server-key {}",
         servers.join(","),
-        {
-            let key = keystore::cluster_key(&plan.base_dir)?;
-            key.public_key().to_string()
-        }
+        key.public_key()
     );
+    drop(key);
     std::io::stdout().flush()?;
     runtime.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(200));

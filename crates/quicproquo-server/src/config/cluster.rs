@@ -21,6 +21,10 @@ pub struct TrustOverrides {
     /// [default: none; edges and shards need one].
     #[arg(long, env = "QPQ_NODE_CERTIFICATE_FILE")]
     pub node_certificate_file: Option<PathBuf>,
+    /// This node's Noise key file, which must exist (e.g. mounted from a secret)
+    /// [default: DATA_DIR/node.key, created on first use].
+    #[arg(long, env = "QPQ_NODE_KEY_FILE")]
+    pub node_key_file: Option<PathBuf>,
     /// Cluster public keys (hex) whose certificates this node accepts from its peers,
     /// comma-separated: the old and the new key during a rollover [default: the key that
     /// issued this node's certificate].
@@ -48,6 +52,8 @@ pub struct ClusterSettings {
     pub cluster_key_file: Option<PathBuf>,
     /// This node's certificate file (edges and shards).
     pub node_certificate_file: Option<PathBuf>,
+    /// This node's Noise key file; `None`: `DATA_DIR/node.key`.
+    pub node_key_file: Option<PathBuf>,
     /// Cluster keys trusted for peers' certificates; empty: the issuer of this node's.
     pub cluster_public_keys: Vec<ClusterPublicKey>,
     /// The telemetry key file; `None`: `DATA_DIR/telemetry.key`.
@@ -70,6 +76,7 @@ impl Default for ClusterSettings {
             advertise: None,
             cluster_key_file: None,
             node_certificate_file: None,
+            node_key_file: None,
             cluster_public_keys: Vec::new(),
             telemetry_key_file: None,
             certificate_renewal_window: DEFAULT_RENEWAL_WINDOW,
@@ -103,6 +110,11 @@ impl ClusterSettings {
                 .node_certificate_file
                 .take()
                 .or(file.node_certificate_file.take()),
+            node_key_file: overrides
+                .trust
+                .node_key_file
+                .take()
+                .or(file.node_key_file.take()),
             cluster_public_keys: parse_public_keys(
                 overrides
                     .trust

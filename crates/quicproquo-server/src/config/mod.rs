@@ -66,6 +66,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_ADVERTISE",
     "QPQ_CLUSTER_KEY_FILE",
     "QPQ_NODE_CERTIFICATE_FILE",
+    "QPQ_NODE_KEY_FILE",
     "QPQ_CLUSTER_PUBLIC_KEYS",
     "QPQ_TELEMETRY_KEY_FILE",
     "QPQ_CERTIFICATE_RENEWAL_WINDOW",
@@ -255,6 +256,8 @@ pub struct FileConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// See [`TrustOverrides::node_certificate_file`].
     pub node_certificate_file: Option<PathBuf>,
+    /// See [`TrustOverrides::node_key_file`].
+    pub node_key_file: Option<PathBuf>,
     /// See [`TrustOverrides::cluster_public_keys`].
     pub cluster_public_keys: Option<Vec<String>>,
     /// See [`TrustOverrides::telemetry_key_file`].

@@ -34,42 +34,51 @@ const WARN_EVERY: Duration = Duration::from_secs(3600);
 pub fn load_identity(config: &ServerConfig) -> Result<NodeIdentity, ServerError> {
     let cluster = &config.cluster;
     let identity = match (&cluster.node_certificate_file, config.role) {
+        (_, NodeRole::Edge | NodeRole::Shard) if cluster.cluster_key_file.is_some() => {
+            return Err(ConfigError::Invalid {
+                key: "cluster_key_file",
+                message: format!(
+                    "a {} must not hold the cluster signing key: give it a certificate \
+                     (qpq-server node-cert) in node_certificate_file, and keep the key with \
+                     the operator",
+                    config.role
+                ),
+            }
+            .into());
+        }
         (Some(file), _) => NodeIdentity::with_certificate(
             &config.data_dir,
             &CertificateSource {
                 file,
+                node_key_file: cluster.node_key_file.as_deref(),
                 trusted: &cluster.cluster_public_keys,
                 telemetry_key_file: cluster.telemetry_key_file.as_deref(),
             },
             config.role,
         )?,
-        (None, NodeRole::Standalone) => NodeIdentity::load(
-            &config.data_dir,
-            cluster.cluster_key_file.as_deref(),
-            config.role,
-        )?,
-        (None, role) => match &cluster.cluster_key_file {
-            // Kept for clusters deployed before certificates: the node holds the signing key.
-            Some(key) => {
-                warn!(
-                    %role,
-                    "this node holds the cluster signing key; issue it a certificate \
-                     (qpq-server node-cert) and start it with node_certificate_file instead"
-                );
-                NodeIdentity::load(&config.data_dir, Some(key), role)?
+        (None, NodeRole::Edge | NodeRole::Shard) => {
+            let role = config.role;
+            return Err(ConfigError::Invalid {
+                key: "node_certificate_file",
+                message: format!(
+                    "a {role} starts from a certificate the operator issued: qpq-server \
+                     node-cert --role {role} --node-key <this node's key, from qpq-server \
+                     node-key>"
+                ),
             }
-            None => {
-                return Err(ConfigError::Invalid {
-                    key: "node_certificate_file",
-                    message: format!(
-                        "a {role} starts from a certificate the operator issued: \
-                         qpq-server node-cert --role {role} --node-key <this node's key, from \
-                         qpq-server node-key>"
-                    ),
-                }
-                .into());
+            .into());
+        }
+        (None, _) => {
+            let mut identity = NodeIdentity::load(
+                &config.data_dir,
+                cluster.cluster_key_file.as_deref(),
+                config.role,
+            )?;
+            if let Some(path) = &cluster.telemetry_key_file {
+                identity.use_telemetry_key_file(path)?;
             }
-        },
+            identity
+        }
     };
     let certified = identity.certificate();
     if let Some(configured) = &cluster.node_id
