@@ -4,7 +4,8 @@
 //! frame stream is cut into Noise transport messages of at most 65519 plaintext bytes, each sent
 //! as `[u16 big-endian length][ciphertext]`, so a frame may span many Noise messages. The reader
 //! checks every announced frame length against [`ChannelLimits::max_frame_bytes`] before it
-//! allocates anything for the frame.
+//! allocates anything for the frame, and never allocates by what a header announces: buffers
+//! grow with the bytes that arrive and shrink back when the peer goes quiet.
 //!
 //! Two views share that wire format:
 //! - messages: [`NoiseWriter::send_frame`] / [`NoiseReader::recv_frame`];
@@ -34,10 +35,12 @@ const LEN_PREFIX: usize = 2;
 const PENDING_LIMIT: usize = 256 * 1024;
 /// Sealed bytes are written out once this many accumulate while sending a large frame.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Initial size of a receive buffer; buffers grow (doubling) to fit the traffic. Small, so an
-/// idle connection — most of a server's connections — holds little: its buffer is allocated
-/// (and zero-filled) at this size by the first read and kept while the peer is silent.
+/// Initial size of a receive buffer; buffers grow (doubling) with the bytes that arrive, and
+/// shrink back to this size once the peer goes quiet (a read would block with nothing
+/// buffered). Small, so an idle connection — most of a server's connections — holds little.
 const INITIAL_READ: usize = 2 * 1024;
+/// A send buffer larger than this is released once everything in it is written.
+const KEEP_OUT: usize = 64 * 1024;
 /// Largest single read from the socket.
 const MAX_READ: usize = 256 * 1024;
 
@@ -191,8 +194,15 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
         let tail = self.cipher.tail(free);
         let tail_len = tail.len();
         let mut rb = ReadBuf::new(tail);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
         let n = rb.filled().len();
+        if polled.is_pending() {
+            self.release_idle();
+            return Poll::Pending;
+        }
+        if let Poll::Ready(Err(e)) = polled {
+            return Poll::Ready(Err(e.into()));
+        }
         if n == 0 {
             return Poll::Ready(Ok(false));
         }
@@ -201,6 +211,23 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
         }
         self.cipher.end += n;
         Poll::Ready(Ok(true))
+    }
+
+    /// The peer is quiet: buffers grown past their initial size are given back (what is
+    /// buffered is kept).
+    fn release_idle(&mut self) {
+        if self.cipher.len() == 0 && self.cipher.data.len() > INITIAL_READ {
+            self.cipher = Buf::default();
+        }
+        if self.plain.len() == 0 && self.plain.data.len() > INITIAL_READ {
+            self.plain = Buf::default();
+        }
+        self.read_size = INITIAL_READ;
+    }
+
+    /// Bytes of receive buffers this reader holds (for tests and accounting).
+    pub fn buffer_capacity(&self) -> usize {
+        self.cipher.data.len() + self.plain.data.len()
     }
 
     /// Makes more plaintext available. `Ok(false)` means the peer closed the connection.
@@ -257,21 +284,22 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
                 };
             }
         };
-        // Zeroed allocation: large ones are fresh zero pages, so this costs no memset.
-        let mut frame = vec![0u8; len];
-        let mut filled = 0;
+        // The frame grows with the bytes that arrive, never to what its header announces.
+        let mut frame = Vec::with_capacity(len.min(MAX_NOISE_PLAINTEXT));
         loop {
-            let take = (len - filled).min(self.plain.len());
-            frame[filled..filled + take].copy_from_slice(&self.plain.readable()[..take]);
+            let take = (len - frame.len()).min(self.plain.len());
+            frame.extend_from_slice(&self.plain.readable()[..take]);
             self.plain.consume(take);
-            filled += take;
-            if filled == len {
+            if frame.len() == len {
                 return Ok(Some(frame));
             }
             // `plain` is empty: decrypt straight into the frame when the next message fits.
             match self.buffered_message()? {
-                Some(ct) if ct - TAG_LEN <= len - filled => {
-                    filled += self.open_into(ct, &mut frame[filled..])?;
+                Some(ct) if ct - TAG_LEN <= len - frame.len() => {
+                    let at = frame.len();
+                    frame.resize(at + ct - TAG_LEN, 0);
+                    let n = self.open_into(ct, &mut frame[at..])?;
+                    frame.truncate(at + n);
                 }
                 Some(_) => {
                     self.open_one()?;
@@ -397,6 +425,9 @@ impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.out.consume(n);
+        }
+        if self.out.data.len() > KEEP_OUT {
+            self.out = Buf::default();
         }
         Poll::Ready(Ok(()))
     }

@@ -39,6 +39,7 @@ pub mod cert;
 pub mod channel;
 pub mod duration;
 pub mod error;
+pub mod gate;
 pub mod group;
 pub mod identity;
 pub mod keys;

@@ -5,6 +5,7 @@
 //! dialing a shard) goes through [`rpc_system`], so the traversal and nesting limits applied
 //! to what a peer sends are set here and nowhere else.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use capnp::message::ReaderOptions;
@@ -14,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::channel::{ChannelLimits, channel};
+use crate::gate::{GateLimits, GateState, gate};
 use crate::noise::Session;
 
 /// Deepest pointer nesting accepted in a message from a peer.
@@ -33,6 +35,9 @@ pub fn reader_options(limits: ChannelLimits) -> ReaderOptions {
 /// Builds the RPC system of one connection over its established Noise `session`, on the byte
 /// stream halves `read` and `write`. `side` is [`Side::Client`] for the end that dialed;
 /// `bootstrap` is the capability this end offers the peer (`None` when it offers nothing).
+///
+/// The peer's messages pass the [`gate`](crate::gate) (memory follows the bytes received,
+/// no large echo) with no cap on calls in flight; see [`rpc_system_gated`].
 pub fn rpc_system<R, W>(
     read: R,
     write: W,
@@ -45,12 +50,45 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let (reader, writer) = channel(read, write, session, limits);
-    let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
+    rpc_system_gated(
+        read,
+        write,
+        session,
+        limits,
+        GateLimits::default(),
         side,
-        reader_options(limits),
+        bootstrap,
+    )
+    .0
+}
+
+/// [`rpc_system`] with the gate's `gate_limits` (its `max_words` is taken from `limits`): at
+/// most `max_calls_in_flight` questions from the peer owed an answer before the connection
+/// stops reading (backpressure). Also returns the gate's state, where the owner sees calls
+/// in flight and write stalls.
+pub fn rpc_system_gated<R, W>(
+    read: R,
+    write: W,
+    session: Arc<Session>,
+    limits: ChannelLimits,
+    gate_limits: GateLimits,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> (RpcSystem<Side>, Rc<GateState>)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (reader, writer) = channel(read, write, session, limits);
+    let options = reader_options(limits);
+    let (reader, writer, state) = gate(
+        reader,
+        writer,
+        GateLimits {
+            max_words: limits.max_frame_bytes / 8,
+            ..gate_limits
+        },
     );
-    RpcSystem::new(Box::new(network), bootstrap)
+    let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), side, options);
+    (RpcSystem::new(Box::new(network), bootstrap), state)
 }

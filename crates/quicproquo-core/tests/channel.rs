@@ -256,3 +256,28 @@ async fn garbage_instead_of_a_handshake_is_refused() -> Result<()> {
     assert!(r.is_err());
     Ok(())
 }
+
+/// Receive buffers grow with a large frame's bytes and shrink back once the peer goes quiet.
+#[tokio::test]
+async fn receive_buffers_follow_the_bytes_that_arrive() -> Result<()> {
+    let ((_cr, mut cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let big = pattern(1 << 20);
+    cw.send_frame(&big).await?;
+    assert_eq!(sr.recv_frame().await?, Some(big));
+    // One poll of the next read finds nothing to read: the peer is quiet.
+    tokio::select! {
+        biased;
+        r = sr.recv_frame() => bail!("nothing was sent, got {r:?}"),
+        () = std::future::ready(()) => {}
+    }
+    assert!(
+        sr.buffer_capacity() <= 4096,
+        "{} bytes kept",
+        sr.buffer_capacity()
+    );
+    // And they grow again for the next frame.
+    let again = pattern(300_000);
+    cw.send_frame(&again).await?;
+    assert_eq!(sr.recv_frame().await?, Some(again));
+    Ok(())
+}

@@ -52,10 +52,13 @@ pub enum ErrorCode {
     /// A commit or proposal failed verification against the group's public view; the detail
     /// names the rule. Nothing changed.
     BadCommit,
+    /// The connection holds the most of something the server allows (subscriptions); close
+    /// one first.
+    LimitReached,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 21] = [
+    const ALL: [Self; 22] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -77,6 +80,7 @@ impl ErrorCode {
         Self::WrongRole,
         Self::NotANode,
         Self::BadCommit,
+        Self::LimitReached,
     ];
 
     /// The code as written on the wire.
@@ -103,6 +107,7 @@ impl ErrorCode {
             Self::WrongRole => "wrong_role",
             Self::NotANode => "not_a_node",
             Self::BadCommit => "bad_commit",
+            Self::LimitReached => "limit_reached",
         }
     }
 

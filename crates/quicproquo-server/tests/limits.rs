@@ -243,3 +243,41 @@ async fn fetch_is_paged_by_bytes_and_readers_still_get_everything() -> Result<()
     })
     .await
 }
+
+/// A connection holds at most `max_subscriptions_per_connection` subscriptions: the next is
+/// refused with `limit_reached`, and closing one makes room again.
+#[tokio::test]
+async fn subscriptions_per_connection_are_capped() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.max_subscriptions_per_connection = 2;
+        })?;
+        let dir = tempfile::tempdir()?;
+        let alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+        let first = alice.session.delivery.subscribe_inbox(0).await?;
+        let _second = alice.session.delivery.subscribe_inbox(0).await?;
+        let refused = alice.session.delivery.subscribe_inbox(0).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.code()),
+            Some(ErrorCode::LimitReached)
+        );
+        // Another connection has its own budget.
+        let bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
+        let _bobs = bob.session.delivery.subscribe_inbox(0).await?;
+        // Dropping a subscription ends it on the server, which frees a slot.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            match alice.session.delivery.subscribe_inbox(0).await {
+                Ok(_third) => break,
+                Err(e) if e.code() == Some(ErrorCode::LimitReached) => {
+                    anyhow::ensure!(tokio::time::Instant::now() < deadline, "no slot freed");
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+    .await
+}

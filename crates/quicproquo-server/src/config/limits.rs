@@ -18,6 +18,12 @@ const DEFAULT_BIND_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `max_unbound_ping_bytes`.
 const DEFAULT_MAX_UNBOUND_PING_BYTES: usize = 64;
+/// Default `max_calls_in_flight`.
+const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 32;
+/// Default `max_subscriptions_per_connection`.
+const DEFAULT_MAX_SUBSCRIPTIONS: usize = 64;
+/// Default `write_stall_timeout`.
+const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Smallest accepted `max_reply_bytes`.
 const MIN_REPLY_BYTES: usize = 64 * 1024;
 /// Most threads accepted for `cpu_pool_threads`.
@@ -49,6 +55,14 @@ pub struct LimitSettings {
     /// Byte budget of one page of a reply (`fetch`, `inbox`) or push; one entry always fits.
     /// Capped to `max_frame_bytes` − 64 KiB (see `ServerConfig::reply_budget`).
     pub max_reply_bytes: usize,
+    /// Calls a client may have in flight on one connection; past them the connection is not
+    /// read until calls finish (backpressure).
+    pub max_calls_in_flight: usize,
+    /// Subscriptions (group and inbox) one client connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// How long a client connection may leave the server's writes unread before it is
+    /// closed.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for LimitSettings {
@@ -62,6 +76,9 @@ impl Default for LimitSettings {
             cpu_pool_threads: pool::default_threads(),
             cpu_pool_queue: pool::DEFAULT_QUEUE,
             max_reply_bytes: DEFAULT_PAGE_BYTES,
+            max_calls_in_flight: DEFAULT_MAX_CALLS_IN_FLIGHT,
+            max_subscriptions_per_connection: DEFAULT_MAX_SUBSCRIPTIONS,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
         }
     }
 }
@@ -100,6 +117,18 @@ pub struct LimitOverrides {
     /// capped to max_frame_bytes - 64 KiB [default: 4194304].
     #[arg(long, env = "QPQ_MAX_REPLY_BYTES")]
     pub max_reply_bytes: Option<usize>,
+    /// Calls a client may have in flight on one connection; past them the connection is not
+    /// read until calls finish [default: 32].
+    #[arg(long, env = "QPQ_MAX_CALLS_IN_FLIGHT")]
+    pub max_calls_in_flight: Option<usize>,
+    /// Subscriptions one client connection may hold; more are refused with limit_reached
+    /// [default: 64].
+    #[arg(long, env = "QPQ_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Close a client connection that leaves the server's writes unread this long, e.g.
+    /// `30s` [default: 30s].
+    #[arg(long, env = "QPQ_WRITE_STALL_TIMEOUT")]
+    pub write_stall_timeout: Option<String>,
 }
 
 impl LimitSettings {
@@ -144,6 +173,22 @@ impl LimitSettings {
                 .max_reply_bytes
                 .or(file.max_reply_bytes)
                 .unwrap_or(defaults.max_reply_bytes),
+            max_calls_in_flight: overrides
+                .max_calls_in_flight
+                .or(file.max_calls_in_flight)
+                .unwrap_or(defaults.max_calls_in_flight),
+            max_subscriptions_per_connection: overrides
+                .max_subscriptions_per_connection
+                .or(file.max_subscriptions_per_connection)
+                .unwrap_or(defaults.max_subscriptions_per_connection),
+            write_stall_timeout: duration(
+                "write_stall_timeout",
+                overrides
+                    .write_stall_timeout
+                    .take()
+                    .or(file.write_stall_timeout.take()),
+                defaults.write_stall_timeout,
+            )?,
         })
     }
 
@@ -172,6 +217,23 @@ impl LimitSettings {
                 "cpu_pool_threads",
                 format!("must be between 1 and {MAX_CPU_POOL_THREADS}"),
             ));
+        }
+        if !(1..=65_536).contains(&self.max_calls_in_flight) {
+            return Err(invalid(
+                "max_calls_in_flight",
+                "must be between 1 and 65536",
+            ));
+        }
+        if self.max_subscriptions_per_connection == 0 {
+            return Err(invalid(
+                "max_subscriptions_per_connection",
+                "must be at least 1",
+            ));
+        }
+        if self.write_stall_timeout < Duration::from_secs(1)
+            || self.write_stall_timeout > Duration::from_secs(3600)
+        {
+            return Err(invalid("write_stall_timeout", "must be between 1s and 1h"));
         }
         if self.max_reply_bytes < MIN_REPLY_BYTES {
             return Err(invalid(

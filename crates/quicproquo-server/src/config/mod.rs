@@ -58,6 +58,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_CPU_POOL_THREADS",
     "QPQ_CPU_POOL_QUEUE",
     "QPQ_MAX_REPLY_BYTES",
+    "QPQ_MAX_CALLS_IN_FLIGHT",
+    "QPQ_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+    "QPQ_WRITE_STALL_TIMEOUT",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -234,6 +237,12 @@ pub struct FileConfig {
     pub cpu_pool_queue: Option<usize>,
     /// See [`LimitOverrides::max_reply_bytes`].
     pub max_reply_bytes: Option<usize>,
+    /// See [`LimitOverrides::max_calls_in_flight`].
+    pub max_calls_in_flight: Option<usize>,
+    /// See [`LimitOverrides::max_subscriptions_per_connection`].
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// See [`LimitOverrides::write_stall_timeout`].
+    pub write_stall_timeout: Option<String>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].

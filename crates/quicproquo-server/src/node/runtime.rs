@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use quicproquo_core::channel::ChannelLimits;
-use quicproquo_core::rpc::rpc_system;
+use quicproquo_core::gate::{GateLimits, GateState};
+use quicproquo_core::rpc::rpc_system_gated;
 use quicproquo_core::{NodeVerifier, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::{TcpListener, TcpStream};
@@ -371,6 +372,7 @@ async fn serve_session(
     let hooks = SessionHooks {
         max_unbound_ping_bytes: (!exempt).then_some(config.limits.max_unbound_ping_bytes),
         max_reply_bytes: Some(config.reply_budget()),
+        max_subscriptions: (!exempt).then_some(config.limits.max_subscriptions_per_connection),
         ..SessionHooks::default()
     };
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
@@ -386,11 +388,20 @@ async fn serve_session(
     let limits = ChannelLimits {
         max_frame_bytes: config.max_frame_bytes,
     };
-    let rpc = rpc_system(
+    // A client's calls in flight are capped (backpressure); a node's link carries every
+    // group routed through it and is not.
+    let gate_limits = GateLimits {
+        max_calls_in_flight: (!exempt).then_some(config.limits.max_calls_in_flight),
+        throttled: Some(Arc::clone(&shared.stats().throttled)),
+        buffered: Some(Arc::clone(&shared.stats().rpc_buffered_bytes)),
+        ..GateLimits::default()
+    };
+    let (rpc, gate) = rpc_system_gated(
         r,
         w,
         outcome.session,
         limits,
+        gate_limits,
         Side::Server,
         Some(bootstrap.client),
     );
@@ -399,10 +410,18 @@ async fn serve_session(
 
     tokio::select! {
         r = &mut rpc => {
-            if let Err(e) = r {
+            if let Some(why) = gate.refused() {
+                ConnectionStats::count(&shared.stats().refused_messages);
+                debug!(%peer, why, "refused an RPC message; closed the connection");
+            } else if let Err(e) = r {
                 ConnectionStats::count(&shared.stats().connection_errors);
                 debug!(%peer, error = %e, "connection ended with an error");
             }
+            return;
+        }
+        () = write_stall_deadline(&gate, exempt, config.limits.write_stall_timeout) => {
+            ConnectionStats::count(&shared.stats().write_stalls);
+            debug!(%peer, "writes unread for too long; closing connection");
             return;
         }
         () = bind_deadline(&hooks.bound, exempt, config.limits.bind_timeout) => {
@@ -445,6 +464,24 @@ async fn idle_deadline(in_flight: &InFlight, exempt: bool, after: Duration) {
         // Checked again at the earliest moment the connection could have become idle long
         // enough; while it is in use, a quarter of the timeout later.
         let wake = match in_flight.idle_since() {
+            Some(since) if since.elapsed() >= after => return,
+            Some(since) => since + after,
+            None => std::time::Instant::now() + after / 4,
+        };
+        tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+/// Resolves once the connection's writes have been refused by the socket (its peer not
+/// reading) for `after` (never for a cluster node).
+async fn write_stall_deadline(gate: &GateState, exempt: bool, after: Duration) {
+    if exempt {
+        return std::future::pending().await;
+    }
+    loop {
+        // Checked again when a stall could have lasted long enough; while none, a quarter of
+        // the timeout later.
+        let wake = match gate.write_stalled_since() {
             Some(since) if since.elapsed() >= after => return,
             Some(since) => since + after,
             None => std::time::Instant::now() + after / 4,

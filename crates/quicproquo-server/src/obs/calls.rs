@@ -74,6 +74,11 @@ impl InFlight {
         (self.calls.get() == 0 && self.subscriptions.get() == 0).then(|| self.last_call.get())
     }
 
+    /// Subscriptions held now.
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions.get()
+    }
+
     /// Calls in progress now.
     pub fn in_progress(&self) -> usize {
         self.calls.get()

@@ -145,6 +145,17 @@ pub struct ConnectionStats {
     pub bind_timeouts: AtomicU64,
     /// Connections closed after `idle_timeout` without a call or a subscription.
     pub idle_timeouts: AtomicU64,
+    /// Connections closed because they left the server's writes unread for
+    /// `write_stall_timeout`.
+    pub write_stalls: AtomicU64,
+    /// Connections closed because they sent an RPC message the server refuses (a kind it
+    /// would echo back as `unimplemented`, or an oversized or malformed message header).
+    pub refused_messages: AtomicU64,
+    /// Times a connection's reading paused because it had `max_calls_in_flight` calls in
+    /// flight or left the server's writes unread (backpressure).
+    pub throttled: Arc<AtomicU64>,
+    /// Bytes the connections hold for RPC messages not yet wholly received.
+    pub rpc_buffered_bytes: Arc<AtomicU64>,
 }
 
 impl ConnectionStats {
@@ -154,6 +165,20 @@ impl ConnectionStats {
     }
 
     fn render(&self, out: &mut String) {
+        counter(
+            out,
+            "qpq_connections_throttled_total",
+            "Times a connection's reading paused for backpressure (calls in flight at \
+             max_calls_in_flight, or the server's writes unread).",
+            self.throttled.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "qpq_rpc_buffered_bytes",
+            "Bytes held for RPC messages not yet wholly received (they grow with the bytes that \
+             arrive, never with what a header announces).",
+            self.rpc_buffered_bytes.load(Ordering::Relaxed),
+        );
         counter(
             out,
             "qpq_connections_accepted_total",
@@ -189,13 +214,16 @@ impl ConnectionStats {
             "qpq_connections_limited_total",
             "counter",
             "Connections closed by a per-address or per-session limit, by reason \
-             (address_connections, address_handshakes, bind_timeout).",
+             (address_connections, address_handshakes, bind_timeout, idle_timeout, write_stall, \
+             refused_message).",
         );
         for (reason, n) in [
             ("address_connections", &self.address_connections_full),
             ("address_handshakes", &self.address_handshakes_full),
             ("bind_timeout", &self.bind_timeouts),
             ("idle_timeout", &self.idle_timeouts),
+            ("write_stall", &self.write_stalls),
+            ("refused_message", &self.refused_messages),
         ] {
             let _ = writeln!(
                 out,

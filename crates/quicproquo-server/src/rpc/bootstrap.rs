@@ -98,6 +98,8 @@ pub struct SessionHooks {
     /// Byte budget of one page of a reply (`fetch`, `inbox`); `None`: the default
     /// [`crate::model::page::DEFAULT_PAGE_BYTES`].
     pub max_reply_bytes: Option<usize>,
+    /// Most subscriptions one connection may hold (`None`: no limit).
+    pub max_subscriptions: Option<usize>,
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
@@ -237,7 +239,10 @@ impl bootstrap::Server for BootstrapImpl {
                                 identity,
                                 backend,
                                 Rc::clone(&self.in_flight),
-                                self.hooks.max_reply_bytes.unwrap_or(DEFAULT_PAGE_BYTES),
+                                (
+                                    self.hooks.max_reply_bytes.unwrap_or(DEFAULT_PAGE_BYTES),
+                                    self.hooks.max_subscriptions.unwrap_or(usize::MAX),
+                                ),
                             )),
                         };
                         *self.bound.borrow_mut() = Some((identity, services.clone()));

@@ -33,6 +33,8 @@ pub(super) struct DeliveryService {
     in_flight: Rc<InFlight>,
     /// Byte budget of one page of `fetch` or `inbox`.
     reply_bytes: usize,
+    /// Most subscriptions (group and inbox) the connection may hold.
+    max_subscriptions: usize,
 }
 
 impl DeliveryService {
@@ -40,14 +42,29 @@ impl DeliveryService {
         identity: IdentityKey,
         backend: Backend,
         in_flight: Rc<InFlight>,
-        reply_bytes: usize,
+        (reply_bytes, max_subscriptions): (usize, usize),
     ) -> Self {
         Self {
             identity,
             backend,
             in_flight,
             reply_bytes,
+            max_subscriptions,
         }
+    }
+
+    /// Refuses a new subscription when the connection holds the most it may.
+    fn check_subscription_room(&self) -> Result<(), capnp::Error> {
+        if self.in_flight.subscriptions() >= self.max_subscriptions {
+            return Err(error(
+                ErrorCode::LimitReached,
+                format!(
+                    "this connection holds {} subscriptions, the most allowed",
+                    self.max_subscriptions
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Parses the group a call names and records its keyed hash on the call's span.
@@ -274,6 +291,7 @@ impl delivery_service::Server for DeliveryService {
                     .group_summary(&group, &self.identity)
                     .await
                     .map_err(store_error)?;
+                self.check_subscription_room()?;
                 let subscription = subscribe::group(
                     &self.in_flight,
                     self.backend.clone(),
@@ -420,6 +438,7 @@ impl delivery_service::Server for DeliveryService {
             params,
             async move {
                 let p = params.get()?;
+                self.check_subscription_room()?;
                 let subscription = subscribe::inbox(
                     &self.in_flight,
                     self.backend.clone(),
