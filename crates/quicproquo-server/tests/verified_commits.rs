@@ -270,6 +270,124 @@ async fn adds_need_their_own_welcome(store: Option<AnyStore>) -> Result<()> {
     Ok(())
 }
 
+/// An Add of a KeyPackage that expired between the commit's making and its sending is refused
+/// (openmls checks an added leaf's lifetime), and Eve stays out.
+async fn an_expired_key_package_is_not_added(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (mut alice, mut bob, eve, id) = group_of_two(&server, dir.path()).await?;
+    let before = server_view(&alice, &id).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let not_after = now + 2;
+    let kp = quicproquo_core::mls::MlsIdentity::new(eve.state.identity())
+        .key_package_with_lifetime(
+            &eve.state.mls,
+            Suite::Classical.ciphersuite(),
+            now - 60,
+            not_after,
+        )?;
+    let mut ga = alice.group(&id)?;
+    let out = ga.add_members(&alice.state.mls, alice.state.mls_identity(), &[kp])?;
+    // Wait for the clock (not for another task) to pass the KeyPackage's end.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        < not_after + 1
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the clock stood still"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let parts = CommitParts {
+        welcome: out.welcome.clone(),
+        group_info: out.group_info.clone(),
+    };
+    let (code, text) = refused(send(&alice, &id, &out.commit, Some(&parts)).await?)?;
+    ensure!(
+        code == ErrorCode::BadCommit && text.contains("mls"),
+        "{text}"
+    );
+    ensure!(server_view(&alice, &id).await? == before);
+    ga.discard_pending_commit(&alice.state.mls)?;
+    still_talking(&mut alice, &mut bob, &id).await?;
+    Ok(())
+}
+
+/// A member whose leaf came from a short-lived KeyPackage renews it (at half its lifetime, on
+/// its next send), so the group stays joinable after that lifetime has ended: openmls refuses
+/// to join a tree holding an expired leaf.
+async fn a_group_stays_joinable_past_a_leaf_lifetime(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+    let mut carol = User::register(&server, dir.path(), "carol", Suite::Classical).await?;
+    // Bob's only KeyPackage lives 16 seconds, half of them already gone.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let not_after = now + 8;
+    let conn = server.connect().await?;
+    let path = dir.path().join("bob.bin");
+    let mut state = quicproquo_client::ClientState::create(Suite::Classical)?;
+    state.name = Some("bob".into());
+    let session = conn.bind(state.identity()).await?;
+    session.auth.claim_name("bob").await?;
+    let kp = state.mls_identity().key_package_with_lifetime(
+        &state.mls,
+        Suite::Classical.ciphersuite(),
+        now - 8,
+        not_after,
+    )?;
+    state.save(&path)?;
+    session.auth.upload_key_packages(&[kp], None).await?;
+    let mut bob = User {
+        state,
+        path,
+        conn,
+        session,
+    };
+
+    let id = alice.chat().create_group("g").await?;
+    alice
+        .chat()
+        .invite("g", &["bob".into()], &mut |_| {})
+        .await?;
+    bob.recv().await?;
+    ensure!(bob.group(&id)?.own_leaf_lifetime().is_some());
+    // Bob's next send renews his leaf first.
+    let g = hex::encode(&id[..4]);
+    bob.chat().send(&g, b"renewed", &mut |_| {}).await?;
+    ensure!(bob.group(&id)?.own_leaf_lifetime().is_none(), "not renewed");
+    // Past the end of Bob's KeyPackage, Carol still joins.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        <= not_after
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the clock stood still"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    alice
+        .chat()
+        .invite("g", &["carol".into()], &mut |_| {})
+        .await?;
+    carol.recv().await?;
+    ensure!(carol.group(&id)?.members().len() == 3);
+    alice.chat().send(&g, b"welcome carol", &mut |_| {}).await?;
+    let got = User::messages(&carol.recv().await?);
+    ensure!(got.iter().any(|(_, t)| t == "welcome carol"), "{got:?}");
+    Ok(())
+}
+
 /// 1000 random mutations of a valid commit: none is appended, the server never fails, and the
 /// valid commit is appended afterwards. The membership tag (the last 33 bytes) is left alone:
 /// the server has no key to check it (ADR 0012).
@@ -376,5 +494,7 @@ macro_rules! both_stores {
 both_stores!(
     forged_commits_are_refused_and_change_nothing,
     adds_need_their_own_welcome,
+    an_expired_key_package_is_not_added,
+    a_group_stays_joinable_past_a_leaf_lifetime,
     random_mutations_are_never_appended,
 );

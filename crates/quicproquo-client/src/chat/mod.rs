@@ -309,6 +309,26 @@ impl<'a> Chat<'a> {
         Ok(committed.epoch)
     }
 
+    /// Renews our leaf with a self-update commit once half of the lifetime it got from our
+    /// KeyPackage has passed (see `Group::leaf_renewal_due`): a leaf past its lifetime makes
+    /// the group unjoinable for everyone. What arrives while catching up goes to `on_event`.
+    async fn renew_leaf_if_due(
+        &mut self,
+        id: &[u8],
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.load(id)?.leaf_renewal_due(now) {
+            self.commit(id, on_event, |g, state| {
+                Ok(g.self_update(&state.mls, state.mls_identity())?)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     fn cursor(&self, id: &[u8]) -> u64 {
         self.state.groups.get(id).map_or(0, |m| m.cursor)
     }
@@ -335,6 +355,7 @@ impl<'a> Chat<'a> {
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<u64, ChatError> {
         let id = self.find(group)?;
+        self.renew_leaf_if_due(&id, on_event).await?;
         for _ in 0..COMMIT_ATTEMPTS {
             let mut g = self.load(&id)?;
             let message = g.encrypt(&self.state.mls, self.state.mls_identity(), body)?;

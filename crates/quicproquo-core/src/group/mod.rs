@@ -62,6 +62,7 @@
 mod error;
 mod event;
 mod inspect;
+mod lifetime;
 mod policy;
 pub mod public;
 #[cfg(test)]
@@ -503,6 +504,25 @@ impl Group {
     /// Whether we are still a member (false once a commit removing us was processed).
     pub fn is_active(&self) -> bool {
         self.mls.is_active()
+    }
+
+    /// Our leaf's lifetime (`not_before`, `not_after`, Unix seconds) while it is still the one
+    /// from the KeyPackage we joined (or created the group) with; `None` once we updated it (a
+    /// leaf from an update or commit has no lifetime) or when we are no member.
+    pub fn own_leaf_lifetime(&self) -> Option<(u64, u64)> {
+        let leaf = self.mls.own_leaf()?.tls_serialize_detached().ok()?;
+        lifetime::of_leaf(&leaf)
+    }
+
+    /// Whether our leaf should be renewed (by [`Group::self_update`]) at Unix time `now`: it
+    /// still carries its KeyPackage's lifetime and half of it has passed. Once that lifetime
+    /// ends, nobody can join the group (openmls refuses a tree with an expired leaf), so
+    /// members renew their leaf well before.
+    pub fn leaf_renewal_due(&self, now: u64) -> bool {
+        self.own_leaf_lifetime()
+            .is_some_and(|(not_before, not_after)| {
+                now >= not_before.saturating_add(not_after.saturating_sub(not_before) / 2)
+            })
     }
 
     /// Whether a commit of ours is pending.

@@ -85,3 +85,37 @@ fn the_view_follows_verified_commits_and_reloads() -> R {
     assert_eq!(view.epoch(), 2);
     Ok(())
 }
+
+/// A member's leaf keeps its KeyPackage's lifetime until it updates it; the renewal is due at
+/// half of it and no longer after an update.
+#[test]
+fn a_leaf_lifetime_is_renewed_by_an_update() -> R {
+    let suite = Suite::Classical;
+    let (a, b) = (Device::new()?, Device::new()?);
+    let group = Group::create(&a.provider, &a.mls, suite, GID)?;
+    let mut alice = Member { dev: a, group };
+    // The joined leaf carries its KeyPackage's lifetime.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let (nb, na) = (now - 10, now + 590);
+    let kp = b
+        .mls
+        .key_package_with_lifetime(&b.provider, suite.ciphersuite(), nb, na)?;
+    let out = alice
+        .group
+        .add_members(&alice.dev.provider, &alice.dev.mls, &[kp])?;
+    alice.process(&out.commit)?;
+    let mut bob = Member {
+        group: Group::join(&b.provider, out.welcome.as_deref().ok_or("no welcome")?)?,
+        dev: b,
+    };
+    assert_eq!(bob.group.own_leaf_lifetime(), Some((nb, na)));
+    assert!(!bob.group.leaf_renewal_due(now));
+    assert!(bob.group.leaf_renewal_due(nb + 300));
+    let up = bob.self_update()?;
+    bob.process(&up.commit)?;
+    assert_eq!(bob.group.own_leaf_lifetime(), None);
+    assert!(!bob.group.leaf_renewal_due(na + 1));
+    Ok(())
+}

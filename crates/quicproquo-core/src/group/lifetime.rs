@@ -1,0 +1,53 @@
+//! The lifetime of a serialized LeafNode (RFC 9420 §7.2), read from its encoding: openmls does
+//! not expose it. Only leaves with a basic credential are read (all of ours).
+
+/// (`not_before`, `not_after`) of a TLS-serialized LeafNode whose source is a KeyPackage;
+/// `None` for a leaf from an update or commit, or bytes that do not parse.
+pub(super) fn of_leaf(mut leaf: &[u8]) -> Option<(u64, u64)> {
+    let r = &mut leaf;
+    skip_vector(r)?; // encryption_key
+    skip_vector(r)?; // signature_key
+    let credential_type = u16::from_be_bytes(take(r, 2)?.try_into().ok()?);
+    if credential_type != 1 {
+        return None;
+    }
+    skip_vector(r)?; // basic credential: identity
+    for _ in 0..5 {
+        skip_vector(r)?; // capabilities: versions, suites, extensions, proposals, credentials
+    }
+    let source = take(r, 1)?[0];
+    if source != 1 {
+        return None;
+    }
+    let not_before = u64::from_be_bytes(take(r, 8)?.try_into().ok()?);
+    let not_after = u64::from_be_bytes(take(r, 8)?.try_into().ok()?);
+    Some((not_before, not_after))
+}
+
+fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if r.len() < n {
+        return None;
+    }
+    let (head, tail) = r.split_at(n);
+    *r = tail;
+    Some(head)
+}
+
+/// Skips an `opaque<V>` / vector: a variable-length length (RFC 9000 style, 1, 2 or 4 bytes),
+/// then that many bytes.
+fn skip_vector(r: &mut &[u8]) -> Option<()> {
+    let first = *r.first()?;
+    let len = match first >> 6 {
+        0 => usize::from(take(r, 1)?[0] & 0x3f),
+        1 => {
+            let b = take(r, 2)?;
+            usize::from(u16::from_be_bytes([b[0] & 0x3f, b[1]]))
+        }
+        2 => {
+            let b = take(r, 4)?;
+            u32::from_be_bytes([b[0] & 0x3f, b[1], b[2], b[3]]) as usize
+        }
+        _ => return None,
+    };
+    take(r, len).map(drop)
+}
