@@ -150,6 +150,7 @@ pub(crate) async fn run(s: &Settings, message_bytes: usize) -> Result<[Measured;
         pushes: frames.get(),
         wall: end - start,
         server_cpu_ns: cpu::Snapshot::since(&cpu0, &[RELAY_THREAD]),
+        worker_cpu_ns: cpu::Snapshot::since(&cpu0, &[RELAY_THREAD]),
     };
 
     let goal = (s.paced_messages + s.backlog_messages) * recipients;
@@ -170,6 +171,7 @@ pub(crate) async fn run(s: &Settings, message_bytes: usize) -> Result<[Measured;
         pushes: frames.get() - paced.pushes,
         wall: end - start,
         server_cpu_ns: cpu::Snapshot::since(&cpu0, &[RELAY_THREAD]),
+        worker_cpu_ns: cpu::Snapshot::since(&cpu0, &[RELAY_THREAD]),
     };
     drop(sender);
     relay

@@ -50,6 +50,8 @@ pub(crate) struct Measured {
     pushes: u64,
     wall: Duration,
     server_cpu_ns: u64,
+    /// The part of it spent on the connection workers (the relay's thread for the bare side).
+    worker_cpu_ns: u64,
 }
 
 impl Measured {
@@ -126,17 +128,25 @@ fn main() -> Result<()> {
         s.subscribers, s.paced_messages, s.rate, s.backlog_messages
     );
     println!(
-        "{:<8} {:<6} {:>11} {:>9} {:>12} {:>14} {:>16}",
-        "phase", "side", "deliveries", "per push", "deliv/s", "server µs/del", "del/s per core"
+        "{:<8} {:<6} {:>11} {:>9} {:>12} {:>14} {:>14} {:>16}",
+        "phase",
+        "side",
+        "deliveries",
+        "per push",
+        "deliv/s",
+        "server µs/del",
+        "workers µs/del",
+        "del/s per core"
     );
     for (phase, (r, b)) in ["paced", "backlog"].iter().zip(real.iter().zip(&bare)) {
         for (side, m) in [("server", r), ("bare", b)] {
             println!(
-                "{phase:<8} {side:<6} {:>11} {:>9.1} {:>12.0} {:>14.3} {:>16.0}",
+                "{phase:<8} {side:<6} {:>11} {:>9.1} {:>12.0} {:>14.3} {:>14.3} {:>16.0}",
                 m.deliveries,
                 m.deliveries as f64 / m.pushes.max(1) as f64,
                 m.per_second(),
                 m.cpu_us(),
+                m.worker_cpu_ns as f64 / 1e3 / m.deliveries.max(1) as f64,
                 1e6 / m.cpu_us().max(1e-9)
             );
         }

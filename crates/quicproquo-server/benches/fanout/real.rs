@@ -25,6 +25,8 @@ use crate::{Measured, Settings, plaintext};
 /// The server's threads: connection workers, the appender, and the store's blocking pool
 /// (tokio's default thread name; the bench's own runtime names its threads otherwise).
 const SERVER_THREADS: [&str; 2] = ["qpq-", "tokio-r"];
+/// The part of [`SERVER_THREADS`] that serves connections (subscriptions, pushes, calls).
+const WORKER_THREADS: [&str; 1] = ["qpq-worker"];
 
 /// Starts a standalone server in this process with room for every member on loopback.
 pub(crate) fn start_server(dir: &Path, members: usize) -> Result<ServerHandle> {
@@ -197,6 +199,7 @@ pub(crate) async fn run(
         pushes: counts.pushes.get(),
         wall: end - start,
         server_cpu_ns: cpu::Snapshot::since(&cpu0, &SERVER_THREADS),
+        worker_cpu_ns: cpu::Snapshot::since(&cpu0, &WORKER_THREADS),
     };
     check_sends(sends).await?;
 
@@ -233,6 +236,7 @@ pub(crate) async fn run(
         pushes: counts.pushes.get() - paced.pushes,
         wall: end - start,
         server_cpu_ns: cpu::Snapshot::since(&cpu0, &SERVER_THREADS),
+        worker_cpu_ns: cpu::Snapshot::since(&cpu0, &WORKER_THREADS),
     };
     check_sends(sends).await?;
     ensure!(

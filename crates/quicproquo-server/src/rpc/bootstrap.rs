@@ -95,7 +95,8 @@ pub struct SessionHooks {
     /// Largest `ping` payload answered before the session binds (`None`: no limit, for
     /// nodes).
     pub max_unbound_ping_bytes: Option<usize>,
-    /// Byte budget of one page of a reply (`fetch`, `inbox`); `None`: the default
+    /// Byte budget of one page of a reply (`fetch`, `inbox`) or push (subscriptions, a
+    /// shard's pushes to an edge; also each subscriber's bytes in flight); `None`: the default
     /// [`crate::model::page::DEFAULT_PAGE_BYTES`].
     pub max_reply_bytes: Option<usize>,
     /// Most subscriptions one connection may hold (`None`: no limit).
@@ -301,6 +302,7 @@ impl bootstrap::Server for BootstrapImpl {
                 .set_shard(capnp_rpc::new_client(ShardServiceImpl::new(
                     shard,
                     Rc::clone(&self.in_flight),
+                    self.hooks.max_reply_bytes.unwrap_or(DEFAULT_PAGE_BYTES),
                 )));
             Ok(())
         })

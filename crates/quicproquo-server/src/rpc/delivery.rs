@@ -299,6 +299,7 @@ impl delivery_service::Server for DeliveryService {
                     group,
                     p.get_after_seq(),
                     p.get_stream()?,
+                    self.reply_bytes,
                 );
                 results.get().set_subscription(subscription);
                 Ok(())
@@ -445,6 +446,7 @@ impl delivery_service::Server for DeliveryService {
                     self.identity,
                     p.get_after_seq(),
                     p.get_stream()?,
+                    self.reply_bytes,
                 );
                 results.get().set_subscription(subscription);
                 Ok(())

@@ -1,9 +1,10 @@
 //! The shard's internal interface: `ShardService`, served to cluster nodes only.
 //!
 //! `append` goes through the shard's appender (group commit), exactly like a standalone
-//! node's own appends. `watch` and `watchInboxes` push what this shard's appender publishes,
-//! batched, one awaited call at a time (flow control); if the edge falls behind, the shard
-//! tells it to resync instead of buffering without bound.
+//! node's own appends. `watch` pushes what this shard's appender publishes in pages (count
+//! and bytes) under a window of pushes in flight released by the edge's answers
+//! ([`super::push`]); `watchInboxes` one awaited call at a time. If the edge falls behind,
+//! the shard tells it to resync instead of buffering without bound.
 //!
 //! A traced entry push carries, in `origins`, the context of each entry's append and, after
 //! them, one more: the push's own, which the edge's receiving span takes as its parent.
@@ -17,8 +18,10 @@ use quicproquo_telemetry::propagation;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{Instrument, debug};
 
+use super::push::Window;
 use super::subscribe::spawn;
 use crate::model::group::GroupId;
+use crate::model::page::{Page, entry_size};
 use crate::obs::Observer;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::{
@@ -30,17 +33,23 @@ use crate::wire::codec::{read_request, write_envelope, write_outcome};
 use crate::wire::{ordering_error, parse};
 
 /// Entries pushed per call at most.
-const BATCH: usize = 256;
+const BATCH: u32 = 256;
 
 /// `ShardService` for one connection from a cluster node.
 pub(super) struct ShardServiceImpl {
     shard: Arc<Appender>,
     in_flight: Rc<InFlight>,
+    /// The most one push to an edge carries: [`BATCH`] entries and this many bytes.
+    page_bytes: usize,
 }
 
 impl ShardServiceImpl {
-    pub(super) fn new(shard: Arc<Appender>, in_flight: Rc<InFlight>) -> Self {
-        Self { shard, in_flight }
+    pub(super) fn new(shard: Arc<Appender>, in_flight: Rc<InFlight>, page_bytes: usize) -> Self {
+        Self {
+            shard,
+            in_flight,
+            page_bytes,
+        }
     }
 }
 
@@ -101,8 +110,9 @@ impl shard_service::Server for ShardServiceImpl {
             let sink = p.get_sink()?;
             let feed = self.shard.hub().group_feed(&group).0;
             let observer = Arc::clone(self.shard.observer());
+            let page = Page::new(BATCH, self.page_bytes);
             let subscription = spawn(&self.in_flight, move |_| async move {
-                if let Err(e) = push_group(&group, feed, &sink, &observer).await {
+                if let Err(e) = push_group(&group, feed, &sink, &observer, page).await {
                     debug!(error = %e, "group watch ended");
                 }
             });
@@ -155,27 +165,63 @@ async fn push_inboxes(
     }
 }
 
+/// Pushes `group`'s feed to an edge's sink in pages of `page` (count and bytes), with a
+/// window of pushes in flight released by the edge's answers; entries the feed dropped while
+/// the edge was behind become a `resync` (the edge's subscribers read the log).
 async fn push_group(
     group: &GroupId,
     mut feed: tokio::sync::broadcast::Receiver<FeedEvent>,
     sink: &entry_sink::Client,
     observer: &Observer,
+    page: Page,
 ) -> Result<(), capnp::Error> {
+    let mut window = Window::new(page.bytes);
+    // An entry that did not fit on the last page: it starts the next.
+    let mut carry: Option<Arc<Published>> = None;
+    let mut resync = false;
     loop {
-        let mut resync = false;
-        let mut batch: Vec<Arc<Published>> = Vec::new();
-        match feed.recv().await {
-            Ok(FeedEvent::Entry(e)) => batch.push(e),
-            Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => resync = true,
-            Err(RecvError::Closed) => return Ok(()),
+        // Take no more from the feed than the window can send.
+        while window.is_full() {
+            window.progress().await?;
         }
-        while batch.len() < BATCH {
+        let (mut batch, mut bytes): (Vec<Arc<Published>>, usize) = (Vec::new(), 0);
+        if let Some(e) = carry.take() {
+            bytes = entry_size(&e);
+            batch.push(e);
+        }
+        if batch.is_empty() && !resync {
+            tokio::select! {
+                biased;
+                answered = window.progress(), if !window.is_idle() => {
+                    answered?;
+                    continue;
+                }
+                event = feed.recv() => match event {
+                    Ok(FeedEvent::Entry(e)) => {
+                        bytes = entry_size(&e);
+                        batch.push(e);
+                    }
+                    Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => resync = true,
+                    Err(RecvError::Closed) => return window.drain().await,
+                },
+            }
+        }
+        while batch.len() < page.entries as usize {
             match feed.try_recv() {
-                Ok(FeedEvent::Entry(e)) => batch.push(e),
+                Ok(FeedEvent::Entry(e)) => {
+                    let size = entry_size(&e);
+                    if !page.admits(batch.len(), bytes, size) {
+                        carry = Some(e);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(e);
+                }
                 Ok(FeedEvent::Resync) | Err(TryRecvError::Lagged(_)) => resync = true,
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
+        window.reserve(bytes).await?;
         let span = push_span(
             PushTarget::Edge,
             batch.len(),
@@ -204,9 +250,13 @@ async fn push_group(
                 write_trace(origins.reborrow().get(batch.len() as u32), &span);
             }
         }
-        let result = req.send().promise.instrument(span.clone()).await;
-        record_outcome(&span, &result);
-        result?;
+        resync = false;
+        let answer = req.send().promise;
+        window.sent(bytes, async move {
+            let result = answer.instrument(span.clone()).await;
+            record_outcome(&span, &result);
+            result.map(drop)
+        });
         observer.metrics.fanout(batch.len());
     }
 }

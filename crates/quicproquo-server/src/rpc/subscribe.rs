@@ -3,30 +3,36 @@
 //! Each subscription is a local task that first catches up from the store, then follows the
 //! shard's live feed. Each catch-up runs in a span of its own linked to the subscribe call,
 //! holding its store reads and pushes; each live push is a span linked to the appends (and,
-//! on an edge, the receptions) of the entries it carries. Entries from the feed are delivered directly while they continue the
-//! sequence; a gap, a lagging receiver or a commit sends the task back to the store, which
-//! enforces the subscriber's read window (a commit may have removed it: the subscription ends
-//! after delivering the commit that removed the subscriber). Each batch is delivered with one
-//! call, awaited before the next (flow control).
+//! on an edge, the receptions) of the entries it carries. Entries from the feed are delivered
+//! directly while they continue the sequence; a gap, a lagging receiver or a commit sends the
+//! task back to the store, which enforces the subscriber's read window (a commit may have
+//! removed it: the subscription ends once the subscriber has answered the push carrying the
+//! commit that removed it). Pushes are pages by count and bytes, and flow control is a window
+//! of pushes in flight per subscriber released by its answers ([`super::push`]): a subscriber
+//! that stops answering holds its window and nothing more, and reads the store once it
+//! answers again.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
 use quicproquo_telemetry::propagation::LinkContext;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, Span, debug};
 
 use super::backend::Backend;
+use super::push::{EAGER_ENTRIES, Window};
 use crate::model::group::{EntryKind, GroupId, LogEntry};
+use crate::model::page::{Page, entry_size};
 use crate::obs::Observer;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::{
     PushTarget, StoreOutcome as _, catch_up_span, push_span, record_error, record_group,
     record_outcome,
 };
-use crate::ordering::hub::FeedEvent;
+use crate::ordering::hub::{FeedEvent, Published};
 use crate::store::StoreError;
 use crate::store::log::LogStore;
 use crate::wire::codec::{write_envelope, write_welcome};
@@ -82,8 +88,8 @@ where
     })
 }
 
-/// Subscribes `reader` to `group` after `after_seq` (call it inside the subscribe call's span:
-/// the subscription's catch-ups link to it).
+/// Subscribes `reader` to `group` after `after_seq`, pushing pages of at most `page_bytes`
+/// (call it inside the subscribe call's span: the subscription's catch-ups link to it).
 pub(super) fn group(
     in_flight: &Rc<InFlight>,
     backend: Backend,
@@ -91,6 +97,7 @@ pub(super) fn group(
     group: GroupId,
     after_seq: u64,
     stream: message_stream::Client,
+    page_bytes: usize,
 ) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
@@ -100,6 +107,7 @@ pub(super) fn group(
             group: &group,
             stream: &stream,
             subscribed: subscribed.as_ref(),
+            page: Page::new(BATCH, page_bytes),
         };
         if let Err(e) = sub.run(after_seq).await {
             debug!(error = %e, "group subscription ended");
@@ -117,31 +125,39 @@ enum FollowError {
     FeedClosed,
 }
 
-/// Pushes `entries` to the subscriber in one call, inside a push span: a child of `parent`
-/// (a catch-up), or a trace of its own linked to `links` (the appends and receptions of the
-/// entries that were traced).
-async fn deliver<'a>(
+/// Sends `entries` to the subscriber in one call inside a push span (a child of `parent`, a
+/// catch-up, or a trace of its own linked to `links`, the appends and receptions of the
+/// entries that were traced), accounted on `window` until the subscriber answers.
+fn deliver<'a>(
     stream: &message_stream::Client,
     observer: &Observer,
     group: &GroupId,
     entries: impl ExactSizeIterator<Item = &'a LogEntry>,
     parent: Option<&Span>,
     links: impl Iterator<Item = Option<&'a LinkContext>>,
-) -> Result<(), capnp::Error> {
-    let span = push_span(PushTarget::Client, entries.len(), parent, links);
+    window: &mut Window,
+) {
+    let count = entries.len();
+    let span = push_span(PushTarget::Client, count, parent, links);
     record_group(&span, observer, group.as_bytes());
     let mut req = stream.deliver_request();
+    let mut bytes = 0;
     {
         let mut p = req.get();
         p.set_group_id(group.as_bytes());
-        let mut list = p.init_entries(entries.len() as u32);
+        let mut list = p.init_entries(count as u32);
         for (i, e) in entries.enumerate() {
+            bytes += entry_size(e);
             write_envelope(list.reborrow().get(i as u32), group, e);
         }
     }
-    let result = req.send().promise.instrument(span.clone()).await;
-    record_outcome(&span, &result);
-    result.map(drop)
+    let answer = req.send().promise;
+    window.sent(bytes, async move {
+        let result = answer.instrument(span.clone()).await;
+        record_outcome(&span, &result);
+        result.map(drop)
+    });
+    observer.metrics.fanout(count);
 }
 
 /// One group subscription: who reads what, and where it goes.
@@ -152,6 +168,8 @@ struct Follow<'a> {
     stream: &'a message_stream::Client,
     /// The subscribe call, which each catch-up links to.
     subscribed: Option<&'a LinkContext>,
+    /// The most one push carries: entries and bytes (one entry always fits).
+    page: Page,
 }
 
 impl Follow<'_> {
@@ -160,24 +178,27 @@ impl Follow<'_> {
     async fn run(&self, after_seq: u64) -> Result<(), FollowError> {
         // Subscribe to the live feed before reading the store, so nothing falls in between.
         let mut feed = self.backend.group_feed(self.group);
+        let mut window = Window::new(self.page.bytes);
         let mut next = after_seq.saturating_add(1);
         loop {
-            let Some(caught_up) = self.catch_up(next).await? else {
+            let Some(caught_up) = self.catch_up(next, &mut window).await? else {
+                // Removed: everything it may read is sent; end once it has received it.
+                window.drain().await?;
                 return Ok(());
             };
-            next = self.live(&mut feed, caught_up).await?;
+            next = self.live(&mut feed, caught_up, &mut window).await?;
         }
     }
 
     /// Catches up from the store (which enforces the read window) from `next`, inside a
     /// catch-up span; the next sequence number to deliver, or `None` once the subscriber was
-    /// removed (everything it may read has been delivered).
-    async fn catch_up(&self, next: u64) -> Result<Option<u64>, FollowError> {
+    /// removed (everything it may read has been sent).
+    async fn catch_up(&self, next: u64, window: &mut Window) -> Result<Option<u64>, FollowError> {
         let observer = self.backend.observer();
         let span = catch_up_span("group", self.subscribed);
         record_group(&span, observer, self.group.as_bytes());
         let result = self
-            .read_and_push(next, &span)
+            .read_and_push(next, &span, window)
             .instrument(span.clone())
             .await;
         if let Err(FollowError::Store(e)) = &result
@@ -188,18 +209,29 @@ impl Follow<'_> {
         result
     }
 
-    async fn read_and_push(&self, mut next: u64, span: &Span) -> Result<Option<u64>, FollowError> {
+    async fn read_and_push(
+        &self,
+        mut next: u64,
+        span: &Span,
+        window: &mut Window,
+    ) -> Result<Option<u64>, FollowError> {
         let store = self.backend.store();
         let observer = self.backend.observer();
         loop {
+            // Read no page the window could not send: a subscriber that stopped answering
+            // makes this wait, holding nothing but its window.
+            while window.is_full() {
+                window.progress().await?;
+            }
             let entries = store
-                .read_log(self.group, &self.reader, next - 1, BATCH)
+                .read_log(self.group, &self.reader, next - 1, self.page)
                 .await?;
             let Some(last) = entries.last() else {
                 return Ok(Some(next));
             };
             next = last.seq + 1;
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
+            window.reserve(entries.iter().map(entry_size).sum()).await?;
             let links = std::iter::empty();
             deliver(
                 self.stream,
@@ -208,76 +240,99 @@ impl Follow<'_> {
                 entries.iter(),
                 Some(span),
                 links,
-            )
-            .await?;
-            observer.metrics.fanout(entries.len());
+                window,
+            );
             if had_commit && store.group_summary(self.group, &self.reader).await.is_err() {
                 return Ok(None);
-            }
-            if entries.len() < BATCH as usize {
-                return Ok(Some(next));
             }
         }
     }
 
     /// Follows the live feed from `next` while it continues the sequence; the next sequence
-    /// number once the store must be read again (a gap, a lag, a commit).
+    /// number once the store must be read again (a gap, a lag, a commit). Entries wait in
+    /// `pending` while pushes are unanswered (they go together, up to a page), so a busy group
+    /// makes fewer, larger pushes and an idle subscriber gets each entry at once. A
+    /// subscriber whose window stays full stops reading the feed; once the feed has moved on
+    /// past it, it reads the store instead.
     async fn live(
         &self,
         feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
         mut next: u64,
+        window: &mut Window,
     ) -> Result<u64, FollowError> {
         let observer = self.backend.observer();
+        let mut pending: Vec<Arc<Published>> = Vec::new();
+        let mut pending_bytes = 0usize;
+        // An entry read from the feed that did not fit on the pending page: it starts the next.
+        let mut carry: Option<Arc<Published>> = None;
         loop {
-            let first = match feed.recv().await {
-                Ok(FeedEvent::Entry(e)) => e,
-                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
-                Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
-            };
-            if first.seq < next {
+            let page_full = carry.is_some() || pending.len() >= self.page.entries as usize;
+            if !pending.is_empty()
+                && window.admits(pending_bytes)
+                && (window.is_idle() || page_full || pending.len() >= EAGER_ENTRIES)
+            {
+                let entries = pending.iter().map(|e| &e.entry);
+                let links = pending.iter().map(|e| e.origin.as_ref());
+                deliver(
+                    self.stream,
+                    observer,
+                    self.group,
+                    entries,
+                    None,
+                    links,
+                    window,
+                );
+                next += pending.len() as u64;
+                pending.clear();
+                pending_bytes = 0;
+                if let Some(e) = carry.take() {
+                    pending_bytes = entry_size(&e);
+                    pending.push(e);
+                }
                 continue;
             }
-            if first.seq > next || first.kind == EntryKind::Commit {
-                return Ok(next);
-            }
-            let mut batch = vec![first];
-            let mut back_to_store = false;
-            while batch.len() < BATCH as usize {
-                match feed.try_recv() {
-                    Ok(FeedEvent::Entry(e))
-                        if e.seq == next + batch.len() as u64 && e.kind != EntryKind::Commit =>
-                    {
-                        batch.push(e);
+            tokio::select! {
+                biased;
+                answered = window.progress(), if !window.is_idle() => answered?,
+                event = feed.recv(), if !page_full => {
+                    let e = match event {
+                        Ok(FeedEvent::Entry(e)) => e,
+                        // What is pending is read again from the store.
+                        Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
+                        Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
+                    };
+                    let expected = next + pending.len() as u64;
+                    if e.seq < expected {
+                        continue;
                     }
-                    Ok(FeedEvent::Entry(e)) if e.seq < next + batch.len() as u64 => {}
-                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
-                        back_to_store = true;
-                        break;
+                    if e.seq > expected || e.kind == EntryKind::Commit {
+                        // A gap, or a commit (which may remove the subscriber): the store
+                        // decides what it may read from `next` on.
+                        return Ok(next);
                     }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Closed) => return Err(FollowError::FeedClosed),
+                    let size = entry_size(&e);
+                    if self.page.admits(pending.len(), pending_bytes, size) {
+                        pending_bytes += size;
+                        pending.push(e);
+                    } else {
+                        carry = Some(e);
+                    }
                 }
-            }
-            next += batch.len() as u64;
-            let entries = batch.iter().map(|e| &e.entry);
-            let links = batch.iter().map(|e| e.origin.as_ref());
-            deliver(self.stream, observer, self.group, entries, None, links).await?;
-            observer.metrics.fanout(batch.len());
-            if back_to_store {
-                return Ok(next);
             }
         }
     }
 }
 
-/// Subscribes `identity` to its own inbox after `after_seq` (call it inside the subscribe
-/// call's span: the subscription's catch-ups link to it).
+/// Subscribes `identity` to its own inbox after `after_seq`, pushing pages of at most
+/// `page_bytes` (call it inside the subscribe call's span: the subscription's catch-ups link
+/// to it).
 pub(super) fn inbox(
     in_flight: &Rc<InFlight>,
     backend: Backend,
     identity: IdentityKey,
     after_seq: u64,
     stream: inbox_stream::Client,
+    page_bytes: usize,
 ) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
@@ -286,6 +341,7 @@ pub(super) fn inbox(
             identity,
             stream: &stream,
             subscribed: subscribed.as_ref(),
+            page: Page::new(BATCH, page_bytes),
         };
         if let Err(e) = sub.run(after_seq).await {
             debug!(error = %e, "inbox subscription ended");
@@ -299,6 +355,7 @@ struct FollowInbox<'a> {
     identity: IdentityKey,
     stream: &'a inbox_stream::Client,
     subscribed: Option<&'a LinkContext>,
+    page: Page,
 }
 
 impl FollowInbox<'_> {
@@ -328,7 +385,7 @@ impl FollowInbox<'_> {
             let welcomes = self
                 .backend
                 .store()
-                .read_inbox(&self.identity, after, BATCH)
+                .read_inbox(&self.identity, after, self.page)
                 .await?;
             let Some(last) = welcomes.last() else {
                 return Ok(after);
