@@ -128,6 +128,10 @@ enum Command {
         /// exists].
         #[arg(long, env = "QPQ_CONFIG")]
         config: Option<PathBuf>,
+        /// Then grant this role (the one the nodes connect as) the data operations they need
+        /// on every table, and no schema rights; run as the role that owns the schema.
+        #[arg(long, env = "QPQ_RUNTIME_ROLE")]
+        grant_runtime_role: Option<String>,
     },
 }
 
@@ -227,7 +231,11 @@ fn serve(serving: Serving) -> Result<()> {
     Ok(())
 }
 
-fn migrate(database_url: Option<String>, config: Option<PathBuf>) -> Result<()> {
+fn migrate(
+    database_url: Option<String>,
+    config: Option<PathBuf>,
+    runtime_role: Option<&str>,
+) -> Result<()> {
     let url = match database_url.filter(|u| !u.trim().is_empty()) {
         Some(url) => url,
         None => FileConfig::load(config.as_deref())?
@@ -244,7 +252,7 @@ fn migrate(database_url: Option<String>, config: Option<PathBuf>) -> Result<()> 
         .build()
         .context("building the runtime")?;
     let applied = runtime
-        .block_on(postgres::migrate(&url))
+        .block_on(postgres::migrate_granting(&url, runtime_role))
         .with_context(|| format!("migrating {}", config::redact_database_url(&url)))?;
     let mut out = std::io::stdout().lock();
     if applied.is_empty() {
@@ -252,6 +260,9 @@ fn migrate(database_url: Option<String>, config: Option<PathBuf>) -> Result<()> 
     }
     for version in &applied {
         writeln!(out, "applied {version}")?;
+    }
+    if let Some(role) = runtime_role {
+        writeln!(out, "granted the runtime role {role} its data operations")?;
     }
     out.flush().context("writing to stdout")?;
     Ok(())
@@ -294,7 +305,8 @@ fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
         Command::Migrate {
             database_url,
             config,
-        } => migrate(database_url, config),
+            grant_runtime_role,
+        } => migrate(database_url, config, grant_runtime_role.as_deref()),
         Command::Ring {
             database_url,
             group,

@@ -48,28 +48,104 @@ pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
         })
 }
 
-/// `url` with its password (if any) replaced by `***`, for logs and messages.
+/// Connection parameters whose value is a secret.
+const SECRET_PARAMS: [&str; 2] = ["password", "sslpassword"];
+
+/// `url` with every password in it (the URL's user info, a `password` or `sslpassword` query
+/// parameter, a `password=` pair of the `key=value` form) replaced by `***`, for logs and
+/// messages.
 pub fn redact_database_url(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
-        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
-        if let Some(at) = authority.rfind('@')
-            && let Some(colon) = authority[..at].find(':')
-        {
-            let start = scheme_end + 3 + colon + 1;
-            let end = scheme_end + 3 + at;
-            return format!("{}***{}", &url[..start], &url[end..]);
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        let mut out = String::with_capacity(url.len());
+        out.push_str(&url[..scheme_end + 3]);
+        match authority.rfind('@') {
+            Some(at) => {
+                match authority[..at].find(':') {
+                    Some(colon) => {
+                        out.push_str(&authority[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(&authority[..at]),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
         }
-        return url.to_owned();
+        let tail = &rest[authority_end..];
+        match tail.split_once('?') {
+            Some((path, query)) => {
+                out.push_str(path);
+                out.push('?');
+                let pairs: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=***"),
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                out.push_str(&pairs.join("&"));
+            }
+            None => out.push_str(tail),
+        }
+        return out;
     }
-    // key=value form: mask the value of `password`.
-    url.split_whitespace()
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => pair.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    redact_key_values(url)
+}
+
+/// The `key=value` form with secret values masked; a quoted value (`'a b'`, with `\'` and
+/// `\\` escapes) is masked whole.
+fn redact_key_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let trimmed = rest.trim_start();
+        out.push_str(&rest[..rest.len() - trimmed.len()]);
+        rest = trimmed;
+        if rest.is_empty() {
+            return out;
+        }
+        let key_end = rest.find(['=', ' ', '\t', '\n']).unwrap_or(rest.len());
+        let key = rest[..key_end].trim();
+        out.push_str(&rest[..key_end]);
+        rest = &rest[key_end..];
+        // Spaces may surround the '='.
+        let after = rest.trim_start();
+        if !after.starts_with('=') {
+            continue;
+        }
+        out.push_str(&rest[..rest.len() - after.len() + 1]);
+        let value = &after[1..];
+        rest = value.trim_start();
+        out.push_str(&value[..value.len() - rest.len()]);
+        let value_len = value_len(rest);
+        if SECRET_PARAMS.contains(&key) {
+            out.push_str("***");
+        } else {
+            out.push_str(&rest[..value_len]);
+        }
+        rest = &rest[value_len..];
+    }
+}
+
+/// Length of the value at the start of `text`: quoted up to the closing quote, else up to
+/// whitespace.
+fn value_len(text: &str) -> usize {
+    if !text.starts_with('\'') {
+        return text.find(char::is_whitespace).unwrap_or(text.len());
+    }
+    let mut escaped = false;
+    for (i, c) in text.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return i + 1,
+            _ => {}
+        }
+    }
+    text.len()
 }
 
 /// Parses `250ms`, `10s`, `5m` or `1h` (the project's one duration syntax, see

@@ -182,6 +182,19 @@ fn database_passwords_are_masked() {
         redact_database_url("host=db user=qpq password=s3cret"),
         "host=db user=qpq password=***"
     );
+    // In the query, and in the key=value form quoted, spaced or as sslpassword.
+    assert_eq!(
+        redact_database_url("postgres://qpq@db/qpq?sslmode=require&password=s3cret&x=1"),
+        "postgres://qpq@db/qpq?sslmode=require&password=***&x=1"
+    );
+    assert_eq!(
+        redact_database_url("postgresql://qpq:a@db?password=s3cret"),
+        "postgresql://qpq:***@db?password=***"
+    );
+    assert_eq!(
+        redact_database_url("host=db password = 's3 \\'cret' sslpassword=s3cret user=qpq"),
+        "host=db password = *** sslpassword=*** user=qpq"
+    );
     let mut c = ServerConfig::for_role(NodeRole::Shard, PathBuf::new());
     c.database_url = Some("postgres://qpq:s3cret@db/qpq".into());
     assert!(!format!("{c:?}").contains("s3cret"));

@@ -26,6 +26,7 @@ use crate::model::page::Page;
 use crate::model::{ModelError, UserName};
 
 pub mod postgres;
+pub mod postgres_access;
 pub mod postgres_cluster;
 mod postgres_io;
 mod postgres_log;

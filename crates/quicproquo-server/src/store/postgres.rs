@@ -84,6 +84,18 @@ const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// replicas may run this at once: one applies, the others wait and then find nothing to do. A
 /// failing migration rolls back the whole run.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
+    migrate_granting(database_url, None).await
+}
+
+/// Like [`migrate`], then (in the same transaction) grants `runtime_role` the data operations
+/// the nodes need and nothing more (see `postgres_access`).
+pub async fn migrate_granting(
+    database_url: &str,
+    runtime_role: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let grants = runtime_role
+        .map(super::postgres_access::runtime_grants)
+        .transpose()?;
     let mut config = parse_url(database_url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -92,7 +104,7 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
         StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
     })?;
     let driver = tokio::spawn(connection);
-    let result = apply_migrations(&mut client).await;
+    let result = apply_migrations(&mut client, grants.as_deref()).await;
     drop(client);
     // The connection ends once the client is gone; its own error (if any) is already in
     // `result`.
@@ -100,7 +112,10 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
     result
 }
 
-async fn apply_migrations(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
+async fn apply_migrations(
+    client: &mut tokio_postgres::Client,
+    grants: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
     let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -129,6 +144,14 @@ async fn apply_migrations(client: &mut tokio_postgres::Client) -> Result<Vec<Str
         .await
         .map_err(|e| pg_error(&e))?;
         applied.push((*version).to_owned());
+    }
+    if let Some(grants) = grants {
+        tx.batch_execute(grants).await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "granting the runtime role failed: {}",
+                describe(&e)
+            ))
+        })?;
     }
     tx.commit().await.map_err(|e| pg_error(&e))?;
     Ok(applied)

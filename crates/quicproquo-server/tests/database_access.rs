@@ -1,0 +1,180 @@
+//! The cluster database's access, through real processes and a real Postgres: the runtime
+//! role `qpq-server migrate --grant-runtime-role` grants can use the data but not change the
+//! schema, and a password in the database URL reaches no log line, even at debug level.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use quicproquo_core::IdentityKeypair;
+use quicproquo_server::store::Store;
+use quicproquo_server::store::postgres::PgStore;
+use quicproquo_testkit::postgres::{TestDatabase, fresh_database};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+
+const BIN: &str = env!("CARGO_BIN_EXE_qpq-server");
+
+/// Host, port, database and user of the test database.
+fn parts(db: &TestDatabase) -> Result<(String, u16, String, String)> {
+    let config: tokio_postgres::Config = db.url().parse()?;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        _ => bail!("the tests need a TCP host in the database URL"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let dbname = config.get_dbname().context("dbname")?.to_owned();
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    Ok((host, port, dbname, user))
+}
+
+fn random_suffix() -> Result<String> {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(hex::encode(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_role_uses_the_data_and_cannot_change_the_schema() -> Result<()> {
+    let db = fresh_database().await?;
+    let (host, port, dbname, _) = parts(&db)?;
+    let role = format!("qpq_rt_{}", random_suffix()?);
+    let (admin, conn) = tokio_postgres::connect(db.url(), NoTls).await?;
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'rt-pw'"))
+        .await?;
+
+    let out = Command::new(BIN)
+        .args([
+            "migrate",
+            "--database-url",
+            db.url(),
+            "--grant-runtime-role",
+            &role,
+        ])
+        .env_remove("QPQ_CONFIG")
+        .output()?;
+    ensure!(out.status.success(), "migrate: {out:?}");
+    ensure!(String::from_utf8(out.stdout)?.contains(&format!("granted the runtime role {role}")));
+
+    let runtime_url = format!("host={host} port={port} dbname={dbname} user={role} password=rt-pw");
+    let result = async {
+        // The nodes' store opens as the runtime role and does its work.
+        let store = PgStore::connect(&runtime_url, 2).await?;
+        store
+            .register_identity(&IdentityKeypair::generate()?.public())
+            .await?;
+        // A schema change is refused by Postgres itself.
+        let (rt, conn) = tokio_postgres::connect(&runtime_url, NoTls).await?;
+        tokio::spawn(conn);
+        for ddl in [
+            "CREATE TABLE evil (x INT)",
+            "ALTER TABLE schema_migrations ADD COLUMN evil INT",
+            "DROP TABLE schema_migrations",
+            "TRUNCATE schema_migrations",
+        ] {
+            match rt.batch_execute(ddl).await {
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+                other => bail!("{ddl}: expected insufficient_privilege, got {other:?}"),
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    // Roles outlive the test's database: drop this one whatever happened.
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await?;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_reaches_a_log_line_or_an_error() -> Result<()> {
+    let db = fresh_database().await?;
+    quicproquo_server::store::postgres::migrate(db.url()).await?;
+    let (host, port, dbname, user) = parts(&db)?;
+    let tmp = tempfile::tempdir()?;
+    let (in_userinfo, in_query) = ("pw-userinfo-5ka1", "pw-query-9zq2");
+    let url = format!("postgres://{user}:{in_userinfo}@{host}:{port}/{dbname}?password={in_query}");
+
+    // A node at debug level, up and then stopped (the test server trusts local connections:
+    // the password is carried, not checked).
+    let mut node = Command::new(BIN)
+        .args([
+            "standalone",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "off",
+        ])
+        .args(["--database-url", &url])
+        .arg("--data-dir")
+        .arg(tmp.path().join("node"))
+        .env_remove("QPQ_CONFIG")
+        .env("QPQ_LOG", "debug")
+        .env("QPQ_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().context("stdout")?).read_line(&mut line)?;
+    ensure!(
+        line.contains("listening"),
+        "the node did not start: {line:?}"
+    );
+    // Collect the log as it comes; a peer that leaves mid-handshake makes a debug line.
+    let stderr = node.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = line.split_whitespace().nth(4).context("address")?;
+    drop(std::net::TcpStream::connect(addr)?);
+    let mut logs = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !logs.contains("\"level\":\"DEBUG\"") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .with_context(|| format!("no debug line within 10 s:\n{logs}"))?;
+        logs.push_str(&line);
+        logs.push('\n');
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status()?;
+    ensure!(status.success());
+    ensure!(node.wait()?.success());
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("log reader panicked"))?;
+    logs.extend(rx.try_iter().map(|l| l + "\n"));
+    ensure!(logs.contains(":***@"), "the redacted URL is logged: {logs}");
+
+    // Errors: a database that does not answer, and one that refuses the user.
+    let unreachable =
+        format!("postgres://{user}:{in_userinfo}@127.0.0.1:1/{dbname}?password={in_query}");
+    let mut errors = String::new();
+    for bad in [&unreachable, &url.replace(&user, "no_such_user_x")] {
+        let out = Command::new(BIN)
+            .args(["migrate", "--database-url", bad])
+            .env_remove("QPQ_CONFIG")
+            .env("QPQ_LOG", "debug")
+            .output()?;
+        ensure!(!out.status.success(), "migrate succeeded against {bad}");
+        errors.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    ensure!(errors.contains("***"), "{errors}");
+    for secret in [in_userinfo, in_query] {
+        ensure!(
+            !logs.contains(secret),
+            "{secret} in the node's log:\n{logs}"
+        );
+        ensure!(!errors.contains(secret), "{secret} in an error:\n{errors}");
+    }
+    Ok(())
+}
