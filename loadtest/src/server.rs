@@ -96,6 +96,10 @@ fn config(dir: &Path, max_connections: usize) -> ServerConfig {
     // Every member connects from loopback: the per-address caps are the global ones here.
     config.limits.max_connections_per_address = config.max_connections;
     config.limits.max_handshakes_per_address = config.max_handshakes;
+    // ... and so are the per-address rates of binds and KeyPackage fetches.
+    config.limits.rates.binds_per_address = u32::MAX;
+    config.limits.rates.fetches_per_address = u32::MAX;
+    config.limits.rates.fetches_per_identity = u32::MAX;
     // Members may sit connected between phases for as long as a large set-up takes.
     config.limits.idle_timeout = Duration::from_secs(24 * 3600);
     config.handshake_timeout = Duration::from_secs(60);

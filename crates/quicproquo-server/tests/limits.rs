@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use quicproquo_core::mls::Suite;
 use quicproquo_core::{IdentityKeypair, NodeRole};
-use quicproquo_proto::errors::ErrorCode;
+use quicproquo_proto::errors::{ErrorCode, code_of};
 use quicproquo_server::obs::metrics::ConnectionStats;
 use support::{
     RawClient, TestServer, User, closed_by_server, eventually, handshake_from, local, tcp_from,
@@ -277,6 +277,33 @@ async fn subscriptions_per_connection_are_capped() -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Binds (each may register a new identity) are rate limited per source address: past the
+/// limit one address is refused with `rate_limited` and counted, another is served.
+#[tokio::test]
+async fn binds_are_rate_limited_per_address() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |c| {
+            c.limits.rates.binds_per_address = 2;
+        })?;
+        for _ in 0..2 {
+            let c = RawClient::connect_from([127, 0, 0, 2], &server).await?;
+            c.bind(&IdentityKeypair::generate()?).await?;
+        }
+        let third = RawClient::connect_from([127, 0, 0, 2], &server).await?;
+        let refused = third.bind(&IdentityKeypair::generate()?).await;
+        let code = refused
+            .err()
+            .and_then(|e| e.downcast_ref::<capnp::Error>().and_then(code_of));
+        assert_eq!(code, Some(ErrorCode::RateLimited));
+        assert!(metrics(&server)?.contains("qpq_rate_limited_total{limit=\"bind_address\"} 1\n"));
+        let other = RawClient::connect_from([127, 0, 0, 3], &server).await?;
+        other.bind(&IdentityKeypair::generate()?).await?;
+        assert_eq!(other.ping(b"served").await?, b"served");
         Ok(())
     })
     .await

@@ -35,6 +35,9 @@ pub(crate) fn start_server(dir: &Path, members: usize) -> Result<ServerHandle> {
     config.max_handshakes = config.max_connections;
     config.limits.max_connections_per_address = config.max_connections;
     config.limits.max_handshakes_per_address = config.max_handshakes;
+    config.limits.rates.binds_per_address = u32::MAX;
+    config.limits.rates.fetches_per_address = u32::MAX;
+    config.limits.rates.fetches_per_identity = u32::MAX;
     config.limits.idle_timeout = Duration::from_secs(3600);
     config.handshake_timeout = Duration::from_secs(60);
     config.shutdown_grace = Duration::from_secs(2);

@@ -40,6 +40,8 @@ struct Node {
 /// default capacity (`max_connections`, `max_handshakes`), since every client is on loopback.
 const LOOPBACK_CONNECTIONS: &str = "10000";
 const LOOPBACK_HANDSHAKES: &str = "1024";
+/// Binds and KeyPackage fetches per minute from loopback in a local cluster.
+const LOOPBACK_RATE: &str = "1000000";
 
 /// How long the certificates of a local cluster are valid (reissued at every start).
 const DEV_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
@@ -94,6 +96,16 @@ fn spawn(
             "QPQ_MAX_HANDSHAKES_PER_ADDRESS",
             "--max-handshakes-per-address",
             LOOPBACK_HANDSHAKES,
+        ),
+        (
+            "QPQ_BIND_LIMIT_PER_ADDRESS",
+            "--bind-limit-per-address",
+            LOOPBACK_RATE,
+        ),
+        (
+            "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_ADDRESS",
+            "--key-package-fetch-limit-per-address",
+            LOOPBACK_RATE,
         ),
     ] {
         if std::env::var_os(var).is_none() {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::{ConfigError, FileConfig, duration, invalid};
+use crate::auth::RateSettings;
 use crate::model::page::DEFAULT_PAGE_BYTES;
 use crate::pool;
 
@@ -63,6 +64,9 @@ pub struct LimitSettings {
     /// How long a client connection may leave the server's writes unread before it is
     /// closed.
     pub write_stall_timeout: Duration,
+    /// Rates per source address and per identity (binds, KeyPackage fetches) and the
+    /// limiters' memory bound.
+    pub rates: RateSettings,
 }
 
 impl Default for LimitSettings {
@@ -79,6 +83,7 @@ impl Default for LimitSettings {
             max_calls_in_flight: DEFAULT_MAX_CALLS_IN_FLIGHT,
             max_subscriptions_per_connection: DEFAULT_MAX_SUBSCRIPTIONS,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            rates: RateSettings::default(),
         }
     }
 }
@@ -129,6 +134,21 @@ pub struct LimitOverrides {
     /// `30s` [default: 30s].
     #[arg(long, env = "QPQ_WRITE_STALL_TIMEOUT")]
     pub write_stall_timeout: Option<String>,
+    /// Binds (each may register a new identity) one source address may make per minute
+    /// [default: 120].
+    #[arg(long, env = "QPQ_BIND_LIMIT_PER_ADDRESS")]
+    pub bind_limit_per_address: Option<u32>,
+    /// KeyPackage targets one identity may fetch per minute, all targets together
+    /// [default: 2000].
+    #[arg(long, env = "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_IDENTITY")]
+    pub key_package_fetch_limit_per_identity: Option<u32>,
+    /// KeyPackage targets fetched from one source address per minute [default: 10000].
+    #[arg(long, env = "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_ADDRESS")]
+    pub key_package_fetch_limit_per_address: Option<u32>,
+    /// Keys (identities, addresses, pairs) each rate limiter tracks at most: its memory bound
+    /// [default: 65536].
+    #[arg(long, env = "QPQ_RATE_LIMITER_ENTRIES")]
+    pub rate_limiter_entries: Option<usize>,
 }
 
 impl LimitSettings {
@@ -189,6 +209,24 @@ impl LimitSettings {
                     .or(file.write_stall_timeout.take()),
                 defaults.write_stall_timeout,
             )?,
+            rates: RateSettings {
+                binds_per_address: overrides
+                    .bind_limit_per_address
+                    .or(file.bind_limit_per_address)
+                    .unwrap_or(defaults.rates.binds_per_address),
+                fetches_per_identity: overrides
+                    .key_package_fetch_limit_per_identity
+                    .or(file.key_package_fetch_limit_per_identity)
+                    .unwrap_or(defaults.rates.fetches_per_identity),
+                fetches_per_address: overrides
+                    .key_package_fetch_limit_per_address
+                    .or(file.key_package_fetch_limit_per_address)
+                    .unwrap_or(defaults.rates.fetches_per_address),
+                capacity: overrides
+                    .rate_limiter_entries
+                    .or(file.rate_limiter_entries)
+                    .unwrap_or(defaults.rates.capacity),
+            },
         })
     }
 
@@ -234,6 +272,25 @@ impl LimitSettings {
             || self.write_stall_timeout > Duration::from_secs(3600)
         {
             return Err(invalid("write_stall_timeout", "must be between 1s and 1h"));
+        }
+        let r = &self.rates;
+        for (key, v) in [
+            ("bind_limit_per_address", r.binds_per_address),
+            (
+                "key_package_fetch_limit_per_identity",
+                r.fetches_per_identity,
+            ),
+            ("key_package_fetch_limit_per_address", r.fetches_per_address),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if !(64..=16_777_216).contains(&r.capacity) {
+            return Err(invalid(
+                "rate_limiter_entries",
+                "must be between 64 and 16777216",
+            ));
         }
         if self.max_reply_bytes < MIN_REPLY_BYTES {
             return Err(invalid(

@@ -61,6 +61,10 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_MAX_CALLS_IN_FLIGHT",
     "QPQ_MAX_SUBSCRIPTIONS_PER_CONNECTION",
     "QPQ_WRITE_STALL_TIMEOUT",
+    "QPQ_BIND_LIMIT_PER_ADDRESS",
+    "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_IDENTITY",
+    "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_ADDRESS",
+    "QPQ_RATE_LIMITER_ENTRIES",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -244,6 +248,14 @@ pub struct FileConfig {
     pub max_subscriptions_per_connection: Option<usize>,
     /// See [`LimitOverrides::write_stall_timeout`].
     pub write_stall_timeout: Option<String>,
+    /// See [`LimitOverrides::bind_limit_per_address`].
+    pub bind_limit_per_address: Option<u32>,
+    /// See [`LimitOverrides::key_package_fetch_limit_per_identity`].
+    pub key_package_fetch_limit_per_identity: Option<u32>,
+    /// See [`LimitOverrides::key_package_fetch_limit_per_address`].
+    pub key_package_fetch_limit_per_address: Option<u32>,
+    /// See [`LimitOverrides::rate_limiter_entries`].
+    pub rate_limiter_entries: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].

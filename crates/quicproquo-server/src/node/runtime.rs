@@ -209,7 +209,13 @@ pub(super) fn start(
     shutdown: &CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let shared = Arc::new(Shared {
-        auth: Arc::new(AuthContext::new(store, &config.auth, served.pool.clone())),
+        auth: Arc::new(AuthContext::new(
+            store,
+            &config.auth,
+            &config.limits.rates,
+            served.pool.clone(),
+            Arc::clone(&observer.metrics.rate_limits),
+        )),
         served,
         verifier: identity.verifier(),
         connections: Arc::new(Semaphore::new(config.max_connections)),
@@ -367,6 +373,8 @@ async fn serve_session(
         client_static: outcome.remote_static,
         peer_node,
         refused_certificate,
+        // Nodes are not rate limited; clients are counted by their address's key.
+        peer_address: peer_node.is_none().then(|| address_key(peer.ip())),
     };
     let exempt = peer_node.is_some();
     let hooks = SessionHooks {

@@ -122,6 +122,43 @@ impl AppendResult {
     ];
 }
 
+/// Refusals by each rate limit, for the metrics.
+#[derive(Debug, Default)]
+pub struct RateLimitStats {
+    /// Binds refused for their address.
+    pub bind_address: AtomicU64,
+    /// Fetches refused for a (requester, target) pair.
+    pub fetch_pair: AtomicU64,
+    /// Fetches refused for the requester's total.
+    pub fetch_identity: AtomicU64,
+    /// Fetches refused for the source address's total.
+    pub fetch_address: AtomicU64,
+}
+
+impl RateLimitStats {
+    fn render(&self, out: &mut String) {
+        family(
+            out,
+            "qpq_rate_limited_total",
+            "counter",
+            "Calls refused by a rate limit, by limit (bind_address, fetch_pair, fetch_identity, \
+             fetch_address).",
+        );
+        for (limit, n) in [
+            ("bind_address", &self.bind_address),
+            ("fetch_pair", &self.fetch_pair),
+            ("fetch_identity", &self.fetch_identity),
+            ("fetch_address", &self.fetch_address),
+        ] {
+            let _ = writeln!(
+                out,
+                "qpq_rate_limited_total{{limit=\"{limit}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 /// What the listener and its connections have done.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
@@ -254,6 +291,8 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// The bounded CPU pool's counters (shared with the pool).
     pub pool: Arc<PoolStats>,
+    /// Refusals by the Authentication Service's rate limits.
+    pub rate_limits: Arc<RateLimitStats>,
     /// This node's certificate and its peers'.
     pub certificates: super::certs::CertificateStats,
     /// Time to verify one handshake message against its group's public view (on the pool).
@@ -275,6 +314,7 @@ impl Default for Metrics {
             fanout_calls: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
+            rate_limits: Arc::default(),
             certificates: super::certs::CertificateStats::default(),
             verify_seconds: Histogram::new(&LATENCY_BUCKETS),
             refused: Mutex::default(),
@@ -339,6 +379,7 @@ impl Metrics {
     /// Renders the connection, RPC, append and fan-out families.
     pub fn render(&self, out: &mut String) {
         self.connections.render(out);
+        self.rate_limits.render(out);
         family(
             out,
             "qpq_connections_open",

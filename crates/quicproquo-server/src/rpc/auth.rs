@@ -4,6 +4,7 @@
 //! KeyPackages, counts are the caller's, and fetches are limited per (caller, target) pair so
 //! nobody can drain someone else's pool.
 
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -21,18 +22,21 @@ use crate::wire::{parse, store_error};
 /// The Authentication Service of one bound connection.
 pub(super) struct AuthService {
     identity: IdentityKey,
+    /// Where the connection comes from, for the per-address fetch rate.
+    address: Option<IpAddr>,
     ctx: Arc<AuthContext>,
     in_flight: Rc<InFlight>,
 }
 
 impl AuthService {
     pub(super) fn new(
-        identity: IdentityKey,
+        (identity, address): (IdentityKey, Option<IpAddr>),
         ctx: Arc<AuthContext>,
         in_flight: Rc<InFlight>,
     ) -> Self {
         Self {
             identity,
+            address,
             ctx,
             in_flight,
         }
@@ -100,7 +104,7 @@ impl authentication_service::Server for AuthService {
             async move {
                 let targets = parse::identities(params.get()?.get_identities()?, MAX_FETCH)?;
                 self.ctx
-                    .admit_fetch(self.identity, &targets)
+                    .admit_fetch(self.identity, self.address, &targets)
                     .map_err(auth_error)?;
                 let fetched = self
                     .ctx

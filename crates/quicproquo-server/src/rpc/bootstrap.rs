@@ -25,6 +25,7 @@ use crate::model::page::DEFAULT_PAGE_BYTES;
 use crate::obs::calls::InFlight;
 use crate::ordering::Appender;
 use crate::store::Store;
+use crate::wire::errors::auth_error;
 use crate::wire::{parse, store_error};
 
 /// What the handshake established about the peer, for the identity binding.
@@ -37,6 +38,8 @@ pub struct SessionInfo {
     pub peer_node: Option<NodeRole>,
     /// Why the certificate the peer presented was refused, if it presented one that was.
     pub refused_certificate: Option<String>,
+    /// The source address the peer is counted under for rate limits (an IPv6 /64 as one).
+    pub peer_address: Option<std::net::IpAddr>,
 }
 
 /// Where a connection keeps the client's `SessionEvents` capability, to warn it of a drain.
@@ -215,6 +218,10 @@ impl bootstrap::Server for BootstrapImpl {
                     ));
                 }
                 None => {
+                    // Each bind may register a new identity: counted per source address.
+                    self.auth
+                        .admit_bind(self.session.peer_address)
+                        .map_err(auth_error)?;
                     self.auth
                         .store()
                         .register_identity(&identity)
@@ -232,7 +239,7 @@ impl bootstrap::Server for BootstrapImpl {
                     } else {
                         let services = Services {
                             auth: capnp_rpc::new_client(AuthService::new(
-                                identity,
+                                (identity, self.session.peer_address),
                                 Arc::clone(&self.auth),
                                 Rc::clone(&self.in_flight),
                             )),

@@ -40,7 +40,7 @@ pub fn auth_error(e: AuthError) -> capnp::Error {
     match e {
         AuthError::BadKeyPackage(_) => error(ErrorCode::BadKeyPackage, e),
         AuthError::WrongIdentity => error(ErrorCode::WrongIdentity, e),
-        AuthError::RateLimited => error(ErrorCode::RateLimited, e),
+        AuthError::RateLimited | AuthError::BindRateLimited => error(ErrorCode::RateLimited, e),
         AuthError::Pool(_) => {
             warn!(error = %e, "KeyPackage check did not run");
             error(ErrorCode::Internal, "internal error")
