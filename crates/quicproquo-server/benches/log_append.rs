@@ -183,7 +183,10 @@ async fn start_cluster(url: &str, settings: &Settings) -> Result<Cluster> {
             store,
             quicproquo_server::config::DEFAULT_MAX_MESSAGE_BYTES,
             Arc::default(),
-            quicproquo_server::pool::CpuPool::with_defaults()?,
+            (
+                quicproquo_server::pool::CpuPool::with_defaults()?,
+                quicproquo_server::ordering::views::DEFAULT_CACHED_VIEWS,
+            ),
             stop.clone(),
         )?;
         shards.push(shard);

@@ -31,6 +31,8 @@ const MIN_REPLY_BYTES: usize = 64 * 1024;
 const MAX_CPU_POOL_THREADS: usize = 256;
 /// Most jobs accepted for `cpu_pool_queue`.
 const MAX_CPU_POOL_QUEUE: usize = 65_536;
+/// Most views accepted for `max_cached_group_views`.
+const MAX_CACHED_GROUP_VIEWS: usize = 1_000_000;
 /// Largest accepted `max_unbound_ping_bytes`.
 const MAX_UNBOUND_PING_BYTES: usize = 64 * 1024;
 
@@ -67,6 +69,9 @@ pub struct LimitSettings {
     /// Rates per source address and per identity (binds, KeyPackage fetches) and the
     /// limiters' memory bound.
     pub rates: RateSettings,
+    /// Groups whose public view (ADR 0012) an appender keeps in memory; idle ones past it are
+    /// dropped and reloaded from the store when next needed.
+    pub max_cached_group_views: usize,
 }
 
 impl Default for LimitSettings {
@@ -84,6 +89,7 @@ impl Default for LimitSettings {
             max_subscriptions_per_connection: DEFAULT_MAX_SUBSCRIPTIONS,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
             rates: RateSettings::default(),
+            max_cached_group_views: crate::ordering::views::DEFAULT_CACHED_VIEWS,
         }
     }
 }
@@ -149,6 +155,10 @@ pub struct LimitOverrides {
     /// [default: 65536].
     #[arg(long, env = "QPQ_RATE_LIMITER_ENTRIES")]
     pub rate_limiter_entries: Option<usize>,
+    /// Groups whose public view an appender keeps in memory (about 1.6 MB each for a
+    /// 1000-member hybrid group); idle ones past it are reloaded when needed [default: 256].
+    #[arg(long, env = "QPQ_MAX_CACHED_GROUP_VIEWS")]
+    pub max_cached_group_views: Option<usize>,
 }
 
 impl LimitSettings {
@@ -227,6 +237,10 @@ impl LimitSettings {
                     .or(file.rate_limiter_entries)
                     .unwrap_or(defaults.rates.capacity),
             },
+            max_cached_group_views: overrides
+                .max_cached_group_views
+                .or(file.max_cached_group_views)
+                .unwrap_or(defaults.max_cached_group_views),
         })
     }
 
@@ -302,6 +316,12 @@ impl LimitSettings {
             return Err(invalid(
                 "cpu_pool_queue",
                 format!("must be at most {MAX_CPU_POOL_QUEUE}"),
+            ));
+        }
+        if !(1..=MAX_CACHED_GROUP_VIEWS).contains(&self.max_cached_group_views) {
+            return Err(invalid(
+                "max_cached_group_views",
+                format!("must be between 1 and {MAX_CACHED_GROUP_VIEWS}"),
             ));
         }
         if self.max_unbound_ping_bytes > MAX_UNBOUND_PING_BYTES {

@@ -65,6 +65,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_IDENTITY",
     "QPQ_KEY_PACKAGE_FETCH_LIMIT_PER_ADDRESS",
     "QPQ_RATE_LIMITER_ENTRIES",
+    "QPQ_MAX_CACHED_GROUP_VIEWS",
     "QPQ_HANDSHAKE_TIMEOUT",
     "QPQ_MAX_FRAME_BYTES",
     "QPQ_MAX_MESSAGE_BYTES",
@@ -256,6 +257,8 @@ pub struct FileConfig {
     pub key_package_fetch_limit_per_address: Option<u32>,
     /// See [`LimitOverrides::rate_limiter_entries`].
     pub rate_limiter_entries: Option<usize>,
+    /// See [`LimitOverrides::max_cached_group_views`].
+    pub max_cached_group_views: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].

@@ -26,7 +26,7 @@ pub(super) fn start(
         store.clone(),
         config.max_message_bytes,
         Arc::clone(observer),
-        pool.clone(),
+        (pool.clone(), config.limits.max_cached_group_views),
         stop.clone(),
     )
     .map_err(io_err("starting the appender"))?;

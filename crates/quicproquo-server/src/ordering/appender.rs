@@ -69,7 +69,7 @@ impl Appender {
         store: AnyStore,
         max_message_bytes: usize,
         observer: Arc<Observer>,
-        pool: CpuPool,
+        (pool, max_cached_views): (CpuPool, usize),
         shutdown: CancellationToken,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -91,7 +91,7 @@ impl Appender {
                 ))
             })?;
         let shard = Self {
-            views: Views::new(store.clone(), pool, Arc::clone(&observer)),
+            views: Views::new(store.clone(), pool, Arc::clone(&observer), max_cached_views),
             store,
             max_message_bytes,
             queue,

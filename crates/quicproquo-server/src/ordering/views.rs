@@ -31,8 +31,9 @@ use crate::pool::CpuPool;
 use crate::store::AnyStore;
 use crate::store::log::LogStore;
 
-/// Most group views cached; past it, idle ones are dropped (and reloaded when next needed).
-pub const MAX_CACHED_VIEWS: usize = 256;
+/// Default of the most group views cached (`max_cached_group_views`); past it, idle ones are
+/// dropped (and reloaded when next needed).
+pub const DEFAULT_CACHED_VIEWS: usize = 256;
 
 /// One group's cached view; its lock serialises the group's handshake messages on this node.
 #[derive(Default)]
@@ -45,6 +46,7 @@ pub struct Views {
     store: AnyStore,
     pool: CpuPool,
     observer: Arc<Observer>,
+    max_cached: usize,
     slots: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
@@ -66,24 +68,25 @@ pub(crate) enum Checked {
 }
 
 impl Views {
-    /// No view cached yet.
-    pub fn new(store: AnyStore, pool: CpuPool, observer: Arc<Observer>) -> Self {
+    /// No view cached yet; at most `max_cached` idle ones will be.
+    pub fn new(store: AnyStore, pool: CpuPool, observer: Arc<Observer>, max_cached: usize) -> Self {
         Self {
             store,
             pool,
             observer,
+            max_cached,
             slots: Mutex::new(HashMap::new()),
         }
     }
 
     /// The lock of `group`'s slot (created if needed; idle slots are dropped past
-    /// [`MAX_CACHED_VIEWS`]).
+    /// `max_cached`).
     pub(crate) fn slot(&self, group: &GroupId) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = slots.get(group) {
             return Arc::clone(slot);
         }
-        if slots.len() >= MAX_CACHED_VIEWS {
+        if slots.len() >= self.max_cached {
             // Only slots nobody holds or waits for (their lock is free) are dropped.
             slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().is_err());
         }
