@@ -216,6 +216,81 @@ async fn forged_commits_are_refused_and_change_nothing(store: Option<AnyStore>) 
     Ok(())
 }
 
+/// Everything this test binary's servers log, from the first call to [`captured_logs`] on.
+fn captured_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || LogWriter(std::sync::Arc::clone(&sink)))
+            .finish();
+        // Another test of this binary may have installed one first: then nothing is captured
+        // and the test below fails, saying so.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    })
+    .clone()
+}
+
+/// Appends what the subscriber writes to the shared buffer.
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A refused commit names its sender in the log by the keyed hash of its identity (the
+/// server's telemetry key), with the rule, and without the message's content.
+async fn the_refused_committer_is_identified_in_the_log(store: Option<AnyStore>) -> Result<()> {
+    let logs = captured_logs();
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (alice, bob, _eve, id) = group_of_two(&server, dir.path()).await?;
+    let mut ga = alice.group(&id)?;
+    let out = ga.self_update(&alice.state.mls, alice.state.mls_identity())?;
+    let parts = CommitParts {
+        welcome: None,
+        group_info: out.group_info.clone(),
+    };
+    let (code, _) = refused(send(&bob, &id, &out.commit, Some(&parts)).await?)?;
+    ensure!(code == ErrorCode::BadCommit);
+    let node =
+        quicproquo_server::NodeIdentity::load_or_create(&server.data_dir(), NodeRole::Standalone)?;
+    let bob_hash = node.redactor.hash(bob.state.identity().public().as_bytes());
+    let group_hash = node.redactor.hash(&id);
+    let text = String::from_utf8_lossy(&logs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
+        .into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("refused by the group's public view") && l.contains(&bob_hash))
+        .ok_or_else(|| anyhow::anyhow!("no refusal naming bob in the log:\n{text}"))?;
+    ensure!(
+        line.contains(&group_hash) && line.contains("sender"),
+        "{line}"
+    );
+    let content = hex::encode(&out.commit[out.commit.len() - 32..]);
+    ensure!(
+        !line.contains(&content),
+        "the log holds message bytes: {line}"
+    );
+    ga.discard_pending_commit(&alice.state.mls)?;
+    Ok(())
+}
+
 /// An Add needs the added member's Welcome, and the Welcome of another commit does not do.
 async fn adds_need_their_own_welcome(store: Option<AnyStore>) -> Result<()> {
     let server = server(store)?;
@@ -493,6 +568,7 @@ macro_rules! both_stores {
 
 both_stores!(
     forged_commits_are_refused_and_change_nothing,
+    the_refused_committer_is_identified_in_the_log,
     adds_need_their_own_welcome,
     an_expired_key_package_is_not_added,
     a_group_stays_joinable_past_a_leaf_lifetime,
