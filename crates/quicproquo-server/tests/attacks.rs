@@ -23,21 +23,6 @@ const WITHIN: Duration = Duration::from_secs(20);
 /// The tests of this file run one at a time: each reads the whole process's memory.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// This process's resident memory, in bytes.
-fn rss() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?;
-    Ok(kb * 1024)
-}
-
 /// A connection from `ip` that completed the handshake, as raw encrypted frame halves.
 async fn raw_channel(
     ip: [u8; 4],
@@ -116,7 +101,7 @@ async fn an_oversized_header_commits_no_memory() -> Result<()> {
     local(async {
         let server = TestServer::start(NodeRole::Standalone, |_| {})?;
         honest_client_is_served(&server).await?;
-        let before = rss()?;
+        let before = support::rss()?;
         let mut held = Vec::new();
         for _ in 0..ATTACKERS {
             let (reader, mut writer) = raw_channel([127, 0, 0, 2], &server).await?;
@@ -135,7 +120,7 @@ async fn an_oversized_header_commits_no_memory() -> Result<()> {
             buffered.load(Ordering::Relaxed) == (ATTACKERS * 2048) as u64
         })
         .await?;
-        let grown = rss()?.saturating_sub(before);
+        let grown = support::rss()?.saturating_sub(before);
         eprintln!("resident memory grew by {grown} bytes under {ATTACKERS} oversized headers");
         assert!(grown < 16 << 20, "resident memory grew by {grown} bytes");
         honest_client_is_served(&server).await?;
@@ -154,7 +139,7 @@ async fn an_unimplemented_message_is_not_echoed() -> Result<()> {
     let _serial = SERIAL.lock().await;
     local(async {
         let server = TestServer::start(NodeRole::Standalone, |_| {})?;
-        let before = rss()?;
+        let before = support::rss()?;
         // A call carrying 24 kB, then turned into a message type that does not exist (99),
         // and a `provide` (10), which no peer of ours may send.
         for kind in [99u16, 10] {
@@ -181,7 +166,7 @@ async fn an_unimplemented_message_is_not_echoed() -> Result<()> {
         let limited = &server.handle()?.stats().refused_messages;
         eventually(WITHIN, || limited.load(Ordering::Relaxed) == 2).await?;
         honest_client_is_served(&server).await?;
-        let grown = rss()?.saturating_sub(before);
+        let grown = support::rss()?.saturating_sub(before);
         eprintln!("resident memory grew by {grown} bytes under the unimplemented messages");
         assert!(grown < 16 << 20, "resident memory grew by {grown} bytes");
         Ok(())
@@ -202,7 +187,7 @@ async fn pipelined_calls_are_throttled_not_queued() -> Result<()> {
         let server = TestServer::start(NodeRole::Standalone, |c| {
             c.limits.write_stall_timeout = Duration::from_secs(3);
         })?;
-        let before = rss()?;
+        let before = support::rss()?;
         let (reader, mut writer) = raw_channel([127, 0, 0, 2], &server).await?;
         let attack = tokio::task::spawn_local(async move {
             let mut frame = bootstrap_message(0);
@@ -221,7 +206,7 @@ async fn pipelined_calls_are_throttled_not_queued() -> Result<()> {
         let stats = server.handle()?.stats();
         eventually(WITHIN, || stats.throttled.load(Ordering::Relaxed) > 0).await?;
         honest_client_is_served(&server).await?;
-        let peak = rss()?.saturating_sub(before);
+        let peak = support::rss()?.saturating_sub(before);
         eprintln!("resident memory grew by {peak} bytes while throttling 100 000 calls");
         assert!(peak < 64 << 20, "resident memory grew by {peak} bytes");
         // The peer never reads: once the server's writes stall that long, it is closed.

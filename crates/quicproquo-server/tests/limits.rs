@@ -1,7 +1,8 @@
 //! Limits one host or one unbound peer cannot exhaust, through real sockets: per-address caps
-//! on connections and handshakes, the bind deadline, the idle timeout, and small pings before
-//! `bind`. Each
-//! refusal is a counted close (or a typed error), and honest clients are served throughout.
+//! on connections and handshakes (up to 10 000 idle connections from one address), the bind
+//! deadline, the idle timeout, small pings before `bind`, replies paged by bytes,
+//! subscriptions per connection and binds per address. Each refusal is a counted close (or a
+//! typed error), and honest clients are served throughout.
 //! Several source addresses are played with 127.0.0.x on loopback.
 
 mod support;
@@ -307,4 +308,90 @@ async fn binds_are_rate_limited_per_address() -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// Raises this process's open-file limit to its hard limit (a test holding thousands of
+/// sockets, both ends in one process) and returns the soft limit now in force.
+fn raise_open_files() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// 10 000 connections from one address that complete the handshake and then idle: the
+/// address's cap (256) holds, every other attempt is closed on accept and counted, and a
+/// client from another loopback address still registers and chats. Resident memory of this
+/// process (the server runs in it, and the attackers' sockets) grows by less than 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_from_one_address_are_capped() -> Result<()> {
+    const ATTEMPTS: usize = 10_000;
+    const CAP: usize = 256;
+    let open_files = raise_open_files();
+    anyhow::ensure!(
+        open_files >= 2 * CAP as u64 + 512,
+        "needs {} open files, the limit is {open_files}",
+        2 * CAP + 512
+    );
+    let server = TestServer::start(NodeRole::Standalone, |c| {
+        // Idle connections are not cut by the bind deadline during the test: the cap alone
+        // holds them off.
+        c.limits.bind_timeout = Duration::from_secs(300);
+    })?;
+    let before = support::rss()?;
+    let server = std::sync::Arc::new(server);
+    let mut held = Vec::new();
+    let mut refused = 0usize;
+    // 64 attempts at a time; each either completes its handshake (and is kept) or is closed.
+    for chunk in (0..ATTEMPTS).collect::<Vec<_>>().chunks(64) {
+        let tries = chunk.iter().map(|_| {
+            let server = std::sync::Arc::clone(&server);
+            tokio::spawn(async move { handshake_from([127, 0, 0, 2], &server).await })
+        });
+        for r in futures::future::join_all(tries).await {
+            match r? {
+                Ok(conn) => held.push(conn),
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    assert!(held.len() <= CAP, "{} connections held", held.len());
+    assert_eq!(held.len() + refused, ATTEMPTS);
+    let stats = server.handle()?.stats();
+    let counted = stats.address_connections_full.load(Ordering::Relaxed)
+        + stats.address_handshakes_full.load(Ordering::Relaxed);
+    assert!(
+        counted as usize >= ATTEMPTS - CAP,
+        "{counted} refusals counted"
+    );
+
+    // Another address registers and chats.
+    local(async {
+        let dir = tempfile::tempdir()?;
+        let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+        let mut bob = User::register(&server, dir.path(), "bob", Suite::Classical).await?;
+        alice.chat().create_group("g").await?;
+        alice
+            .chat()
+            .invite("g", &["bob".into()], &mut |_| {})
+            .await?;
+        alice.chat().send("g", b"still served", &mut |_| {}).await?;
+        let got = User::messages(&bob.recv().await?);
+        assert_eq!(got.len(), 1);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await?;
+    let grown = support::rss()?.saturating_sub(before);
+    eprintln!(
+        "{} of {ATTEMPTS} connections held, resident memory grew by {grown} bytes",
+        held.len()
+    );
+    assert!(grown < 64 << 20, "resident memory grew by {grown} bytes");
+    Ok(())
 }

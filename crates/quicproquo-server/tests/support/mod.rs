@@ -303,3 +303,18 @@ impl RawClient {
         Ok(response.get()?.get_payload()?.to_vec())
     }
 }
+
+/// This process's resident memory, in bytes.
+pub fn rss() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS value"))?
+        .parse()?;
+    Ok(kb * 1024)
+}
