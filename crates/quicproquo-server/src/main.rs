@@ -94,6 +94,9 @@ enum Command {
         /// A group id (hex) whose owner to show.
         #[arg(long)]
         group: Option<String>,
+        /// PEM certificates trusted for the database's TLS [default: the public web roots].
+        #[arg(long, env = "QPQ_DATABASE_CA_FILE")]
+        database_ca_file: Option<PathBuf>,
     },
     /// Run a local cluster on loopback: migrate, then start the shards and edges as child
     /// processes, print their addresses, and stop them all on ctrl-c or SIGTERM.
@@ -132,6 +135,9 @@ enum Command {
         /// on every table, and no schema rights; run as the role that owns the schema.
         #[arg(long, env = "QPQ_RUNTIME_ROLE")]
         grant_runtime_role: Option<String>,
+        /// PEM certificates trusted for the database's TLS [default: the public web roots].
+        #[arg(long, env = "QPQ_DATABASE_CA_FILE")]
+        database_ca_file: Option<PathBuf>,
     },
 }
 
@@ -234,7 +240,7 @@ fn serve(serving: Serving) -> Result<()> {
 fn migrate(
     database_url: Option<String>,
     config: Option<PathBuf>,
-    runtime_role: Option<&str>,
+    options: &postgres::MigrateOptions<'_>,
 ) -> Result<()> {
     let url = match database_url.filter(|u| !u.trim().is_empty()) {
         Some(url) => url,
@@ -252,7 +258,7 @@ fn migrate(
         .build()
         .context("building the runtime")?;
     let applied = runtime
-        .block_on(postgres::migrate_granting(&url, runtime_role))
+        .block_on(postgres::migrate_with(&url, options))
         .with_context(|| format!("migrating {}", config::redact_database_url(&url)))?;
     let mut out = std::io::stdout().lock();
     if applied.is_empty() {
@@ -261,7 +267,7 @@ fn migrate(
     for version in &applied {
         writeln!(out, "applied {version}")?;
     }
-    if let Some(role) = runtime_role {
+    if let Some(role) = options.runtime_role {
         writeln!(out, "granted the runtime role {role} its data operations")?;
     }
     out.flush().context("writing to stdout")?;
@@ -306,11 +312,20 @@ fn run(cli: Cli, serving: Option<Serving>) -> Result<()> {
             database_url,
             config,
             grant_runtime_role,
-        } => migrate(database_url, config, grant_runtime_role.as_deref()),
+            database_ca_file,
+        } => migrate(
+            database_url,
+            config,
+            &postgres::MigrateOptions {
+                runtime_role: grant_runtime_role.as_deref(),
+                ca_file: database_ca_file.as_deref(),
+            },
+        ),
         Command::Ring {
             database_url,
             group,
-        } => cli::ring(&database_url, group.as_deref()),
+            database_ca_file,
+        } => cli::ring(&database_url, group.as_deref(), database_ca_file.as_deref()),
         Command::DevCluster {
             database_url,
             edges,

@@ -178,3 +178,58 @@ async fn no_password_reaches_a_log_line_or_an_error() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_used_as_asked_and_verified() -> Result<()> {
+    use quicproquo_server::store::postgres_access::{connection_config, tls_connector};
+
+    let db = fresh_database().await?;
+    let (_, port, dbname, user) = parts(&db)?;
+    let (admin, conn) = tokio_postgres::connect(db.url(), NoTls).await?;
+    tokio::spawn(conn);
+    let ssl = admin.query_one("SHOW ssl", &[]).await?.get::<_, String>(0);
+    // `localhost`: the name a local server's certificate is usually made out to.
+    let url = |mode: &str| format!("postgres://{user}@localhost:{port}/{dbname}?sslmode={mode}");
+    let migrate = |url: &str, ca: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["migrate", "--database-url", url])
+            .env_remove("QPQ_CONFIG");
+        if let Some(ca) = ca {
+            c.args(["--database-ca-file", ca]);
+        }
+        c.output()
+    };
+    if ssl != "on" {
+        // A server without TLS: asked for TLS, the node refuses to go on in the clear.
+        let out = migrate(&url("require"), None)?;
+        ensure!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(err.contains("TLS"), "{err}");
+        return Ok(());
+    }
+    // The server's own (self-signed) certificate is the CA to trust.
+    let cert = admin
+        .query_one("SHOW ssl_cert_file", &[])
+        .await?
+        .get::<_, String>(0);
+    let out = migrate(&url("verify-full"), Some(&cert))?;
+    ensure!(out.status.success(), "verified TLS: {out:?}");
+    // The connection really is TLS.
+    let (client, conn) = connection_config(&url("require"))?
+        .connect(tls_connector(Some(std::path::Path::new(&cert)))?)
+        .await?;
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    ensure!(row.get::<_, bool>(0), "the connection is not TLS");
+    // Without the server's CA, its certificate is refused, not accepted blindly.
+    let out = migrate(&url("require"), None)?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("certificate"), "{err}");
+    Ok(())
+}

@@ -14,7 +14,11 @@ use quicproquo_server::store::postgres::PgStore;
 
 /// `qpq-server ring`: prints the ring version, the live shards and, for `group` (hex), its
 /// owner. Reading the ring also retires expired leases, like an edge's refresh does.
-pub(crate) fn ring(database_url: &str, group: Option<&str>) -> Result<()> {
+pub(crate) fn ring(
+    database_url: &str,
+    group: Option<&str>,
+    ca_file: Option<&std::path::Path>,
+) -> Result<()> {
     config::check_database_url(database_url)?;
     let group = group
         .map(|g| hex::decode(g.trim()).context("--group must be the group id in hex"))
@@ -24,7 +28,7 @@ pub(crate) fn ring(database_url: &str, group: Option<&str>) -> Result<()> {
         .build()
         .context("building the runtime")?;
     let snapshot = runtime.block_on(async {
-        let store = PgStore::connect(database_url, 1).await?;
+        let store = PgStore::connect_with_ca(database_url, 1, ca_file).await?;
         store.ring().await
     })?;
     let ring = Ring::new(snapshot.shards.iter().map(|s| s.node_id.as_str()));

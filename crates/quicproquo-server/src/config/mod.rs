@@ -72,6 +72,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "QPQ_SHUTDOWN_GRACE",
     "QPQ_DATABASE_URL",
     "QPQ_RUNTIME_ROLE",
+    "QPQ_DATABASE_CA_FILE",
     "QPQ_ADVERTISE",
     "QPQ_CLUSTER_KEY_FILE",
     "QPQ_NODE_CERTIFICATE_FILE",
@@ -183,6 +184,10 @@ pub struct Overrides {
     /// PostgreSQL database of a cluster, e.g. `postgres://qpq@db:5432/qpq` [default: none].
     #[arg(long, env = "QPQ_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// PEM certificates trusted for the database's TLS [default: the public web roots]. TLS
+    /// follows the URL's sslmode; without one it is required unless the host is loopback.
+    #[arg(long, env = "QPQ_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
     /// Address other nodes use to reach this shard, `host:port` [default: the bound address].
     #[arg(long, env = "QPQ_ADVERTISE")]
     pub advertise: Option<String>,
@@ -275,6 +280,8 @@ pub struct FileConfig {
     pub key_package_low_watermark: Option<u32>,
     /// See [`Overrides::database_url`].
     pub database_url: Option<String>,
+    /// See [`Overrides::database_ca_file`].
+    pub database_ca_file: Option<PathBuf>,
     /// See [`Overrides::advertise`].
     pub advertise: Option<String>,
     /// See [`Overrides::cluster_key_file`].
@@ -361,6 +368,8 @@ pub struct ServerConfig {
     pub auth: AuthSettings,
     /// The cluster's PostgreSQL database (libpq-style URL or `key=value` string), if any.
     pub database_url: Option<String>,
+    /// Certificates trusted for the database's TLS; `None`: the public web roots.
+    pub database_ca_file: Option<PathBuf>,
     /// Cluster settings (shards and edges).
     pub cluster: ClusterSettings,
     /// Where the ops listener (metrics, health) binds; `None`: no ops listener.
@@ -390,6 +399,7 @@ impl std::fmt::Debug for ServerConfig {
                 "database_url",
                 &self.database_url.as_deref().map(redact_database_url),
             )
+            .field("database_ca_file", &self.database_ca_file)
             .field("cluster", &self.cluster)
             .field("ops_listen", &self.ops_listen)
             .field("otlp_endpoint", &self.otlp_endpoint)
@@ -415,6 +425,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             auth: AuthSettings::default(),
             database_url: None,
+            database_ca_file: None,
             cluster: ClusterSettings::default(),
             ops_listen: None,
             otlp_endpoint: None,
@@ -492,6 +503,7 @@ impl ServerConfig {
                 .database_url
                 .or(file.database_url)
                 .filter(|url| !url.trim().is_empty()),
+            database_ca_file: overrides.database_ca_file.or(file.database_ca_file),
             cluster,
             ops_listen,
             otlp_endpoint: file.otlp_endpoint.filter(|e| !e.trim().is_empty()),

@@ -38,12 +38,13 @@ pub(super) fn parse_suites(names: &[String]) -> Result<Vec<Suite>, ConfigError> 
 /// Checks that `url` is a PostgreSQL connection URL or `key=value` string. The error never
 /// quotes it: it may hold a password.
 pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
-    url.parse::<tokio_postgres::Config>()
+    crate::store::postgres_access::connection_config(url)
         .map(drop)
         .map_err(|_| {
             invalid(
                 "database_url",
-                "not a PostgreSQL connection string (expected postgres://user@host:port/database)",
+                "not a PostgreSQL connection string (expected postgres://user@host:port/database; \
+                 sslmode: disable, prefer, require, verify-ca or verify-full)",
             )
         })
 }

@@ -183,7 +183,11 @@ fn database_pool_size(workers: usize) -> usize {
 pub fn open_store(config: &ServerConfig) -> Result<AnyStore, ServerError> {
     config.validate_store()?;
     if let Some(url) = &config.database_url {
-        let store = connect_postgres(url, database_pool_size(config.workers))?;
+        let store = connect_postgres(
+            url,
+            database_pool_size(config.workers),
+            config.database_ca_file.as_deref(),
+        )?;
         info!(
             database = %crate::config::redact_database_url(url),
             "using the PostgreSQL store"
@@ -199,13 +203,19 @@ pub fn open_store(config: &ServerConfig) -> Result<AnyStore, ServerError> {
 /// a thread of its own so that this also works when called from inside another runtime. The
 /// runtime may go afterwards: the store drives its connections on its own I/O thread, so they
 /// serve the workers and the appender for as long as the store lives.
-fn connect_postgres(url: &str, pool_size: usize) -> Result<PgStore, ServerError> {
+fn connect_postgres(
+    url: &str,
+    pool_size: usize,
+    ca_file: Option<&std::path::Path>,
+) -> Result<PgStore, ServerError> {
     std::thread::scope(|scope| {
         let opener = std::thread::Builder::new()
             .name("qpq-store-open".into())
             .spawn_scoped(scope, || {
                 let rt = runtime()?;
-                Ok::<_, ServerError>(rt.block_on(PgStore::connect(url, pool_size))?)
+                Ok::<_, ServerError>(
+                    rt.block_on(PgStore::connect_with_ca(url, pool_size, ca_file))?,
+                )
             })
             .map_err(io_err("spawning the store opener thread"))?;
         opener

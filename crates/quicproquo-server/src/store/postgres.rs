@@ -1,8 +1,8 @@
 //! [`PgStore`]: the [`Store`] on PostgreSQL, for a cluster; [`migrate`] brings a database's
 //! schema up to date.
 //!
-//! Connections come from a deadpool pool of tokio-postgres clients (no TLS: run Postgres on a
-//! private network or over a TLS-terminating proxy). Their sockets are driven by the store's
+//! Connections come from a deadpool pool of tokio-postgres clients (TLS through rustls as the
+//! URL's `sslmode` says, required by default off loopback: see `postgres_access`). Their sockets are driven by the store's
 //! own I/O thread (`qpq-pg-io`, a one-worker tokio runtime that lives as long as the pool), so
 //! the store serves callers on any runtime — the per-core workers, the appender thread, a test's
 //! runtime — and none of them has to outlive it or keep polling for the others.
@@ -29,15 +29,16 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use quicproquo_core::IdentityKey;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use super::postgres_io::IoThreadConnect;
 use super::{FetchedKeyPackage, KeyPackageRecord, Store, StoreError};
@@ -84,23 +85,34 @@ const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// replicas may run this at once: one applies, the others wait and then find nothing to do. A
 /// failing migration rolls back the whole run.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
-    migrate_granting(database_url, None).await
+    migrate_with(database_url, &MigrateOptions::default()).await
 }
 
-/// Like [`migrate`], then (in the same transaction) grants `runtime_role` the data operations
-/// the nodes need and nothing more (see `postgres_access`).
-pub async fn migrate_granting(
+/// What [`migrate_with`] does besides migrating.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrateOptions<'a> {
+    /// Grant this role the data operations the nodes need and nothing more, in the same
+    /// transaction (see `postgres_access`).
+    pub runtime_role: Option<&'a str>,
+    /// Trust the certificates in this PEM file for the database's TLS.
+    pub ca_file: Option<&'a Path>,
+}
+
+/// Like [`migrate`], with `options`.
+pub async fn migrate_with(
     database_url: &str,
-    runtime_role: Option<&str>,
+    options: &MigrateOptions<'_>,
 ) -> Result<Vec<String>, StoreError> {
-    let grants = runtime_role
+    let grants = options
+        .runtime_role
         .map(super::postgres_access::runtime_grants)
         .transpose()?;
+    let tls = super::postgres_access::tls_connector(options.ca_file)?;
     let mut config = parse_url(database_url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (mut client, connection) = config.connect(NoTls).await.map_err(|e| {
+    let (mut client, connection) = config.connect(tls).await.map_err(|e| {
         StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
     })?;
     let driver = tokio::spawn(connection);
@@ -199,7 +211,17 @@ impl PgStore {
     /// itself, and stops it when the last clone is dropped). A connection the server closed is
     /// replaced when next taken from the pool.
     pub async fn connect(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let store = Self::pool_only(database_url, pool_size)?;
+        Self::connect_with_ca(database_url, pool_size, None).await
+    }
+
+    /// Like [`PgStore::connect`], trusting the certificates in `ca_file` (PEM) for the
+    /// database's TLS instead of the public web roots.
+    pub async fn connect_with_ca(
+        database_url: &str,
+        pool_size: usize,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        let store = Self::pool_only(database_url, pool_size, ca_file)?;
         let pending = store.pending().await?;
         if !pending.is_empty() {
             return Err(StoreError::Unavailable(format!(
@@ -210,7 +232,11 @@ impl PgStore {
         Ok(store)
     }
 
-    fn pool_only(database_url: &str, pool_size: usize) -> Result<Self, StoreError> {
+    fn pool_only(
+        database_url: &str,
+        pool_size: usize,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         let mut config = parse_url(database_url)?;
         let options = match config.get_options().map(str::trim) {
             Some(given) if !given.is_empty() => format!("{given} {SESSION_OPTIONS}"),
@@ -219,7 +245,7 @@ impl PgStore {
         config.options(options);
         let manager = Manager::from_connect(
             config,
-            IoThreadConnect::start()?,
+            IoThreadConnect::start(super::postgres_access::tls_connector(ca_file)?)?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -573,11 +599,7 @@ mod sql {
 
 fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, StoreError> {
     // The parser's message can quote the URL, which may hold a password: keep it out.
-    database_url.parse().map_err(|_| {
-        StoreError::Unavailable(
-            "invalid database URL: expected postgres://user@host:port/database".into(),
-        )
-    })
+    super::postgres_access::connection_config(database_url)
 }
 
 /// An identity as a `BYTEA` parameter.

@@ -1,5 +1,14 @@
-//! Who may do what in the cluster database: the migration role owns the schema; the runtime
-//! role the nodes connect as gets only the data operations they need.
+//! Who may do what in the cluster database, and how the nodes reach it.
+//!
+//! **TLS.** Every connection goes through rustls (ring), verifying the server's certificate
+//! and host name against `database_ca_file` (PEM) or, without one, the public web roots. The
+//! URL's `sslmode` decides whether TLS is used: `disable`, `prefer`, `require`, and
+//! `verify-ca`/`verify-full` (both mean `require` here: rustls always verifies the
+//! certificate and the host name). Without `sslmode`, TLS is required unless every host is
+//! loopback (`localhost`, `127.0.0.0/8`, `::1`) or a Unix socket.
+//!
+//! **Roles.** The migration role owns the schema; the runtime role the nodes connect as gets
+//! only the data operations they need.
 //!
 //! `qpq-server migrate --grant-runtime-role ROLE` (run as the migration role) grants, after
 //! the migrations and in the same transaction, `SELECT, INSERT, UPDATE, DELETE` on every table
@@ -9,7 +18,91 @@
 //! again after a new migration covers the new tables. The role itself (a login with its own
 //! password) is created by the database's administrator.
 
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
 use super::StoreError;
+
+/// The TLS connector every database connection uses: rustls with ring, trusting the
+/// certificates in `ca_file` (PEM), or the public web roots without one.
+pub fn tls_connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let unreadable = |e: &dyn std::fmt::Display| {
+                StoreError::Unavailable(format!("database_ca_file {}: {e}", path.display()))
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| unreadable(&e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unreadable(&e))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(unreadable(&"no certificate in it"));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    // rustls 0.23.48 deprecates the ring provider for lacking post-quantum key exchange; the
+    // database link is classical like the Noise layer (ADR 0001), and the post-quantum
+    // provider (aws-lc-rs) would add a C and CMake build to every platform.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Unavailable(format!("TLS for the database: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Parses a database URL (or `key=value` string) into the connection settings, with the
+/// `sslmode` rule of the module documentation applied. Errors never quote the URL (it may
+/// hold a password).
+pub fn connection_config(database_url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let normalised = database_url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    let mut config: tokio_postgres::Config = normalised.parse().map_err(|_| {
+        StoreError::Unavailable(
+            "invalid database URL: expected postgres://user@host:port/database (sslmode: \
+             disable, prefer, require, verify-ca or verify-full)"
+                .into(),
+        )
+    })?;
+    if !database_url.contains("sslmode") {
+        config.ssl_mode(if all_loopback(&config) {
+            SslMode::Disable
+        } else {
+            SslMode::Require
+        });
+    }
+    Ok(config)
+}
+
+/// Whether every host of `config` is on this machine.
+fn all_loopback(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|h| match h {
+            Host::Tcp(name) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            #[allow(unreachable_patterns)]
+            _ => true,
+        })
+}
 
 /// Longest PostgreSQL identifier.
 const MAX_ROLE_LEN: usize = 63;
@@ -44,6 +137,48 @@ pub(super) fn runtime_grants(role: &str) -> Result<String, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_is_required_by_default_except_on_loopback() -> Result<(), StoreError> {
+        for (url, mode) in [
+            ("postgres://qpq@db.internal/qpq", SslMode::Require),
+            ("postgres://qpq@10.0.0.7:5432/qpq", SslMode::Require),
+            ("host=db user=qpq", SslMode::Require),
+            ("postgres://qpq@127.0.0.1/qpq", SslMode::Disable),
+            ("postgres://qpq@localhost:5432/qpq", SslMode::Disable),
+            ("postgres://qpq@[::1]:5432/qpq", SslMode::Disable),
+            ("host=/var/run/postgresql user=qpq", SslMode::Disable),
+            (
+                "postgres://qpq@db.internal/qpq?sslmode=disable",
+                SslMode::Disable,
+            ),
+            (
+                "postgres://qpq@127.0.0.1/qpq?sslmode=require",
+                SslMode::Require,
+            ),
+            (
+                "postgres://qpq@db/qpq?sslmode=verify-full",
+                SslMode::Require,
+            ),
+            ("host=db sslmode=verify-ca", SslMode::Require),
+        ] {
+            assert_eq!(connection_config(url)?.get_ssl_mode(), mode, "{url}");
+        }
+        let err = connection_config("postgres://u:s3cret@db/q?sslmode=bogus").err();
+        assert!(err.is_some_and(|e| !e.to_string().contains("s3cret")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let empty = tmp.path().join("ca.pem");
+        std::fs::write(&empty, "not a certificate\n")?;
+        assert!(tls_connector(Some(&empty)).is_err());
+        assert!(tls_connector(Some(&tmp.path().join("missing.pem"))).is_err());
+        assert!(tls_connector(None).is_ok());
+        Ok(())
+    }
 
     #[test]
     fn role_names_are_checked_before_any_sql() {

@@ -4,7 +4,8 @@
 use std::pin::pin;
 
 use futures::future::BoxFuture;
-use tokio_postgres::NoTls;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreError;
 use super::postgres::describe;
@@ -14,6 +15,8 @@ use super::postgres::describe;
 /// connection through channels only.
 pub(super) struct IoThreadConnect {
     handle: tokio::runtime::Handle,
+    /// TLS for every connection (used as the URL's `sslmode` says).
+    tls: MakeRustlsConnect,
     /// Dropped with the pool: the thread then leaves `block_on` and drops its runtime, with
     /// every connection task on it (closing their sockets).
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -21,7 +24,7 @@ pub(super) struct IoThreadConnect {
 
 impl IoThreadConnect {
     /// Starts the `qpq-pg-io` thread.
-    pub(super) fn start() -> Result<Self, StoreError> {
+    pub(super) fn start(tls: MakeRustlsConnect) -> Result<Self, StoreError> {
         let failed = |e: std::io::Error| {
             StoreError::Unavailable(format!("starting the database I/O thread: {e}"))
         };
@@ -42,6 +45,7 @@ impl IoThreadConnect {
             .map_err(failed)?;
         Ok(Self {
             handle,
+            tls,
             _stop: stop,
         })
     }
@@ -57,10 +61,11 @@ impl deadpool_postgres::Connect for IoThreadConnect {
     > {
         let config = pg_config.clone();
         let handle = self.handle.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             // Poll the connect inside the I/O runtime's context, so the socket and the connect
             // timeout register with its reactor and timer rather than the caller's.
-            let mut connecting = pin!(config.connect(NoTls));
+            let mut connecting = pin!(config.connect(tls));
             let (client, connection) = std::future::poll_fn(|cx| {
                 let _entered = handle.enter();
                 connecting.as_mut().poll(cx)
@@ -72,12 +77,11 @@ impl deadpool_postgres::Connect for IoThreadConnect {
 }
 
 /// Drives one connection until it closes.
-async fn drive(
-    connection: tokio_postgres::Connection<
-        tokio_postgres::Socket,
-        tokio_postgres::tls::NoTlsStream,
-    >,
-) {
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     if let Err(e) = connection.await {
         tracing::warn!(error = %describe(&e), "database connection closed with an error");
     }
