@@ -12,7 +12,8 @@
 //! recorded, and how far a client's sampled flag is honoured. [`Redactor`] is the keyed hash.
 //!
 //! What it is not: a metrics library (the server's `/metrics` lives in the server crate) or
-//! an HTTPS client: [`otlp`] speaks plain HTTP/1.1 to a collector on a trusted network.
+//! an HTTP stack: [`otlp`] configures the exporter's standard client (reqwest, rustls) for
+//! `http://` and `https://` collectors.
 //!
 //! Export never blocks the data path: finished spans go into a bounded queue drained by the
 //! OpenTelemetry SDK's batch thread, and spans are dropped when the queue is full.
@@ -25,7 +26,7 @@
 //! | [`resource`] | who this process is: `service.*`, `host.name`, the conventions version |
 //! | [`sampling`] | the sampling rule, and the server's decision on a client's sampled flag |
 //! | [`export`] | integer attributes stay integers on their way to the exporter |
-//! | [`otlp`] | the OTLP/HTTP sender |
+//! | [`otlp`] | the OTLP/HTTP client: reqwest with rustls, the collector's CA |
 //! | [`propagation`] | W3C context on the wire, span links |
 //! | `redact` | the keyed hash ([`Redactor`]) |
 //!
@@ -204,7 +205,7 @@ fn provider(
     rule: sampling::Rule,
     endpoint: &str,
 ) -> Result<SdkTracerProvider, TelemetryError> {
-    let client = otlp::MiniHttpClient::new(endpoint)?;
+    let client = otlp::http_client(endpoint)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client)

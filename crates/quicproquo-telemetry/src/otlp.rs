@@ -1,142 +1,96 @@
-//! A minimal OTLP/HTTP transport: one blocking HTTP/1.1 `POST` per export batch over plain
-//! TCP.
+//! The OTLP/HTTP transport: the OpenTelemetry exporter's standard HTTP client (reqwest's
+//! blocking client, which `opentelemetry-otlp` drives), over `http://` or `https://`.
 //!
-//! The OpenTelemetry SDK's batch processor calls it from its own thread, never from a server
-//! worker, so blocking here cannot stall the data path. It supports `http://` endpoints only
-//! (a collector or agent on the node or its private network); the trade is a few hundred
-//! lines of HTTP and TLS stack not compiled into every node.
+//! TLS is rustls on ring, configured here rather than by a process-wide provider: the
+//! collector's certificate and host name are verified against the PEM file named by
+//! `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE` or `OTEL_EXPORTER_OTLP_CERTIFICATE` (the
+//! OpenTelemetry variables), or the public web roots without one. The SDK's batch processor
+//! calls the client from its own thread, never from a server worker, so a slow collector
+//! cannot stall the data path.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use opentelemetry_http::{HttpClient, HttpError, Request, Response};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::TelemetryError;
 
-/// Deadline for connecting, and for each read or write.
+/// Deadline for connecting, and for each whole request.
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest response (headers and body) read from the collector.
-const MAX_RESPONSE: usize = 64 * 1024;
+/// The OpenTelemetry variables naming the collector's CA certificates (traces first).
+const CERTIFICATE_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+];
 
-/// Errors of one export request.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum OtlpHttpError {
-    /// The request's URL has no host or port this client can reach.
-    #[error("cannot send to {0}: only http://host:port URLs are supported")]
-    Url(String),
-    /// Connecting, writing or reading failed.
-    #[error("collector I/O failed: {0}")]
-    Io(#[from] std::io::Error),
-    /// The collector's answer is not an HTTP/1.x response.
-    #[error("the collector sent a malformed response")]
-    Malformed,
-}
-
-/// The HTTP client handed to the OTLP exporter.
-#[derive(Debug, Clone)]
-pub struct MiniHttpClient {
-    timeout: Duration,
-}
-
-impl MiniHttpClient {
-    /// A client for `endpoint`, which must be an `http://` URL with a host.
-    pub fn new(endpoint: &str) -> Result<Self, TelemetryError> {
-        let invalid = |message: &str| TelemetryError::Endpoint {
-            endpoint: endpoint.to_owned(),
-            message: message.to_owned(),
-        };
-        let uri: http::Uri = endpoint
-            .parse()
-            .map_err(|_| invalid("not a URL (expected http://host:port)"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(invalid(
-                "only http:// is supported; send to a collector on the node or private network",
-            ));
-        }
-        if uri.host().is_none() {
-            return Err(invalid("no host"));
-        }
-        Ok(Self { timeout: TIMEOUT })
+/// The HTTP client for `endpoint`, which must be an `http://` or `https://` URL with a host.
+pub fn http_client(endpoint: &str) -> Result<reqwest::blocking::Client, TelemetryError> {
+    let invalid = |message: String| TelemetryError::Endpoint {
+        endpoint: endpoint.to_owned(),
+        message,
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| invalid("not a URL (expected http(s)://host:port)".into()))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid("only http:// and https:// are supported".into()));
     }
+    if uri.host().is_none() {
+        return Err(invalid("no host".into()));
+    }
+    let ca_file = CERTIFICATE_VARS
+        .iter()
+        .find_map(|v| std::env::var_os(v).filter(|p| !p.is_empty()));
+    let tls = tls_config(ca_file.as_deref().map(Path::new)).map_err(invalid)?;
+    let builder = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(TIMEOUT)
+        .timeout(TIMEOUT);
+    // The blocking client starts a runtime of its own and may not be built from inside an
+    // async context (a test's, or any caller's): build it on a thread of its own.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("qpq-otlp-client".into())
+            .spawn_scoped(scope, move || builder.build())
+            .map_err(|e| invalid(format!("starting the HTTP client: {e}")))?
+            .join()
+            .map_err(|_| invalid("building the HTTP client panicked".into()))?
+            .map_err(|e| invalid(format!("building the HTTP client: {e}")))
+    })
+}
 
-    fn send(&self, request: &Request<Bytes>) -> Result<Response<Bytes>, OtlpHttpError> {
-        let uri = request.uri();
-        let host = uri
-            .host()
-            .ok_or_else(|| OtlpHttpError::Url(uri.to_string()))?;
-        let port = uri.port_u16().unwrap_or(80);
-        let addr = (host, port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| OtlpHttpError::Url(uri.to_string()))?;
-        let mut stream = TcpStream::connect_timeout(&addr, self.timeout)?;
-        stream.set_read_timeout(Some(self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout))?;
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = format!(
-            "{} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            request.method(),
-            request.body().len()
-        );
-        for (name, value) in request.headers() {
-            if let Ok(v) = value.to_str()
-                && name != http::header::CONTENT_LENGTH
-                && name != http::header::CONNECTION
-                && name != http::header::HOST
-            {
-                head.push_str(&format!("{name}: {v}\r\n"));
+/// rustls (ring) trusting the certificates in `ca_file`, or the public web roots.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("collector CA file {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "collector CA file {}: no certificate in it",
+                    path.display()
+                ));
             }
         }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(request.body())?;
-        stream.flush()?;
-        let mut answer = Vec::new();
-        stream.take(MAX_RESPONSE as u64).read_to_end(&mut answer)?;
-        parse_response(&answer)
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-}
-
-/// Parses an HTTP/1.x response; the body is kept only when its length is declared.
-fn parse_response(answer: &[u8]) -> Result<Response<Bytes>, OtlpHttpError> {
-    let end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or(OtlpHttpError::Malformed)?;
-    let head = std::str::from_utf8(&answer[..end]).map_err(|_| OtlpHttpError::Malformed)?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or(OtlpHttpError::Malformed)?;
-    let mut parts = status_line.split_whitespace();
-    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err(OtlpHttpError::Malformed);
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or(OtlpHttpError::Malformed)?;
-    let length = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
-    let rest = &answer[end + 4..];
-    let body = match length {
-        Some(n) if n <= rest.len() => Bytes::copy_from_slice(&rest[..n]),
-        _ => Bytes::new(),
-    };
-    Response::builder()
-        .status(status)
-        .body(body)
-        .map_err(|_| OtlpHttpError::Malformed)
-}
-
-#[async_trait::async_trait]
-impl HttpClient for MiniHttpClient {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        Ok(self.send(&request)?)
-    }
+    // rustls deprecates its ring provider for lacking post-quantum key exchange; trace export
+    // is metadata over a classical channel like the Noise layer, and the post-quantum provider
+    // (aws-lc-rs) would add a C and CMake build to every platform.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 #[cfg(test)]
@@ -144,15 +98,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn responses_parse() -> Result<(), OtlpHttpError> {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokextra")?;
-        assert_eq!(r.status().as_u16(), 200);
-        assert_eq!(r.body().as_ref(), b"ok");
-        let r = parse_response(b"HTTP/1.0 503 Busy\r\n\r\n")?;
-        assert_eq!(r.status().as_u16(), 503);
-        assert!(parse_response(b"garbage").is_err());
-        assert!(MiniHttpClient::new("https://collector:4318").is_err());
-        assert!(MiniHttpClient::new("http://collector:4318").is_ok());
+    fn http_and_https_endpoints_are_accepted_and_others_refused() {
+        assert!(http_client("https://collector:4318").is_ok());
+        assert!(http_client("http://collector:4318").is_ok());
+        assert!(http_client("ftp://collector:4318").is_err());
+        assert!(http_client("collector:4318").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = std::env::temp_dir().join(format!("qpq-otlp-ca-{}", std::process::id()));
+        std::fs::write(&tmp, "not a certificate\n")?;
+        let refused = tls_config(Some(&tmp)).is_err();
+        std::fs::remove_file(&tmp)?;
+        assert!(refused);
+        assert!(tls_config(None).is_ok());
         Ok(())
     }
 }
