@@ -1,5 +1,6 @@
-//! The lifetime of a serialized LeafNode (RFC 9420 §7.2), read from its encoding: openmls does
-//! not expose it. Only leaves with a basic credential are read (all of ours).
+//! Reading RFC 9420 encodings where openmls exposes no accessor: the lifetime of a serialized
+//! LeafNode (§7.2; only leaves with a basic credential, all of ours), and the vector framing
+//! (§2.1.2) the public view's GroupInfo check walks.
 
 /// (`not_before`, `not_after`) of a TLS-serialized LeafNode whose source is a KeyPackage;
 /// `None` for a leaf from an update or commit, or bytes that do not parse.
@@ -24,7 +25,8 @@ pub(super) fn of_leaf(mut leaf: &[u8]) -> Option<(u64, u64)> {
     Some((not_before, not_after))
 }
 
-fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+/// The next `n` bytes of `r`.
+pub(super) fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if r.len() < n {
         return None;
     }
@@ -36,6 +38,12 @@ fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 /// Skips an `opaque<V>` / vector: a variable-length length (RFC 9000 style, 1, 2 or 4 bytes),
 /// then that many bytes.
 fn skip_vector(r: &mut &[u8]) -> Option<()> {
+    vector(r).map(drop)
+}
+
+/// The contents of the `opaque<V>` / vector at the start of `r` (after its variable-length
+/// length, RFC 9420 §2.1.2), which it consumes.
+pub(super) fn vector<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
     let first = *r.first()?;
     let len = match first >> 6 {
         0 => usize::from(take(r, 1)?[0] & 0x3f),
@@ -49,5 +57,5 @@ fn skip_vector(r: &mut &[u8]) -> Option<()> {
         }
         _ => return None,
     };
-    take(r, len).map(drop)
+    take(r, len)
 }

@@ -27,14 +27,16 @@ use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
     ConfirmationTag, GroupId, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
-    OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal, ProposalStore, ProtocolMessage,
-    PublicGroup, PublicProcessMessageError, QueuedProposal, Sender, StagedCommit, Verifiable,
+    ProcessedMessageContent, Proposal, ProposalStore, ProtocolMessage, PublicGroup,
+    PublicProcessMessageError, QueuedProposal, Sender, SignContent, StagedCommit,
 };
 use openmls_rust_crypto::RustCrypto;
+use openmls_traits::crypto::OpenMlsCrypto as _;
 use openmls_traits::public_storage::PublicStorageProvider;
 use openmls_traits::storage::{CURRENT_VERSION, traits};
 use openmls_traits::types::SignatureScheme;
 
+use super::lifetime as framing;
 use super::policy::{bound_identity, check_proposal, identity_of, leaf_identity};
 use crate::identity::IdentityKey;
 use crate::mls::Suite;
@@ -421,7 +423,6 @@ impl PublicView {
     /// On an error the view has already moved: the caller must drop it (and reload the stored
     /// one), not use it.
     pub fn merge(&mut self, staged: StagedView, group_info: &[u8]) -> Result<Vec<u8>, ViewError> {
-        let info = parse_group_info(group_info)?;
         let StagedView {
             staged,
             committer,
@@ -431,44 +432,76 @@ impl PublicView {
         let storage = ViewStorage::default();
         self.group.merge_commit(&storage, staged).map_err(library)?;
         self.queued.clear();
-        let expected = VerifiableGroupInfo::new(
-            self.group.group_context().clone(),
-            info.extensions().clone(),
-            confirmation_tag,
-            committer,
-            info.signature().clone(),
-        );
-        // Equal only if the context, the confirmation tag (the commit's) and the signer (the
-        // committer) are the view's.
-        if expected != info {
-            return Err(ViewError::GroupInfo("it does not describe the new epoch"));
+        self.check_group_info(group_info, committer, &confirmation_tag)?;
+        storage.encode()
+    }
+
+    /// Checks the committer's GroupInfo for the merged epoch on its encoding (RFC 9420
+    /// §12.4.3), without decoding the ratchet tree it carries: an MLSMessage GroupInfo whose
+    /// group context is the view's (which binds the tree through its tree hash: a joiner checks
+    /// the tree it gets against it), whose extensions are well framed and of the types a
+    /// GroupInfo may carry, whose confirmation tag is the commit's and signer the committer,
+    /// and whose signature verifies with the committer's leaf key.
+    fn check_group_info(
+        &self,
+        raw: &[u8],
+        committer: LeafNodeIndex,
+        tag: &ConfirmationTag,
+    ) -> Result<(), ViewError> {
+        // MLSMessage: version mls10, wire format mls_group_info.
+        let body = raw
+            .strip_prefix(&[0, 1, 0, 4])
+            .ok_or(ViewError::GroupInfo("not a GroupInfo"))?;
+        let context = self
+            .group
+            .group_context()
+            .tls_serialize_detached()
+            .map_err(library)?;
+        let mut rest = body
+            .strip_prefix(context.as_slice())
+            .ok_or(ViewError::GroupInfo("it does not describe the new epoch"))?;
+        let malformed = ViewError::GroupInfo("malformed");
+        let mut extensions = framing::vector(&mut rest).ok_or(malformed.clone())?;
+        while !extensions.is_empty() {
+            let kind = framing::take(&mut extensions, 2).ok_or(malformed.clone())?;
+            // ratchet_tree (2), external_pub (4), external_senders (5) and private ones.
+            if !matches!(u16::from_be_bytes([kind[0], kind[1]]), 2 | 4 | 5 | 0xf000..) {
+                return Err(ViewError::GroupInfo(
+                    "an extension a GroupInfo may not carry",
+                ));
+            }
+            framing::vector(&mut extensions).ok_or(malformed.clone())?;
+        }
+        let tag = tag.tls_serialize_detached().map_err(library)?;
+        rest = rest
+            .strip_prefix(tag.as_slice())
+            .ok_or(ViewError::GroupInfo(
+                "its confirmation tag is not the commit's",
+            ))?;
+        let signer = framing::take(&mut rest, 4).ok_or(malformed.clone())?;
+        if u32::from_be_bytes([signer[0], signer[1], signer[2], signer[3]]) != committer.u32() {
+            return Err(ViewError::GroupInfo("its signer is not the committer"));
+        }
+        let tbs = &body[..body.len() - rest.len()];
+        let signature = framing::vector(&mut rest).ok_or(malformed.clone())?;
+        if !rest.is_empty() {
+            return Err(malformed);
         }
         let leaf = self
             .group
             .leaf(committer)
             .ok_or(ViewError::GroupInfo("its signer is not the committer"))?;
-        let key = OpenMlsSignaturePublicKey::new(
-            leaf.signature_key().as_slice().to_vec().into(),
-            SignatureScheme::ED25519,
-        )
-        .map_err(library)?;
-        info.verify_no_out(&RustCrypto::default(), &key)
-            .map_err(|_| ViewError::GroupInfo("its signature does not verify"))?;
-        if let Some(tree) = info.extensions().ratchet_tree() {
-            let theirs = tree
-                .ratchet_tree()
-                .tls_serialize_detached()
-                .map_err(library)?;
-            let ours = self
-                .group
-                .export_ratchet_tree()
-                .tls_serialize_detached()
-                .map_err(library)?;
-            if theirs != ours {
-                return Err(ViewError::GroupInfo("its ratchet tree is not the group's"));
-            }
-        }
-        storage.encode()
+        let content = SignContent::new("GroupInfoTBS", tbs.to_vec().into())
+            .tls_serialize_detached()
+            .map_err(library)?;
+        RustCrypto::default()
+            .verify_signature(
+                SignatureScheme::ED25519,
+                &content,
+                leaf.signature_key().as_slice(),
+                signature,
+            )
+            .map_err(|_| ViewError::GroupInfo("its signature does not verify"))
     }
 
     /// Queues a verified proposal the server accepted; returns the encoded proposals.

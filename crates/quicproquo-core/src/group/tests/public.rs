@@ -79,6 +79,17 @@ fn the_view_follows_verified_commits_and_reloads() -> R {
         view.merge(*s, &out.group_info),
         Err(ViewError::GroupInfo(_))
     ));
+    // A GroupInfo altered anywhere (its signature, or the tree it carries) is refused.
+    for at in [up.group_info.len() - 1, up.group_info.len() / 2] {
+        let mut altered = up.group_info.clone();
+        altered[at] ^= 1;
+        let mut view = PublicView::load(&state1, &[])?;
+        let s = staged(&view, bob.id(), &up.commit)?;
+        assert!(matches!(
+            view.merge(*s, &altered),
+            Err(ViewError::GroupInfo(_))
+        ));
+    }
     let mut view = PublicView::load(&state1, &[])?;
     let s = staged(&view, bob.id(), &up.commit)?;
     view.merge(*s, &up.group_info)?;
