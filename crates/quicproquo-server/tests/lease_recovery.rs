@@ -161,17 +161,42 @@ impl Drop for Shard {
 
 /// Starts the shard and waits for its "listening" line (it registers its lease before).
 fn start_shard(data_dir: &std::path::Path, database_url: &str) -> Result<Shard> {
+    // The operator's step: a cluster key kept apart from the shard, and a shard certificate
+    // issued with it for the shard's own key and node id.
+    let operator = data_dir.join("operator");
     let out = Command::new(BIN)
         .arg("cluster-key")
         .arg("--data-dir")
-        .arg(data_dir)
+        .arg(&operator)
         .output()?;
     ensure!(out.status.success(), "qpq-server cluster-key failed");
+    let out = Command::new(BIN)
+        .args([
+            "node-cert",
+            "--role",
+            "shard",
+            "--node-id",
+            NODE_ID,
+            "--expires",
+            "1d",
+        ])
+        .arg("--data-dir")
+        .arg(&operator)
+        .arg("--node-key-dir")
+        .arg(data_dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "qpq-server node-cert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut child = Shard(
         Command::new(BIN)
             .args(["shard", "--listen", "127.0.0.1:0", "--ops-listen", "off"])
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--node-certificate-file")
+            .arg(data_dir.join("node.cert"))
             .args(["--database-url", database_url])
             .args(["--node-id", NODE_ID, "--lease-ttl", LEASE_TTL])
             .env("QPQ_LOG", "warn")
