@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod groups;
+
 use std::time::Duration;
 
 use anyhow::Result;
@@ -293,6 +295,20 @@ impl RawClient {
         request.get().set_signature(&signature);
         request.send().promise.await?;
         Ok(())
+    }
+
+    /// Binds `identity` to this session and returns its Delivery Service capability, for
+    /// requests the client library does not make.
+    pub async fn bind_delivery(
+        &self,
+        identity: &quicproquo_core::IdentityKeypair,
+    ) -> Result<quicproquo_proto::delivery_capnp::delivery_service::Client> {
+        let signature = identity.sign_binding(&self.handshake_hash, &self.client_static);
+        let mut request = self.bootstrap.bind_request();
+        request.get().set_identity_key(identity.public().as_bytes());
+        request.get().set_signature(&signature);
+        let response = request.send().promise.await?;
+        Ok(response.get()?.get_delivery()?)
     }
 
     /// Pings with `payload`; the payload echoed back.
