@@ -27,6 +27,35 @@ pub(crate) struct PhaseReport {
     pub(crate) cpu_per_item: Option<CpuPerItem>,
     /// What was measured.
     pub(crate) stats: StatsSnapshot,
+    /// The server's verification of the phase's commits and proposals against its public
+    /// views (in-process server only).
+    pub(crate) verification: Option<Verification>,
+}
+
+/// The server's handshake-message verification during one phase.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Verification {
+    /// Commits and proposals verified.
+    pub(crate) messages: u64,
+    /// Their total verification time, seconds.
+    pub(crate) total_s: f64,
+    /// Mean time per message, ms.
+    pub(crate) mean_ms: f64,
+}
+
+impl Verification {
+    /// The verification between two readings of the server's (count, total seconds); `None`
+    /// if nothing was verified or the server's metrics are not readable.
+    pub(crate) fn between(before: Option<(u64, f64)>, after: Option<(u64, f64)>) -> Option<Self> {
+        let ((n0, s0), (n1, s1)) = (before?, after?);
+        let messages = n1.checked_sub(n0).filter(|n| *n > 0)?;
+        let total_s = (s1 - s0).max(0.0);
+        Some(Self {
+            messages,
+            total_s,
+            mean_ms: total_s * 1e3 / messages as f64,
+        })
+    }
 }
 
 /// CPU time per unit of work of a phase.
@@ -239,6 +268,13 @@ fn write_phase(out: &mut String, p: &PhaseReport) {
                 name, h.count, h.p50, h.p90, h.p99, h.p999, h.max
             );
         }
+    }
+    if let Some(v) = p.verification {
+        let _ = writeln!(
+            out,
+            "  server commit verification: {} commits/proposals, mean {:.2} ms, total {:.2} s",
+            v.messages, v.mean_ms, v.total_s
+        );
     }
     for (name, v) in &p.stats.counters {
         let _ = writeln!(out, "  {name}: {v}");

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::cli::{Args, Scenario, Settings};
 use crate::member::{GroupPlan, Plan, Progress};
-use crate::report::{CpuPerItem, Machine, Memory, PhaseReport, Report, rfc3339};
+use crate::report::{CpuPerItem, Machine, Memory, PhaseReport, Report, Verification, rfc3339};
 use crate::server::{self, Endpoint, Target};
 use crate::stats::{Stats, counter, metric};
 use crate::steady::SteadyPlan;
@@ -346,6 +346,7 @@ impl Driver<'_> {
         let child = self.target.pid();
         let in_process = self.target.in_process();
         let cpu0 = cpu_snapshot(child);
+        let verified0 = self.target.verifications();
         let started = Instant::now();
         let since_epoch = started.saturating_duration_since(self.plan.epoch);
         progress.phase_start_us.store(
@@ -366,6 +367,7 @@ impl Driver<'_> {
             .await;
         let wall = started.elapsed();
         let cpu = CpuUse::since(&cpu0, child, in_process);
+        let verification = Verification::between(verified0, self.target.verifications());
         let mut stats = Stats::default();
         let mut views = Vec::new();
         for o in outcomes {
@@ -390,6 +392,7 @@ impl Driver<'_> {
             throughput_per_s: throughput,
             cpu_per_item,
             stats: stats.snapshot(),
+            verification,
         });
         Ok(views)
     }

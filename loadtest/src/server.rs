@@ -50,6 +50,19 @@ impl Target {
         matches!(self, Self::InProcess { .. })
     }
 
+    /// The server's commit and proposal verifications so far (`qpq_handshake_verify_duration_seconds`):
+    /// how many, and their total time in seconds. Read from the server's metrics when it runs
+    /// in this process; `None` for a child process or a remote cluster.
+    pub(crate) fn verifications(&self) -> Option<(u64, f64)> {
+        match self {
+            Self::InProcess { handle, .. } => {
+                let h = &handle.observer().metrics.verify_seconds;
+                Some((h.count(), h.sum()))
+            }
+            _ => None,
+        }
+    }
+
     /// Short description for the report.
     pub(crate) fn describe(&self, addrs: &[SocketAddr]) -> String {
         match self {

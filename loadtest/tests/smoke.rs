@@ -135,6 +135,20 @@ fn churn_removes_and_re_adds_members_during_traffic() -> Result<()> {
             .as_u64()
             .is_some_and(|n| n >= 2 && n % 2 == 0)
     );
+    // The in-process server verified every churn commit against its view, and says how long
+    // that took.
+    let commits = counters["churn commits"]
+        .as_u64()
+        .context("churn commits")?;
+    let verified = &steady["verification"];
+    assert!(
+        verified["messages"].as_u64().is_some_and(|n| n >= commits),
+        "{verified:#}"
+    );
+    assert!(
+        verified["mean_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{verified:#}"
+    );
     let rejoins = &steady["stats"]["latency_ms"]["churn rejoin (removed -> joined)"];
     assert!(rejoins["count"].as_u64().is_some_and(|n| n >= 1));
     assert!(counters["deliveries"].as_u64().is_some_and(|n| n > 0));
