@@ -18,7 +18,7 @@ use std::sync::Arc;
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
 use quicproquo_telemetry::propagation::LinkContext;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, Span, debug};
 
@@ -249,11 +249,13 @@ impl Follow<'_> {
     }
 
     /// Follows the live feed from `next` while it continues the sequence; the next sequence
-    /// number once the store must be read again (a gap, a lag, a commit). Entries wait in
-    /// `pending` while pushes are unanswered (they go together, up to a page), so a busy group
-    /// makes fewer, larger pushes and an idle subscriber gets each entry at once. A
-    /// subscriber whose window stays full stops reading the feed; once the feed has moved on
-    /// past it, it reads the store instead.
+    /// number once the store must be read again (a gap, a lag, a commit). While pushes are
+    /// unanswered the task waits for an answer only (no wake-up per new entry); new entries
+    /// wait in the feed and go together in the next push, so a busy group makes fewer, larger
+    /// pushes and an idle subscriber gets each entry at once. A page of [`EAGER_ENTRIES`] goes
+    /// without waiting for the answers, within the window. A subscriber whose window stays
+    /// full takes nothing more from the feed; once the feed has moved on past it, it reads the
+    /// store instead.
     async fn live(
         &self,
         feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
@@ -261,18 +263,30 @@ impl Follow<'_> {
         window: &mut Window,
     ) -> Result<u64, FollowError> {
         let observer = self.backend.observer();
-        let mut pending: Vec<Arc<Published>> = Vec::new();
-        let mut pending_bytes = 0usize;
-        // An entry read from the feed that did not fit on the pending page: it starts the next.
-        let mut carry: Option<Arc<Published>> = None;
+        let mut pending = Pending::default();
         loop {
-            let page_full = carry.is_some() || pending.len() >= self.page.entries as usize;
-            if !pending.is_empty()
-                && window.admits(pending_bytes)
-                && (window.is_idle() || page_full || pending.len() >= EAGER_ENTRIES)
+            // Take what the feed already holds, without waiting.
+            while !pending.is_full(self.page) {
+                match feed.try_recv() {
+                    Ok(FeedEvent::Entry(e)) => {
+                        if !pending.take(e, next, self.page) {
+                            return Ok(next);
+                        }
+                    }
+                    // What is pending is read again from the store.
+                    Ok(FeedEvent::Resync) | Err(TryRecvError::Lagged(_)) => return Ok(next),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return Err(FollowError::FeedClosed),
+                }
+            }
+            if !pending.entries.is_empty()
+                && window.admits(pending.bytes)
+                && (window.is_idle()
+                    || pending.is_full(self.page)
+                    || pending.entries.len() >= EAGER_ENTRIES)
             {
-                let entries = pending.iter().map(|e| &e.entry);
-                let links = pending.iter().map(|e| e.origin.as_ref());
+                let entries = pending.entries.iter().map(|e| &e.entry);
+                let links = pending.entries.iter().map(|e| e.origin.as_ref());
                 deliver(
                     self.stream,
                     observer,
@@ -282,43 +296,69 @@ impl Follow<'_> {
                     links,
                     window,
                 );
-                next += pending.len() as u64;
-                pending.clear();
-                pending_bytes = 0;
-                if let Some(e) = carry.take() {
-                    pending_bytes = entry_size(&e);
-                    pending.push(e);
-                }
+                next += pending.entries.len() as u64;
+                pending.sent();
                 continue;
             }
-            tokio::select! {
-                biased;
-                answered = window.progress(), if !window.is_idle() => answered?,
-                event = feed.recv(), if !page_full => {
-                    let e = match event {
-                        Ok(FeedEvent::Entry(e)) => e,
-                        // What is pending is read again from the store.
-                        Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
-                        Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
-                    };
-                    let expected = next + pending.len() as u64;
-                    if e.seq < expected {
-                        continue;
-                    }
-                    if e.seq > expected || e.kind == EntryKind::Commit {
-                        // A gap, or a commit (which may remove the subscriber): the store
-                        // decides what it may read from `next` on.
+            if !window.is_idle() {
+                window.progress().await?;
+                continue;
+            }
+            match feed.recv().await {
+                Ok(FeedEvent::Entry(e)) => {
+                    if !pending.take(e, next, self.page) {
                         return Ok(next);
                     }
-                    let size = entry_size(&e);
-                    if self.page.admits(pending.len(), pending_bytes, size) {
-                        pending_bytes += size;
-                        pending.push(e);
-                    } else {
-                        carry = Some(e);
-                    }
                 }
+                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
+                Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
             }
+        }
+    }
+}
+
+/// Entries taken from the live feed, waiting for their push.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<Arc<Published>>,
+    bytes: usize,
+    /// An entry that did not fit on the page: it starts the next one.
+    carry: Option<Arc<Published>>,
+}
+
+impl Pending {
+    fn is_full(&self, page: Page) -> bool {
+        self.carry.is_some() || self.entries.len() >= page.entries as usize
+    }
+
+    /// Takes `e` (the subscriber's next entry is `next`); `false` when the store must decide
+    /// what follows: a gap, or a commit (which may remove the subscriber). Entries already
+    /// taken are skipped.
+    fn take(&mut self, e: Arc<Published>, next: u64, page: Page) -> bool {
+        let expected = next + self.entries.len() as u64;
+        if e.seq < expected {
+            return true;
+        }
+        if e.seq > expected || e.kind == EntryKind::Commit {
+            return false;
+        }
+        let size = entry_size(&e);
+        if page.admits(self.entries.len(), self.bytes, size) {
+            self.bytes += size;
+            self.entries.push(e);
+        } else {
+            self.carry = Some(e);
+        }
+        true
+    }
+
+    /// Forgets the entries just pushed; the carried one starts the next page.
+    fn sent(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+        if let Some(e) = self.carry.take() {
+            self.bytes = entry_size(&e);
+            self.entries.push(e);
         }
     }
 }
