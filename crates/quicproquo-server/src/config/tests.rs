@@ -312,3 +312,38 @@ fn limits_layer_and_are_checked() -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[test]
+fn the_largest_message_in_its_envelope_must_fit_a_frame_and_replies_fit_it_too()
+-> Result<(), ConfigError> {
+    let frame = 1024 * 1024;
+    let with = |message: usize| {
+        let f = file(&format!(
+            "max_frame_bytes = {frame}\nmax_message_bytes = {message}\n"
+        ))?;
+        ServerConfig::resolve(NodeRole::Standalone, f, Overrides::default())
+    };
+    // The message alone leaves 64 KiB, but not with its reply envelope.
+    assert!(with(frame - 64 * 1024).is_err());
+    let fits = frame - 64 * 1024 - log_entry_bytes(MAX_MESSAGE_ID, 0);
+    let c = with(fits)?;
+    // The default reply budget (4 MiB) is capped below this frame.
+    assert_eq!(c.reply_budget(), frame - FRAME_HEADROOM);
+    // Without an explicit limit, the largest message is the one that fits.
+    let f = file(&format!("max_frame_bytes = {frame}\n"))?;
+    let c = ServerConfig::resolve(NodeRole::Standalone, f, Overrides::default())?;
+    assert_eq!(c.max_message_bytes, fits);
+    // New limits are settings with checked ranges.
+    let bad =
+        |text: &str| ServerConfig::resolve(NodeRole::Standalone, file(text)?, Overrides::default());
+    assert!(bad("max_calls_in_flight = 0\n").is_err());
+    assert!(bad("max_reply_bytes = 1000\n").is_err());
+    assert!(bad("write_stall_timeout = \"0s\"\n").is_err());
+    assert!(bad("bind_limit_per_address = 0\n").is_err());
+    assert!(bad("rate_limiter_entries = 1\n").is_err());
+    assert!(bad("cpu_pool_threads = 0\n").is_err());
+    let ok = bad("max_calls_in_flight = 8\nbind_limit_per_address = 5\n")?;
+    assert_eq!(ok.limits.max_calls_in_flight, 8);
+    assert_eq!(ok.limits.rates.binds_per_address, 5);
+    Ok(())
+}
