@@ -93,6 +93,15 @@ pub enum ClientError {
         /// The server address.
         addr: SocketAddr,
     },
+    /// The server's certificate is valid but for a role these options do not connect to
+    /// (a shard serves only edges).
+    #[error("{addr} is a {role} node, not one that serves clients")]
+    WrongRole {
+        /// The server address.
+        addr: SocketAddr,
+        /// The role its certificate names.
+        role: NodeRole,
+    },
     /// The handshake or the encrypted channel failed.
     #[error("{addr}: {source}")]
     Transport {
@@ -167,6 +176,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Largest frame accepted from the server.
     pub max_frame_bytes: usize,
+    /// The roles of the servers these options connect to, checked at the handshake: edges
+    /// and standalone nodes by default (a shard serves only edges).
+    pub roles: Vec<NodeRole>,
 }
 
 impl ConnectOptions {
@@ -188,6 +200,7 @@ impl ConnectOptions {
             verifier: Arc::new(verifier),
             timeout: Duration::from_secs(10),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
+            roles: vec![NodeRole::Edge, NodeRole::Standalone],
         }
     }
 }
@@ -269,6 +282,12 @@ impl Connection {
                 source => ClientError::Transport { addr, source },
             })?;
         let server_role = outcome.server_role.unwrap_or(NodeRole::Standalone);
+        if !options.roles.contains(&server_role) {
+            return Err(ClientError::WrongRole {
+                addr,
+                role: server_role,
+            });
+        }
         let (r, w) = stream.into_split();
         let limits = ChannelLimits {
             max_frame_bytes: options.max_frame_bytes,

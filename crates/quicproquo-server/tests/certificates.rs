@@ -304,9 +304,24 @@ async fn a_shard_refuses_peers_that_are_not_valid_edges() -> Result<()> {
                     (answer, _) => bail!("{what}: unexpected {answer:?}"),
                 }
             }
-            // A client without a certificate: no internal interface, and no binding either.
-            let conn =
-                Connection::connect(shard.addr, &ConnectOptions::new(cluster.public_key())).await?;
+            // A client refuses a shard at the handshake by default; one that connects anyway
+            // (no certificate) gets no internal interface, and no binding either.
+            let client = ConnectOptions::new(cluster.public_key());
+            let refused = Connection::connect(shard.addr, &client).await;
+            ensure!(
+                matches!(
+                    refused,
+                    Err(ClientError::WrongRole {
+                        role: NodeRole::Shard,
+                        ..
+                    })
+                ),
+                "a client connected to a shard: {:?}",
+                refused.err()
+            );
+            let mut anyway = client;
+            anyway.roles.push(NodeRole::Shard);
+            let conn = Connection::connect(shard.addr, &anyway).await?;
             let bound = conn.bind(&IdentityKeypair::generate()?).await;
             ensure!(bound.err().and_then(|e| e.code()) == Some(ErrorCode::WrongRole));
             anyhow::Ok(())

@@ -56,7 +56,9 @@ impl TestServer {
         };
         let handle = quicproquo_server::start(config, listener, identity, store)?;
         let addr = handle.local_addr();
-        let options = ConnectOptions::new(handle.cluster_key());
+        let mut options = ConnectOptions::new(handle.cluster_key());
+        // Tests talk to every role, shards included.
+        options.roles.push(NodeRole::Shard);
         Ok(Self {
             handle: Some(handle),
             addr,
