@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::both_stores;
+
 use anyhow::{Result, bail, ensure};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn};
@@ -188,30 +190,6 @@ fn signed_commit(
     put_vec(&mut m, &[5; 32]); // confirmation tag
     put_vec(&mut m, &[6; 32]); // membership tag
     Ok(m)
-}
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() -> Result<()> {
-                    local(super::$name(None)).await
-                }
-            )*
-        }
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() -> Result<()> {
-                    let (store, _db) = support::postgres_store().await?;
-                    local(super::$name(store)).await
-                }
-            )*
-        }
-    };
 }
 
 both_stores!(

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::both_stores;
+
 use anyhow::{Result, bail, ensure};
 use quicproquo_client::ClientError;
 use quicproquo_client::chat::random_id;
@@ -486,30 +488,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         (self.0 % n.max(1) as u64) as usize
     }
-}
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() -> Result<()> {
-                    local(super::$name(None)).await
-                }
-            )*
-        }
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() -> Result<()> {
-                    let (store, _db) = support::postgres_store().await?;
-                    local(super::$name(store)).await
-                }
-            )*
-        }
-    };
 }
 
 both_stores!(

@@ -336,3 +336,32 @@ pub fn rss() -> Result<u64> {
         .parse()?;
     Ok(kb * 1024)
 }
+
+/// Runs each named `async fn(Option<AnyStore>) -> Result<()>` of the calling test file as one
+/// test on the embedded store (`None`) and one on a fresh Postgres database.
+#[allow(unused_macros)]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() -> Result<()> {
+                    local(super::$name(None)).await
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() -> Result<()> {
+                    let (store, _db) = support::postgres_store().await?;
+                    local(super::$name(store)).await
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_stores;
