@@ -332,8 +332,20 @@ async fn edge_and_shard_processes_keep_their_state_in_postgres() -> Result<()> {
     let used = tokio::task::LocalSet::new()
         .run_until(async {
             let options = quicproquo_client::ConnectOptions::new(key);
-            // A shard serves cluster nodes only.
-            let direct = quicproquo_client::Connection::connect(shard_addr, &options).await?;
+            // A shard serves cluster nodes only: a client refuses it at the handshake, and one
+            // that connects anyway cannot bind.
+            let refused = quicproquo_client::Connection::connect(shard_addr, &options).await;
+            anyhow::ensure!(
+                matches!(
+                    refused,
+                    Err(quicproquo_client::ClientError::WrongRole { .. })
+                ),
+                "a client connected to a shard: {:?}",
+                refused.err()
+            );
+            let mut anyway = options.clone();
+            anyway.roles.push(quicproquo_core::NodeRole::Shard);
+            let direct = quicproquo_client::Connection::connect(shard_addr, &anyway).await?;
             let refused = direct.bind(&carol).await;
             anyhow::ensure!(
                 refused.as_ref().err().and_then(|e| e.code())
