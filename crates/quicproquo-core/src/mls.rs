@@ -322,6 +322,8 @@ pub struct CheckedKeyPackage {
     pub hash_ref: Vec<u8>,
     /// Its ciphersuite.
     pub suite: Suite,
+    /// The end of its lifetime (Unix seconds): past it, it must not be handed out.
+    pub not_after: u64,
 }
 
 /// Validates uploaded KeyPackages for the Authentication Service.
@@ -390,12 +392,14 @@ pub(crate) fn validate_key_package(
         .map_err(|e| MlsError::Library(e.to_string()))?
         .as_slice()
         .to_vec();
+    let not_after = kp.life_time().not_after();
     Ok((
         kp,
         CheckedKeyPackage {
             identity,
             hash_ref,
             suite,
+            not_after,
         },
     ))
 }

@@ -55,10 +55,14 @@ pub enum ErrorCode {
     /// The connection holds the most of something the server allows (subscriptions); close
     /// one first.
     LimitReached,
+    /// The log entries asked for were deleted by the server's retention (the caller fell
+    /// behind the kept history); the detail names the oldest entry kept. Rejoin the group by a
+    /// fresh invitation.
+    HistoryGone,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 22] = [
+    const ALL: [Self; 23] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -81,6 +85,7 @@ impl ErrorCode {
         Self::NotANode,
         Self::BadCommit,
         Self::LimitReached,
+        Self::HistoryGone,
     ];
 
     /// The code as written on the wire.
@@ -108,6 +113,7 @@ impl ErrorCode {
             Self::NotANode => "not_a_node",
             Self::BadCommit => "bad_commit",
             Self::LimitReached => "limit_reached",
+            Self::HistoryGone => "history_gone",
         }
     }
 

@@ -262,6 +262,7 @@ async fn bench() -> Result<()> {
         let last_resort = KeyPackageRecord {
             hash_ref: format!("last-{i}").into_bytes(),
             data: vec![0u8; PACKAGE_BYTES],
+            not_after: None,
         };
         store.add_key_packages(&id, &[], Some(&last_resort)).await?;
         identities.push(id);

@@ -43,3 +43,4 @@ async fn data_survives_reopening_the_file() -> Result<()> {
     Ok(())
 }
 quicproquo_testkit::log_conformance_tests!(fresh());
+quicproquo_testkit::retention_conformance_tests!(fresh());

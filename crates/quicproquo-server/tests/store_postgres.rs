@@ -26,6 +26,7 @@ async fn fresh_store() -> Result<PgStore> {
 
 quicproquo_testkit::conformance_tests!(fresh_store());
 quicproquo_testkit::log_conformance_tests!(fresh_store());
+quicproquo_testkit::retention_conformance_tests!(fresh_store());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent() -> Result<()> {

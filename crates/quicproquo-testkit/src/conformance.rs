@@ -21,6 +21,7 @@ pub fn package(tag: &str) -> KeyPackageRecord {
     KeyPackageRecord {
         hash_ref: format!("ref:{tag}").into_bytes(),
         data: format!("kp:{tag}").into_bytes(),
+        not_after: None,
     }
 }
 

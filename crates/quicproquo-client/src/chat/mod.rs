@@ -20,6 +20,7 @@ use std::path::Path;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{CommitOutput, Group};
+use quicproquo_proto::errors::ErrorCode;
 
 pub use crate::commit::COMMIT_ATTEMPTS;
 use crate::commit::{self, CommitDriver, CommitError, DriveError, Start, is_pending_own_commit};
@@ -137,6 +138,16 @@ pub enum ChatEvent {
         group: String,
         /// Log position.
         seq: u64,
+    },
+    /// The server deleted entries of the group's log this device had not read yet (its
+    /// retention: everyone else had read them, or they were older than the server keeps
+    /// anything). The device can no longer follow the group and forgot it; a member can remove
+    /// it and invite it again, after which `join` takes it back in.
+    HistoryGone {
+        /// The group's local name.
+        group: String,
+        /// The oldest entry the server still keeps.
+        retained_from: String,
     },
     /// We joined a group from a Welcome.
     Joined {
@@ -388,7 +399,8 @@ impl<'a> Chat<'a> {
         Err(ChatError::Contended(COMMIT_ATTEMPTS))
     }
 
-    /// Processes pending Welcomes: joins their groups.
+    /// Processes pending Welcomes: joins their groups, and acknowledges each joined group at
+    /// the commit that added us (so the server knows the Welcome was used and may delete it).
     pub async fn join(&mut self, on_event: &mut dyn FnMut(ChatEvent)) -> Result<usize, ChatError> {
         let mut joined = 0;
         loop {
@@ -400,6 +412,7 @@ impl<'a> Chat<'a> {
             if welcomes.is_empty() {
                 break;
             }
+            let mut used = Vec::new();
             for w in welcomes {
                 self.state.inbox_cursor = w.seq;
                 if self.state.groups.contains_key(&w.group_id) {
@@ -420,6 +433,7 @@ impl<'a> Chat<'a> {
                     },
                 );
                 joined += 1;
+                used.push((w.group_id.clone(), w.commit_seq));
                 on_event(ChatEvent::Joined {
                     group: name,
                     epoch: group.epoch(),
@@ -427,6 +441,13 @@ impl<'a> Chat<'a> {
                 });
             }
             self.save()?;
+            for (id, commit_seq) in used {
+                match self.session.delivery.acknowledge(&id, commit_seq).await {
+                    // Removed again since: the group's log says so when read.
+                    Err(e) if e.code() == Some(ErrorCode::NotMember) => {}
+                    other => other?,
+                }
+            }
         }
         Ok(joined)
     }
@@ -528,7 +549,9 @@ impl<'a> Chat<'a> {
         Ok(())
     }
 
-    /// Reads and processes everything new in group `id`; acknowledges the cursor.
+    /// Reads and processes everything new in group `id`; acknowledges the cursor. When the
+    /// server no longer has the entries after our cursor (`history_gone`), the group is
+    /// forgotten and [`ChatEvent::HistoryGone`] says so.
     pub async fn receive_group(
         &mut self,
         id: &[u8],
@@ -536,12 +559,37 @@ impl<'a> Chat<'a> {
     ) -> Result<(), ChatError> {
         let session = self.session;
         let after = self.cursor(id);
-        let mut log = GroupLog::new(self, id, on_event);
-        commit::read_log(&session.delivery, id, after, None, &mut log, |_, _| {
+        let mut log = GroupLog::new(self, id, &mut *on_event);
+        let read = commit::read_log(&session.delivery, id, after, None, &mut log, |_, _| {
             Ok(None)
         })
-        .await?;
-        Ok(())
+        .await;
+        match read.map_err(ChatError::from) {
+            Ok(_) => Ok(()),
+            Err(ChatError::Client(ClientError::Service {
+                code: ErrorCode::HistoryGone,
+                message,
+            })) => {
+                let group = self.name_of(id);
+                self.forget_group(id)?;
+                on_event(ChatEvent::HistoryGone {
+                    group,
+                    retained_from: message,
+                });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops group `id` from this device: its MLS state and its entry in the client state,
+    /// saved. A later Welcome to it is joined as a new group.
+    fn forget_group(&mut self, id: &[u8]) -> Result<(), ChatError> {
+        if let Some(group) = Group::load(&self.state.mls, id)? {
+            group.delete(&self.state.mls)?;
+        }
+        self.state.groups.remove(id);
+        self.save()
     }
 
     /// Joins pending groups, then reads every group.

@@ -91,6 +91,17 @@ impl Output {
                 &format!("[{group} #{seq}] you were removed from the group"),
                 json!({"event": "removed_from_group", "group": group, "seq": seq}),
             ),
+            ChatEvent::HistoryGone {
+                group,
+                retained_from,
+            } => self.line(
+                &format!(
+                    "[{group}] the server no longer keeps the messages this device had not read \
+                     ({retained_from}); this device left the group. Ask a member to remove \
+                     you and invite you again, then run `qpq join`."
+                ),
+                json!({"event": "history_gone", "group": group, "detail": retained_from}),
+            ),
             ChatEvent::Joined {
                 group,
                 epoch,

@@ -237,6 +237,7 @@ fn check_one(
     Ok(KeyPackageRecord {
         hash_ref: checked.hash_ref,
         data,
+        not_after: Some(checked.not_after),
     })
 }
 

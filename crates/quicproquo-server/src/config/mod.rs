@@ -18,11 +18,13 @@ use crate::model::page::{FRAME_HEADROOM, log_entry_bytes};
 mod cluster;
 mod limits;
 mod parse;
+mod retention;
 
 pub use cluster::{ClusterSettings, TrustOverrides};
 pub use limits::{LimitOverrides, LimitSettings};
 use parse::parse_suites;
 pub use parse::{check_database_url, parse_duration, parse_ops_listen, redact_database_url};
+pub use retention::RetentionOverrides;
 
 /// Default configuration file, read from the working directory when it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "qpq-server.toml";
@@ -45,6 +47,10 @@ const MAX_FRAME_BYTES: usize = 1024 * 1024 * 1024;
 /// reported as unknown when both run from one shell).
 pub const KNOWN_ENV: &[&str] = &[
     "QPQ_CONFIG",
+    "QPQ_LOG_RETENTION",
+    "QPQ_LOG_MAX_AGE",
+    "QPQ_RETENTION_INTERVAL",
+    "QPQ_RETENTION_BATCH",
     "QPQ_LISTEN",
     "QPQ_DATA_DIR",
     "QPQ_WORKERS",
@@ -158,6 +164,9 @@ pub struct Overrides {
     /// Per-address caps, the bind deadline and the size of a ping before bind.
     #[command(flatten)]
     pub limits: LimitOverrides,
+    /// The retention job: how long log entries and Welcomes are kept.
+    #[command(flatten)]
+    pub retention: RetentionOverrides,
     /// Deadline for a client to complete the Noise handshake, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, env = "QPQ_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<String>,
@@ -264,6 +273,14 @@ pub struct FileConfig {
     pub rate_limiter_entries: Option<usize>,
     /// See [`LimitOverrides::max_cached_group_views`].
     pub max_cached_group_views: Option<usize>,
+    /// See [`RetentionOverrides::log_retention`].
+    pub log_retention: Option<String>,
+    /// See [`RetentionOverrides::log_max_age`].
+    pub log_max_age: Option<String>,
+    /// See [`RetentionOverrides::retention_interval`].
+    pub retention_interval: Option<String>,
+    /// See [`RetentionOverrides::retention_batch`].
+    pub retention_batch: Option<usize>,
     /// See [`Overrides::handshake_timeout`].
     pub handshake_timeout: Option<String>,
     /// See [`Overrides::max_frame_bytes`].
@@ -358,6 +375,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Per-address caps, the bind deadline and the size of a ping before bind.
     pub limits: LimitSettings,
+    /// The retention job on nodes that order groups (standalone, shard).
+    pub retention: crate::ordering::retention::RetentionSettings,
     /// Largest frame and RPC message accepted.
     pub max_frame_bytes: usize,
     /// Largest MLS message (with its Welcome) the Delivery Service accepts.
@@ -391,6 +410,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_handshakes", &self.max_handshakes)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("limits", &self.limits)
+            .field("retention", &self.retention)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -420,6 +440,7 @@ impl ServerConfig {
             max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
             limits: LimitSettings::default(),
+            retention: retention::default_settings(),
             max_frame_bytes: quicproquo_core::channel::DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             shutdown_grace: Duration::from_secs(30),
@@ -443,6 +464,8 @@ impl ServerConfig {
         let auth = resolve_auth(&mut file, &mut overrides, defaults.auth)?;
         let cluster = ClusterSettings::resolve(&mut file, &mut overrides, defaults.cluster)?;
         let limits = LimitSettings::resolve(&mut file, &mut overrides.limits, defaults.limits)?;
+        let retention =
+            retention::resolve(&mut file, &mut overrides.retention, defaults.retention)?;
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -485,6 +508,7 @@ impl ServerConfig {
                 defaults.handshake_timeout,
             )?,
             limits,
+            retention,
             max_frame_bytes: overrides
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
@@ -600,6 +624,7 @@ impl ServerConfig {
             return Err(invalid("key_package_fetch_limit", "must be at least 1"));
         }
         self.limits.validate()?;
+        retention::validate(&self.retention)?;
         if let Some(url) = &self.database_url {
             check_database_url(url)?;
         }

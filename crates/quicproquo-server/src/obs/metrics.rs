@@ -305,6 +305,8 @@ pub struct Metrics {
     pub rate_limits: Arc<RateLimitStats>,
     /// This node's certificate and its peers'.
     pub certificates: super::certs::CertificateStats,
+    /// The retention job's deletions and the stored bytes.
+    pub retention: super::retention::RetentionStats,
     /// Time to verify one handshake message against its group's public view (on the pool).
     pub verify_seconds: Histogram,
     /// Handshake messages the public view refused, by rule (a closed set of names).
@@ -326,6 +328,7 @@ impl Default for Metrics {
             pool: Arc::default(),
             rate_limits: Arc::default(),
             certificates: super::certs::CertificateStats::default(),
+            retention: super::retention::RetentionStats::default(),
             verify_seconds: Histogram::new(&LATENCY_BUCKETS),
             refused: Mutex::default(),
         }
@@ -522,6 +525,7 @@ impl Metrics {
             self.pool.panicked.load(Ordering::Relaxed),
         );
         self.certificates.render(out);
+        self.retention.render(out);
     }
 }
 

@@ -10,6 +10,7 @@ pub mod calls;
 pub mod certs;
 mod db;
 pub mod metrics;
+pub mod retention;
 pub(crate) mod spans;
 
 use quicproquo_telemetry::{Redactor, sampling};

@@ -8,6 +8,7 @@
 
 pub mod appender;
 pub mod hub;
+pub mod retention;
 pub mod views;
 
 pub use appender::Appender;

@@ -20,6 +20,7 @@ use crate::model::page::Page;
 use crate::obs::calls::InFlight;
 use crate::obs::spans::record_group;
 use crate::store::log::LogStore;
+use crate::store::retention::RetentionStore;
 use crate::wire::codec::{write_envelope, write_outcome, write_welcome};
 use crate::wire::{model_error, ordering_error, parse, store_error};
 
@@ -286,18 +287,27 @@ impl delivery_service::Server for DeliveryService {
                 let group = self.group(p.get_group_id()?)?;
                 // Only current members may subscribe (a removed member can still fetch the commit
                 // that removed it); refuse up front rather than in the background task.
-                self.backend
-                    .store()
+                let store = self.backend.store();
+                store
                     .group_summary(&group, &self.identity)
                     .await
                     .map_err(store_error)?;
+                // A subscriber behind what retention kept is told so now, not by a
+                // subscription that pushes nothing: reading its first entry says whether it is.
+                let after_seq = p.get_after_seq();
+                if after_seq < store.pruned_seq(&group).await.map_err(store_error)? {
+                    store
+                        .read_log(&group, &self.identity, after_seq, Page::new(1, 1))
+                        .await
+                        .map_err(store_error)?;
+                }
                 self.check_subscription_room()?;
                 let subscription = subscribe::group(
                     &self.in_flight,
                     self.backend.clone(),
                     self.identity,
                     group,
-                    p.get_after_seq(),
+                    after_seq,
                     p.get_stream()?,
                     self.reply_bytes,
                 );

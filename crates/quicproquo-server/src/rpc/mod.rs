@@ -62,6 +62,7 @@ impl StoreOutcome for StoreError {
             Self::UnknownGroup => ErrorCode::UnknownGroup,
             Self::NotMember => ErrorCode::NotMember,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::HistoryGone { .. } => ErrorCode::HistoryGone,
         };
         code.as_str()
     }
@@ -76,7 +77,8 @@ impl StoreOutcome for StoreError {
             | Self::GroupExists
             | Self::UnknownGroup
             | Self::NotMember
-            | Self::InvalidArgument(_) => false,
+            | Self::InvalidArgument(_)
+            | Self::HistoryGone { .. } => false,
         }
     }
 }

@@ -25,16 +25,26 @@ const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 const NAME_OF: TableDefinition<&[u8], &str> = TableDefinition::new("name_of");
 /// (identity, sequence) → (hash_ref, KeyPackage); the sequence orders an identity's pool
 /// oldest first.
-const KEY_PACKAGES: TableDefinition<PoolKey, PoolValue> = TableDefinition::new("key_packages");
+pub(super) const KEY_PACKAGES: TableDefinition<PoolKey, PoolValue> =
+    TableDefinition::new("key_packages");
 /// (identity, sequence).
-type PoolKey = (&'static [u8], u64);
+pub(super) type PoolKey = (&'static [u8], u64);
 /// (hash_ref, KeyPackage).
-type PoolValue = (&'static [u8], &'static [u8]);
+pub(super) type PoolValue = (&'static [u8], &'static [u8]);
 /// hash_ref → (identity, sequence) of a pooled KeyPackage.
-const KEY_PACKAGE_REFS: TableDefinition<&[u8], (&[u8], u64)> =
+pub(super) const KEY_PACKAGE_REFS: TableDefinition<&[u8], (&[u8], u64)> =
     TableDefinition::new("key_package_refs");
 /// identity → last-resort KeyPackage.
-const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_resort");
+pub(super) const LAST_RESORT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_resort");
+/// (identity, sequence) → the pooled KeyPackage's not_after (Unix seconds), when it has one.
+pub(super) const KEY_PACKAGE_ENDS: TableDefinition<PoolKey, u64> =
+    TableDefinition::new("key_package_ends");
+/// (not_after, identity, sequence) → (): pooled KeyPackages by expiry, for the retention job.
+pub(super) const KEY_PACKAGE_EXPIRY: TableDefinition<(u64, &[u8], u64), ()> =
+    TableDefinition::new("key_package_expiry");
+/// identity → its last-resort KeyPackage's not_after (Unix seconds), when it has one.
+pub(super) const LAST_RESORT_ENDS: TableDefinition<&[u8], u64> =
+    TableDefinition::new("last_resort_ends");
 /// counters: "kp_seq" → next KeyPackage sequence number.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -66,6 +76,9 @@ impl EmbeddedStore {
             txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
             txn.open_table(KEY_PACKAGE_REFS).map_err(unavailable)?;
             txn.open_table(LAST_RESORT).map_err(unavailable)?;
+            txn.open_table(KEY_PACKAGE_ENDS).map_err(unavailable)?;
+            txn.open_table(KEY_PACKAGE_EXPIRY).map_err(unavailable)?;
+            txn.open_table(LAST_RESORT_ENDS).map_err(unavailable)?;
             txn.open_table(COUNTERS).map_err(unavailable)?;
             super::embedded_log::create_tables(&txn)?;
         }
@@ -92,21 +105,56 @@ pub(crate) fn now_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
+/// How many of `identity`'s pooled KeyPackages are unexpired at `now` (Unix seconds).
 fn pool_size(
     table: &impl ReadableTable<PoolKey, PoolValue>,
+    ends: &impl ReadableTable<PoolKey, u64>,
     identity: &[u8],
+    now: u64,
 ) -> Result<u32, StoreError> {
-    let n = table
+    let mut n = 0u32;
+    for row in table
         .range((identity, 0u64)..=(identity, u64::MAX))
         .map_err(unavailable)?
-        .count();
-    u32::try_from(n).map_err(|_| StoreError::Corrupt("pool too large".into()))
+    {
+        let (k, _) = row.map_err(unavailable)?;
+        let end = ends.get((identity, k.value().1)).map_err(unavailable)?;
+        if end.is_none_or(|e| e.value() > now) {
+            n = n.saturating_add(1);
+        }
+    }
+    Ok(n)
+}
+
+/// Removes one pooled KeyPackage and its index rows.
+pub(super) fn remove_pooled(
+    txn: &redb::WriteTransaction,
+    identity: &[u8],
+    seq: u64,
+) -> Result<(), StoreError> {
+    let mut kps = txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
+    let mut refs = txn.open_table(KEY_PACKAGE_REFS).map_err(unavailable)?;
+    let mut ends = txn.open_table(KEY_PACKAGE_ENDS).map_err(unavailable)?;
+    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY).map_err(unavailable)?;
+    let hash_ref = kps
+        .remove((identity, seq))
+        .map_err(unavailable)?
+        .map(|v| v.value().0.to_vec());
+    if let Some(hash_ref) = hash_ref {
+        refs.remove(hash_ref.as_slice()).map_err(unavailable)?;
+    }
+    if let Some(end) = ends.remove((identity, seq)).map_err(unavailable)? {
+        expiry
+            .remove((end.value(), identity, seq))
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 impl Store for EmbeddedStore {
@@ -214,6 +262,8 @@ impl Store for EmbeddedStore {
                 }
                 let mut kps = txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
                 let mut refs = txn.open_table(KEY_PACKAGE_REFS).map_err(unavailable)?;
+                let mut ends = txn.open_table(KEY_PACKAGE_ENDS).map_err(unavailable)?;
+                let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY).map_err(unavailable)?;
                 let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
                 let mut seq = counters
                     .get("kp_seq")
@@ -235,14 +285,27 @@ impl Store for EmbeddedStore {
                     .map_err(unavailable)?;
                     refs.insert(kp.hash_ref.as_slice(), (id.as_slice(), seq))
                         .map_err(unavailable)?;
+                    if let Some(end) = kp.not_after {
+                        ends.insert((id.as_slice(), seq), end)
+                            .map_err(unavailable)?;
+                        expiry
+                            .insert((end, id.as_slice(), seq), ())
+                            .map_err(unavailable)?;
+                    }
                 }
                 counters.insert("kp_seq", seq).map_err(unavailable)?;
                 if let Some(lr) = &last_resort {
                     let mut t = txn.open_table(LAST_RESORT).map_err(unavailable)?;
                     t.insert(id.as_slice(), lr.data.as_slice())
                         .map_err(unavailable)?;
+                    let mut lr_ends = txn.open_table(LAST_RESORT_ENDS).map_err(unavailable)?;
+                    match lr.not_after {
+                        Some(end) => lr_ends.insert(id.as_slice(), end).map(drop),
+                        None => lr_ends.remove(id.as_slice()).map(drop),
+                    }
+                    .map_err(unavailable)?;
                 }
-                pool_size(&kps, &id)?
+                pool_size(&kps, &ends, &id, now_secs())?
             };
             txn.commit().map_err(unavailable)?;
             Ok(size)
@@ -257,41 +320,10 @@ impl Store for EmbeddedStore {
         let targets = targets.to_vec();
         self.run(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
+            let now = now_secs();
             let mut out = Vec::with_capacity(targets.len());
-            {
-                let mut kps = txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
-                let mut refs = txn.open_table(KEY_PACKAGE_REFS).map_err(unavailable)?;
-                let last = txn.open_table(LAST_RESORT).map_err(unavailable)?;
-                for target in &targets {
-                    let id = target.as_bytes().as_slice();
-                    let oldest = kps
-                        .range((id, 0u64)..=(id, u64::MAX))
-                        .map_err(unavailable)?
-                        .next()
-                        .transpose()
-                        .map_err(unavailable)?
-                        .map(|(k, v)| {
-                            let (hash_ref, data) = v.value();
-                            (k.value().1, hash_ref.to_vec(), data.to_vec())
-                        });
-                    if let Some((seq, hash_ref, data)) = oldest {
-                        kps.remove((id, seq)).map_err(unavailable)?;
-                        refs.remove(hash_ref.as_slice()).map_err(unavailable)?;
-                        out.push(Some(FetchedKeyPackage {
-                            identity: *target,
-                            data,
-                            last_resort: false,
-                        }));
-                    } else if let Some(lr) = last.get(id).map_err(unavailable)? {
-                        out.push(Some(FetchedKeyPackage {
-                            identity: *target,
-                            data: lr.value().to_vec(),
-                            last_resort: true,
-                        }));
-                    } else {
-                        out.push(None);
-                    }
-                }
+            for target in &targets {
+                out.push(take_one(&txn, target, now)?);
             }
             txn.commit().map_err(unavailable)?;
             Ok(out)
@@ -304,8 +336,66 @@ impl Store for EmbeddedStore {
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let kps = txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
-            pool_size(&kps, &id)
+            let ends = txn.open_table(KEY_PACKAGE_ENDS).map_err(unavailable)?;
+            pool_size(&kps, &ends, &id, now_secs())
         })
         .await
     }
+}
+
+/// Takes `target`'s oldest unexpired pooled KeyPackage (deleting expired ones it passes), or
+/// reads its unexpired last-resort one.
+fn take_one(
+    txn: &redb::WriteTransaction,
+    target: &IdentityKey,
+    now: u64,
+) -> Result<Option<FetchedKeyPackage>, StoreError> {
+    let id = target.as_bytes().as_slice();
+    loop {
+        let oldest = {
+            let kps = txn.open_table(KEY_PACKAGES).map_err(unavailable)?;
+            let ends = txn.open_table(KEY_PACKAGE_ENDS).map_err(unavailable)?;
+            let first = kps
+                .range((id, 0u64)..=(id, u64::MAX))
+                .map_err(unavailable)?
+                .next()
+                .transpose()
+                .map_err(unavailable)?
+                .map(|(k, v)| (k.value().1, v.value().1.to_vec()));
+            match first {
+                Some((seq, data)) => {
+                    let end = ends.get((id, seq)).map_err(unavailable)?.map(|e| e.value());
+                    Some((seq, data, end.is_none_or(|e| e > now)))
+                }
+                None => None,
+            }
+        };
+        match oldest {
+            Some((seq, data, fresh)) => {
+                remove_pooled(txn, id, seq)?;
+                if fresh {
+                    return Ok(Some(FetchedKeyPackage {
+                        identity: *target,
+                        data,
+                        last_resort: false,
+                    }));
+                }
+            }
+            None => break,
+        }
+    }
+    let last = txn.open_table(LAST_RESORT).map_err(unavailable)?;
+    let lr_ends = txn.open_table(LAST_RESORT_ENDS).map_err(unavailable)?;
+    let Some(lr) = last.get(id).map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let end = lr_ends.get(id).map_err(unavailable)?.map(|e| e.value());
+    if end.is_some_and(|e| e <= now) {
+        return Ok(None);
+    }
+    Ok(Some(FetchedKeyPackage {
+        identity: *target,
+        data: lr.value().to_vec(),
+        last_resort: true,
+    }))
 }

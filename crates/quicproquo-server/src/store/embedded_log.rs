@@ -20,36 +20,42 @@ use crate::model::group::{
 use crate::model::page::{Page, log_entry_bytes, welcome_bytes};
 
 /// group → (epoch, last seq, seq of the commit that started the epoch).
-const GROUPS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("groups");
+pub(super) const GROUPS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("groups");
 /// (group, identity) → (joined after seq, left at seq; `u64::MAX` while a member).
-const MEMBERS: TableDefinition<BytesPair, (u64, u64)> = TableDefinition::new("members");
+pub(super) const MEMBERS: TableDefinition<BytesPair, (u64, u64)> = TableDefinition::new("members");
 /// Two byte strings, as a composite key.
-type BytesPair = (&'static [u8], &'static [u8]);
+pub(super) type BytesPair = (&'static [u8], &'static [u8]);
 /// (identity, group) → () for current memberships.
 const MEMBER_GROUPS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("member_groups");
 /// (group, seq) → (epoch, kind, message id, payload, appended at µs).
-const LOG: TableDefinition<(&[u8], u64), LogValue> = TableDefinition::new("group_log");
-type LogValue = (u64, u8, &'static [u8], &'static [u8], u64);
+pub(super) const LOG: TableDefinition<(&[u8], u64), LogValue> = TableDefinition::new("group_log");
+pub(super) type LogValue = (u64, u8, &'static [u8], &'static [u8], u64);
 /// (group, message id) → seq.
-const MESSAGE_IDS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("message_ids");
+pub(super) const MESSAGE_IDS: TableDefinition<(&[u8], &[u8]), u64> =
+    TableDefinition::new("message_ids");
 /// welcome id → Welcome (stored once however many members it adds).
-const WELCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcomes");
+pub(super) const WELCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("welcomes");
 /// (identity, inbox seq) → (group, commit seq, welcome id).
-const INBOX: TableDefinition<(&[u8], u64), InboxValue> = TableDefinition::new("inbox");
-type InboxValue = (&'static [u8], u64, u64);
+pub(super) const INBOX: TableDefinition<(&[u8], u64), InboxValue> = TableDefinition::new("inbox");
+pub(super) type InboxValue = (&'static [u8], u64, u64);
 /// identity → last inbox seq.
 const INBOX_LAST: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_last");
 /// (identity, group) → cursor.
-const CURSORS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("cursors");
+pub(super) const CURSORS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("cursors");
 /// group → (epoch, encoded state, encoded proposals, GroupInfo): the public view (ADR 0012).
-const VIEWS: TableDefinition<&[u8], ViewValue> = TableDefinition::new("group_views");
-type ViewValue = (u64, &'static [u8], &'static [u8], &'static [u8]);
+pub(super) const VIEWS: TableDefinition<&[u8], ViewValue> = TableDefinition::new("group_views");
+pub(super) type ViewValue = (u64, &'static [u8], &'static [u8], &'static [u8]);
 /// Shared with the AS tables: "welcome_id" → last welcome id.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
-const STILL_MEMBER: u64 = u64::MAX;
+/// group → pruned seq: entries up to it may have been deleted by retention (ADR 0016).
+pub(super) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new("log_floors");
+/// welcome id → when it was stored (Unix µs), for retention's maximum age.
+pub(super) const WELCOME_TIMES: TableDefinition<u64, u64> = TableDefinition::new("welcome_times");
+
+pub(super) const STILL_MEMBER: u64 = u64::MAX;
 /// Exclusive upper bound for byte-string second key components (ids are ≤ 256 bytes).
-const HIGH: [u8; 258] = [0xff; 258];
+pub(super) const HIGH: [u8; 258] = [0xff; 258];
 
 /// Creates the Delivery Service tables (called when the store is opened).
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -63,6 +69,8 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(INBOX_LAST).map_err(unavailable)?;
     txn.open_table(CURSORS).map_err(unavailable)?;
     txn.open_table(VIEWS).map_err(unavailable)?;
+    txn.open_table(LOG_FLOORS).map_err(unavailable)?;
+    txn.open_table(WELCOME_TIMES).map_err(unavailable)?;
     Ok(())
 }
 
@@ -198,12 +206,15 @@ fn write_welcomes(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(),
         .map_err(unavailable)?
         .map_or(0, |v| v.value());
     let mut welcomes = txn.open_table(WELCOMES).map_err(unavailable)?;
+    let mut times = txn.open_table(WELCOME_TIMES).map_err(unavailable)?;
+    let now = now_micros();
     let mut welcome_id = last;
     for w in &decision.welcomes {
         welcome_id += 1;
         welcomes
             .insert(welcome_id, w.payload)
             .map_err(unavailable)?;
+        times.insert(welcome_id, now).map_err(unavailable)?;
     }
     counters
         .insert("welcome_id", welcome_id)
@@ -334,6 +345,17 @@ impl LogStore for EmbeddedStore {
             let from = after_seq.max(joined).saturating_add(1);
             if from > left {
                 return Ok(Vec::new());
+            }
+            let floor = txn
+                .open_table(LOG_FLOORS)
+                .map_err(unavailable)?
+                .get(gid)
+                .map_err(unavailable)?
+                .map_or(0, |v| v.value());
+            if from <= floor {
+                return Err(StoreError::HistoryGone {
+                    retained_from: floor.saturating_add(1),
+                });
             }
             let log = txn.open_table(LOG).map_err(unavailable)?;
             let (mut out, mut used) = (Vec::new(), 0usize);

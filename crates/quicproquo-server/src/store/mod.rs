@@ -17,6 +17,7 @@
 mod checks;
 pub mod embedded;
 mod embedded_log;
+mod embedded_retention;
 pub mod log;
 
 use quicproquo_core::IdentityKey;
@@ -31,6 +32,8 @@ pub mod postgres_cluster;
 mod postgres_io;
 mod postgres_log;
 mod postgres_plan;
+mod postgres_retention;
+pub mod retention;
 
 /// A validated KeyPackage ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +42,9 @@ pub struct KeyPackageRecord {
     pub hash_ref: Vec<u8>,
     /// The TLS-serialised KeyPackage.
     pub data: Vec<u8>,
+    /// The end of its lifetime (Unix seconds); past it the KeyPackage is never handed out and
+    /// the retention job deletes it. `None`: no known end (kept until fetched).
+    pub not_after: Option<u64>,
 }
 
 /// A KeyPackage handed out by a fetch.
@@ -86,6 +92,12 @@ pub enum StoreError {
     /// A parameter is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// The entries asked for were deleted by retention: the log is kept from `retained_from`.
+    #[error("the group's history before entry {retained_from} was deleted (retention)")]
+    HistoryGone {
+        /// The oldest entry that may still be read.
+        retained_from: u64,
+    },
 }
 
 impl From<ModelError> for StoreError {

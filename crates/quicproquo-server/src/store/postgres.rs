@@ -62,6 +62,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_group_views",
         include_str!("../../../../sql/0004_group_views.sql"),
     ),
+    (
+        "0005_retention",
+        include_str!("../../../../sql/0005_retention.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).
@@ -461,12 +465,22 @@ impl Store for PgStore {
     ) -> Result<u32, StoreError> {
         let refs: Vec<&[u8]> = packages.iter().map(|p| p.hash_ref.as_slice()).collect();
         let data: Vec<&[u8]> = packages.iter().map(|p| p.data.as_slice()).collect();
+        let ends: Vec<Option<i64>> = packages.iter().map(|p| unix_end(p.not_after)).collect();
         let lr_ref = last_resort.map(|p| p.hash_ref.as_slice());
         let lr_data = last_resort.map(|p| p.data.as_slice());
+        let lr_end = last_resort.and_then(|p| unix_end(p.not_after));
         let rows = self
             .query(
                 sql::ADD_KEY_PACKAGES,
-                &[&key(identity), &refs, &data, &lr_ref, &lr_data],
+                &[
+                    &key(identity),
+                    &refs,
+                    &data,
+                    &lr_ref,
+                    &lr_data,
+                    &ends,
+                    &lr_end,
+                ],
             )
             .await?;
         let row = rows
@@ -525,31 +539,40 @@ mod sql {
             SELECT identity FROM identities WHERE identity = $1
         ),
         pooled AS (
-            INSERT INTO key_packages (identity, hash_ref, data)
-            SELECT owner.identity, p.hash_ref, p.data
-            FROM owner, unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS p (hash_ref, data, ord)
+            INSERT INTO key_packages (identity, hash_ref, data, not_after)
+            SELECT owner.identity, p.hash_ref, p.data, p.not_after
+            FROM owner, unnest($2::bytea[], $3::bytea[], $6::bigint[])
+                WITH ORDINALITY AS p (hash_ref, data, not_after, ord)
             ORDER BY p.ord
             ON CONFLICT (hash_ref) DO NOTHING
-            RETURNING 1
+            RETURNING not_after
         ),
         last_resort AS (
-            INSERT INTO last_resort_key_packages (identity, hash_ref, data)
-            SELECT owner.identity, $4::bytea, $5::bytea FROM owner WHERE $4::bytea IS NOT NULL
+            INSERT INTO last_resort_key_packages (identity, hash_ref, data, not_after)
+            SELECT owner.identity, $4::bytea, $5::bytea, $7::bigint FROM owner
+            WHERE $4::bytea IS NOT NULL
             ON CONFLICT (identity) DO UPDATE
-                SET hash_ref = EXCLUDED.hash_ref, data = EXCLUDED.data, updated_at = now()
+                SET hash_ref = EXCLUDED.hash_ref, data = EXCLUDED.data,
+                    not_after = EXCLUDED.not_after, updated_at = now()
             RETURNING 1
         )
         SELECT EXISTS (SELECT 1 FROM owner),
-               (SELECT count(*) FROM key_packages WHERE identity = $1)
-                 + (SELECT count(*) FROM pooled)";
+               (SELECT count(*) FROM key_packages
+                WHERE identity = $1
+                  AND (not_after IS NULL OR not_after > extract(epoch FROM now())::bigint))
+                 + (SELECT count(*) FROM pooled
+                    WHERE not_after IS NULL
+                       OR not_after > extract(epoch FROM now())::bigint)";
 
-    /// Consumes the oldest unlocked pooled KeyPackage of `$1`, or reads its last-resort one.
+    /// Consumes the oldest unlocked unexpired pooled KeyPackage of `$1`, or reads its
+    /// unexpired last-resort one.
     pub(super) const FETCH_ONE: &str = "
         WITH taken AS (
             DELETE FROM key_packages
             WHERE id = (
                 SELECT id FROM key_packages
                 WHERE identity = $1
+                  AND (not_after IS NULL OR not_after > extract(epoch FROM now())::bigint)
                 ORDER BY id
                 LIMIT 1
                 FOR UPDATE SKIP LOCKED
@@ -559,7 +582,8 @@ mod sql {
         SELECT data, false FROM taken
         UNION ALL
         SELECT data, true FROM last_resort_key_packages
-        WHERE identity = $1 AND NOT EXISTS (SELECT 1 FROM taken)";
+        WHERE identity = $1 AND NOT EXISTS (SELECT 1 FROM taken)
+          AND (not_after IS NULL OR not_after > extract(epoch FROM now())::bigint)";
 
     /// One row per target, in order: `(pooled data, last-resort data)`, at most one non-null.
     /// The n-th request for an identity in the batch gets the n-th KeyPackage locked for it.
@@ -576,6 +600,7 @@ mod sql {
             CROSS JOIN LATERAL (
                 SELECT k.id, k.identity FROM key_packages AS k
                 WHERE k.identity = w.target
+                  AND (k.not_after IS NULL OR k.not_after > extract(epoch FROM now())::bigint)
                 ORDER BY k.id
                 LIMIT w.n
                 FOR UPDATE SKIP LOCKED
@@ -592,14 +617,23 @@ mod sql {
         LEFT JOIN picked AS p ON p.identity = w.target AND p.nth = w.nth
         LEFT JOIN taken AS tk ON tk.id = p.id
         LEFT JOIN last_resort_key_packages AS lr ON lr.identity = w.target AND tk.id IS NULL
+            AND (lr.not_after IS NULL OR lr.not_after > extract(epoch FROM now())::bigint)
         ORDER BY w.ord";
 
-    pub(super) const COUNT: &str = "SELECT count(*) FROM key_packages WHERE identity = $1";
+    pub(super) const COUNT: &str = "
+        SELECT count(*) FROM key_packages
+        WHERE identity = $1
+          AND (not_after IS NULL OR not_after > extract(epoch FROM now())::bigint)";
 }
 
 fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, StoreError> {
     // The parser's message can quote the URL, which may hold a password: keep it out.
     super::postgres_access::connection_config(database_url)
+}
+
+/// A lifetime's end as a `BIGINT` (Unix seconds; ends past `i64::MAX` are stored as that).
+fn unix_end(not_after: Option<u64>) -> Option<i64> {
+    not_after.map(|t| i64::try_from(t).unwrap_or(i64::MAX))
 }
 
 /// An identity as a `BYTEA` parameter.

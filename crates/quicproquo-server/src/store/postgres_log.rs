@@ -281,6 +281,11 @@ impl LogStore for PgStore {
         if !column::<bool>(first, 1)? {
             return Err(StoreError::NotMember);
         }
+        if let Some(pruned) = column::<Option<i64>>(first, 8)? {
+            return Err(StoreError::HistoryGone {
+                retained_from: stored_u64(pruned, "pruned seq")?.saturating_add(1),
+            });
+        }
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
             let Some(seq) = column::<Option<i64>>(row, 2)? else {
@@ -434,9 +439,15 @@ mod sql {
     /// entries it may read (none: a single row of NULL entry columns).
     pub(super) const READ_LOG: &str = "
         SELECT s.known, s.joined_seq IS NOT NULL, l.seq, l.epoch, l.kind, l.message_id,
-               l.payload, (extract(epoch FROM l.appended_at) * 1000000)::bigint
+               l.payload, (extract(epoch FROM l.appended_at) * 1000000)::bigint,
+               -- The first entry the reader asks for was deleted by retention.
+               CASE WHEN greatest($3::bigint, s.joined_seq) + 1 <= s.pruned_seq
+                         AND (s.left_seq IS NULL
+                              OR greatest($3::bigint, s.joined_seq) + 1 <= s.left_seq)
+                    THEN s.pruned_seq END
         FROM (
             SELECT EXISTS (SELECT 1 FROM groups WHERE group_id = $1) AS known,
+                   (SELECT pruned_seq FROM groups WHERE group_id = $1) AS pruned_seq,
                    m.joined_seq, m.left_seq
             FROM (SELECT 1) AS one
             LEFT JOIN members AS m ON m.group_id = $1 AND m.identity = $2

@@ -24,6 +24,7 @@ pub fn store_error(e: StoreError) -> capnp::Error {
         StoreError::UnknownGroup => error(ErrorCode::UnknownGroup, "no such group"),
         StoreError::GroupExists => error(ErrorCode::GroupExists, "the group already exists"),
         StoreError::InvalidArgument(m) => error(ErrorCode::InvalidArgument, m),
+        StoreError::HistoryGone { .. } => error(ErrorCode::HistoryGone, e),
         StoreError::Unavailable(_) => {
             warn!(error = %e, "store unavailable");
             error(ErrorCode::Unavailable, "store unavailable; retry")
