@@ -24,6 +24,8 @@ pub(crate) struct NodeInfo {
     pub(crate) address: String,
     pub(crate) pid: u32,
     pub(crate) data_dir: PathBuf,
+    /// Its ops listener (`/metrics`), when it has one.
+    pub(crate) ops: Option<String>,
 }
 
 /// A running dev-cluster and the nodes restarted by the test.
@@ -57,6 +59,16 @@ impl Cluster {
         edges: usize,
         shards: usize,
     ) -> Result<Self> {
+        Self::start_with_env(database_url, base, (edges, shards), &[])
+    }
+
+    /// [`Cluster::start`] with `env` set for every node (e.g. `QPQ_*` settings).
+    pub(crate) fn start_with_env(
+        database_url: &str,
+        base: &Path,
+        (edges, shards): (usize, usize),
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut parent = Command::new(BIN)
             .args(["dev-cluster", "--database-url", database_url])
             .args([
@@ -70,6 +82,7 @@ impl Cluster {
             .args(["--lease-ttl", "2s"])
             .env("QPQ_LOG", node_log())
             .env("QPQ_RING_REFRESH", "200ms")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -96,13 +109,18 @@ impl Cluster {
                     pid,
                     "data-dir",
                     dir,
-                    ..,
+                    ref rest @ ..,
                 ] => {
+                    let ops = match rest {
+                        ["ops", ops, ..] if *ops != "off" => Some((*ops).to_owned()),
+                        _ => None,
+                    };
                     let node = NodeInfo {
                         role: role.to_owned(),
                         address: addr.to_owned(),
                         pid: pid.parse()?,
                         data_dir: PathBuf::from(dir),
+                        ops,
                     };
                     if role == "shard" {
                         shard_nodes.push(node);

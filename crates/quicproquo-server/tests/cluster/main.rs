@@ -2,6 +2,7 @@
 //! one Postgres, members driven through the client library, nodes killed mid-traffic.
 
 mod follow;
+mod hardening;
 mod harness;
 
 use std::cell::RefCell;
