@@ -27,6 +27,11 @@ interface ShardService {
 
   watchInboxes @3 (sink :InboxSink) -> (subscription :Delivery.Subscription);
   # Push the identities whose inbox received a Welcome through this shard, from now on.
+
+  reportCommit @4 (trace :Common.TraceContext, groupId :Data, reporter :Data, seq :UInt64,
+                   report :Data) -> (revertSeq :UInt64, epoch :UInt64);
+  # A member's report of the commit at `seq` (DeliveryService.reportCommit): the shard checks
+  # it and reverts the group. `reporter` is the bound identity of the client that sent it.
 }
 
 struct AppendRequest {

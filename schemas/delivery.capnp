@@ -48,6 +48,17 @@ interface DeliveryService {
       -> (groupInfo :Data, epoch :UInt64);
   # The group's latest GroupInfo (an MLSMessage, as its last committer or creator uploaded and
   # the server verified it) and its epoch. Current members only.
+
+  reportCommit @9 (trace :Common.TraceContext, groupId :Data, seq :UInt64, report :Data)
+      -> (revertSeq :UInt64, epoch :UInt64);
+  # Report that the commit at `seq` cannot be processed (a bad confirmation or membership tag,
+  # or path secrets: what the server's public view cannot check). `report` is the caller's
+  # signed report (quicproquo_core::report, ADR 0015). If the caller was a member before the
+  # commit and did not make it, the commit is still the group's latest, and no member other
+  # than its committer has acknowledged it, the server reverts the group to the epoch before
+  # it and appends a revert marker (kind `revert`, payload the report) at `revertSeq`; the
+  # group is then at `epoch`. A commit already reverted answers with its marker. Refused with
+  # `report_refused` naming the rule otherwise.
 }
 
 struct CommitInfo {

@@ -17,6 +17,10 @@ struct Envelope {
     commit @1;
     proposal @2;
     welcome @3;
+    revert @4;
+    # Written by the server, never sent by a member: the group was reverted to the epoch
+    # before the commit at the seq the payload (a member's signed commit report, ADR 0015)
+    # names. `epoch` is the group's epoch after the revert.
   }
 
   messageId @4 :Data;

@@ -24,6 +24,10 @@ pub enum EnvelopeKind {
     Commit,
     /// A proposal.
     Proposal,
+    /// A revert marker written by the server (ADR 0015): the group went back to the epoch
+    /// before the commit the payload (a member's signed report) names; the envelope's epoch is
+    /// the group's epoch after the revert.
+    Revert,
 }
 
 /// One entry of a group's log.
@@ -118,6 +122,7 @@ fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
         {
             envelope::Kind::Commit => EnvelopeKind::Commit,
             envelope::Kind::Proposal => EnvelopeKind::Proposal,
+            envelope::Kind::Revert => EnvelopeKind::Revert,
             _ => EnvelopeKind::Application,
         },
         message_id: e.get_message_id().map_err(call_error)?.to_vec(),
@@ -244,6 +249,28 @@ impl DeliveryClient {
         let r = resp.get().map_err(call_error)?;
         let info = r.get_group_info().map_err(call_error)?.to_vec();
         Ok((info, r.get_epoch()))
+    }
+
+    /// Reports that the commit at `seq` cannot be processed, with the caller's signed report
+    /// (`quicproquo_core::report`). Returns the seq of the revert marker and the group's epoch
+    /// after the revert (also when an earlier report already reverted it); a refusal comes
+    /// back as `report_refused` naming the rule.
+    pub async fn report_commit(
+        &self,
+        group_id: &[u8],
+        seq: u64,
+        report: &[u8],
+    ) -> Result<(u64, u64), ClientError> {
+        let span = rpc_span(self.addr, "DeliveryService", "reportCommit");
+        let mut req = self.cap.report_commit_request();
+        write_trace(req.get().init_trace(), &span);
+        req.get().set_group_id(group_id);
+        req.get().set_seq(seq);
+        req.get().set_report(report);
+        let call = timed(self.addr, self.timeout, "report commit", req.send().promise);
+        let resp = traced(&span, call).await?;
+        let r = resp.get().map_err(call_error)?;
+        Ok((r.get_revert_seq(), r.get_epoch()))
     }
 
     /// Appends an MLS message (with its membership change when it is a commit).

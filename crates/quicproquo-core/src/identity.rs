@@ -56,6 +56,16 @@ impl IdentityKey {
             .join(" ")
     }
 
+    /// Verifies an Ed25519 signature by this identity over `message` (strict verification).
+    /// Callers domain-separate `message` (see [`crate::report`]).
+    pub(crate) fn verify_signed(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        key.verify_strict(message, &signature).is_ok()
+    }
+
     /// Verifies a session binding made by this identity.
     pub fn verify_binding(
         &self,
@@ -113,6 +123,12 @@ impl IdentityKeypair {
     /// The public identity key.
     pub fn public(&self) -> IdentityKey {
         IdentityKey(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` with the identity key. Callers domain-separate `message` (see
+    /// [`crate::report`]).
+    pub(crate) fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
     }
 
     /// Signs the binding of this identity to a Noise session.

@@ -27,6 +27,7 @@
 //! | [`channel`] | frames over Noise messages; the frame size limit, checked before allocating |
 //! | [`rpc`] | the RPC system over a session; the reader limits of every connection |
 //! | [`mls`], [`group`] | ciphersuites, the openmls provider, KeyPackages; the client's MLS group and the server's keyless `inspect` |
+//! | [`report`] | a member's signed report of a commit it cannot process (ADR 0015) |
 //! | [`duration`] | the one parser of durations (`500ms`, `10s`, `1m`, `2h`) for every binary |
 //! | [`error`] | the crate's error types |
 //!
@@ -45,6 +46,7 @@ pub mod identity;
 pub mod keys;
 pub mod mls;
 pub mod noise;
+pub mod report;
 pub mod rpc;
 
 pub use cert::{CertificateFields, NodeCertificate, NodeVerifier};

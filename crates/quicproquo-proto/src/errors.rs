@@ -59,10 +59,14 @@ pub enum ErrorCode {
     /// behind the kept history); the detail names the oldest entry kept. Rejoin the group by a
     /// fresh invitation.
     HistoryGone,
+    /// A commit report did not revert its commit (ADR 0015); the detail names the rule
+    /// (`signature`, `not_member`, `not_latest`, `committer`, `processed`, ...). Nothing
+    /// changed.
+    ReportRefused,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 23] = [
+    const ALL: [Self; 24] = [
         Self::InvalidArgument,
         Self::AlreadyBound,
         Self::BadBinding,
@@ -86,6 +90,7 @@ impl ErrorCode {
         Self::BadCommit,
         Self::LimitReached,
         Self::HistoryGone,
+        Self::ReportRefused,
     ];
 
     /// The code as written on the wire.
@@ -114,6 +119,7 @@ impl ErrorCode {
             Self::BadCommit => "bad_commit",
             Self::LimitReached => "limit_reached",
             Self::HistoryGone => "history_gone",
+            Self::ReportRefused => "report_refused",
         }
     }
 

@@ -18,6 +18,7 @@ use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
 use quicproquo_proto::errors::{ErrorCode, code_of};
 use quicproquo_server::store::AnyStore;
+use support::forge::put_vec;
 use support::groups::{group_of_two, refused, server_view, still_talking};
 use support::{RawClient, TestServer, User, local};
 
@@ -138,19 +139,6 @@ async fn invalid_proposals_are_refused(store: Option<AnyStore>) -> Result<()> {
     );
     still_talking(&mut alice, &mut bob, &id).await?;
     Ok(())
-}
-
-/// An RFC 9420 variable-length vector.
-fn put_vec(out: &mut Vec<u8>, bytes: &[u8]) {
-    let n = bytes.len();
-    if n < 64 {
-        out.push(n as u8);
-    } else if n < 16384 {
-        out.extend_from_slice(&(0x4000 | n as u16).to_be_bytes());
-    } else {
-        out.extend_from_slice(&(0x8000_0000 | n as u32).to_be_bytes());
-    }
-    out.extend_from_slice(bytes);
 }
 
 /// A PublicMessage commit of group `gid` at `epoch` from leaf 0 (the creator, Alice) holding

@@ -8,8 +8,18 @@ use quicproquo_core::mls::MlsProvider;
 
 use super::{Chat, ChatError, ChatEvent, random_id};
 use crate::commit::{CommitHost, LogReader};
-use crate::delivery::Envelope;
+use crate::delivery::{Envelope, EnvelopeKind};
 use crate::state::ClientState;
+use quicproquo_core::report::CommitReport;
+
+/// What became of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Processed {
+    /// Processed, or skipped with its event handed out.
+    Done,
+    /// A commit this member refuses with what only members can check: report it (ADR 0015).
+    ToReport,
+}
 
 /// Processes one entry of someone else's on our group state and reports what it held.
 pub(super) fn process(
@@ -18,8 +28,23 @@ pub(super) fn process(
     name: &str,
     entry: &Envelope,
     on_event: &mut dyn FnMut(ChatEvent),
-) {
+) -> Processed {
     let (group, seq) = (name.to_owned(), entry.seq);
+    if entry.kind == EnvelopeKind::Revert {
+        // The server's marker: the group is back at the epoch before the reported commit.
+        if let Ok(report) = CommitReport::decode(&entry.payload) {
+            on_event(ChatEvent::Reverted {
+                group,
+                seq,
+                commit_seq: report.seq,
+                epoch: entry.epoch,
+                in_step: g.epoch() == entry.epoch,
+            });
+        } else {
+            on_event(ChatEvent::Unreadable { group, seq });
+        }
+        return Processed::Done;
+    }
     match g.process(provider, &entry.payload) {
         Ok(Event::Application { sender, plaintext }) => on_event(ChatEvent::Message {
             group,
@@ -47,9 +72,13 @@ pub(super) fn process(
         Ok(_) => {}
         // Our own commit echoed after we merged it, or an entry from before we joined.
         Err(e) if e.is_stale() => {}
+        Err(e) if e.is_invalid_commit() && entry.kind == EnvelopeKind::Commit => {
+            return Processed::ToReport;
+        }
         // A message we cannot process must not block the log: reported, skipped.
         Err(_) => on_event(ChatEvent::Unreadable { group, seq }),
     }
+    Processed::Done
 }
 
 /// A group's log as the messenger reads it: entries processed on one loaded group state, what
@@ -96,8 +125,8 @@ impl LogReader for GroupLog<'_, '_> {
 
     async fn apply(&mut self, entries: &[Envelope]) -> Result<bool, ChatError> {
         self.chat
-            .apply_entries(self.id, entries, &mut self.group, self.on_event)?;
-        self.chat.save()?;
+            .apply_reporting(self.id, entries, &mut self.group, self.on_event)
+            .await?;
         let cursor = self.cursor();
         self.chat
             .session

@@ -20,6 +20,7 @@ use std::path::Path;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{CommitOutput, Group};
+use quicproquo_core::report::CommitReport;
 use quicproquo_proto::errors::ErrorCode;
 
 pub use crate::commit::COMMIT_ATTEMPTS;
@@ -27,7 +28,7 @@ use crate::commit::{self, CommitDriver, CommitError, DriveError, Start, is_pendi
 use crate::delivery::{Envelope, EnvelopeKind, SendOutcome};
 use crate::state::{ClientState, GroupMeta};
 use crate::{ClientError, Session, short_group_id};
-use group_log::{Committer, GroupLog, process};
+use group_log::{Committer, GroupLog, Processed, process};
 
 /// Welcomes read per inbox fetch.
 const FETCH_BATCH: u32 = commit::FETCH_BATCH;
@@ -131,6 +132,33 @@ pub enum ChatEvent {
         group: String,
         /// Log position.
         seq: u64,
+    },
+    /// A member reported a commit nobody could process and the server reverted it
+    /// (ADR 0015): the group is back at `epoch`, the epoch before that commit.
+    Reverted {
+        /// The group's local name.
+        group: String,
+        /// Log position of the revert marker.
+        seq: u64,
+        /// Log position of the reverted commit.
+        commit_seq: u64,
+        /// The group's epoch after the revert.
+        epoch: u64,
+        /// Whether this device is at that epoch. `false`: it had merged the reverted commit
+        /// (it made it, or it could process it and the report was false) and can no longer
+        /// follow the group; it must be added again.
+        in_step: bool,
+    },
+    /// We reported a commit we could not process and the server did not revert it (the
+    /// reason names the rule): this device stays at the epoch before it and is out of step
+    /// with a group that moved on.
+    ReportRefused {
+        /// The group's local name.
+        group: String,
+        /// Log position of the commit.
+        seq: u64,
+        /// The server's reason.
+        reason: String,
     },
     /// We were removed from the group.
     Removed {
@@ -487,7 +515,10 @@ impl<'a> Chat<'a> {
         if let Some((expected, got)) = first_gap(self.cursor(id), entries) {
             return Err(ChatError::Gap { expected, got });
         }
+        // A commit to report stops the batch before it; it is reported when the log is read
+        // ([`Chat::receive_group`], or [`Chat::receive_pushed`] at once).
         self.apply_entries(id, entries, &mut None, on_event)
+            .map(drop)
     }
 
     /// Processes a batch of group `id` pushed by a subscription, saves the state and
@@ -504,6 +535,11 @@ impl<'a> Chat<'a> {
             Err(ChatError::Gap { .. }) => return self.receive_group(id, on_event).await,
             other => other?,
         }
+        if entries.last().is_some_and(|e| e.seq > self.cursor(id)) {
+            // Stopped in front of a commit to report: the log reader reports it.
+            self.save()?;
+            return self.receive_group(id, on_event).await;
+        }
         self.save()?;
         if self.state.groups.contains_key(id) {
             let cursor = self.cursor(id);
@@ -513,17 +549,20 @@ impl<'a> Chat<'a> {
     }
 
     /// [`Chat::apply_batch`] on the group state in `group` (loaded there on first use).
-    fn apply_entries(
+    ///
+    /// Stops in front of a commit this member refuses with what only members can check (a
+    /// commit to report, ADR 0015) and returns it, the cursor left before it.
+    fn apply_entries<'e>(
         &mut self,
         id: &[u8],
-        entries: &[Envelope],
+        entries: &'e [Envelope],
         group: &mut Option<Group>,
         on_event: &mut dyn FnMut(ChatEvent),
-    ) -> Result<(), ChatError> {
+    ) -> Result<Option<&'e Envelope>, ChatError> {
         let name = self.name_of(id);
         for entry in entries {
             let Some(meta) = self.state.groups.get(id) else {
-                return Ok(());
+                return Ok(None);
             };
             if entry.seq <= meta.cursor {
                 continue;
@@ -540,13 +579,73 @@ impl<'a> Chat<'a> {
                 }
             } else {
                 let g = self.loaded(id, group)?;
-                process(g, &self.state.mls, &name, entry, on_event);
+                if process(g, &self.state.mls, &name, entry, on_event) == Processed::ToReport {
+                    return Ok(Some(entry));
+                }
             }
-            if let Some(meta) = self.state.groups.get_mut(id) {
-                meta.cursor = entry.seq;
-            }
+            self.skip(id, entry.seq);
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Moves group `id`'s cursor to `seq` (the entry there is done with).
+    fn skip(&mut self, id: &[u8], seq: u64) {
+        if let Some(meta) = self.state.groups.get_mut(id) {
+            meta.cursor = meta.cursor.max(seq);
+        }
+    }
+
+    /// Reports the commit `entry` of group `id`, which this member cannot process, with a
+    /// signed report (ADR 0015), and moves the cursor past it: the server reverted it (a
+    /// marker follows in the log) or refused the report (this device stays at its epoch).
+    async fn report(
+        &mut self,
+        id: &[u8],
+        entry: &Envelope,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        let report = CommitReport::sign(self.state.identity(), id, entry.seq, &entry.payload);
+        let answer = self
+            .session
+            .delivery
+            .report_commit(id, entry.seq, &report.encode())
+            .await;
+        match answer {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::ReportRefused) => {
+                on_event(ChatEvent::ReportRefused {
+                    group: self.name_of(id),
+                    seq: entry.seq,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.skip(id, entry.seq);
+        self.save()
+    }
+
+    /// Processes `entries` of group `id` on the state in `group`, reporting each commit this
+    /// member cannot process and going on after it; saves the state.
+    async fn apply_reporting(
+        &mut self,
+        id: &[u8],
+        mut entries: &[Envelope],
+        group: &mut Option<Group>,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<(), ChatError> {
+        while let Some(bad) = self.apply_entries(id, entries, group, on_event)? {
+            self.save()?;
+            let cursor = self.cursor(id);
+            self.session.delivery.acknowledge(id, cursor).await?;
+            self.report(id, bad, on_event).await?;
+            let at = entries
+                .iter()
+                .position(|e| e.seq > bad.seq)
+                .unwrap_or(entries.len());
+            entries = entries.get(at..).unwrap_or(&[]);
+        }
+        self.save()
     }
 
     /// Reads and processes everything new in group `id`; acknowledges the cursor. When the

@@ -87,6 +87,36 @@ impl Output {
                 &format!("[{group} #{seq}] (a message that could not be decrypted)"),
                 json!({"event": "unreadable", "group": group, "seq": seq}),
             ),
+            ChatEvent::Reverted {
+                group,
+                seq,
+                commit_seq,
+                epoch,
+                in_step,
+            } => self.line(
+                &if in_step {
+                    format!(
+                        "[{group} #{seq}] the commit at #{commit_seq} was reverted on a \
+                         member's report; the group is back at epoch {epoch}"
+                    )
+                } else {
+                    format!(
+                        "[{group} #{seq}] the commit at #{commit_seq}, which this device \
+                         merged, was reverted: this device is out of step with the group and \
+                         must be added again"
+                    )
+                },
+                json!({"event": "reverted", "group": group, "seq": seq,
+                       "commit_seq": commit_seq, "epoch": epoch, "in_step": in_step}),
+            ),
+            ChatEvent::ReportRefused { group, seq, reason } => self.line(
+                &format!(
+                    "[{group} #{seq}] a commit this device cannot process was reported and \
+                     not reverted ({reason}); this device stays at its epoch"
+                ),
+                json!({"event": "report_refused", "group": group, "seq": seq,
+                       "reason": reason}),
+            ),
             ChatEvent::Removed { group, seq } => self.line(
                 &format!("[{group} #{seq}] you were removed from the group"),
                 json!({"event": "removed_from_group", "group": group, "seq": seq}),

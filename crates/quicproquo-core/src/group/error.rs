@@ -97,6 +97,12 @@ pub enum GroupError {
     /// group and must be re-added.
     #[error("own commit accepted by the log but no longer pending here")]
     OwnCommitLost,
+    /// A commit the server's public view let through but this member refuses with what only
+    /// members can check: its membership tag, its confirmation tag or its encrypted path
+    /// secrets. Every member refuses it the same way: report it (`crate::report`, ADR 0015)
+    /// and stay at the current epoch.
+    #[error("commit refused by members (the server could not check it): {0}")]
+    InvalidCommit(String),
     /// The message is invalid (signature, membership tag, commit contents, a proposal type we
     /// do not accept, ...).
     #[error("message rejected: {0}")]
@@ -116,6 +122,11 @@ impl GroupError {
     /// are to be skipped, not treated as an attack or a fork.
     pub fn is_stale(&self) -> bool {
         matches!(self, Self::WrongEpoch { expected, got } if got < expected)
+    }
+
+    /// Whether this is a [`GroupError::InvalidCommit`]: a commit to report (ADR 0015).
+    pub fn is_invalid_commit(&self) -> bool {
+        matches!(self, Self::InvalidCommit(_))
     }
 
     pub(super) fn library(e: impl std::fmt::Display) -> Self {
@@ -165,6 +176,13 @@ pub(super) fn process_error<E: std::fmt::Display>(
         ProcessMessageError::InvalidCommit(StageCommitError::OwnCommitMismatch) => {
             GroupError::OwnCommitLost
         }
+        // What the server's public view cannot check (ADR 0012): members alone refuse these.
+        e @ (ProcessMessageError::ValidationError(ValidationError::InvalidMembershipTag)
+        | ProcessMessageError::InvalidCommit(
+            StageCommitError::ConfirmationTagMismatch
+            | StageCommitError::UpdatePathError(_)
+            | StageCommitError::MissingDecryptionKey,
+        )) => GroupError::InvalidCommit(e.to_string()),
         other => GroupError::Rejected(other.to_string()),
     }
 }

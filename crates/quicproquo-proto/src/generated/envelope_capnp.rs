@@ -416,6 +416,7 @@ pub mod envelope {
         Commit = 1,
         Proposal = 2,
         Welcome = 3,
+        Revert = 4,
     }
 
     impl ::capnp::introspect::Introspect for Kind {
@@ -432,6 +433,7 @@ pub mod envelope {
                 1 => ::core::result::Result::Ok(Self::Commit),
                 2 => ::core::result::Result::Ok(Self::Proposal),
                 3 => ::core::result::Result::Ok(Self::Welcome),
+                4 => ::core::result::Result::Ok(Self::Revert),
                 n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
             }
         }
@@ -444,7 +446,7 @@ pub mod envelope {
         const TYPE_ID: u64 = 0xeabf_82de_fc6d_400du64;
     }
     mod kind {
-    pub(crate) static ENCODED_NODE: [::capnp::Word; 36] = [
+    pub(crate) static ENCODED_NODE: [::capnp::Word; 40] = [
         ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
         ::capnp::word(13, 64, 109, 252, 222, 130, 191, 234),
         ::capnp::word(24, 0, 0, 0, 2, 0, 0, 0),
@@ -454,7 +456,7 @@ pub mod envelope {
         ::capnp::word(21, 0, 0, 0, 234, 0, 0, 0),
         ::capnp::word(33, 0, 0, 0, 7, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(29, 0, 0, 0, 103, 0, 0, 0),
+        ::capnp::word(29, 0, 0, 0, 127, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(101, 110, 118, 101, 108, 111, 112, 101),
@@ -462,18 +464,21 @@ pub mod envelope {
         ::capnp::word(110, 118, 101, 108, 111, 112, 101, 46),
         ::capnp::word(75, 105, 110, 100, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-        ::capnp::word(16, 0, 0, 0, 1, 0, 2, 0),
+        ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(41, 0, 0, 0, 98, 0, 0, 0),
+        ::capnp::word(53, 0, 0, 0, 98, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(37, 0, 0, 0, 58, 0, 0, 0),
+        ::capnp::word(49, 0, 0, 0, 58, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(29, 0, 0, 0, 74, 0, 0, 0),
+        ::capnp::word(41, 0, 0, 0, 74, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(25, 0, 0, 0, 66, 0, 0, 0),
+        ::capnp::word(37, 0, 0, 0, 66, 0, 0, 0),
+        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(29, 0, 0, 0, 58, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(97, 112, 112, 108, 105, 99, 97, 116),
         ::capnp::word(105, 111, 110, 0, 0, 0, 0, 0),
@@ -481,6 +486,7 @@ pub mod envelope {
         ::capnp::word(112, 114, 111, 112, 111, 115, 97, 108),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(119, 101, 108, 99, 111, 109, 101, 0),
+        ::capnp::word(114, 101, 118, 101, 114, 116, 0, 0),
     ];
     pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
         ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

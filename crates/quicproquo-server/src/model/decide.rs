@@ -232,6 +232,11 @@ impl<'a> State<'a> {
         if let Some(view) = &req.view {
             decision.views.push(NewView {
                 group,
+                commit: (req.kind == EntryKind::Commit).then_some(ViewCommit {
+                    seq,
+                    committer: &req.sender,
+                    previous_commit: head.last_commit_seq,
+                }),
                 epoch: view.epoch,
                 state: view.state.as_deref(),
                 proposals: &view.proposals,
@@ -395,11 +400,25 @@ pub struct Delivery<'a> {
     pub welcome: usize,
 }
 
+/// The commit a new view comes from (ADR 0015).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewCommit<'a> {
+    /// The commit's seq.
+    pub seq: u64,
+    /// Who made it.
+    pub committer: &'a IdentityKey,
+    /// The seq of the commit that started the epoch it ends (0 for epoch 0).
+    pub previous_commit: u64,
+}
+
 /// A group's public view to write (after the verified handshake message appended with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewView<'a> {
     /// The group.
     pub group: &'a [u8],
+    /// With a commit: its seq, committer and the commit before it. The stored view then keeps
+    /// the state it replaces, so the commit can be reverted (ADR 0015).
+    pub commit: Option<ViewCommit<'a>>,
     /// Its epoch after the message.
     pub epoch: u64,
     /// The new encoded state; `None`: unchanged.

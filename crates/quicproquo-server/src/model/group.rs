@@ -30,6 +30,8 @@ pub fn epoch_accepted(kind: EntryKind, epoch: u64, group_epoch: u64) -> bool {
         EntryKind::Application => {
             epoch <= group_epoch && group_epoch - epoch <= APPLICATION_EPOCH_LAG
         }
+        // Written by the server's revert (ADR 0015), never appended as a message.
+        EntryKind::Revert => false,
     }
 }
 
@@ -70,6 +72,9 @@ pub enum EntryKind {
     Commit,
     /// A proposal: only for the current epoch.
     Proposal,
+    /// A revert marker (ADR 0015), written by the server: the group went back to the epoch
+    /// before a reported commit. Its payload is the member's signed report.
+    Revert,
 }
 
 impl EntryKind {
@@ -79,6 +84,7 @@ impl EntryKind {
             Self::Application => 0,
             Self::Commit => 1,
             Self::Proposal => 2,
+            Self::Revert => 3,
         }
     }
 
@@ -88,6 +94,7 @@ impl EntryKind {
             0 => Some(Self::Application),
             1 => Some(Self::Commit),
             2 => Some(Self::Proposal),
+            3 => Some(Self::Revert),
             _ => None,
         }
     }

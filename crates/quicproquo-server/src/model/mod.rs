@@ -2,7 +2,7 @@
 //! group and message ids, user names, append requests and outcomes, the epoch rule.
 //!
 //! [`group`] holds the Delivery Service's values and rules; [`decide`] is the append decision
-//! both stores call; [`page`] cuts the lists a reply carries by count and bytes.
+//! both stores call; [`revert`] decides the revert of a reported commit (ADR 0015); [`page`] cuts the lists a reply carries by count and bytes.
 //!
 //! What it is not: storage, wire encoding or networking. Every other module may import this
 //! one; it imports none of them.
@@ -10,6 +10,7 @@
 pub mod decide;
 pub mod group;
 pub mod page;
+pub mod revert;
 
 /// A value that breaks a rule of the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

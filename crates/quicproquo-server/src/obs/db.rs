@@ -52,6 +52,7 @@ fn operation(method: &str) -> Option<Operation> {
         "key_package_count" => op("SELECT", "key_packages", false, "key_packages"),
         "create_group" => op("INSERT", "groups", true, "groups"),
         "append" => op("INSERT", "group_log", true, "group_log"),
+        "revert" => op("INSERT", "group_log", true, "group_log"),
         "load_view" => op("SELECT", "group_views", false, "group_views"),
         "read_log" => op("SELECT", "group_log", false, "group_log"),
         "group_summary" => op("SELECT", "groups", false, "groups"),

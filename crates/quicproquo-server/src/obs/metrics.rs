@@ -311,6 +311,9 @@ pub struct Metrics {
     pub verify_seconds: Histogram,
     /// Handshake messages the public view refused, by rule (a closed set of names).
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Members' commit reports, by outcome: `reverted`, `already_reverted` or the rule that
+    /// refused it (ADR 0015).
+    reports: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -331,6 +334,7 @@ impl Default for Metrics {
             retention: super::retention::RetentionStats::default(),
             verify_seconds: Histogram::new(&LATENCY_BUCKETS),
             refused: Mutex::default(),
+            reports: Mutex::default(),
         }
     }
 }
@@ -380,6 +384,12 @@ impl Metrics {
     pub fn commit_refused(&self, rule: &'static str) {
         let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
         *refused.entry(rule).or_insert(0) += 1;
+    }
+
+    /// Counts one member's commit report by its outcome (a closed set of names).
+    pub fn commit_report(&self, outcome: &'static str) {
+        let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        *reports.entry(outcome).or_insert(0) += 1;
     }
 
     /// Counts one push of `entries` to a subscriber.
@@ -481,6 +491,21 @@ impl Metrics {
             .iter()
         {
             let _ = writeln!(out, "qpq_handshake_refused_total{{rule=\"{rule}\"}} {n}");
+        }
+        family(
+            out,
+            "qpq_commit_reports_total",
+            "counter",
+            "Members' reports of commits they cannot process, by outcome (reverted, \
+             already_reverted, or the rule that refused the report).",
+        );
+        for (outcome, n) in self
+            .reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(out, "qpq_commit_reports_total{{outcome=\"{outcome}\"}} {n}");
         }
         counter(
             out,

@@ -162,6 +162,26 @@ impl Appender {
             .await?)
     }
 
+    /// Handles `reporter`'s signed report of the commit at `seq` in `group` (ADR 0015):
+    /// reverts the group to the epoch before it if the rules allow, with the group's view
+    /// slot held.
+    pub async fn report_commit(
+        &self,
+        group: &GroupId,
+        reporter: &IdentityKey,
+        seq: u64,
+        report: &[u8],
+    ) -> Result<super::revert::RevertMarker, OrderingError> {
+        super::revert::Reporting {
+            views: &self.views,
+            store: &self.store,
+            hub: &self.hub,
+            observer: &self.observer,
+        }
+        .report(group, reporter, seq, report)
+        .await
+    }
+
     /// The live feeds the appender publishes to.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub

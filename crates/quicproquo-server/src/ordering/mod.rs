@@ -1,5 +1,6 @@
 //! Ordering: the appender that writes each node's appends in batches (group commit), the
 //! groups' public views every commit and proposal is verified against first ([`views`]), and
+//! members' reports of commits they cannot process and the reverts they cause ([`revert`]),
 //! the in-memory live feeds ([`hub`]) that fan new entries out to subscriptions.
 //!
 //! What it is not: an RPC face. Callers hand it model values and get model outcomes or an
@@ -9,6 +10,7 @@
 pub mod appender;
 pub mod hub;
 pub mod retention;
+pub mod revert;
 pub mod views;
 
 pub use appender::Appender;

@@ -210,6 +210,12 @@ impl Views {
         }
     }
 
+    /// Drops the slot's cached view (a revert replaced it in the store): it is reloaded when
+    /// next needed.
+    pub(crate) fn forget(&self, slot: &mut Slot) {
+        slot.view = None;
+    }
+
     /// Logs a refusal: the rule, the group and the caller as keyed hashes, never content.
     fn refused(&self, group: &GroupId, who: &IdentityKey, what: &str, e: &ViewError) {
         let redactor = &self.observer.redactor;
@@ -230,6 +236,7 @@ fn kind_name(kind: EntryKind) -> &'static str {
         EntryKind::Commit => "commit",
         EntryKind::Proposal => "proposal",
         EntryKind::Application => "application",
+        EntryKind::Revert => "revert",
     }
 }
 

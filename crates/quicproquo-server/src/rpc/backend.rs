@@ -14,6 +14,7 @@ use crate::cluster::router::Router;
 use crate::model::group::{AppendOutcome, AppendRequest, GroupId};
 use crate::obs::Observer;
 use crate::ordering::hub::FeedEvent;
+use crate::ordering::revert::RevertMarker;
 use crate::ordering::{Appender, OrderingError};
 use crate::store::AnyStore;
 
@@ -72,6 +73,20 @@ impl Backend {
         match self {
             Self::Local(s) => s.append(req).await,
             Self::Routed(r) => r.append(req).await,
+        }
+    }
+
+    /// Handles `reporter`'s signed report of the commit at `seq` in `group` (ADR 0015).
+    pub async fn report_commit(
+        &self,
+        group: &GroupId,
+        reporter: &IdentityKey,
+        seq: u64,
+        report: Vec<u8>,
+    ) -> Result<RevertMarker, OrderingError> {
+        match self {
+            Self::Local(s) => s.report_commit(group, reporter, seq, &report).await,
+            Self::Routed(r) => r.report_commit(group.clone(), *reporter, seq, report).await,
         }
     }
 

@@ -437,6 +437,39 @@ impl delivery_service::Server for DeliveryService {
         )
     }
 
+    async fn report_commit(
+        self: Rc<Self>,
+        params: delivery_service::ReportCommitParams,
+        mut results: delivery_service::ReportCommitResults,
+    ) -> Result<(), capnp::Error> {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "reportCommit",
+            params,
+            async move {
+                let p = params.get()?;
+                let group = self.group(p.get_group_id()?)?;
+                let report = p.get_report()?;
+                if report.len() != quicproquo_core::report::REPORT_LEN {
+                    return Err(error(
+                        ErrorCode::ReportRefused,
+                        "malformed: a commit report is 137 bytes",
+                    ));
+                }
+                let marker = self
+                    .backend
+                    .report_commit(&group, &self.identity, p.get_seq(), report.to_vec())
+                    .await
+                    .map_err(ordering_error)?;
+                let mut r = results.get();
+                r.set_revert_seq(marker.seq);
+                r.set_epoch(marker.epoch);
+                Ok(())
+            }
+        )
+    }
+
     async fn subscribe_inbox(
         self: Rc<Self>,
         params: delivery_service::SubscribeInboxParams,

@@ -99,6 +99,35 @@ impl shard_service::Server for ShardServiceImpl {
         )
     }
 
+    async fn report_commit(
+        self: Rc<Self>,
+        params: shard_service::ReportCommitParams,
+        mut results: shard_service::ReportCommitResults,
+    ) -> Result<(), capnp::Error> {
+        serve!(
+            self.in_flight,
+            "ShardService",
+            "reportCommit",
+            params,
+            async move {
+                let p = params.get()?;
+                let group = parse::group_id(p.get_group_id()?)?;
+                let reporter = parse::identity(p.get_reporter()?)?;
+                let observer = self.in_flight.observer();
+                record_group(&tracing::Span::current(), observer, group.as_bytes());
+                let marker = self
+                    .shard
+                    .report_commit(&group, &reporter, p.get_seq(), p.get_report()?)
+                    .await
+                    .map_err(ordering_error)?;
+                let mut r = results.get();
+                r.set_revert_seq(marker.seq);
+                r.set_epoch(marker.epoch);
+                Ok(())
+            }
+        )
+    }
+
     async fn watch(
         self: Rc<Self>,
         params: shard_service::WatchParams,

@@ -26,7 +26,8 @@ pub(super) const MEMBERS: TableDefinition<BytesPair, (u64, u64)> = TableDefiniti
 /// Two byte strings, as a composite key.
 pub(super) type BytesPair = (&'static [u8], &'static [u8]);
 /// (identity, group) → () for current memberships.
-const MEMBER_GROUPS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("member_groups");
+pub(super) const MEMBER_GROUPS: TableDefinition<(&[u8], &[u8]), ()> =
+    TableDefinition::new("member_groups");
 /// (group, seq) → (epoch, kind, message id, payload, appended at µs).
 pub(super) const LOG: TableDefinition<(&[u8], u64), LogValue> = TableDefinition::new("group_log");
 pub(super) type LogValue = (u64, u8, &'static [u8], &'static [u8], u64);
@@ -71,10 +72,12 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(VIEWS).map_err(unavailable)?;
     txn.open_table(LOG_FLOORS).map_err(unavailable)?;
     txn.open_table(WELCOME_TIMES).map_err(unavailable)?;
+    txn.open_table(super::embedded_revert::REVERTS)
+        .map_err(unavailable)?;
     Ok(())
 }
 
-fn corrupt(what: &str) -> StoreError {
+pub(super) fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
@@ -161,7 +164,8 @@ fn write_decision(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(),
     write_views(txn, decision)
 }
 
-/// Rewrites the public view of each group a verified handshake message was appended to.
+/// Rewrites the public view of each group a verified handshake message was appended to; a
+/// commit's also keeps the view it replaces, so the commit can be reverted (ADR 0015).
 fn write_views(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), StoreError> {
     if decision.views.is_empty() {
         return Ok(());
@@ -173,7 +177,15 @@ fn write_views(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), St
                 .get(v.group)
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("a verified group has no stored view"))?;
-            let (_, state, _, info) = stored.value();
+            let (epoch, state, proposals, info) = stored.value();
+            if let Some(commit) = v.commit {
+                super::embedded_revert::keep_earlier(
+                    txn,
+                    v.group,
+                    commit,
+                    (epoch, state, proposals, info),
+                )?;
+            }
             (
                 v.state.map_or_else(|| state.to_vec(), <[u8]>::to_vec),
                 v.group_info.map_or_else(|| info.to_vec(), <[u8]>::to_vec),
@@ -297,6 +309,20 @@ impl LogStore for EmbeddedStore {
                     group_info: group_info.to_vec(),
                 }
             }))
+        })
+        .await
+    }
+
+    async fn revert(
+        &self,
+        req: &crate::model::revert::RevertRequest,
+    ) -> Result<crate::model::revert::RevertOutcome, StoreError> {
+        let req = req.clone();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let outcome = super::embedded_revert::revert(&txn, &req)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(outcome)
         })
         .await
     }

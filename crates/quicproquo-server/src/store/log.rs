@@ -17,6 +17,7 @@ use crate::model::group::{
     AppendOutcome, AppendRequest, GroupId, GroupSummary, InboxEntry, LogEntry, StoredView,
 };
 use crate::model::page::Page;
+use crate::model::revert::{RevertOutcome, RevertRequest};
 
 /// The Delivery Service's storage operations.
 pub trait LogStore: Send + Sync + 'static {
@@ -45,6 +46,15 @@ pub trait LogStore: Send + Sync + 'static {
         &self,
         group_id: &GroupId,
     ) -> impl Future<Output = Result<Option<StoredView>, StoreError>> + Send;
+
+    /// Reverts the group's latest commit at `req.seq` if the rules of
+    /// [`crate::model::revert`] allow it, in one transaction under the group's lock: appends
+    /// the marker, moves the group back to the epoch before the commit, undoes its membership
+    /// change, withdraws its Welcome from the inboxes and restores the view before it.
+    fn revert(
+        &self,
+        req: &RevertRequest,
+    ) -> impl Future<Output = Result<RevertOutcome, StoreError>> + Send;
 
     /// Appends a batch in one transaction (group commit); one outcome per request, in order.
     /// Requests for the same group are applied in batch order.

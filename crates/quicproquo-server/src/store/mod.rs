@@ -18,6 +18,7 @@ mod checks;
 pub mod embedded;
 mod embedded_log;
 mod embedded_retention;
+mod embedded_revert;
 pub mod log;
 
 use quicproquo_core::IdentityKey;
@@ -34,6 +35,7 @@ mod postgres_log;
 mod postgres_plan;
 mod postgres_retention;
 pub mod retention;
+mod postgres_revert;
 
 /// A validated KeyPackage ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +280,13 @@ impl log::LogStore for AnyStore {
         batch: &[group::AppendRequest],
     ) -> Result<Vec<group::AppendOutcome>, StoreError> {
         dispatch!(self, "append", s => s.append(batch))
+    }
+
+    async fn revert(
+        &self,
+        req: &crate::model::revert::RevertRequest,
+    ) -> Result<crate::model::revert::RevertOutcome, StoreError> {
+        dispatch!(self, "revert", s => s.revert(req))
     }
 
     async fn read_log(

@@ -66,6 +66,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_retention",
         include_str!("../../../../sql/0005_retention.sql"),
     ),
+    (
+        "0005_commit_reverts",
+        include_str!("../../../../sql/0005_commit_reverts.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).

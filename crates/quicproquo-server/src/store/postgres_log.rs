@@ -244,6 +244,13 @@ impl LogStore for PgStore {
         }))
     }
 
+    async fn revert(
+        &self,
+        req: &crate::model::revert::RevertRequest,
+    ) -> Result<crate::model::revert::RevertOutcome, StoreError> {
+        self.revert_commit(req).await
+    }
+
     async fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());

@@ -94,6 +94,10 @@ pub(super) struct ViewRows<'a> {
     pub(super) states: Vec<Option<&'a [u8]>>,
     pub(super) proposals: Vec<&'a [u8]>,
     pub(super) group_infos: Vec<Option<&'a [u8]>>,
+    /// With a commit: its seq (`NULL`: a proposal, the kept earlier view stays).
+    pub(super) commit_seqs: Vec<Option<i64>>,
+    pub(super) committers: Vec<Option<&'a [u8]>>,
+    pub(super) previous_commits: Vec<Option<i64>>,
 }
 
 /// The (group, message id) pairs of the requests a decision refused for their epoch without
@@ -165,6 +169,16 @@ impl<'a> Plan<'a> {
             plan.views.states.push(v.state);
             plan.views.proposals.push(v.proposals);
             plan.views.group_infos.push(v.group_info);
+            let commit = v.commit.map(|c| (c.seq, c.committer, c.previous_commit));
+            plan.views
+                .commit_seqs
+                .push(commit.map(|c| bigint(c.0)).transpose()?);
+            plan.views
+                .committers
+                .push(commit.map(|c| c.1.as_bytes().as_slice()));
+            plan.views
+                .previous_commits
+                .push(commit.map(|c| bigint(c.2)).transpose()?);
         }
         for (group, message_id) in decision.unchecked_ids() {
             plan.unchecked.groups.push(group);
@@ -356,12 +370,15 @@ pub(super) async fn write_and_commit(
         &inbox.groups,
         &inbox.commit_seqs,
     ];
-    let view_params: [&(dyn ToSql + Sync); 5] = [
+    let view_params: [&(dyn ToSql + Sync); 8] = [
         &views.groups,
         &views.epochs,
         &views.states,
         &views.proposals,
         &views.group_infos,
+        &views.commit_seqs,
+        &views.committers,
+        &views.previous_commits,
     ];
     let (found, l, g, m, w, v, c) = tokio::join!(
         query_unless(
@@ -447,15 +464,29 @@ async fn execute_unless(
 /// The statements of an append batch, which take the arrays above.
 pub(super) mod append_sql {
     /// Rewrites the public view of each group a verified handshake message was appended to
-    /// (a `NULL` state or GroupInfo keeps the stored one).
+    /// (a `NULL` state or GroupInfo keeps the stored one). A commit (a commit seq) also keeps
+    /// the view it replaces, its seq and its committer, so it can be reverted (ADR 0015); the
+    /// right-hand sides read the row as it was before this update.
     pub(super) const UPDATE_VIEWS: &str = "
         UPDATE group_views v SET
             epoch = u.epoch,
             state = COALESCE(u.state, v.state),
             proposals = u.proposals,
-            group_info = COALESCE(u.group_info, v.group_info)
-        FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[], $5::bytea[])
-            AS u (group_id, epoch, state, proposals, group_info)
+            group_info = COALESCE(u.group_info, v.group_info),
+            commit_seq = COALESCE(u.commit_seq, v.commit_seq),
+            committer = CASE WHEN u.commit_seq IS NULL THEN v.committer ELSE u.committer END,
+            prev_epoch = CASE WHEN u.commit_seq IS NULL THEN v.prev_epoch ELSE v.epoch END,
+            prev_state = CASE WHEN u.commit_seq IS NULL THEN v.prev_state ELSE v.state END,
+            prev_proposals =
+                CASE WHEN u.commit_seq IS NULL THEN v.prev_proposals ELSE v.proposals END,
+            prev_group_info =
+                CASE WHEN u.commit_seq IS NULL THEN v.prev_group_info ELSE v.group_info END,
+            prev_commit_seq =
+                CASE WHEN u.commit_seq IS NULL THEN v.prev_commit_seq ELSE u.previous_commit END
+        FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[], $5::bytea[],
+                    $6::bigint[], $7::bytea[], $8::bigint[])
+            AS u (group_id, epoch, state, proposals, group_info, commit_seq, committer,
+                  previous_commit)
         WHERE v.group_id = u.group_id";
 
     /// Locks the batch's groups in one order (no deadlock between batches) and reads them.

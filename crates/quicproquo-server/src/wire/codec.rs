@@ -20,6 +20,7 @@ fn kind_to_wire(kind: EntryKind) -> envelope::Kind {
         EntryKind::Application => envelope::Kind::Application,
         EntryKind::Commit => envelope::Kind::Commit,
         EntryKind::Proposal => envelope::Kind::Proposal,
+        EntryKind::Revert => envelope::Kind::Revert,
     }
 }
 
@@ -28,6 +29,7 @@ fn kind_from_wire(kind: envelope::Kind) -> Result<EntryKind, capnp::Error> {
         envelope::Kind::Application => Ok(EntryKind::Application),
         envelope::Kind::Commit => Ok(EntryKind::Commit),
         envelope::Kind::Proposal => Ok(EntryKind::Proposal),
+        envelope::Kind::Revert => Ok(EntryKind::Revert),
         envelope::Kind::Welcome => Err(invalid("a Welcome is not a log entry")),
     }
 }
@@ -72,7 +74,10 @@ pub(crate) fn read_request(r: append_request::Reader<'_>) -> Result<AppendReques
         group_id: parse::group_id(r.get_group_id()?)?,
         sender: parse::identity(r.get_sender()?)?,
         message_id: r.get_message_id()?.to_vec(),
-        kind: kind_from_wire(r.get_kind()?)?,
+        kind: match kind_from_wire(r.get_kind()?)? {
+            EntryKind::Revert => return Err(invalid("only the server writes a revert marker")),
+            kind => kind,
+        },
         epoch: r.get_epoch(),
         payload: r.get_payload()?.to_vec(),
         commit,

@@ -2,7 +2,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod forge;
 pub mod groups;
+pub mod logs;
 
 use std::time::Duration;
 

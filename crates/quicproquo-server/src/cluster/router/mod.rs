@@ -41,6 +41,7 @@ use crate::obs::calls::InFlight;
 use crate::obs::spans::{client_span, record_group, record_outcome, record_server, write_trace};
 use crate::ordering::OrderingError;
 use crate::ordering::hub::{FeedEvent, Hub};
+use crate::ordering::revert::RevertMarker;
 use crate::store::AnyStore;
 use crate::store::postgres_cluster::{RingSnapshot, ShardRecord};
 use crate::wire::codec::{read_outcome, write_request};
@@ -56,6 +57,12 @@ enum Cmd {
     Append(Box<AppendRequest>, Reply<AppendOutcome>, Span),
     /// A new group: its id, creator and the creator's GroupInfo.
     CreateGroup(Box<(GroupId, IdentityKey, Vec<u8>)>, Reply<()>, Span),
+    /// A member's commit report: the group, the reporter, the commit's seq and the report.
+    Report(
+        Box<(GroupId, IdentityKey, u64, Vec<u8>)>,
+        Reply<RevertMarker>,
+        Span,
+    ),
     Watch(GroupId),
 }
 
@@ -234,6 +241,19 @@ impl Router {
     ) -> Result<(), OrderingError> {
         let span = self.forward_span("createGroup", &group);
         self.call(|tx| Cmd::CreateGroup(Box::new((group, creator, group_info)), tx, span))
+            .await
+    }
+
+    /// Forwards a member's commit report to the group's owner shard.
+    pub async fn report_commit(
+        &self,
+        group: GroupId,
+        reporter: IdentityKey,
+        seq: u64,
+        report: Vec<u8>,
+    ) -> Result<RevertMarker, OrderingError> {
+        let span = self.forward_span("reportCommit", &group);
+        self.call(|tx| Cmd::Report(Box::new((group, reporter, seq, report)), tx, span))
             .await
     }
 }
@@ -499,6 +519,30 @@ async fn run(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Cmd>, stop: Cance
                             call.get().set_creator(c.as_bytes());
                             call.get().set_group_info(info);
                             call.send().promise.await.map(drop)
+                        })
+                        .await
+                });
+            }
+            Cmd::Report(report, reply, span) => {
+                let state = Rc::clone(&state);
+                spawn_forward(span, reply, async move {
+                    let (group, reporter, seq, bytes) = &*report;
+                    let (g, who, seq, bytes) = (group, reporter, *seq, bytes);
+                    let span = &Span::current();
+                    state
+                        .forward(g, |link| async move {
+                            let mut call = link.client.report_commit_request();
+                            write_trace(call.get().init_trace(), span);
+                            call.get().set_group_id(g.as_bytes());
+                            call.get().set_reporter(who.as_bytes());
+                            call.get().set_seq(seq);
+                            call.get().set_report(bytes);
+                            let response = call.send().promise.await?;
+                            let r = response.get()?;
+                            Ok(RevertMarker {
+                                seq: r.get_revert_seq(),
+                                epoch: r.get_epoch(),
+                            })
                         })
                         .await
                 });
