@@ -90,7 +90,8 @@ async fn bad_self_update(alice: &mut User, id: &[u8]) -> Result<u64> {
     let mut ga = alice.group(id)?;
     let out = ga.self_update(&alice.state.mls, alice.state.mls_identity())?;
     ga.discard_pending_commit(&alice.state.mls)?;
-    let (commit, group_info) = bad_confirmation_tag(alice, &out.commit, &out.group_info)?;
+    let (commit, group_info) =
+        bad_confirmation_tag(alice.state.mls_identity(), &out.commit, &out.group_info)?;
     let parts = CommitParts {
         welcome: None,
         group_info,
@@ -218,7 +219,8 @@ async fn a_reverted_add_is_undone(store: Option<AnyStore>) -> Result<()> {
     let mut ga = alice.group(&id)?;
     let out = ga.add_members(&alice.state.mls, alice.state.mls_identity(), &packages)?;
     ga.discard_pending_commit(&alice.state.mls)?;
-    let (commit, group_info) = bad_confirmation_tag(&alice, &out.commit, &out.group_info)?;
+    let (commit, group_info) =
+        bad_confirmation_tag(alice.state.mls_identity(), &out.commit, &out.group_info)?;
     let parts = CommitParts {
         welcome: out.welcome.clone(),
         group_info,

@@ -6,9 +6,9 @@
 //! message, in the append transaction) and is cached here, in the owner's memory. Handshake
 //! messages of one group are verified and appended one at a time (a per-group lock held from
 //! verification until the append's outcome), so the cached view is always the one the next
-//! message is judged against. A view older than a message is reloaded from the store first:
-//! another shard may have appended to the group (it took the group over, or both believed they
-//! owned it); the store's epoch check still decides which of two verified commits wins, and the
+//! message is judged against. A view at another epoch than a message's is reloaded from the
+//! store first: another shard may have appended to the group (it took the group over, or both
+//! believed they owned it), or reverted a commit (ADR 0015); the store's epoch check still decides which of two verified commits wins, and the
 //! loser's view is dropped and reloaded.
 //!
 //! Verification runs on the bounded CPU pool, never on a connection's worker thread.
@@ -140,7 +140,11 @@ impl Views {
         slot: &mut Slot,
         mut req: AppendRequest,
     ) -> Result<Checked, OrderingError> {
-        let stale = slot.view.as_ref().is_none_or(|v| v.epoch() < req.epoch);
+        // A cached view at another epoch than the message's is reloaded: a later message means
+        // another shard appended; an earlier one may mean a revert (ADR 0015) moved the group
+        // back since this view was cached (on another shard), so only the stored view says
+        // whether the message is for a past epoch.
+        let stale = slot.view.as_ref().is_none_or(|v| v.epoch() != req.epoch);
         if stale {
             slot.view = None;
             let Some(stored) = self.store.load_view(&req.group_id).await? else {

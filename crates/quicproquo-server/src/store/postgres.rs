@@ -67,8 +67,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../../sql/0005_retention.sql"),
     ),
     (
-        "0005_commit_reverts",
-        include_str!("../../../../sql/0005_commit_reverts.sql"),
+        "0006_commit_reverts",
+        include_str!("../../../../sql/0006_commit_reverts.sql"),
     ),
 ];
 

@@ -1,7 +1,11 @@
 //! Fault tests of the sharded cluster: separate edge and shard processes on loopback against
 //! one Postgres, members driven through the client library, nodes killed mid-traffic.
 
+mod commits;
 mod follow;
+#[path = "../support/forge.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod forge;
 mod hardening;
 mod harness;
 

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use openmls_traits::signatures::Signer as _;
 
-use super::User;
+use quicproquo_core::mls::MlsIdentity;
 
 /// An RFC 9420 variable-length vector header.
 pub fn put_vec(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -41,13 +41,12 @@ fn vec_at(b: &[u8], at: usize) -> Result<(usize, usize)> {
     Ok((at + header, at + header + len))
 }
 
-/// Signs `content` with `user`'s leaf key under the MLS `label` (SignWithLabel).
-fn sign_with_label(user: &User, label: &str, content: &[u8]) -> Result<Vec<u8>> {
+/// Signs `content` with `signer`'s leaf key under the MLS `label` (SignWithLabel).
+fn sign_with_label(signer: &MlsIdentity, label: &str, content: &[u8]) -> Result<Vec<u8>> {
     let mut sign_content = Vec::new();
     put_vec(&mut sign_content, format!("MLS 1.0 {label}").as_bytes());
     put_vec(&mut sign_content, content);
-    user.state
-        .mls_identity()
+    signer
         .signer()
         .sign(&sign_content)
         .map_err(|e| anyhow::anyhow!("signing: {e:?}"))
@@ -55,10 +54,10 @@ fn sign_with_label(user: &User, label: &str, content: &[u8]) -> Result<Vec<u8>> 
 
 /// `commit` (a PublicMessage commit) with the last byte of its confirmation tag flipped, and
 /// `group_info` (its new epoch's GroupInfo) carrying the same flipped tag, re-signed by
-/// `committer`. The commit's signature does not cover its confirmation tag, so it still
+/// `committer` (its MLS identity). The commit's signature does not cover its confirmation tag, so it still
 /// verifies; its membership tag and confirmation tag no longer do, which only members can see.
 pub fn bad_confirmation_tag(
-    committer: &User,
+    committer: &MlsIdentity,
     commit: &[u8],
     group_info: &[u8],
 ) -> Result<(Vec<u8>, Vec<u8>)> {
