@@ -3,8 +3,7 @@
 //! one write transaction (redb runs one at a time, so the group cannot move meanwhile).
 //!
 //! The view before a group's latest commit lives in its own table, written by the commit's
-//! append transaction ([`keep_earlier`]); the reverted commit's Welcome stays stored (no inbox
-//! entry names it any more).
+//! append transaction ([`keep_earlier`]).
 
 use quicproquo_core::IdentityKey;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -12,7 +11,8 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use super::StoreError;
 use super::embedded::{now_micros, unavailable};
 use super::embedded_log::{
-    CURSORS, GROUPS, INBOX, LOG, MEMBER_GROUPS, MEMBERS, MESSAGE_IDS, STILL_MEMBER, VIEWS, corrupt,
+    CURSORS, GROUPS, INBOX, LOG, MEMBER_GROUPS, MEMBERS, MESSAGE_IDS, STILL_MEMBER, VIEWS,
+    WELCOME_TIMES, WELCOMES, corrupt,
 };
 use crate::model::decide::{GroupHead, ViewCommit};
 use crate::model::group::EntryKind;
@@ -195,6 +195,7 @@ fn undo_membership(
     let mut table = txn.open_table(MEMBERS).map_err(unavailable)?;
     let mut current = txn.open_table(MEMBER_GROUPS).map_err(unavailable)?;
     let mut inbox = txn.open_table(INBOX).map_err(unavailable)?;
+    let mut welcome = None;
     for (id, joined, left) in members {
         let id = id.as_slice();
         if *left == seq && *joined < seq {
@@ -208,15 +209,27 @@ fn undo_membership(
             let mut withdrawn = Vec::new();
             for row in inbox.range((id, 0)..=(id, u64::MAX)).map_err(unavailable)? {
                 let (k, v) = row.map_err(unavailable)?;
-                let (g, commit_seq, _) = v.value();
+                let (g, commit_seq, wid) = v.value();
                 if g == group && commit_seq == seq {
                     withdrawn.push(k.value().1);
+                    welcome = Some(wid);
                 }
             }
             for n in withdrawn {
                 inbox.remove((id, n)).map_err(unavailable)?;
             }
         }
+    }
+    // The Welcome itself: no inbox entry names it any more.
+    if let Some(wid) = welcome {
+        txn.open_table(WELCOMES)
+            .map_err(unavailable)?
+            .remove(wid)
+            .map_err(unavailable)?;
+        txn.open_table(WELCOME_TIMES)
+            .map_err(unavailable)?
+            .remove(wid)
+            .map_err(unavailable)?;
     }
     Ok(())
 }

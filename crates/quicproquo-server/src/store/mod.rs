@@ -34,8 +34,8 @@ mod postgres_io;
 mod postgres_log;
 mod postgres_plan;
 mod postgres_retention;
-pub mod retention;
 mod postgres_revert;
+pub mod retention;
 
 /// A validated KeyPackage ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,9 +2,6 @@
 //! [`crate::model::revert`]). One transaction: lock the group's row, read what the decision
 //! needs, decide ([`judge`]), write. A revert is rare, so it takes a few round trips rather
 //! than a pipeline.
-//!
-//! The reverted commit's Welcome row stays (no inbox row names it any more); deleting it
-//! would make the inbox's foreign key look for rows by a column it has no index on.
 
 use quicproquo_core::IdentityKey;
 
@@ -181,12 +178,10 @@ mod sql {
     pub(super) const UPDATE_GROUP: &str =
         "UPDATE groups SET epoch = $2, last_seq = $3, last_commit_seq = $4 WHERE group_id = $1";
 
-    /// The inbox rows of the commit's Welcome: those of the members it added (each looked up
-    /// by its identity, the inbox's key).
-    pub(super) const WITHDRAW_WELCOMES: &str = "
-        DELETE FROM inbox AS i USING members AS m
-        WHERE m.group_id = $1 AND m.joined_seq = $2
-          AND i.identity = m.identity AND i.group_id = $1 AND i.commit_seq = $2";
+    /// The commit's Welcome, and with it (the foreign key's cascade, by the inbox's Welcome
+    /// index) its inbox rows.
+    pub(super) const WITHDRAW_WELCOMES: &str =
+        "DELETE FROM welcomes WHERE group_id = $1 AND commit_seq = $2";
 
     /// Members the commit removed are members again.
     pub(super) const READMIT_REMOVED: &str = "
