@@ -279,6 +279,44 @@ async fn a_reverted_add_is_undone(store: Option<AnyStore>) -> Result<()> {
     Ok(())
 }
 
+/// A bad commit that removes Carol: once reverted, Carol is a member again and the group talks
+/// with her.
+async fn a_reverted_remove_readmits(store: Option<AnyStore>) -> Result<()> {
+    let server = server(store)?;
+    let dir = tempfile::tempdir()?;
+    let (alice, mut bob, mut carol, _eve, id) = group_of_three(&server, dir.path()).await?;
+    let before = server_view(&alice, &id).await?;
+    let carol_key = carol.state.identity().public();
+    let mut ga = alice.group(&id)?;
+    let out = ga.remove_members(&alice.state.mls, alice.state.mls_identity(), &[carol_key])?;
+    ga.discard_pending_commit(&alice.state.mls)?;
+    let (commit, group_info) =
+        bad_confirmation_tag(alice.state.mls_identity(), &out.commit, &out.group_info)?;
+    let parts = CommitParts {
+        welcome: None,
+        group_info,
+    };
+    append_commit(&alice, &id, &commit, &parts).await?;
+    ensure!(!server_view(&alice, &id).await?.1.contains(&carol_key));
+    bob.recv().await?;
+    ensure!(
+        server_view(&alice, &id).await? == before,
+        "carol was not readmitted"
+    );
+    let events = carol.recv().await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e, ChatEvent::Reverted { in_step: true, .. })),
+        "carol: {events:?}"
+    );
+    let g = hex::encode(&id[..4]);
+    carol.chat().send(&g, b"still in", &mut |_| {}).await?;
+    let got = User::messages(&bob.recv().await?);
+    ensure!(got.iter().any(|(_, t)| t == "still in"), "bob got {got:?}");
+    Ok(())
+}
+
 /// Once a member other than the committer acknowledged the commit, it processed it: a report
 /// (a false one, or from a member out of step) no longer reverts it.
 async fn a_processed_commit_is_not_reverted(store: Option<AnyStore>) -> Result<()> {
@@ -302,5 +340,6 @@ async fn a_processed_commit_is_not_reverted(store: Option<AnyStore>) -> Result<(
 both_stores!(
     a_reported_commit_is_reverted_and_the_group_goes_on,
     a_reverted_add_is_undone,
+    a_reverted_remove_readmits,
     a_processed_commit_is_not_reverted
 );
