@@ -1,11 +1,11 @@
-//! MLS (RFC 9420) through openmls: the ciphersuites, the client's provider, KeyPackages.
+//! MLS (RFC 9420) through openmls: the ciphersuites, the client's provider and its compact
+//! storage ([`storage`]), KeyPackages.
 //!
 //! The credential of a device is an MLS basic credential whose identity is the device's Ed25519
 //! identity key, and the leaf's signature key is that same key. The server relies on this: a
 //! KeyPackage is accepted for an identity only when both match it ([`check_key_package`]).
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+pub mod storage;
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
@@ -13,12 +13,12 @@ use openmls::prelude::{
     KeyPackageIn, KeyPackageVerifyError, Lifetime, OpenMlsProvider, ProtocolVersion,
 };
 use openmls_basic_credential::SignatureKeyPair;
-use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::types::SignatureScheme;
 use zeroize::Zeroizing;
 
 use crate::identity::{IdentityKey, IdentityKeypair};
+pub use storage::{Change, CompactStorage, StorageError, Value};
 
 /// The MLS ciphersuites quicproquo speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -99,18 +99,18 @@ pub enum MlsError {
     CorruptState,
 }
 
-/// The openmls provider of a client: RustCrypto plus an in-memory store of MLS secrets that
-/// the client persists in its state file.
+/// The openmls provider of a client: RustCrypto plus the in-memory [`CompactStorage`] of MLS
+/// secrets that the client persists in its state file.
 #[derive(Debug, Default)]
 pub struct MlsProvider {
     crypto: RustCrypto,
-    storage: MemoryStorage,
+    storage: CompactStorage,
 }
 
 impl OpenMlsProvider for MlsProvider {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = MemoryStorage;
+    type StorageProvider = CompactStorage;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -125,18 +125,24 @@ impl OpenMlsProvider for MlsProvider {
     }
 }
 
+/// Format byte of [`MlsProvider::export_storage`]: 2 since entities are postcard-encoded (the
+/// unversioned format before it held JSON entities and began with a zero byte).
+const EXPORT_FORMAT: u8 = 2;
+
 impl MlsProvider {
-    /// Serializes the MLS secrets (KeyPackage private keys, later group state):
-    /// `count u64`, then `key_len u64, value_len u64, key, value` per entry, all big-endian.
+    /// Serializes every stored entry (KeyPackage private keys, group state): `format u8 = 2`,
+    /// `count u64`, then `key_len u64, value_len u64, key, value` per entry, all big-endian,
+    /// sorted by key.
     pub fn export_storage(&self) -> Result<Zeroizing<Vec<u8>>, MlsError> {
-        let values = self
-            .storage
-            .values
-            .read()
-            .map_err(|_| MlsError::CorruptState)?;
-        let mut out = Zeroizing::new(Vec::new());
-        out.extend_from_slice(&(values.len() as u64).to_be_bytes());
-        for (k, v) in values.iter() {
+        let entries = self.entries()?;
+        let size = entries
+            .iter()
+            .map(|(k, v)| 16 + k.len() + v.len())
+            .sum::<usize>();
+        let mut out = Zeroizing::new(Vec::with_capacity(9 + size));
+        out.push(EXPORT_FORMAT);
+        out.extend_from_slice(&(entries.len() as u64).to_be_bytes());
+        for (k, v) in &entries {
             out.extend_from_slice(&(k.len() as u64).to_be_bytes());
             out.extend_from_slice(&(v.len() as u64).to_be_bytes());
             out.extend_from_slice(k);
@@ -145,13 +151,11 @@ impl MlsProvider {
         Ok(out)
     }
 
-    /// Rebuilds a provider from [`MlsProvider::export_storage`] output.
+    /// Rebuilds a provider from [`MlsProvider::export_storage`] output; an export of another
+    /// format is [`MlsError::CorruptState`].
     pub fn import_storage(mut bytes: &[u8]) -> Result<Self, MlsError> {
         fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], MlsError> {
-            if bytes.len() < n {
-                return Err(MlsError::CorruptState);
-            }
-            let (head, tail) = bytes.split_at(n);
+            let (head, tail) = bytes.split_at_checked(n).ok_or(MlsError::CorruptState)?;
             *bytes = tail;
             Ok(head)
         }
@@ -161,23 +165,50 @@ impl MlsProvider {
                 .map_err(|_| MlsError::CorruptState)?;
             usize::try_from(u64::from_be_bytes(raw)).map_err(|_| MlsError::CorruptState)
         }
+        if take(&mut bytes, 1)? != [EXPORT_FORMAT] {
+            return Err(MlsError::CorruptState);
+        }
         let count = take_len(&mut bytes)?;
-        let mut map = HashMap::with_capacity(count.min(1 << 16));
+        let mut entries = Vec::with_capacity(count.min(1 << 16));
         for _ in 0..count {
             let (kl, vl) = (take_len(&mut bytes)?, take_len(&mut bytes)?);
             let k = take(&mut bytes, kl)?.to_vec();
-            let v = take(&mut bytes, vl)?.to_vec();
-            map.insert(k, v);
+            let v = Zeroizing::new(take(&mut bytes, vl)?.to_vec());
+            entries.push((k, v));
         }
         if !bytes.is_empty() {
             return Err(MlsError::CorruptState);
         }
-        Ok(Self {
+        Ok(Self::from_entries(entries))
+    }
+
+    /// A provider whose store holds `entries` (as [`MlsProvider::entries`] lists them), with an
+    /// empty journal of changes.
+    pub fn from_entries(entries: impl IntoIterator<Item = (Vec<u8>, Value)>) -> Self {
+        Self {
             crypto: RustCrypto::default(),
-            storage: MemoryStorage {
-                values: RwLock::new(map),
-            },
-        })
+            storage: CompactStorage::from_entries(entries),
+        }
+    }
+
+    /// Every stored entry, sorted by key.
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Value)>, MlsError> {
+        self.storage.entries().map_err(MlsError::from)
+    }
+
+    /// The entries written or deleted since the last call (or since the provider was built),
+    /// each with its value now; a persisted copy updated with them equals [`Self::entries`].
+    pub fn take_changes(&self) -> Result<Vec<Change>, MlsError> {
+        self.storage.take_changes().map_err(MlsError::from)
+    }
+}
+
+impl From<StorageError> for MlsError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Decode => Self::CorruptState,
+            other => Self::Library(other.to_string()),
+        }
     }
 }
 

@@ -104,8 +104,9 @@ pub const OUT_OF_ORDER_TOLERANCE: u32 = 16;
 /// How many generations of one sender may be skipped (messages encrypted but never logged).
 pub const MAXIMUM_FORWARD_DISTANCE: u32 = 1000;
 
-/// The runtime configuration every member of our groups uses.
-fn join_config() -> MlsGroupJoinConfig {
+/// The runtime configuration every member of our groups uses (public for benchmarks that drive
+/// bare openmls the way [`Group`] does).
+pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)

@@ -409,3 +409,61 @@ fn state_survives_export_and_import() -> R {
     assert!(matches!(bob.process(&m)?, Event::Application { .. }));
     Ok(())
 }
+
+/// A copy kept up to date from the store's journal of changes alone (what the client's state
+/// file appends) equals the store after every step, and the group loads and runs from it; an
+/// export of the store's previous (unversioned) format is refused.
+#[test]
+fn a_copy_fed_by_the_journal_equals_the_store() -> R {
+    use std::collections::BTreeMap;
+    let (mut alice, mut bob, _carol, _) = trio(Suite::Classical)?;
+    let mut copy: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut sync = |bob: &Member| -> R<()> {
+        for change in bob.dev.provider.take_changes()? {
+            match change.value {
+                Some(v) => copy.insert(change.key, v.to_vec()),
+                None => copy.remove(&change.key),
+            };
+        }
+        let now: BTreeMap<_, _> = bob
+            .dev
+            .provider
+            .entries()?
+            .into_iter()
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        assert!(copy == now, "the journal missed a change");
+        Ok(())
+    };
+    sync(&bob)?;
+    for i in 0..3u8 {
+        let m = alice.send(&[i; 10])?;
+        bob.process(&m)?;
+        sync(&bob)?;
+        assert!(bob.dev.provider.take_changes()?.is_empty());
+    }
+    let out = alice.self_update()?;
+    alice.process(&out.commit)?;
+    bob.process(&out.commit)?;
+    let out = bob.self_update()?;
+    sync(&bob)?;
+    bob.process(&out.commit)?;
+    alice.process(&out.commit)?;
+    sync(&bob)?;
+    let provider = MlsProvider::from_entries(copy.into_iter().map(|(k, v)| (k, Zeroizing::new(v))));
+    let mut group = Group::load(&provider, GID)?.ok_or("group not in the copy")?;
+    assert_eq!(group.epoch(), 3);
+    let m = alice.send(b"to the copy")?;
+    assert!(matches!(
+        group.process(&provider, &m)?,
+        Event::Application { .. }
+    ));
+
+    let mut old = bob.dev.provider.export_storage()?.to_vec();
+    old[0] = 0;
+    assert!(matches!(
+        MlsProvider::import_storage(&old),
+        Err(crate::mls::MlsError::CorruptState)
+    ));
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The client's openmls storage: every entity in a compact binary encoding, secrets in
+//! zeroizing buffers, and a journal of the entries changed since the last save.
+//!
+//! openmls writes a group's message secrets after every decryption. Its in-memory store encodes
+//! each entity as JSON (every secret byte a decimal number, every empty tree slot `null`), which
+//! made that write the larger part of a member's decryption in a large group. Here each entity is
+//! postcard-encoded (bytes as bytes, integers as varints) into a buffer that is zeroized when it
+//! is replaced, grown or dropped. The one exception is the group's join configuration, whose
+//! openmls decoder needs a self-describing format: it stays JSON (it is tiny, holds no secret and
+//! is written only when a group is created or joined).
+//!
+//! Keys are `label u8` followed by the postcard encoding of openmls's key (a group id, a hash
+//! reference, a public key, or a tuple of them). Lists (own leaf nodes, the proposal queue) are
+//! stored as `(len u32 BE, item)*` so that an append never decodes the list.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Errors of [`CompactStorage`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// An openmls entity or key could not be encoded.
+    #[error("encoding an MLS entity failed")]
+    Encode,
+    /// A stored value does not decode as the entity openmls asked for.
+    #[error("a stored MLS entity does not decode")]
+    Decode,
+    /// A thread panicked while holding the store's lock.
+    #[error("the MLS store's lock was poisoned")]
+    Poisoned,
+}
+
+/// What an entry key is for: its first byte.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+enum Label {
+    JoinConfig = 1,
+    OwnLeafNodes = 2,
+    QueuedProposal = 3,
+    ProposalRefs = 4,
+    Tree = 5,
+    InterimTranscriptHash = 6,
+    Context = 7,
+    ConfirmationTag = 8,
+    GroupState = 9,
+    MessageSecrets = 10,
+    ResumptionPskStore = 11,
+    OwnLeafIndex = 12,
+    EpochSecrets = 13,
+    SignatureKeyPair = 14,
+    EncryptionKeyPair = 15,
+    EpochKeyPairs = 16,
+    KeyPackage = 17,
+    Psk = 18,
+}
+
+/// A stored value: zeroized when dropped.
+pub type Value = Zeroizing<Vec<u8>>;
+
+/// One entry changed since the last [`CompactStorage::take_changes`]: its key, and its value
+/// now (`None`: deleted).
+#[derive(Debug)]
+pub struct Change {
+    /// The entry's key.
+    pub key: Vec<u8>,
+    /// The entry's new value, or `None` if it was deleted.
+    pub value: Option<Value>,
+}
+
+#[derive(Default)]
+struct Inner {
+    values: HashMap<Vec<u8>, Value>,
+    changed: HashSet<Vec<u8>>,
+}
+
+/// The client's openmls [`StorageProvider`](openmls_traits::storage::StorageProvider): compact
+/// binary entities in memory, with a journal of changed keys so that a persisted copy can be
+/// updated with only what changed.
+#[derive(Default)]
+pub struct CompactStorage {
+    inner: RwLock<Inner>,
+}
+
+impl std::fmt::Debug for CompactStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries = self.inner.read().map(|i| i.values.len()).ok();
+        f.debug_struct("CompactStorage")
+            .field("entries", &entries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A postcard output that writes into a zeroizing buffer and zeroizes what it leaves behind when
+/// it has to grow.
+struct SecretBuf<'a>(&'a mut Vec<u8>);
+
+impl SecretBuf<'_> {
+    #[inline]
+    fn reserve(&mut self, more: usize) {
+        if self.0.capacity() - self.0.len() < more {
+            self.grow(more);
+        }
+    }
+
+    #[cold]
+    fn grow(&mut self, more: usize) {
+        let need = self.0.len().saturating_add(more);
+        let mut grown = Vec::with_capacity(need.max(self.0.capacity().saturating_mul(2)));
+        grown.extend_from_slice(self.0);
+        self.0.zeroize();
+        *self.0 = grown;
+    }
+}
+
+impl postcard::ser_flavors::Flavor for SecretBuf<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.reserve(1);
+        self.0.push(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.reserve(data.len());
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends the postcard encoding of `value` to `out`.
+fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), StorageError> {
+    postcard::serialize_with_flavor(value, SecretBuf(out)).map_err(|_| StorageError::Encode)
+}
+
+/// The postcard encoding of `value` in a fresh zeroizing buffer of `capacity` bytes.
+fn encode<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Value, StorageError> {
+    let mut out = Zeroizing::new(Vec::with_capacity(capacity));
+    encode_into(value, &mut out)?;
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|_| StorageError::Decode)
+}
+
+fn key<K: Serialize + ?Sized>(label: Label, k: &K) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::with_capacity(48);
+    out.push(label as u8);
+    encode_into(k, &mut out)?;
+    Ok(out)
+}
+
+/// The items of a stored list, each still encoded.
+fn list_items(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StorageError> {
+    let mut items = Vec::new();
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_at_checked(4).ok_or(StorageError::Decode)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (item, rest) = rest.split_at_checked(len).ok_or(StorageError::Decode)?;
+        items.push(item);
+        bytes = rest;
+    }
+    Ok(items)
+}
+
+fn push_item(list: &mut Vec<u8>, item: &[u8]) -> Result<(), StorageError> {
+    let len = u32::try_from(item.len()).map_err(|_| StorageError::Encode)?;
+    let mut out = SecretBuf(list);
+    out.reserve(4 + item.len());
+    out.0.extend_from_slice(&len.to_be_bytes());
+    out.0.extend_from_slice(item);
+    Ok(())
+}
+
+impl CompactStorage {
+    fn write_inner(&self) -> Result<std::sync::RwLockWriteGuard<'_, Inner>, StorageError> {
+        self.inner.write().map_err(|_| StorageError::Poisoned)
+    }
+
+    fn read_inner(&self) -> Result<std::sync::RwLockReadGuard<'_, Inner>, StorageError> {
+        self.inner.read().map_err(|_| StorageError::Poisoned)
+    }
+
+    /// Stores `value` under `key`, replacing (and zeroizing) what was there.
+    fn put<T: Serialize + ?Sized>(&self, key: Vec<u8>, value: &T) -> Result<(), StorageError> {
+        let mut inner = self.write_inner()?;
+        let capacity = inner.values.get(&key).map_or(256, |v| v.len());
+        let value = encode(value, capacity)?;
+        inner.changed.insert(key.clone());
+        inner.values.insert(key, value);
+        Ok(())
+    }
+
+    fn put_raw(&self, key: Vec<u8>, value: Value) -> Result<(), StorageError> {
+        let mut inner = self.write_inner()?;
+        inner.changed.insert(key.clone());
+        inner.values.insert(key, value);
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let inner = self.read_inner()?;
+        inner.values.get(key).map(|v| decode(v)).transpose()
+    }
+
+    fn delete(&self, key: Vec<u8>) -> Result<(), StorageError> {
+        let mut inner = self.write_inner()?;
+        if inner.values.remove(&key).is_some() {
+            inner.changed.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Appends the encoding of `item` to the list under `key`.
+    fn append<T: Serialize + ?Sized>(&self, key: Vec<u8>, item: &T) -> Result<(), StorageError> {
+        let item = encode(item, 256)?;
+        let mut inner = self.write_inner()?;
+        push_item(inner.values.entry(key.clone()).or_default(), &item)?;
+        inner.changed.insert(key);
+        Ok(())
+    }
+
+    fn list<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Vec<T>, StorageError> {
+        let inner = self.read_inner()?;
+        match inner.values.get(key) {
+            Some(v) => list_items(v)?.into_iter().map(decode).collect(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes every item of the list under `key` whose encoding is `item`.
+    fn remove_from_list(&self, key: Vec<u8>, item: &[u8]) -> Result<(), StorageError> {
+        let mut inner = self.write_inner()?;
+        let Some(list) = inner.values.get(&key) else {
+            return Ok(());
+        };
+        let mut kept = Zeroizing::new(Vec::with_capacity(list.len()));
+        for other in list_items(list)? {
+            if other != item {
+                push_item(&mut kept, other)?;
+            }
+        }
+        inner.values.insert(key.clone(), kept);
+        inner.changed.insert(key);
+        Ok(())
+    }
+
+    /// The entries changed (written or deleted) since the last call, each with its value now;
+    /// the journal is then empty.
+    pub fn take_changes(&self) -> Result<Vec<Change>, StorageError> {
+        let mut inner = self.write_inner()?;
+        let changed = std::mem::take(&mut inner.changed);
+        Ok(changed
+            .into_iter()
+            .map(|key| {
+                let value = inner.values.get(&key).cloned();
+                Change { key, value }
+            })
+            .collect())
+    }
+
+    /// Every entry, sorted by key.
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Value)>, StorageError> {
+        let inner = self.read_inner()?;
+        let mut all: Vec<_> = inner
+            .values
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    /// A store holding `entries`, with an empty journal.
+    pub fn from_entries(entries: impl IntoIterator<Item = (Vec<u8>, Value)>) -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                values: entries.into_iter().collect(),
+                changed: HashSet::new(),
+            }),
+        }
+    }
+}
+
+mod provider;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_append_remove_and_clear_through_the_journal() -> Result<(), StorageError> {
+        let s = CompactStorage::default();
+        let k = key(Label::ProposalRefs, &b"group".to_vec())?;
+        for item in [
+            b"a".to_vec(),
+            b"bb".to_vec(),
+            b"a".to_vec(),
+            b"ccc".to_vec(),
+        ] {
+            s.append(k.clone(), &item)?;
+        }
+        assert_eq!(
+            s.list::<Vec<u8>>(&k)?,
+            [&b"a"[..], b"bb", b"a", b"ccc"].map(<[u8]>::to_vec)
+        );
+        s.remove_from_list(k.clone(), &encode(&b"a".to_vec(), 8)?)?;
+        assert_eq!(
+            s.list::<Vec<u8>>(&k)?,
+            [&b"bb"[..], b"ccc"].map(<[u8]>::to_vec)
+        );
+        let changes = s.take_changes()?;
+        assert_eq!(changes.len(), 1);
+        assert!(s.take_changes()?.is_empty());
+        s.delete(k.clone())?;
+        let changes = s.take_changes()?;
+        assert!(changes.len() == 1 && changes[0].key == k && changes[0].value.is_none());
+        assert!(s.list::<Vec<u8>>(&k)?.is_empty());
+        // Deleting what is not there changes nothing.
+        s.delete(k)?;
+        assert!(s.take_changes()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_shape_is_a_decode_error() -> Result<(), StorageError> {
+        let s = CompactStorage::default();
+        let k = key(Label::Tree, &b"g".to_vec())?;
+        s.put_raw(k.clone(), Zeroizing::new(vec![0xff; 3]))?;
+        assert!(matches!(s.get::<Vec<u8>>(&k), Err(StorageError::Decode)));
+        s.put_raw(k.clone(), Zeroizing::new(vec![0, 0, 0, 9, 1]))?;
+        assert!(matches!(s.list::<Vec<u8>>(&k), Err(StorageError::Decode)));
+        Ok(())
+    }
+
+    #[test]
+    fn growing_a_buffer_keeps_its_contents() -> Result<(), StorageError> {
+        let mut out = Vec::with_capacity(2);
+        let big = vec![7u8; 1000];
+        encode_into(&big, &mut out)?;
+        assert_eq!(decode::<Vec<u8>>(&out)?, big);
+        Ok(())
+    }
+}
