@@ -1,17 +1,25 @@
-//! The device's state file (`qpq-state.bin`): identity key, user name, ciphersuite and the MLS
-//! secrets (KeyPackage private keys, later group state).
+//! The device's state file (`qpq-state.bin`): identity key, user name, ciphersuite, groups'
+//! metadata and the MLS secrets (KeyPackage private keys, group state).
 //!
-//! Written atomically (a temporary file in the same directory, fsynced, then renamed over the
-//! old one), mode 0600. Secrets are zeroized in memory when dropped. Format, big-endian:
-//! `"QPQSTATE" | version u32 = 1 | identity seed [32] | suite u8 | name_len u16 | name |
-//! mls_len u64 | mls storage | inbox cursor u64 | group count u32 | groups`, each group being
-//! `id_len u16 | id | name_len u16 | name | cursor u64 | own count u16 | (len u8 | id)*`.
+//! A save appends one frame holding only what changed since the previous save (the MLS storage
+//! entries openmls wrote or deleted, and the metadata if it changed), then fsyncs: its cost
+//! follows the change, not the state's size. A frame is checked (SHA-256) and replayed only
+//! whole, so a write torn by a crash loses nothing that an earlier save acknowledged. When the
+//! appended frames outgrow the state, or after a torn write, the next save rewrites the file
+//! compactly (a temporary file in the same directory, fsynced, renamed over the old one). The
+//! file is mode 0600 and secrets are zeroized in memory when dropped. The layout is in [`log`].
+//!
+//! Superseded MLS secrets stay in the file until the next compaction, at most as many bytes as
+//! the state itself (64 KiB for a small one).
+
+mod log;
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use quicproquo_core::mls::{MlsError, MlsIdentity, MlsProvider, Suite};
 use quicproquo_core::{IdentityKeypair, KeyError};
@@ -19,8 +27,10 @@ use zeroize::Zeroizing;
 
 /// Default state file name.
 pub const DEFAULT_STATE_FILE: &str = "qpq-state.bin";
-const MAGIC: &[u8; 8] = b"QPQSTATE";
-const VERSION: u32 = 1;
+
+/// Frames appended since the last compaction may grow to this many bytes, or to the size of the
+/// compact state if larger, before a save compacts the file.
+const MIN_COMPACTION_SLACK: u64 = 64 * 1024;
 
 /// State file errors.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +49,21 @@ pub enum StateError {
         /// The OS error.
         source: io::Error,
     },
-    /// The file is not a state file of a version we read.
+    /// The file is not a state file, or is damaged before its last save.
     #[error("{0} is not a valid qpq state file")]
     Corrupt(PathBuf),
+    /// The file is a state file of a version this client does not read.
+    #[error(
+        "{path} is a qpq state file of version {version}; this qpq reads version {} only \
+         (a device's state from an older qpq cannot be carried over: register a new device)",
+        log::VERSION
+    )]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version it declares.
+        version: u32,
+    },
     /// A key could not be generated.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -62,6 +84,22 @@ pub struct GroupMeta {
     pub own_pending: Vec<Vec<u8>>,
 }
 
+/// How the file on disk relates to the state in memory.
+#[derive(Debug, Default)]
+struct OnDisk {
+    /// The file that holds the state as of the last save (or load), frames appendable; `None`
+    /// when no file is known to (a new state, a failed save, a torn last frame).
+    path: Option<PathBuf>,
+    /// That file, open for appending.
+    file: Option<File>,
+    /// Bytes of the file at its last compaction.
+    compact_len: u64,
+    /// Bytes appended since.
+    appended: u64,
+    /// The metadata as last written.
+    meta: Vec<u8>,
+}
+
 /// Everything a device keeps between runs.
 pub struct ClientState {
     identity: IdentityKeypair,
@@ -76,6 +114,7 @@ pub struct ClientState {
     pub groups: BTreeMap<Vec<u8>, GroupMeta>,
     /// Every Welcome in our inbox up to this sequence number has been processed.
     pub inbox_cursor: u64,
+    on_disk: Mutex<OnDisk>,
 }
 
 impl std::fmt::Debug for ClientState {
@@ -85,6 +124,13 @@ impl std::fmt::Debug for ClientState {
             .field("name", &self.name)
             .field("suite", &self.suite)
             .finish_non_exhaustive()
+    }
+}
+
+fn suite_byte(suite: Suite) -> u8 {
+    match suite {
+        Suite::Classical => 2,
+        _ => 1,
     }
 }
 
@@ -100,6 +146,7 @@ impl ClientState {
             mls: MlsProvider::default(),
             groups: BTreeMap::new(),
             inbox_cursor: 0,
+            on_disk: Mutex::default(),
         })
     }
 
@@ -113,7 +160,8 @@ impl ClientState {
         &self.mls_identity
     }
 
-    /// Reads the state at `path`.
+    /// Reads the state at `path`. A last frame torn by a crash is ignored (the state is that of
+    /// the save before it) and the next save rewrites the file.
     pub fn load(path: &Path) -> Result<Self, StateError> {
         let bytes = match fs::read(path) {
             Ok(b) => Zeroizing::new(b),
@@ -128,7 +176,40 @@ impl ClientState {
                 });
             }
         };
-        Self::decode(&bytes).ok_or_else(|| StateError::Corrupt(path.to_owned()))?
+        let corrupt = || StateError::Corrupt(path.to_owned());
+        let replayed = log::replay(&bytes).map_err(|e| match e {
+            log::Unreadable::Corrupt => corrupt(),
+            log::Unreadable::Version(version) => StateError::Version {
+                path: path.to_owned(),
+                version,
+            },
+        })?;
+        let (seed, suite) = replayed.identity.ok_or_else(corrupt)?;
+        let suite = match suite {
+            1 => Suite::Hybrid,
+            2 => Suite::Classical,
+            _ => return Err(corrupt()),
+        };
+        let meta = replayed.meta.unwrap_or_default();
+        let (name, inbox_cursor, groups) = decode_meta(&meta).ok_or_else(corrupt)?;
+        let identity = IdentityKeypair::from_seed(&seed);
+        let on_disk = OnDisk {
+            path: (!replayed.torn).then(|| path.to_owned()),
+            file: None,
+            compact_len: bytes.len() as u64,
+            appended: 0,
+            meta,
+        };
+        Ok(Self {
+            mls_identity: MlsIdentity::new(&identity),
+            identity,
+            name,
+            suite,
+            mls: MlsProvider::from_entries(replayed.mls),
+            groups,
+            inbox_cursor,
+            on_disk: Mutex::new(on_disk),
+        })
     }
 
     /// Reads the state at `path`, or starts a new device if there is none.
@@ -139,90 +220,153 @@ impl ClientState {
         }
     }
 
-    fn decode(bytes: &[u8]) -> Option<Result<Self, StateError>> {
-        let mut r = bytes;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let (head, tail) = r.split_at_checked(n)?;
-            r = tail;
-            Some(head)
-        };
-        if take(8)? != MAGIC {
-            return None;
+    /// Saves the state to `path`, mode 0600: appends what changed since the last save (or
+    /// load) of this state to the same file and fsyncs it, or writes the whole file atomically
+    /// if it is another file, after a torn or failed write, or once the appended frames
+    /// outgrow the state. When it returns, the state is durable.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let mut disk = self.on_disk.lock().map_err(|_| self.poisoned(path))?;
+        let changes = self.mls.take_changes()?;
+        let meta = self.encode_meta()?;
+        let slack = disk.compact_len.max(MIN_COMPACTION_SLACK);
+        if disk.path.as_deref() != Some(path) || disk.appended > slack {
+            return self.rewrite(path, &mut disk, meta);
         }
-        if u32::from_be_bytes(take(4)?.try_into().ok()?) != VERSION {
-            return None;
-        }
-        let seed: Zeroizing<[u8; 32]> = Zeroizing::new(take(32)?.try_into().ok()?);
-        let suite = match take(1)?[0] {
-            1 => Suite::Hybrid,
-            2 => Suite::Classical,
-            _ => return None,
-        };
-        let name_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
-        let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
-        let mls_len = usize::try_from(u64::from_be_bytes(take(8)?.try_into().ok()?)).ok()?;
-        let mls_bytes = take(mls_len)?;
-        let mls = match MlsProvider::import_storage(mls_bytes) {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let inbox_cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
-        let group_count = u32::from_be_bytes(take(4)?.try_into().ok()?);
-        let mut groups = BTreeMap::new();
-        for _ in 0..group_count {
-            let id_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
-            let id = take(id_len)?.to_vec();
-            let name_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
-            let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
-            let cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
-            let own_count = u16::from_be_bytes(take(2)?.try_into().ok()?);
-            let mut own_pending = Vec::with_capacity(usize::from(own_count));
-            for _ in 0..own_count {
-                let len = usize::from(take(1)?[0]);
-                own_pending.push(take(len)?.to_vec());
+        let mut body = log::Body::with_capacity(
+            changes
+                .iter()
+                .map(|c| 7 + c.key.len() + c.value.as_ref().map_or(0, |v| v.len()))
+                .sum::<usize>()
+                + meta.len()
+                + 5,
+        );
+        let too_large = || StateError::Mls(MlsError::CorruptState);
+        for change in &changes {
+            match &change.value {
+                Some(v) => body.put(&change.key, v),
+                None => body.delete(&change.key),
             }
-            groups.insert(
-                id,
-                GroupMeta {
-                    name,
-                    cursor,
-                    own_pending,
-                },
-            );
+            .ok_or_else(too_large)?;
         }
-        if !r.is_empty() {
-            return None;
+        if meta != disk.meta {
+            body.meta(&meta).ok_or_else(too_large)?;
         }
-        let identity = IdentityKeypair::from_seed(&seed);
-        Some(Ok(Self {
-            mls_identity: MlsIdentity::new(&identity),
-            identity,
-            name: (!name.is_empty()).then_some(name),
-            suite,
-            mls,
-            groups,
-            inbox_cursor,
-        }))
+        if body.is_empty() {
+            return Ok(());
+        }
+        let frame = body.into_frame().ok_or_else(too_large)?;
+        let appended = (|| {
+            if disk.file.is_none() {
+                disk.file = Some(OpenOptions::new().append(true).open(path)?);
+            }
+            let file = disk.file.as_mut().ok_or(io::ErrorKind::NotFound)?;
+            file.write_all(&frame)?;
+            file.sync_data()
+        })();
+        if let Err(source) = appended {
+            // What was taken from the journal is not on disk: the next save rewrites it all.
+            disk.path = None;
+            disk.file = None;
+            return Err(StateError::Io {
+                action: "appending to",
+                path: path.to_owned(),
+                source,
+            });
+        }
+        disk.appended += frame.len() as u64;
+        disk.meta = meta;
+        Ok(())
     }
 
-    fn encode(&self) -> Result<Zeroizing<Vec<u8>>, StateError> {
-        let mls = self.mls.export_storage()?;
+    /// Rewrites the whole state to `path` compactly and atomically, mode 0600, dropping the
+    /// superseded entries that appended saves left behind.
+    pub fn compact(&self, path: &Path) -> Result<(), StateError> {
+        let mut disk = self.on_disk.lock().map_err(|_| self.poisoned(path))?;
+        self.mls.take_changes()?;
+        let meta = self.encode_meta()?;
+        self.rewrite(path, &mut disk, meta)
+    }
+
+    fn poisoned(&self, path: &Path) -> StateError {
+        StateError::Io {
+            action: "saving",
+            path: path.to_owned(),
+            source: io::Error::other("an earlier save panicked"),
+        }
+    }
+
+    fn rewrite(&self, path: &Path, disk: &mut OnDisk, meta: Vec<u8>) -> Result<(), StateError> {
+        disk.path = None;
+        disk.file = None;
+        let entries = self.mls.entries()?;
+        let size = entries
+            .iter()
+            .map(|(k, v)| 7 + k.len() + v.len())
+            .sum::<usize>();
+        let mut body = log::Body::with_capacity(40 + meta.len() + size);
+        let too_large = || StateError::Mls(MlsError::CorruptState);
+        body.identity(&self.identity.seed(), suite_byte(self.suite));
+        body.meta(&meta).ok_or_else(too_large)?;
+        for (k, v) in &entries {
+            body.put(k, v).ok_or_else(too_large)?;
+        }
+        let frame = body.into_frame().ok_or_else(too_large)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| DEFAULT_STATE_FILE.to_owned());
+        let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&log::header())?;
+            f.write_all(&frame)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            // Make the rename itself durable.
+            File::open(&dir)?.sync_all()?;
+            Ok::<_, io::Error>(f)
+        })();
+        match written {
+            Ok(file) => {
+                *disk = OnDisk {
+                    path: Some(path.to_owned()),
+                    file: Some(file),
+                    compact_len: (log::HEADER_LEN + frame.len()) as u64,
+                    appended: 0,
+                    meta,
+                };
+                Ok(())
+            }
+            Err(source) => {
+                let _ = fs::remove_file(&tmp);
+                Err(StateError::Io {
+                    action: "writing",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// `name_len u16 | name | inbox cursor u64 | group count u32 | groups`, each group being
+    /// `id_len u16 | id | name_len u16 | name | cursor u64 | own count u16 | (len u8 | id)*`.
+    fn encode_meta(&self) -> Result<Vec<u8>, StateError> {
+        let too_long = || StateError::Mls(MlsError::CorruptState);
         let name = self.name.as_deref().unwrap_or("");
-        let name_len = u16::try_from(name.len()).map_err(|_| MlsError::CorruptState)?;
-        let mut out = Zeroizing::new(Vec::with_capacity(64 + name.len() + mls.len()));
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_be_bytes());
-        out.extend_from_slice(self.identity.seed().as_ref());
-        out.push(match self.suite {
-            Suite::Classical => 2,
-            _ => 1,
-        });
+        let mut out = Vec::with_capacity(64 + name.len() + 64 * self.groups.len());
+        let name_len = u16::try_from(name.len()).map_err(|_| too_long())?;
         out.extend_from_slice(&name_len.to_be_bytes());
         out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(mls.len() as u64).to_be_bytes());
-        out.extend_from_slice(&mls);
         out.extend_from_slice(&self.inbox_cursor.to_be_bytes());
-        let too_long = || StateError::Mls(MlsError::CorruptState);
         let count = u32::try_from(self.groups.len()).map_err(|_| too_long())?;
         out.extend_from_slice(&count.to_be_bytes());
         for (id, meta) in &self.groups {
@@ -243,96 +387,52 @@ impl ClientState {
         }
         Ok(out)
     }
+}
 
-    /// Writes the state to `path` atomically, mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let bytes = self.encode()?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| DEFAULT_STATE_FILE.to_owned());
-        let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-        let io_err = |action, source| StateError::Io {
-            action,
-            path: path.to_owned(),
-            source,
-        };
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            // Make the rename itself durable.
-            fs::File::open(&dir)?.sync_all()
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written.map_err(|e| io_err("writing", e))
+/// The user name, inbox cursor and groups of [`ClientState::encode_meta`] output.
+type Meta = (Option<String>, u64, BTreeMap<Vec<u8>, GroupMeta>);
+
+fn decode_meta(bytes: &[u8]) -> Option<Meta> {
+    if bytes.is_empty() {
+        return Some((None, 0, BTreeMap::new()));
     }
+    let mut r = bytes;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = r.split_at_checked(n)?;
+        r = tail;
+        Some(head)
+    };
+    let name_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+    let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+    let inbox_cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
+    let group_count = u32::from_be_bytes(take(4)?.try_into().ok()?);
+    let mut groups = BTreeMap::new();
+    for _ in 0..group_count {
+        let id_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+        let id = take(id_len)?.to_vec();
+        let name_len = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+        let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+        let cursor = u64::from_be_bytes(take(8)?.try_into().ok()?);
+        let own_count = u16::from_be_bytes(take(2)?.try_into().ok()?);
+        let mut own_pending = Vec::with_capacity(usize::from(own_count));
+        for _ in 0..own_count {
+            let len = usize::from(take(1)?[0]);
+            own_pending.push(take(len)?.to_vec());
+        }
+        groups.insert(
+            id,
+            GroupMeta {
+                name,
+                cursor,
+                own_pending,
+            },
+        );
+    }
+    if !r.is_empty() {
+        return None;
+    }
+    Some(((!name.is_empty()).then_some(name), inbox_cursor, groups))
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-
-    #[test]
-    fn state_round_trips_atomically_with_mode_0600() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join(DEFAULT_STATE_FILE);
-        assert!(matches!(
-            ClientState::load(&path),
-            Err(StateError::Missing(_))
-        ));
-        let mut state = ClientState::load_or_create(&path, Suite::Classical)?;
-        state.name = Some("alice".into());
-        state.inbox_cursor = 3;
-        state.groups.insert(
-            b"g1".to_vec(),
-            GroupMeta {
-                name: "friends".into(),
-                cursor: 42,
-                own_pending: vec![b"m1".to_vec(), b"m2".to_vec()],
-            },
-        );
-        state
-            .mls_identity()
-            .key_packages(&state.mls, Suite::Classical, 2)?;
-        state.save(&path)?;
-        assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
-        let again = ClientState::load(&path)?;
-        assert_eq!(again.identity().public(), state.identity().public());
-        assert_eq!(again.name.as_deref(), Some("alice"));
-        assert_eq!(again.suite, Suite::Classical);
-        assert_eq!(again.inbox_cursor, 3);
-        assert_eq!(again.groups, state.groups);
-        // Same entries (the map's order may differ, so compare sizes and sorted bytes).
-        let (a, b) = (again.mls.export_storage()?, state.mls.export_storage()?);
-        assert_eq!(a.len(), b.len());
-        let (mut a, mut b) = (a.to_vec(), b.to_vec());
-        a.sort_unstable();
-        b.sort_unstable();
-        assert!(a == b, "MLS storage changed across save and load");
-        // Only the state file is left in the directory.
-        assert_eq!(fs::read_dir(dir.path())?.count(), 1);
-        // A damaged file is reported, not half-read.
-        let bytes = fs::read(&path)?;
-        fs::write(&path, &bytes[..bytes.len() - 3])?;
-        assert!(matches!(
-            ClientState::load(&path),
-            Err(StateError::Corrupt(_))
-        ));
-        Ok(())
-    }
-}
+mod tests;
