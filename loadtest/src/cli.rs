@@ -57,6 +57,12 @@ pub(crate) struct Args {
     /// MLS ciphersuite: `hybrid` (X-Wing, post-quantum) or `classical`.
     #[arg(long, default_value = "hybrid")]
     pub(crate) ciphersuite: String,
+    /// Members per group that decrypt every application message [default: all]. The others
+    /// still receive every entry on their own connection (checking order by sequence number
+    /// and completeness by message id, and timing delivery from the planned send time the
+    /// message id names) and process every commit with real MLS.
+    #[arg(long)]
+    pub(crate) decrypting: Option<usize>,
     /// Members added per commit when groups are built [default: everyone in one commit].
     #[arg(long)]
     pub(crate) add_batch: Option<usize>,
@@ -125,6 +131,8 @@ pub(crate) struct Settings {
     #[serde(serialize_with = "secs")]
     pub(crate) duration: Duration,
     pub(crate) payload_bytes: usize,
+    /// Members per group that decrypt application messages (the first positions).
+    pub(crate) decrypting: usize,
     #[serde(serialize_with = "suite_name")]
     pub(crate) suite: Suite,
     pub(crate) add_batch: usize,
@@ -215,6 +223,7 @@ impl Args {
             rates,
             duration: parse_duration(&self.duration)?,
             payload_bytes: self.payload_bytes,
+            decrypting: self.decrypting.unwrap_or(group_size).min(group_size),
             suite,
             add_batch,
             churn: self.churn,

@@ -7,6 +7,7 @@
 //! MLS state in memory so that saving files is not what it measures.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +105,8 @@ pub(crate) struct GroupSlot {
     pub(crate) joined_epoch: u64,
     /// Live subscription to the group's log.
     pub(crate) sub: Option<Subscription<Envelope>>,
+    /// Application messages received, by phase and message number (a repeat is an error).
+    pub(crate) seen: HashSet<(u32, u64)>,
 }
 
 /// A simulated device.
@@ -138,6 +141,28 @@ pub(crate) fn message_id(index: usize) -> Result<Vec<u8>, getrandom::Error> {
     Ok(id)
 }
 
+/// The id of application message `j` of a steady phase, sent by member `index`:
+/// `index u32 | phase u32 | j u64`, so that a member that does not decrypt it still knows who
+/// sent it and when it was planned.
+pub(crate) fn app_message_id(index: usize, phase: u32, j: u64) -> Vec<u8> {
+    let mut id = Vec::with_capacity(16);
+    id.extend_from_slice(&(index as u32).to_be_bytes());
+    id.extend_from_slice(&phase.to_be_bytes());
+    id.extend_from_slice(&j.to_be_bytes());
+    id
+}
+
+/// Sender index, phase and message number of an [`app_message_id`].
+pub(crate) fn parse_app_message_id(id: &[u8]) -> Option<(usize, u32, u64)> {
+    if id.len() != 16 {
+        return None;
+    }
+    let index = u32::from_be_bytes(id[..4].try_into().ok()?) as usize;
+    let phase = u32::from_be_bytes(id[4..8].try_into().ok()?);
+    let j = u64::from_be_bytes(id[8..].try_into().ok()?);
+    Some((index, phase, j))
+}
+
 /// Whether a message id is one of member `index`'s.
 pub(crate) fn is_own(id: &[u8], index: usize) -> bool {
     id.get(..4) == Some(&(index as u32).to_be_bytes()[..])
@@ -161,6 +186,7 @@ impl Member {
                     cursor: 0,
                     joined_epoch: 0,
                     sub: None,
+                    seen: HashSet::new(),
                 })
             })
             .collect();

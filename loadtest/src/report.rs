@@ -207,12 +207,13 @@ fn write_header(out: &mut String, r: &Report) {
     );
     let _ = writeln!(
         out,
-        "scenario {:?}: {} members, {} group(s) of {}, suite {}, rate(s) {:?}/s, {:.0} s each, \
-         {} B payloads, churn {}, {} worker thread(s)",
+        "scenario {:?}: {} members, {} group(s) of {} ({} decrypting), suite {}, rate(s) {:?}/s, \
+         {:.0} s each, {} B payloads, churn {}, {} worker thread(s)",
         s.scenario,
         s.members,
         s.groups,
         s.group_size,
+        s.decrypting,
         s.suite,
         s.rates,
         s.duration.as_secs_f64(),

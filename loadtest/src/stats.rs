@@ -37,8 +37,11 @@ pub(crate) mod metric {
     pub(crate) const JOIN: &str = "join (fetch+process+catch-up)";
     /// Processing another member's commit.
     pub(crate) const COMMIT_PROCESS: &str = "commit processing";
-    /// Planned send time → recipient has decrypted it.
-    pub(crate) const DELIVERY: &str = "delivery (planned send -> decrypted)";
+    /// Planned send time → a recipient has it: decrypted by the decrypting members, received
+    /// by the others.
+    pub(crate) const DELIVERY: &str = "delivery (planned send -> received or decrypted)";
+    /// Planned send time → a decrypting member has decrypted it (a subset of [`DELIVERY`]).
+    pub(crate) const DELIVERY_DECRYPTED: &str = "delivery (planned send -> decrypted)";
     /// Planned send time → the server acknowledged the append.
     pub(crate) const SEND_ACK: &str = "send ack (planned -> appended)";
     /// How late the generator issued a send after its planned time.
@@ -55,8 +58,10 @@ pub(crate) mod metric {
 pub(crate) mod counter {
     /// Application messages the server acknowledged.
     pub(crate) const SENT: &str = "messages sent";
-    /// Application messages decrypted by a recipient.
+    /// Application messages a recipient received (and decrypted, if it is a decrypting one).
     pub(crate) const DELIVERED: &str = "deliveries";
+    /// Deliveries to members that do not decrypt (checked by sequence number and message id).
+    pub(crate) const UNDECRYPTED: &str = "deliveries received without decrypting";
     /// Deliveries expected (no churn: every message to every other member).
     pub(crate) const EXPECTED: &str = "deliveries expected";
     /// Planned sends skipped because the sender had been removed by churn.

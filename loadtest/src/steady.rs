@@ -1,13 +1,16 @@
-//! The steady state: every member sends application messages on a fixed schedule and decrypts
-//! everyone else's; optionally each group's creator churns members (removes and re-adds them)
-//! meanwhile.
+//! The steady state: every member sends application messages on a fixed schedule and receives
+//! everyone else's; the group's first `--decrypting` members decrypt them; optionally each
+//! group's creator churns members (removes and re-adds them) meanwhile.
 //!
 //! Message `j` of group `g` is sent by the member at position `j mod group_size`, at the
-//! *planned* time `start + j / group_rate`. Its plaintext starts with a header carrying the
-//! phase and that planned offset, so a recipient computes latency from the planned time to
-//! the moment it has decrypted the message: a stalled server, a slow generator or a late send
-//! all show up in the figure (no coordinated omission). Sends are issued as separate tasks, so
-//! one slow acknowledgement does not hold back the next send.
+//! *planned* time `start + j / group_rate`. Its message id names the sender, the phase and `j`,
+//! and its plaintext starts with a header carrying the phase and that planned offset, so a
+//! recipient computes latency from the planned time to the moment it has the message
+//! (decrypted, for a decrypting member): a stalled server, a slow generator or a late send all
+//! show up in the figure (no coordinated omission). Every recipient checks the log's order by
+//! sequence number and, by message id, that each message comes once and from its planned
+//! sender; every member processes every commit. Sends are issued as separate tasks, so one
+//! slow acknowledgement does not hold back the next send.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -23,7 +26,9 @@ use tokio::task::JoinHandle;
 
 use crate::churn;
 use crate::cli::HEADER_BYTES;
-use crate::member::{Counted, GroupSlot, Member, Plan, Progress, fail, is_own, message_id};
+use crate::member::{
+    Counted, GroupSlot, Member, Plan, Progress, app_message_id, fail, is_own, parse_app_message_id,
+};
 use crate::stats::{Stats, counter, error_kind, metric};
 
 /// How often a member subscribes again after its subscription ended, per group and phase.
@@ -354,10 +359,7 @@ fn send(ctx: &Ctx<'_>, slot: &mut GroupSlot, j: u64, interval: Duration) -> Opti
         return None;
     };
     stats.borrow_mut().record(metric::ENCRYPT, t.elapsed());
-    let Ok(mid) = message_id(ctx.index) else {
-        fail(stats, progress, "rng".into());
-        return None;
-    };
+    let mid = app_message_id(ctx.index, st.phase, j);
     let churning = ctx.plan.settings.churn > 0;
     let (delivery, id) = (ctx.session.delivery.clone(), slot.id.clone());
     let (stats, progress) = (Rc::clone(stats), std::sync::Arc::clone(progress));
@@ -417,6 +419,32 @@ fn outcome_name(o: &SendOutcome) -> &'static str {
     }
 }
 
+/// Checks an application entry by its message id: sent by the member the plan names for its
+/// message number, and not seen before. Returns its phase and planned offset.
+fn check_app_entry(ctx: &Ctx<'_>, slot: &mut GroupSlot, e: &Envelope) -> Option<(u32, Duration)> {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    let Some((sender, phase, j)) = parse_app_message_id(&e.message_id) else {
+        fail(stats, progress, "foreign message id".into());
+        return None;
+    };
+    let members = &ctx.plan.groups[slot.index].members;
+    if members.get((j % members.len() as u64) as usize) != Some(&sender) {
+        fail(stats, progress, "message id names another sender".into());
+        return None;
+    }
+    if !slot.seen.insert((phase, j)) {
+        fail(stats, progress, "delivered twice".into());
+        return None;
+    }
+    Some((phase, planned_offset(ctx, j)))
+}
+
+/// When message `j` of a group was planned, after the phase's start (as [`send`] plans it).
+fn planned_offset(ctx: &Ctx<'_>, j: u64) -> Duration {
+    let group_rate = ctx.steady.rate / ctx.plan.groups.len() as f64;
+    Duration::from_secs_f64(1.0 / group_rate).mul_f64(j as f64)
+}
+
 /// Processes log entries (pushed, or read ahead of a commit of ours) in order.
 pub(crate) async fn handle_batch(
     ctx: &Ctx<'_>,
@@ -451,6 +479,32 @@ pub(crate) async fn handle_batch(
             stats.borrow_mut().count(counter::BEFORE_JOIN, 1);
             continue;
         }
+        if slot.group.is_none() {
+            continue;
+        }
+        let mut planned = None;
+        if e.kind == EnvelopeKind::Application {
+            let Some((phase, offset)) = check_app_entry(ctx, slot, e) else {
+                continue;
+            };
+            if slot.position >= ctx.plan.settings.decrypting {
+                // Not one of the group's decrypting members: the entry itself is the delivery.
+                let done = Instant::now();
+                let mut s = stats.borrow_mut();
+                if phase == ctx.steady.phase {
+                    let planned = ctx.steady.start + offset;
+                    s.record(metric::DELIVERY, done.saturating_duration_since(planned));
+                    s.count(counter::DELIVERED, 1);
+                    s.count(counter::UNDECRYPTED, 1);
+                    *received += 1;
+                    Progress::tick(&progress.delivered);
+                } else {
+                    s.count("late from an earlier phase", 1);
+                }
+                continue;
+            }
+            planned = Some(offset);
+        }
         let Some(group) = slot.group.as_mut() else {
             continue;
         };
@@ -461,10 +515,19 @@ pub(crate) async fn handle_batch(
             (_, Ok(Event::Application { plaintext, .. })) => {
                 stats.borrow_mut().record(metric::DECRYPT, done - t);
                 match header(&plaintext) {
+                    Some((_, offset)) if planned.map(micros) != Some(offset) => {
+                        fail(
+                            stats,
+                            progress,
+                            "plaintext differs from its message id".into(),
+                        );
+                    }
                     Some((phase, offset)) if phase == ctx.steady.phase => {
                         let planned = ctx.steady.start + Duration::from_micros(offset);
                         let mut s = stats.borrow_mut();
-                        s.record(metric::DELIVERY, done.saturating_duration_since(planned));
+                        let latency = done.saturating_duration_since(planned);
+                        s.record(metric::DELIVERY, latency);
+                        s.record(metric::DELIVERY_DECRYPTED, latency);
                         s.count(counter::DELIVERED, 1);
                         *received += 1;
                         Progress::tick(&progress.delivered);
@@ -522,5 +585,13 @@ mod tests {
         assert_eq!(header(&p), Some((3, 1_234_567)));
         assert_eq!(header(b"nope"), None);
         assert_eq!(plaintext(0, 0, 0, 1).len(), HEADER_BYTES);
+    }
+
+    #[test]
+    fn app_message_ids_name_sender_phase_and_number() {
+        let id = app_message_id(7, 2, 1_000_001);
+        assert_eq!(parse_app_message_id(&id), Some((7, 2, 1_000_001)));
+        assert!(is_own(&id, 7) && !is_own(&id, 8));
+        assert_eq!(parse_app_message_id(&id[1..]), None);
     }
 }

@@ -101,8 +101,54 @@ fn messages_scenario_delivers_everything_and_checks_its_thresholds() -> Result<(
 }
 
 #[test]
-fn churn_removes_and_re_adds_members_during_traffic() -> Result<()> {
+fn members_that_do_not_decrypt_still_receive_everything_in_order() -> Result<()> {
     let report = run(&[
+        "--members",
+        "12",
+        "--group-size",
+        "6",
+        "--rate",
+        "12",
+        "--duration",
+        "2s",
+        "--drain",
+        "60s",
+        "--ciphersuite",
+        "classical",
+        "--decrypting",
+        "2",
+        "--threshold",
+        "errors=0",
+    ])?;
+    assert_eq!(report["errors"], 0, "errors in {report:#}");
+    assert_eq!(report["settings"]["decrypting"], 2);
+    let steady = phase(&report, "steady state")?;
+    let counters = &steady["stats"]["counters"];
+    let delivered = counters["deliveries"].as_u64().context("deliveries")?;
+    assert_eq!(Some(delivered), counters["deliveries expected"].as_u64());
+    // Two of six members per group decrypt; the other four receive without decrypting.
+    let undecrypted = counters["deliveries received without decrypting"]
+        .as_u64()
+        .context("undecrypted")?;
+    assert!(undecrypted > 0 && undecrypted < delivered);
+    let latency = &steady["stats"]["latency_ms"];
+    assert_eq!(
+        latency["delivery (planned send -> received or decrypted)"]["count"].as_u64(),
+        Some(delivered)
+    );
+    assert_eq!(
+        latency["delivery (planned send -> decrypted)"]["count"].as_u64(),
+        Some(delivered - undecrypted)
+    );
+    Ok(())
+}
+
+#[test]
+fn churn_removes_and_re_adds_members_during_traffic() -> Result<()> {
+    // Half the members do not decrypt: they still process every churn commit.
+    let report = run(&[
+        "--decrypting",
+        "4",
         "--members",
         "8",
         "--group-size",
