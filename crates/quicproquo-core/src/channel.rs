@@ -35,12 +35,15 @@ const LEN_PREFIX: usize = 2;
 const PENDING_LIMIT: usize = 256 * 1024;
 /// Sealed bytes are written out once this many accumulate while sending a large frame.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Initial size of a receive buffer; buffers grow (doubling) with the bytes that arrive, and
-/// shrink back to this size once the peer goes quiet (a read would block with nothing
-/// buffered). Small, so an idle connection — most of a server's connections — holds little.
+/// Size of a first read into an empty reader: buffers grow (doubling) with the bytes that
+/// arrive, and are given back whole once the peer goes quiet (a read would block with nothing
+/// buffered). A read while nothing is buffered goes through the stack first, so an idle
+/// connection — most of a server's connections — holds no receive buffer at all.
 const INITIAL_READ: usize = 2 * 1024;
-/// A send buffer larger than this is released once everything in it is written.
-const KEEP_OUT: usize = 64 * 1024;
+/// A send buffer (sealed bytes, a frame's first message, the stream view's pending bytes)
+/// larger than this is released once everything is written: a connection keeps what a small
+/// answer needs, not what its largest push needed.
+const KEEP_OUT: usize = 4 * 1024;
 /// Largest single read from the socket.
 const MAX_READ: usize = 256 * 1024;
 
@@ -190,6 +193,9 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
             [a, b, ..] => LEN_PREFIX + usize::from(u16::from_be_bytes([*a, *b])),
             _ => LEN_PREFIX,
         };
+        if self.cipher.data.is_empty() {
+            return self.poll_read_first(cx);
+        }
         let free = wanted.saturating_sub(self.cipher.len()).max(self.read_size);
         let tail = self.cipher.tail(free);
         let tail_len = tail.len();
@@ -213,13 +219,35 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
         Poll::Ready(Ok(true))
     }
 
-    /// The peer is quiet: buffers grown past their initial size are given back (what is
-    /// buffered is kept).
+    /// Reads into a stack buffer while the reader holds no buffer, and keeps a heap buffer only
+    /// for bytes that arrived: a read that would block allocates nothing.
+    fn poll_read_first(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, TransportError>> {
+        let mut first = [0u8; INITIAL_READ];
+        let mut rb = ReadBuf::new(&mut first);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                self.release_idle();
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(false));
+                }
+                self.cipher.tail(n)[..n].copy_from_slice(&first[..n]);
+                self.cipher.end += n;
+                Poll::Ready(Ok(true))
+            }
+        }
+    }
+
+    /// The peer is quiet: empty buffers are given back whole (what is buffered is kept).
     fn release_idle(&mut self) {
-        if self.cipher.len() == 0 && self.cipher.data.len() > INITIAL_READ {
+        if self.cipher.len() == 0 {
             self.cipher = Buf::default();
         }
-        if self.plain.len() == 0 && self.plain.data.len() > INITIAL_READ {
+        if self.plain.len() == 0 {
             self.plain = Buf::default();
         }
         self.read_size = INITIAL_READ;
@@ -428,6 +456,12 @@ impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
         }
         if self.out.data.len() > KEEP_OUT {
             self.out = Buf::default();
+        }
+        if self.scratch.capacity() > KEEP_OUT {
+            self.scratch = Vec::new();
+        }
+        if self.pending.is_empty() && self.pending.capacity() > KEEP_OUT {
+            self.pending = Vec::new();
         }
         Poll::Ready(Ok(()))
     }
