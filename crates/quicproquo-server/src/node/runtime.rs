@@ -315,14 +315,18 @@ async fn serve_connection(
     let config = &shared.config;
     // The current certificate: a renewed one is presented from the next handshake on.
     let certificate = shared.identity.certificate();
+    // Boxed: the handshake's state (about 4 KiB: snow's handshake and two message buffers)
+    // lives on the heap while it runs and is freed after, instead of widening this task —
+    // which every connection keeps for as long as it is open — by that much.
+    let respond = Box::pin(noise::respond(
+        &mut stream,
+        &shared.identity.noise,
+        &certificate,
+        config.handshake_timeout,
+    ));
     let handshake = tokio::select! {
         () = shutdown.cancelled() => return,
-        r = noise::respond(
-            &mut stream,
-            &shared.identity.noise,
-            &certificate,
-            config.handshake_timeout,
-        ) => r,
+        r = respond => r,
     };
     let Slots {
         _connection: _connection_slots,
