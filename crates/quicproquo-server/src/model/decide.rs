@@ -199,7 +199,8 @@ impl<'a> State<'a> {
         if let Some(&seq) = self.message_ids[g].get(req.message_id.as_slice()) {
             return Ok(AppendOutcome::Duplicate { seq });
         }
-        if !epoch_accepted(req.kind, req.epoch, head.epoch) {
+        let unverified = req.view.as_ref().is_some_and(|v| v.unverified);
+        if unverified || !epoch_accepted(req.kind, req.epoch, head.epoch) {
             if !self.message_ids_read {
                 decision.unchecked.push(i);
             }

@@ -126,6 +126,10 @@ pub struct ViewWrite {
     pub proposals: Vec<u8>,
     /// The new epoch's GroupInfo; `None`: unchanged.
     pub group_info: Option<Vec<u8>>,
+    /// The message was not verified: it is for an epoch before the group's stored view, so
+    /// the store may only answer `Duplicate` or `StaleEpoch`, never append it (even if a
+    /// revert on another node moved the group back to its epoch meanwhile: ADR 0015).
+    pub unverified: bool,
 }
 
 /// A group's public view as stored.

@@ -58,8 +58,8 @@ impl std::fmt::Debug for Views {
 
 /// What verifying a handshake message decided.
 pub(crate) enum Checked {
-    /// Append it as it is: it is for a past epoch (a retry, or a loser of a race), which the
-    /// store's epoch check refuses or recognises as a duplicate; nothing to verify.
+    /// Hand it to the store unverified and marked so: it is for a past epoch (a retry, or a
+    /// loser of a race), which the store recognises as a duplicate or refuses, never appends.
     PassThrough(AppendRequest),
     /// Verified: append it with its derived change and view.
     Verified(AppendRequest),
@@ -166,6 +166,10 @@ impl Views {
         let epoch = view.epoch();
         if req.epoch < epoch {
             slot.view = Some(view);
+            req.view = Some(ViewWrite {
+                unverified: true,
+                ..ViewWrite::default()
+            });
             return Ok(Checked::PassThrough(req));
         }
         let sender = req.sender;
@@ -289,6 +293,7 @@ fn verify(
                     state: Some(state),
                     proposals: Vec::new(),
                     group_info: Some(group_info),
+                    unverified: false,
                 },
             ))
         }
@@ -306,6 +311,7 @@ fn verify(
                     state: None,
                     proposals,
                     group_info: None,
+                    unverified: false,
                 },
             ))
         }

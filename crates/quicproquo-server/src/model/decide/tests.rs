@@ -392,3 +392,23 @@ fn state_the_store_could_not_have_read_is_an_error() -> Result<()> {
     ensure!(state.set_member(b"g", b"short", member(0, None)).is_err());
     Ok(())
 }
+
+#[test]
+fn an_unverified_handshake_message_is_never_appended() -> Result<()> {
+    let alice = who()?;
+    // A commit for the group's epoch that the owner could not verify (its view was at a later
+    // epoch, and a revert moved the group back meanwhile): stale, or its first seq if a retry.
+    let mut c = commit(alice, 3, "c", &[], &[]);
+    c.view = Some(crate::model::group::ViewWrite {
+        unverified: true,
+        ..Default::default()
+    });
+    let batch = vec![c];
+    let members = [(alice, member(0, None))];
+    let d = decide_on(&batch, head(3, 9, 7), &members, &[], true)?;
+    ensure!(d.outcomes == vec![stale(3, 7)], "{:?}", d.outcomes);
+    ensure!(d.entries.is_empty() && d.views.is_empty());
+    let d = decide_on(&batch, head(3, 9, 7), &members, &[("c", 8)], true)?;
+    ensure!(d.outcomes == vec![AppendOutcome::Duplicate { seq: 8 }]);
+    Ok(())
+}
