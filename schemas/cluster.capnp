@@ -47,12 +47,21 @@ struct AppendRequest {
 
 interface EntrySink {
   deliver @0 (groupId :Data, entries :List(Envelope), resync :Bool,
-              origins :List(Common.TraceContext)) -> ();
+              origins :List(Common.TraceContext), removals :List(Removal)) -> ();
   # `resync`: the shard may have dropped entries for this group (it fell behind); readers
   # should check the log. `origins`: when the shard is tracing, one trace context per entry,
   # in order, naming the append call that produced it (empty for an entry appended untraced);
   # the edge links the spans that push the entry to its subscribers to it. Absent when no
-  # entry of the batch was traced.
+  # entry of the batch was traced. `removals`: the membership effect of each commit in the
+  # batch, as the shard derived it from the verified commit (one per commit, empty when it
+  # removed nobody); the edge ends the subscriptions of the removed members after the commit
+  # and lets the others follow on without reading the log. A commit with no removal here
+  # sends its subscribers to the log, as a commit from a shard that does not send them does.
+}
+
+struct Removal {
+  seq @0 :UInt64;             # the commit's position in the log
+  identities @1 :List(Data);  # the members it removed
 }
 
 interface InboxSink {

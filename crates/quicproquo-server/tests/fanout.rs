@@ -138,3 +138,83 @@ async fn a_subscriber_that_never_reads_holds_only_its_window() -> Result<()> {
     })
     .await
 }
+
+/// The next entries of `sub`, until the one at `last` (or the subscription ends).
+async fn seqs_until(
+    sub: &mut quicproquo_client::delivery::Subscription<quicproquo_client::delivery::Envelope>,
+    last: u64,
+) -> Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    while seqs.last().is_none_or(|s| *s < last) {
+        let Some(batch) = tokio::time::timeout(WITHIN, sub.next()).await? else {
+            break;
+        };
+        seqs.extend(batch.iter().map(|e| e.seq));
+    }
+    Ok(seqs)
+}
+
+/// A commit carries its membership effect to the live feed: subscribers read on after it
+/// without a store read each (a commit used to send every subscriber back to the store), and
+/// a member the commit removed gets that commit, then its subscription ends.
+#[tokio::test]
+async fn a_commit_reaches_subscribers_without_a_store_read_each() -> Result<()> {
+    local(async {
+        let server = TestServer::start(NodeRole::Standalone, |_| {})?;
+        let dir = tempfile::tempdir()?;
+        let mut alice = User::register(&server, dir.path(), "alice", Suite::Classical).await?;
+        let names: Vec<String> = (0..8).map(|i| format!("member{i}")).collect();
+        let mut members = Vec::new();
+        for n in &names {
+            members.push(User::register(&server, dir.path(), n, Suite::Classical).await?);
+        }
+        let id = alice.chat().create_group("g").await?;
+        alice.chat().invite("g", &names, &mut |_| {}).await?;
+        let after = alice
+            .session
+            .delivery
+            .groups()
+            .await?
+            .into_iter()
+            .find(|g| g.group_id == id)
+            .map(|g| g.last_seq)
+            .context("no group")?;
+        let mut subs = Vec::new();
+        for m in &members {
+            subs.push(m.session.delivery.subscribe(&id, after).await?);
+        }
+        // Every subscription is live once it has pushed a message.
+        alice.chat().send("g", b"before", &mut |_| {}).await?;
+        for sub in &mut subs {
+            ensure!(seqs_until(sub, after + 1).await? == [after + 1]);
+        }
+        let catch_ups = &server.handle()?.observer().metrics.catch_ups;
+        let before = catch_ups.load(Ordering::Relaxed);
+
+        alice.chat().update("g", &mut |_| {}).await?;
+        alice.chat().send("g", b"after", &mut |_| {}).await?;
+        for sub in &mut subs {
+            ensure!(seqs_until(sub, after + 3).await? == [after + 2, after + 3]);
+        }
+        alice.chat().remove("g", &names[..1], &mut |_| {}).await?;
+        alice.chat().send("g", b"without", &mut |_| {}).await?;
+        // The removed member gets the commit that removed it, then nothing more.
+        ensure!(seqs_until(&mut subs[0], after + 5).await? == [after + 4]);
+        ensure!(
+            tokio::time::timeout(WITHIN, subs[0].next())
+                .await?
+                .is_none(),
+            "the removed member's subscription ended"
+        );
+        for sub in &mut subs[1..] {
+            ensure!(seqs_until(sub, after + 5).await? == [after + 4, after + 5]);
+        }
+        let read = catch_ups.load(Ordering::Relaxed) - before;
+        ensure!(
+            read == 0,
+            "{read} subscriptions read the store for the commits"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use quicproquo_core::IdentityKey;
 use quicproquo_core::mls::{KeyPackageChecker, MlsError, Suite};
 
-use crate::obs::metrics::RateLimitStats;
+use crate::obs::rates::RateLimitStats;
 use crate::pool::{CpuPool, PoolError};
 
 pub mod limiter;

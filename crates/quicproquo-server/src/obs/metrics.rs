@@ -132,43 +132,6 @@ impl AppendResult {
     ];
 }
 
-/// Refusals by each rate limit, for the metrics.
-#[derive(Debug, Default)]
-pub struct RateLimitStats {
-    /// Binds refused for their address.
-    pub bind_address: AtomicU64,
-    /// Fetches refused for a (requester, target) pair.
-    pub fetch_pair: AtomicU64,
-    /// Fetches refused for the requester's total.
-    pub fetch_identity: AtomicU64,
-    /// Fetches refused for the source address's total.
-    pub fetch_address: AtomicU64,
-}
-
-impl RateLimitStats {
-    fn render(&self, out: &mut String) {
-        family(
-            out,
-            "qpq_rate_limited_total",
-            "counter",
-            "Calls refused by a rate limit, by limit (bind_address, fetch_pair, fetch_identity, \
-             fetch_address).",
-        );
-        for (limit, n) in [
-            ("bind_address", &self.bind_address),
-            ("fetch_pair", &self.fetch_pair),
-            ("fetch_identity", &self.fetch_identity),
-            ("fetch_address", &self.fetch_address),
-        ] {
-            let _ = writeln!(
-                out,
-                "qpq_rate_limited_total{{limit=\"{limit}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-    }
-}
-
 /// What the listener and its connections have done.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
@@ -297,12 +260,15 @@ pub struct Metrics {
     pub fanout_entries: AtomicU64,
     /// Push calls made to subscribers.
     pub fanout_calls: AtomicU64,
+    /// Catch-ups of subscriptions from the store (a subscriber that fell behind, missed
+    /// entries, or met a commit whose membership effect was not known).
+    pub catch_ups: AtomicU64,
     /// Calls an edge forwarded to an owner shard.
     pub forwarded: AtomicU64,
     /// The bounded CPU pool's counters (shared with the pool).
     pub pool: Arc<PoolStats>,
     /// Refusals by the Authentication Service's rate limits.
-    pub rate_limits: Arc<RateLimitStats>,
+    pub rate_limits: Arc<super::rates::RateLimitStats>,
     /// This node's certificate and its peers'.
     pub certificates: super::certs::CertificateStats,
     /// The retention job's deletions and the stored bytes.
@@ -327,6 +293,7 @@ impl Default for Metrics {
             append_batch_seconds: Histogram::new(&LATENCY_BUCKETS),
             fanout_entries: AtomicU64::new(0),
             fanout_calls: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
             rate_limits: Arc::default(),
@@ -521,34 +488,17 @@ impl Metrics {
         );
         counter(
             out,
+            "qpq_subscription_catch_ups_total",
+            "Times a live subscription read the store to catch up instead of the live feed.",
+            self.catch_ups.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
             "qpq_forwarded_calls_total",
             "Calls an edge forwarded to an owner shard.",
             self.forwarded.load(Ordering::Relaxed),
         );
-        gauge(
-            out,
-            "qpq_cpu_pool_jobs",
-            "Jobs admitted to the bounded CPU pool and not yet finished (running or queued).",
-            self.pool.admitted.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "qpq_cpu_pool_jobs_total",
-            "Jobs the bounded CPU pool finished.",
-            self.pool.completed.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "qpq_cpu_pool_waits_total",
-            "Callers that found the CPU pool full and waited for a slot.",
-            self.pool.waited.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "qpq_cpu_pool_panics_total",
-            "CPU pool jobs that panicked (the call failed; the pool lived on).",
-            self.pool.panicked.load(Ordering::Relaxed),
-        );
+        super::pool::render(&self.pool, out);
         self.certificates.render(out);
         self.retention.render(out);
     }

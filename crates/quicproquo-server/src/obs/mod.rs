@@ -10,6 +10,8 @@ pub mod calls;
 pub mod certs;
 mod db;
 pub mod metrics;
+mod pool;
+pub mod rates;
 pub mod retention;
 pub(crate) mod spans;
 

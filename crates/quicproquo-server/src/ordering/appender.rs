@@ -289,6 +289,14 @@ async fn appender(
                         {
                             hub.notify_inboxes(&change.added);
                         }
+                        // The commit's membership effect goes with it to every subscriber,
+                        // derived here once (from the verified commit) for all of them.
+                        let removed: Option<Arc<[IdentityKey]>> = match (req.kind, &req.commit) {
+                            (EntryKind::Commit, Some(change)) => {
+                                Some(Arc::from(change.removed.as_slice()))
+                            }
+                            _ => None,
+                        };
                         let entry = LogEntry {
                             seq,
                             epoch: req.epoch,
@@ -298,7 +306,7 @@ async fn appender(
                             appended_at_micros: now,
                         };
                         // The fan-out of this entry links back to the call that appended it.
-                        hub.publish(&req.group_id, entry, LinkContext::of(&call));
+                        hub.publish(&req.group_id, entry, LinkContext::of(&call), removed);
                     }
                     let _ = reply.send(Ok(outcome));
                 }

@@ -30,6 +30,11 @@ pub struct Published {
     /// The span context of the call that appended it, when that call was traced: the spans
     /// that push the entry to subscribers link to it. `None` (nothing allocated) otherwise.
     pub origin: Option<LinkContext>,
+    /// For a commit, its membership effect: the members it removed, as the owner derived them
+    /// from the verified commit (taken once per group, not once per subscriber). `None` when
+    /// not known (any other entry, or a commit from a shard that did not send it): a
+    /// subscriber then asks the store whether it may read on.
+    pub removed: Option<Arc<[IdentityKey]>>,
 }
 
 impl std::ops::Deref for Published {
@@ -104,12 +109,21 @@ impl Hub {
         }
     }
 
-    /// Publishes a new entry of `group`, appended by a call with span context `origin`.
-    pub fn publish(&self, group: &GroupId, entry: LogEntry, origin: Option<LinkContext>) {
-        self.send_group(
-            group,
-            FeedEvent::Entry(Arc::new(Published { entry, origin })),
-        );
+    /// Publishes a new entry of `group`, appended by a call with span context `origin`; for a
+    /// commit, `removed` is who it removed (when known).
+    pub fn publish(
+        &self,
+        group: &GroupId,
+        entry: LogEntry,
+        origin: Option<LinkContext>,
+        removed: Option<Arc<[IdentityKey]>>,
+    ) {
+        let published = Published {
+            entry,
+            origin,
+            removed,
+        };
+        self.send_group(group, FeedEvent::Entry(Arc::new(published)));
     }
 
     /// Tells `group`'s subscribers to check the log.

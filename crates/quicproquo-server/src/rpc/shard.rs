@@ -267,6 +267,23 @@ async fn push_group(
             for (i, e) in batch.iter().enumerate() {
                 write_envelope(list.reborrow().get(i as u32), group, e);
             }
+            // Each commit's membership effect, so the edge need not ask the store per
+            // subscriber.
+            let effects: Vec<(u64, &[IdentityKey])> = batch
+                .iter()
+                .filter_map(|e| e.removed.as_deref().map(|r| (e.seq, r)))
+                .collect();
+            if !effects.is_empty() {
+                let mut removals = p.reborrow().init_removals(effects.len() as u32);
+                for (i, (seq, removed)) in effects.iter().enumerate() {
+                    let mut r = removals.reborrow().get(i as u32);
+                    r.set_seq(*seq);
+                    let mut ids = r.init_identities(removed.len() as u32);
+                    for (j, id) in removed.iter().enumerate() {
+                        ids.set(j as u32, id.as_bytes());
+                    }
+                }
+            }
             // Only a traced push carries origins (one per entry, then the push's own
             // context), so an untraced push costs nothing more.
             if propagation::is_sampled(&span) || batch.iter().any(|e| e.origin.is_some()) {

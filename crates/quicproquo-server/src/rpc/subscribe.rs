@@ -4,16 +4,18 @@
 //! shard's live feed. Each catch-up runs in a span of its own linked to the subscribe call,
 //! holding its store reads and pushes; each live push is a span linked to the appends (and,
 //! on an edge, the receptions) of the entries it carries. Entries from the feed are delivered
-//! directly while they continue the sequence; a gap, a lagging receiver or a commit sends the
-//! task back to the store, which enforces the subscriber's read window (a commit may have
-//! removed it: the subscription ends once the subscriber has answered the push carrying the
-//! commit that removed it). Pushes are pages by count and bytes, and flow control is a window
+//! directly while they continue the sequence. A commit carries its membership effect (who it
+//! removed, derived once by the owner): the others follow on, and a removed member gets the
+//! commit and its subscription ends once it has answered that push. A gap, a lagging receiver
+//! or a commit whose effect is not known sends the task back to the store, which enforces the
+//! subscriber's read window. Pushes are pages by count and bytes, and flow control is a window
 //! of pushes in flight per subscriber released by its answers ([`super::push`]): a subscriber
 //! that stops answering holds its window and nothing more, and reads the store once it
 //! answers again.
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
@@ -181,12 +183,16 @@ impl Follow<'_> {
         let mut window = Window::new(self.page.bytes);
         let mut next = after_seq.saturating_add(1);
         loop {
-            let Some(caught_up) = self.catch_up(next, &mut window).await? else {
+            let read_on = match self.catch_up(next, &mut window).await? {
+                Some(caught_up) => self.live(&mut feed, caught_up, &mut window).await?,
+                None => None,
+            };
+            let Some(at) = read_on else {
                 // Removed: everything it may read is sent; end once it has received it.
                 window.drain().await?;
                 return Ok(());
             };
-            next = self.live(&mut feed, caught_up, &mut window).await?;
+            next = at;
         }
     }
 
@@ -195,6 +201,7 @@ impl Follow<'_> {
     /// removed (everything it may read has been sent).
     async fn catch_up(&self, next: u64, window: &mut Window) -> Result<Option<u64>, FollowError> {
         let observer = self.backend.observer();
+        observer.metrics.catch_ups.fetch_add(1, Ordering::Relaxed);
         let span = catch_up_span("group", self.subscribed);
         record_group(&span, observer, self.group.as_bytes());
         let result = self
@@ -249,7 +256,8 @@ impl Follow<'_> {
     }
 
     /// Follows the live feed from `next` while it continues the sequence; the next sequence
-    /// number once the store must be read again (a gap, a lag, a commit). While pushes are
+    /// number once the store must be read again (a gap, a lag, a commit whose effect is not
+    /// known), or `None` once the commit that removed the subscriber is pushed. While pushes are
     /// unanswered the task waits for an answer only (no wake-up per new entry); new entries
     /// wait in the feed and go together in the next push, so a busy group makes fewer, larger
     /// pushes and an idle subscriber gets each entry at once. A page of [`EAGER_ENTRIES`] goes
@@ -261,27 +269,33 @@ impl Follow<'_> {
         feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
         mut next: u64,
         window: &mut Window,
-    ) -> Result<u64, FollowError> {
+    ) -> Result<Option<u64>, FollowError> {
         let observer = self.backend.observer();
         let mut pending = Pending::default();
         loop {
-            // Take what the feed already holds, without waiting.
-            while !pending.is_full(self.page) {
+            // Take what the feed already holds, without waiting (nothing after a removal).
+            while !pending.removed && !pending.is_full(self.page) {
                 match feed.try_recv() {
                     Ok(FeedEvent::Entry(e)) => {
-                        if !pending.take(e, next, self.page) {
-                            return Ok(next);
+                        if !pending.take(e, next, self.page, &self.reader) {
+                            return Ok(Some(next));
                         }
                     }
                     // What is pending is read again from the store.
-                    Ok(FeedEvent::Resync) | Err(TryRecvError::Lagged(_)) => return Ok(next),
+                    Ok(FeedEvent::Resync) | Err(TryRecvError::Lagged(_)) => {
+                        return Ok(Some(next));
+                    }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Closed) => return Err(FollowError::FeedClosed),
                 }
             }
+            if pending.removed && pending.entries.is_empty() {
+                return Ok(None);
+            }
             if !pending.entries.is_empty()
                 && window.admits(pending.bytes)
                 && (window.is_idle()
+                    || pending.removed
                     || pending.is_full(self.page)
                     || pending.entries.len() >= EAGER_ENTRIES)
             {
@@ -306,11 +320,11 @@ impl Follow<'_> {
             }
             match feed.recv().await {
                 Ok(FeedEvent::Entry(e)) => {
-                    if !pending.take(e, next, self.page) {
-                        return Ok(next);
+                    if !pending.take(e, next, self.page, &self.reader) {
+                        return Ok(Some(next));
                     }
                 }
-                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(next),
+                Ok(FeedEvent::Resync) | Err(RecvError::Lagged(_)) => return Ok(Some(next)),
                 Err(RecvError::Closed) => return Err(FollowError::FeedClosed),
             }
         }
@@ -324,6 +338,9 @@ struct Pending {
     bytes: usize,
     /// An entry that did not fit on the page: it starts the next one.
     carry: Option<Arc<Published>>,
+    /// The subscriber was removed by a commit taken: nothing after it is taken, and the
+    /// subscription ends once what is pending is pushed.
+    removed: bool,
 }
 
 impl Pending {
@@ -332,15 +349,21 @@ impl Pending {
     }
 
     /// Takes `e` (the subscriber's next entry is `next`); `false` when the store must decide
-    /// what follows: a gap, or a commit (which may remove the subscriber). Entries already
-    /// taken are skipped.
-    fn take(&mut self, e: Arc<Published>, next: u64, page: Page) -> bool {
-        let expected = next + self.entries.len() as u64;
+    /// what follows: a gap, or a commit whose effect on `reader` is not known. A commit that
+    /// removed `reader` is taken as its last entry. Entries already taken are skipped.
+    fn take(&mut self, e: Arc<Published>, next: u64, page: Page, reader: &IdentityKey) -> bool {
+        let expected = next + self.entries.len() as u64 + u64::from(self.carry.is_some());
         if e.seq < expected {
             return true;
         }
-        if e.seq > expected || e.kind == EntryKind::Commit {
+        if e.seq > expected {
             return false;
+        }
+        if e.kind == EntryKind::Commit {
+            match &e.removed {
+                None => return false,
+                Some(removed) => self.removed = removed.contains(reader),
+            }
         }
         let size = entry_size(&e);
         if page.admits(self.entries.len(), self.bytes, size) {

@@ -8,12 +8,14 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
+use quicproquo_core::IdentityKey;
 use quicproquo_proto::cluster_capnp::{entry_sink, inbox_sink};
+use quicproquo_proto::errors::{ErrorCode, error};
 use quicproquo_telemetry::propagation::{self, LinkContext, WireContext};
 use tracing::Span;
 
 use super::followed::check_followed;
-use crate::model::group::GroupId;
+use crate::model::group::{GroupId, MAX_CHANGE};
 use crate::obs::calls::InFlight;
 use crate::obs::spans::{record_group, trace_of};
 use crate::ordering::hub::Hub;
@@ -60,6 +62,33 @@ fn pushed_by(p: entry_sink::deliver_params::Reader<'_>) -> WireContext {
     }
 }
 
+/// A commit's position and the members it removed.
+type Removal = (u64, Arc<[IdentityKey]>);
+
+/// The membership effects of the batch's commits, checked: at most one per entry, each at
+/// most [`MAX_CHANGE`] well-formed identities.
+fn read_removals(
+    p: &entry_sink::deliver_params::Reader<'_>,
+    entries: u32,
+) -> Result<Vec<Removal>, capnp::Error> {
+    if !p.has_removals() {
+        return Ok(Vec::new());
+    }
+    let list = p.get_removals()?;
+    if list.len() > entries {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            "more removals than entries",
+        ));
+    }
+    list.iter()
+        .map(|r| {
+            let ids = parse::identities(r.get_identities()?, MAX_CHANGE)?;
+            Ok((r.get_seq(), Arc::from(ids)))
+        })
+        .collect()
+}
+
 impl EntrySink {
     /// Publishes the pushed entries to local subscribers, inside the receiving span: it links
     /// to each traced entry's append, and each entry carries on both the append and this span
@@ -87,9 +116,15 @@ impl EntrySink {
         received.record("messaging.operation.name", "deliver");
         received.record("messaging.batch.message_count", i64::from(entries.len()));
         propagation::link_each(&received, appends.iter().map(Option::as_ref));
+        let removals = read_removals(&p, entries.len())?;
         for (e, append) in entries.iter().zip(&appends) {
             let origin = LinkContext::through(append.as_ref(), &received);
-            self.hub.publish(&group, read_entry(e)?, origin);
+            let entry = read_entry(e)?;
+            let removed = removals
+                .iter()
+                .find(|(seq, _)| *seq == entry.seq)
+                .map(|(_, ids)| Arc::clone(ids));
+            self.hub.publish(&group, entry, origin, removed);
         }
         if p.get_resync() {
             self.hub.resync(&group);
