@@ -64,6 +64,12 @@ pub enum StateError {
         /// The version it declares.
         version: u32,
     },
+    /// Another process holds the state (see [`StateLock`]).
+    #[error(
+        "{0} is in use by another qpq process (one at a time per state file: a running \
+         `recv --follow` holds it until it stops)"
+    )]
+    InUse(PathBuf),
     /// A key could not be generated.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -98,6 +104,42 @@ struct OnDisk {
     appended: u64,
     /// The metadata as last written.
     meta: Vec<u8>,
+}
+
+/// An exclusive hold on a state file for one process (an advisory lock on `PATH.lock`), released
+/// when dropped or when the process exits. Saves append what changed since the saver's own last
+/// save, so two processes saving one state file would interleave changes made from different
+/// states: a process that writes the state takes this first.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the hold on the state file at `path`, or fails at once with
+    /// [`StateError::InUse`] if another process has it.
+    pub fn acquire(path: &Path) -> Result<Self, StateError> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let io_error = |source| StateError::Io {
+            action: "locking",
+            path: lock_path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_error)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StateError::InUse(path.to_owned())),
+            Err(fs::TryLockError::Error(e)) => Err(io_error(e)),
+        }
+    }
 }
 
 /// Everything a device keeps between runs.

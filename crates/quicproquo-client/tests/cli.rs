@@ -285,3 +285,34 @@ fn a_group_conversation_in_separate_invocations() -> Result<()> {
     assert!(bob.contains("epoch 2: removed carol"), "{bob}");
     Ok(())
 }
+
+/// A second `qpq` on a state file another process holds (as a running `recv --follow` does)
+/// stops at once with a clear error and writes nothing, rather than interleaving its saves.
+#[test]
+fn a_state_file_in_use_is_refused() -> Result<()> {
+    let (_server, addr, key) = start()?;
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("alice.bin");
+    let state_arg = state.to_string_lossy().into_owned();
+    let base = [
+        "--server",
+        &addr,
+        "--server-key",
+        &key,
+        "--state",
+        &state_arg,
+    ];
+    let out = qpq(&[&base[..], &["register", "--name", "alice"]].concat())?;
+    assert!(out.status.success(), "{out:?}");
+    let before = std::fs::read(&state)?;
+    let held = quicproquo_client::state::StateLock::acquire(&state)?;
+    let out = qpq(&[&base[..], &["create-group", "friends"]].concat())?;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(stderr.contains("in use by another qpq process"), "{stderr}");
+    assert_eq!(std::fs::read(&state)?, before, "the state was not written");
+    drop(held);
+    let out = qpq(&[&base[..], &["create-group", "friends"]].concat())?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use quicproquo_client::state::DEFAULT_STATE_FILE;
+use quicproquo_client::state::{DEFAULT_STATE_FILE, StateLock};
 use quicproquo_core::duration::parse_duration;
 use quicproquo_core::mls::Suite;
 
@@ -155,6 +155,11 @@ impl Cli {
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     let stop = Stop::install()?;
     let out = Output { json: cli.json };
+    // Every command that may write the state holds it until the command ends.
+    let _state = match &cli.command {
+        Command::Ping | Command::Whoami => None,
+        _ => Some(StateLock::acquire(&cli.state)?),
+    };
     if let Command::Recv { follow: true } = &cli.command {
         return commands::recv(&cli, &out, Some(&stop)).await;
     }

@@ -201,3 +201,20 @@ fn a_state_file_of_the_previous_version_is_refused_by_name() -> R {
     ));
     Ok(())
 }
+
+/// One process at a time holds a state file: a second hold fails at once with `InUse`, and the
+/// file is free again when the first is dropped.
+#[test]
+fn a_state_file_is_held_by_one_process_at_a_time() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("qpq-state.bin");
+    let first = StateLock::acquire(&path)?;
+    assert!(matches!(
+        StateLock::acquire(&path),
+        Err(StateError::InUse(p)) if p == path
+    ));
+    drop(first);
+    let again = StateLock::acquire(&path)?;
+    drop(again);
+    Ok(())
+}
