@@ -198,6 +198,27 @@ async fn a_reported_commit_is_reverted_and_the_group_goes_on(
         got.iter().any(|(_, t)| t == "and back"),
         "alice got {got:?}"
     );
+
+    // Every report is counted by its outcome: one revert, the repeats, and each refusal by
+    // the rule that refused it (the members' own clients report too, so at least these).
+    let mut text = String::new();
+    server.handle()?.observer().metrics.render(&mut text);
+    let count = |outcome: &str| -> u64 {
+        let series = format!("qpq_commit_reports_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    ensure!(count("reverted") == 1, "{text}");
+    for (outcome, at_least) in [
+        ("already_reverted", 1),
+        ("committer", 1),
+        ("not_member", 1),
+        ("signature", 2),
+        ("not_latest", 1),
+    ] {
+        ensure!(count(outcome) >= at_least, "{outcome}: {text}");
+    }
     Ok(())
 }
 
