@@ -27,6 +27,11 @@ pub(crate) struct Args {
     /// The cluster public key (hex) the target's nodes are vouched for by.
     #[arg(long, env = "QPQ_SERVER_KEY")]
     pub(crate) server_key: Option<String>,
+    /// With --target: the ops endpoints (`http://host:port`, as `ops_listen`) of the nodes that
+    /// verify commits (the shards, or a standalone node): the report then states the server's
+    /// verification time, read from their `qpq_handshake_verify_duration_seconds`.
+    #[arg(long, value_delimiter = ',', env = "QPQ_METRICS")]
+    pub(crate) metrics: Vec<String>,
     /// Without --target: run the server as a child process (its memory and CPU are then
     /// measured exactly) instead of in this process. Always so for `connections`.
     #[arg(long)]
@@ -214,6 +219,9 @@ impl Args {
             .collect::<Result<Vec<_>>>()?;
         if !self.target.is_empty() && self.server_key.is_none() {
             bail!("--target needs --server-key (the cluster public key, hex)");
+        }
+        if self.target.is_empty() && !self.metrics.is_empty() {
+            bail!("--metrics names a remote cluster's ops endpoints: it needs --target");
         }
         Ok(Settings {
             scenario: self.scenario,

@@ -97,7 +97,7 @@ fn endpoint(
         }
     } else {
         let key = args.server_key.as_deref().unwrap_or_default();
-        controller.block_on(server::remote(&args.target, key))
+        controller.block_on(server::remote(&args.target, key, &args.metrics))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The server under test: an in-process `standalone` server on the embedded store (the
 //! default), the same in a child process (`--server-process`: its memory and CPU are then its
-//! own), or a remote cluster (`--target`).
+//! own), or a remote cluster (`--target`; its verifying nodes' metrics with `--metrics`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -23,10 +23,69 @@ pub(crate) enum Target {
     Child {
         child: Child,
         stdin: Option<ChildStdin>,
+        /// Its metrics endpoint.
+        metrics: Metrics,
         _dir: tempfile::TempDir,
     },
-    /// Somebody else's cluster.
-    Remote,
+    /// Somebody else's cluster, and the metrics endpoints of its verifying nodes (if given).
+    Remote { metrics: Option<Metrics> },
+}
+
+/// The `/metrics` endpoints of the nodes that verify commits, read over HTTP.
+pub(crate) struct Metrics {
+    urls: Vec<String>,
+    client: reqwest::blocking::Client,
+}
+
+impl Metrics {
+    /// `endpoints`: ops listen addresses as `http://host:port` (`/metrics` is appended).
+    fn new(endpoints: &[String]) -> Result<Self> {
+        let first = endpoints.first().context("no metrics endpoint")?;
+        let client = quicproquo_telemetry::otlp::http_client(first)
+            .with_context(|| format!("metrics endpoint {first}"))?;
+        let urls = endpoints
+            .iter()
+            .map(|e| format!("{}/metrics", e.trim_end_matches('/')))
+            .collect();
+        Ok(Self { urls, client })
+    }
+
+    /// The verification histogram's count and sum, added over the endpoints; `None` if one
+    /// does not answer. The blocking client runs on a thread of its own (the caller may be
+    /// inside an async runtime).
+    fn verifications(&self) -> Option<(u64, f64)> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut total = (0, 0.0);
+                    for url in &self.urls {
+                        let text = self.client.get(url).send().ok()?.text().ok()?;
+                        let (n, s) = verify_histogram(&text)?;
+                        total = (total.0 + n, total.1 + s);
+                    }
+                    Some(total)
+                })
+                .join()
+                .ok()
+                .flatten()
+        })
+    }
+}
+
+/// `qpq_handshake_verify_duration_seconds`'s count and sum in a Prometheus text exposition.
+fn verify_histogram(text: &str) -> Option<(u64, f64)> {
+    let value = |name: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    let count = value("qpq_handshake_verify_duration_seconds_count")?;
+    let sum = value("qpq_handshake_verify_duration_seconds_sum")?;
+    Some((count as u64, sum))
 }
 
 /// Where to connect and which key vouches for the nodes.
@@ -51,15 +110,20 @@ impl Target {
     }
 
     /// The server's commit and proposal verifications so far (`qpq_handshake_verify_duration_seconds`):
-    /// how many, and their total time in seconds. Read from the server's metrics when it runs
-    /// in this process; `None` for a child process or a remote cluster.
+    /// how many, and their total time in seconds. Read from the server's metrics: directly
+    /// when it runs in this process, over its ops endpoint for a child process, over the
+    /// endpoints given with `--metrics` for a remote cluster (`None` without them).
     pub(crate) fn verifications(&self) -> Option<(u64, f64)> {
         match self {
             Self::InProcess { handle, .. } => {
                 let h = &handle.observer().metrics.verify_seconds;
                 Some((h.count(), h.sum()))
             }
-            _ => None,
+            Self::Child { metrics, .. }
+            | Self::Remote {
+                metrics: Some(metrics),
+            } => metrics.verifications(),
+            Self::Remote { metrics: None } => None,
         }
     }
 
@@ -68,7 +132,7 @@ impl Target {
         match self {
             Self::InProcess { .. } => "in-process standalone server, embedded store".into(),
             Self::Child { .. } => "standalone server in a child process, embedded store".into(),
-            Self::Remote => format!(
+            Self::Remote { .. } => format!(
                 "remote: {}",
                 addrs
                     .iter()
@@ -87,15 +151,13 @@ impl Target {
                 handle.join()?;
             }
             Self::Child {
-                mut child,
-                stdin,
-                _dir,
+                mut child, stdin, ..
             } => {
                 // Closing its standard input is the child's signal to shut down.
                 drop(stdin);
                 child.wait().context("waiting for the server process")?;
             }
-            Self::Remote => {}
+            Self::Remote { .. } => {}
         }
         Ok(())
     }
@@ -117,6 +179,8 @@ fn config(dir: &Path, max_connections: usize) -> ServerConfig {
     config.limits.idle_timeout = Duration::from_secs(24 * 3600);
     config.handshake_timeout = Duration::from_secs(60);
     config.shutdown_grace = Duration::from_secs(2);
+    // Its metrics (verification time) are read over the ops endpoint when it is a child.
+    config.ops_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config
 }
 
@@ -157,13 +221,15 @@ pub(crate) fn child(max_connections: usize) -> Result<Endpoint> {
         .read_line(&mut line)
         .context("reading the server's address")?;
     let mut words = line.split_whitespace();
-    let (Some("listening"), Some(addr), Some(key)) = (words.next(), words.next(), words.next())
+    let (Some("listening"), Some(addr), Some(key), Some(ops)) =
+        (words.next(), words.next(), words.next(), words.next())
     else {
         let _ = child.kill();
         bail!("the server process did not start (said {line:?})");
     };
     let addr: SocketAddr = addr.parse().context("server address")?;
     let cluster_key = parse_key(key)?;
+    let metrics = Metrics::new(&[format!("http://{ops}")])?;
     let stdin = child.stdin.take();
     Ok(Endpoint {
         addrs: vec![addr],
@@ -171,18 +237,24 @@ pub(crate) fn child(max_connections: usize) -> Result<Endpoint> {
         target: Target::Child {
             child,
             stdin,
+            metrics,
             _dir: dir,
         },
     })
 }
 
 /// A remote cluster.
-pub(crate) async fn remote(target: &[String], key: &str) -> Result<Endpoint> {
+pub(crate) async fn remote(target: &[String], key: &str, metrics: &[String]) -> Result<Endpoint> {
     let addrs = quicproquo_client::resolve(target).await?;
+    let metrics = if metrics.is_empty() {
+        None
+    } else {
+        Some(Metrics::new(metrics)?)
+    };
     Ok(Endpoint {
         addrs,
         cluster_key: parse_key(key)?,
-        target: Target::Remote,
+        target: Target::Remote { metrics },
     })
 }
 
@@ -200,9 +272,12 @@ pub(crate) fn serve(dir: &Path, max_connections: usize) -> Result<()> {
     let handle = quicproquo_server::start(config, listener, identity, store)?;
     {
         let mut out = std::io::stdout().lock();
+        let ops = handle
+            .ops_addr()
+            .context("the server has no ops endpoint")?;
         writeln!(
             out,
-            "listening {} {}",
+            "listening {} {} {ops}",
             handle.local_addr(),
             handle.cluster_key().to_hex()
         )?;
@@ -214,4 +289,20 @@ pub(crate) fn serve(dir: &Path, max_connections: usize) -> Result<()> {
     handle.shutdown();
     handle.join()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verification_histogram_is_read_from_an_exposition() {
+        let text = "# TYPE qpq_handshake_verify_duration_seconds histogram\n\
+                    qpq_handshake_verify_duration_seconds_bucket{le=\"+Inf\"} 3\n\
+                    qpq_handshake_verify_duration_seconds_sum 0.0125\n\
+                    qpq_handshake_verify_duration_seconds_count 3\n\
+                    qpq_handshake_verify_duration_seconds_count_other 9\n";
+        assert_eq!(verify_histogram(text), Some((3, 0.0125)));
+        assert_eq!(verify_histogram("qpq_other_count 3\n"), None);
+    }
 }
