@@ -16,9 +16,12 @@ use quicproquo_core::NodeRole;
 use quicproquo_core::mls::Suite;
 use quicproquo_core::report::CommitReport;
 use quicproquo_proto::errors::ErrorCode;
+use quicproquo_server::model::group::GroupId;
 use quicproquo_server::store::AnyStore;
+use quicproquo_server::store::embedded::EmbeddedStore;
+use quicproquo_server::store::log::LogStore as _;
 use support::forge::bad_confirmation_tag;
-use support::groups::server_view;
+use support::groups::{group_of_two, server_view};
 use support::logs::captured_logs;
 use support::{TestServer, User, local};
 
@@ -358,9 +361,110 @@ async fn a_processed_commit_is_not_reverted(store: Option<AnyStore>) -> Result<(
     Ok(())
 }
 
+/// The server keeps a group's view as snapshots plus the verified messages after them (ADR
+/// 0018): with one view cached, each commit to the group reloads its view from the store (the
+/// latest snapshot, then the messages after it replayed), and every 16th commit writes a
+/// snapshot. A bad commit that took a snapshot is reverted like any other: the view goes back
+/// to the snapshot before it and the 15 commits after that, and the group goes on.
+async fn a_commit_that_took_a_snapshot_is_reverted(store: Option<AnyStore>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = match store {
+        Some(s) => s,
+        None => AnyStore::Embedded(EmbeddedStore::open(&dir.path().join("qpq.db"))?),
+    };
+    let server = TestServer::start_with(NodeRole::Standalone, Some(store.clone()), |c| {
+        c.limits.max_cached_group_views = 1;
+    })?;
+    let (mut alice, mut bob, _eve, id) = group_of_two(&server, dir.path()).await?;
+    let g = hex::encode(&id[..4]);
+    // Commits to a second group evict the first one's view from the cache.
+    alice.chat().create_group("other").await?;
+    let gid = GroupId::new(&id)?;
+    let stored = || async {
+        store
+            .load_view(&gid)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no stored view"))
+    };
+    // Honest commits, each verified against a reloaded view, until the next one takes a
+    // snapshot (15 commits are kept after the latest).
+    for _ in 0..40 {
+        let kept = stored().await?.tail.len();
+        if kept == 15 {
+            break;
+        }
+        bob.chat().update(&g, &mut |_| {}).await?;
+        alice.recv().await?;
+        alice.chat().update("other", &mut |_| {}).await?;
+    }
+    let before = stored().await?;
+    ensure!(before.tail.len() == 15, "{} kept", before.tail.len());
+    // Each of those commits loaded the group's view and replayed what was kept after the
+    // snapshot: 0 + 1 + ... + 14 messages at least.
+    let counter = |name: &str| -> Result<u64> {
+        let mut text = String::new();
+        server.handle()?.observer().metrics.render(&mut text);
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0))
+    };
+    ensure!(counter("qpq_group_view_loads_total ")? >= 15);
+    ensure!(counter("qpq_group_view_replayed_total ")? >= (0..15).sum::<u64>());
+    let seq = bad_self_update(&mut alice, &id).await?;
+    let snapshot = stored().await?;
+    ensure!(
+        snapshot.tail.is_empty() && snapshot.epoch == before.epoch + 1,
+        "the bad commit took no snapshot: {} kept, epoch {}",
+        snapshot.tail.len(),
+        snapshot.epoch
+    );
+    alice.chat().update("other", &mut |_| {}).await?;
+
+    // Bob cannot process it and reports it: the view is the one before it again.
+    let events = bob.recv().await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e, ChatEvent::Reverted { commit_seq, .. } if *commit_seq == seq)),
+        "{events:?}"
+    );
+    ensure!(
+        stored().await? == before,
+        "the view before the bad commit was not restored"
+    );
+    alice.recv().await?;
+
+    // The group goes on from it: Bob's commit (now the snapshot), then one kept after it,
+    // each verified against a reloaded view; they talk.
+    for kept in [0, 1] {
+        bob.chat().update(&g, &mut |_| {}).await?;
+        alice.recv().await?;
+        alice.chat().update("other", &mut |_| {}).await?;
+        let now = stored().await?;
+        ensure!(
+            now.tail.len() == kept,
+            "{} kept, not {kept}",
+            now.tail.len()
+        );
+        ensure!(now.epoch == before.epoch + 1 + kept as u64);
+    }
+    alice
+        .chat()
+        .send("g", b"after the snapshot", &mut |_| {})
+        .await?;
+    let got = User::messages(&bob.recv().await?);
+    ensure!(
+        got.iter().any(|(_, t)| t == "after the snapshot"),
+        "bob got {got:?}"
+    );
+    Ok(())
+}
+
 both_stores!(
     a_reported_commit_is_reverted_and_the_group_goes_on,
     a_reverted_add_is_undone,
     a_reverted_remove_readmits,
-    a_processed_commit_is_not_reverted
+    a_processed_commit_is_not_reverted,
+    a_commit_that_took_a_snapshot_is_reverted
 );

@@ -249,3 +249,75 @@ async fn the_store_does_not_depend_on_the_runtime_that_opened_it() -> Result<()>
     );
     Ok(())
 }
+
+/// A database whose views were stored whole (migrations up to 0006, ADR 0012/0015) is
+/// migrated to snapshots (0007, ADR 0018): the stored view becomes the snapshot at the
+/// group's last seq and the view kept before its latest commit the snapshot just before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_stored_whole_become_snapshots() -> Result<()> {
+    use quicproquo_server::model::group::GroupId;
+    use quicproquo_server::store::log::LogStore;
+    let db = fresh_database().await?;
+    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (
+                 version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let before = MIGRATIONS
+        .iter()
+        .take_while(|(v, _)| *v != "0007_view_snapshots");
+    for (version, sql) in before {
+        client.batch_execute(sql).await?;
+        client
+            .execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+    }
+    let group = b"legacy group".as_slice();
+    client
+        .execute(
+            "INSERT INTO groups (group_id, epoch, last_seq, last_commit_seq) VALUES ($1, 4, 9, 7)",
+            &[&group],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO group_views (group_id, epoch, state, proposals, group_info, commit_seq,
+                 committer, prev_epoch, prev_state, prev_proposals, prev_group_info,
+                 prev_commit_seq)
+             VALUES ($1, 4, 'state at 9', 'proposals', 'info 4', 7, $2, 3, 'state at 6', '',
+                     'info 3', 2)",
+            &[&group, &[7u8; 32].as_slice()],
+        )
+        .await?;
+    ensure!(migrate(db.url()).await? == ["0007_view_snapshots"]);
+    let snapshots: Vec<(i64, Vec<u8>)> = client
+        .query(
+            "SELECT seq, state FROM view_snapshots WHERE group_id = $1 ORDER BY seq",
+            &[&group],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ensure!(
+        snapshots == [(6, b"state at 6".to_vec()), (9, b"state at 9".to_vec())],
+        "{snapshots:?}"
+    );
+    drop(client);
+    let _ = driver.await;
+    let store = PgStore::connect(db.url(), 2).await?;
+    let view = store
+        .load_view(&GroupId::new(group)?)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no view"))?;
+    ensure!(view.epoch == 4 && view.state == b"state at 9" && view.proposals == b"proposals");
+    ensure!(view.group_info == b"info 4" && view.tail.is_empty());
+    ensure!(store.group_info(&GroupId::new(group)?).await? == Some((b"info 4".to_vec(), 4)));
+    Ok(())
+}

@@ -14,8 +14,9 @@ pub struct CommitOutput {
     /// The Welcome for the added members (an MLSMessage, with the ratchet tree), if any. Deliver
     /// it only once the commit is accepted.
     pub welcome: Option<Vec<u8>>,
-    /// The new epoch's GroupInfo (an MLSMessage with the ratchet tree, signed by us): the
-    /// server checks it against its view of the group and serves it to members.
+    /// The new epoch's GroupInfo (an MLSMessage signed by us, without the ratchet tree: the
+    /// server has it): the server checks it against its view of the group and serves it to
+    /// members.
     pub group_info: Vec<u8>,
     /// The epoch the commit applies to: the group's epoch now, before merging.
     pub epoch: u64,

@@ -1,6 +1,7 @@
 //! Reading RFC 9420 encodings where openmls exposes no accessor: the lifetime of a serialized
 //! LeafNode (§7.2; only leaves with a basic credential, all of ours), and the vector framing
-//! (§2.1.2) the public view's GroupInfo check walks.
+//! (§2.1.2) the public view's GroupInfo check walks, and its writing (a GroupInfo re-signed
+//! without the ratchet tree).
 
 /// (`not_before`, `not_after`) of a TLS-serialized LeafNode whose source is a KeyPackage;
 /// `None` for a leaf from an update or commit, or bytes that do not parse.
@@ -58,4 +59,38 @@ pub(super) fn vector<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
         _ => return None,
     };
     take(r, len)
+}
+
+/// Appends `bytes` to `out` as an `opaque<V>` (RFC 9420 §2.1.2: the shortest variable-length
+/// length, then the bytes); `None` if longer than the encoding allows (2^30 - 1).
+pub(super) fn put_vector(out: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+    let len = bytes.len();
+    if len < 1 << 6 {
+        out.push(len as u8);
+    } else if len < 1 << 14 {
+        out.extend_from_slice(&(len as u16 | 0x4000).to_be_bytes());
+    } else if len < 1 << 30 {
+        out.extend_from_slice(&(len as u32 | 0x8000_0000).to_be_bytes());
+    } else {
+        return None;
+    }
+    out.extend_from_slice(bytes);
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_round_trip_at_each_length_size() {
+        for len in [0, 1, 63, 64, 16_383, 16_384, 70_000] {
+            let bytes = vec![7u8; len];
+            let mut out = Vec::new();
+            assert_eq!(put_vector(&mut out, &bytes), Some(()));
+            let mut r = out.as_slice();
+            assert_eq!(vector(&mut r), Some(bytes.as_slice()), "length {len}");
+            assert!(r.is_empty());
+        }
+    }
 }

@@ -61,6 +61,7 @@
 
 mod error;
 mod event;
+mod info;
 mod inspect;
 mod lifetime;
 mod policy;
@@ -262,6 +263,7 @@ impl Group {
             .add_members(provider, me.signer(), &validated)
             .map_err(GroupError::library)?;
         self.commit_output(
+            me,
             epoch,
             &commit,
             Some(&welcome),
@@ -301,6 +303,7 @@ impl Group {
             .remove_members(provider, me.signer(), &leaves)
             .map_err(GroupError::library)?;
         self.commit_output(
+            me,
             epoch,
             &commit,
             welcome.as_ref(),
@@ -322,7 +325,7 @@ impl Group {
             .self_update(provider, me.signer(), LeafNodeParameters::default())
             .map_err(GroupError::library)?;
         let (commit, welcome, info) = bundle.into_messages();
-        self.commit_output(epoch, &commit, welcome.as_ref(), info)
+        self.commit_output(me, epoch, &commit, welcome.as_ref(), info)
     }
 
     /// Merges our pending commit (the server accepted it) and returns the new epoch. Its echo
@@ -552,6 +555,7 @@ impl Group {
 
     fn commit_output(
         &self,
+        me: &MlsIdentity,
         epoch: u64,
         commit: &MlsMessageOut,
         welcome: Option<&MlsMessageOut>,
@@ -559,6 +563,7 @@ impl Group {
     ) -> Result<CommitOutput, GroupError> {
         let group_info = group_info
             .ok_or_else(|| GroupError::library("the commit came without its GroupInfo"))?;
+        let group_info = info::without_ratchet_tree(&serialize(&group_info)?, me.signer())?;
         let staged = self
             .mls
             .pending_commit()
@@ -567,7 +572,7 @@ impl Group {
         Ok(CommitOutput {
             commit: serialize(commit)?,
             welcome: welcome.map(serialize).transpose()?,
-            group_info: serialize(&group_info)?,
+            group_info,
             epoch,
             added: changes.added,
             removed: changes.removed,

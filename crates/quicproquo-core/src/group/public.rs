@@ -5,9 +5,12 @@
 //! The view is built once, from the creator's GroupInfo and ratchet tree at group creation
 //! ([`PublicView::create`]), and then only moves by verified commits: it is never rebuilt from
 //! a GroupInfo later (a member's leaf lifetime may have expired by then, and openmls refuses a
-//! tree holding an expired leaf). Its state is kept in a compact binary encoding
-//! ([`PublicView::state`], postcard of openmls's own types) that a store writes with the commit
-//! that produced it, and [`PublicView::load`] reads back.
+//! tree holding an expired leaf). Its durable form is a snapshot plus the verified handshake
+//! messages after it (ADR 0018): every [`SNAPSHOT_EVERY`]th commit's merge returns the whole
+//! state in a compact binary encoding (postcard of openmls's own types), which a store writes
+//! with that commit; other merges write nothing tree-sized, and the store keeps the verified
+//! message instead. [`PublicView::load`] decodes a snapshot and [`PublicView::replay`] applies
+//! the messages after it.
 //!
 //! What it verifies ([`PublicView::stage`] and [`PublicView::merge`]): the message is a
 //! PublicMessage of this group and epoch, from a current member whose leaf credential names the
@@ -16,7 +19,7 @@
 //! signed and not expired; a Remove names an existing leaf; the update path is well formed);
 //! every new or changed leaf is bound to its own signature key, and a member never changes
 //! identity; the Welcome is exactly for the added KeyPackages; the new epoch's GroupInfo is the
-//! committer's signed view of the new state. What it cannot verify: the membership tag, the
+//! committer's signed view of the new state, without the ratchet tree (the server has it). What it cannot verify: the membership tag, the
 //! confirmation tag and the encrypted path secrets (they need the epoch's secrets), nor any
 //! application message's content.
 
@@ -41,6 +44,7 @@ use super::policy::{bound_identity, check_proposal, identity_of, leaf_identity};
 use crate::identity::IdentityKey;
 use crate::mls::Suite;
 
+mod group_info;
 mod storage;
 
 pub use storage::ViewStorageError;
@@ -155,11 +159,30 @@ pub enum Verified {
     Proposal(Box<QueuedProposal>),
 }
 
+/// A snapshot of the whole state is taken at every this many commits (ADR 0018): a view is
+/// restored from its latest snapshot and at most this many commits after it (plus the
+/// proposals among them), and the snapshot's encoding, about the tree's size, is written once
+/// per this many commits instead of with each.
+pub const SNAPSHOT_EVERY: u32 = 16;
+
+/// Most proposals queued in one epoch: past it a proposal is refused until a commit.
+pub const MAX_QUEUED_PROPOSALS: usize = 64;
+
 /// The public state of one group, as the Delivery Service keeps it.
 pub struct PublicView {
     group: PublicGroup,
     /// The proposals of the current epoch, encoded as [`PublicView::proposals`] returns them.
     queued: Vec<Encoded>,
+    /// Commits merged since the state was last encoded (at creation, a load or a snapshot).
+    since_snapshot: u32,
+}
+
+/// What merging a commit into the view wrote.
+#[derive(Debug)]
+pub struct Merged {
+    /// The whole new state, encoded, when this commit is a snapshot; `None`: the store keeps
+    /// the commit itself after its latest snapshot.
+    pub state: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for PublicView {
@@ -219,20 +242,70 @@ impl PublicView {
             Self {
                 group,
                 queued: Vec::new(),
+                since_snapshot: 0,
             },
             state,
         ))
     }
 
-    /// Restores a view from its encoded state and its encoded proposals (as
-    /// [`PublicView::state`] and [`PublicView::proposals`] wrote them).
+    /// Restores a view from a snapshot: its encoded state and its encoded proposals (as
+    /// [`PublicView::merge`] and [`PublicView::proposals`] wrote them). The verified messages
+    /// stored after the snapshot are then applied with [`PublicView::replay`].
     pub fn load(state: &[u8], proposals: &[u8]) -> Result<Self, ViewError> {
         let storage = ViewStorage::decode(state, proposals)?;
         let queued = storage.proposals.borrow().clone();
         let group = PublicGroup::load(&storage, &GroupId::from_slice(&[]))
             .map_err(|_| ViewError::Corrupt("state does not decode"))?
             .ok_or(ViewError::Corrupt("state is incomplete"))?;
-        Ok(Self { group, queued })
+        Ok(Self {
+            group,
+            queued,
+            since_snapshot: 0,
+        })
+    }
+
+    /// Applies a handshake message the server verified and appended after the view's snapshot
+    /// (a commit or a proposal, in log order), as [`stage`](Self::stage) and
+    /// [`merge`](Self::merge) or [`queue`](Self::queue) did then, without the checks that
+    /// need the caller or the uploads (they passed when it was appended). A message that no
+    /// longer applies means the stored view is corrupt.
+    pub fn replay(&mut self, message: &[u8]) -> Result<(), ViewError> {
+        let corrupt = |_| ViewError::Corrupt("a stored handshake message does not apply");
+        let message = MlsMessageIn::tls_deserialize_exact(message)
+            .map_err(|_| ViewError::Corrupt("a stored handshake message does not parse"))?;
+        let MlsMessageBodyIn::PublicMessage(public) = message.extract() else {
+            return Err(ViewError::Corrupt(
+                "a stored handshake message is not public",
+            ));
+        };
+        let processed = self
+            .group
+            .process_message(&RustCrypto::default(), ProtocolMessage::from(public))
+            .map_err(|e| corrupt(ViewError::Invalid(e.to_string())))?;
+        match processed.into_content() {
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                self.group
+                    .merge_commit(&ViewStorage::discarding(), *staged)
+                    .map_err(|e| corrupt(library(e)))?;
+                self.queued.clear();
+                self.since_snapshot = self.since_snapshot.saturating_add(1);
+                Ok(())
+            }
+            ProcessedMessageContent::ProposalMessage(queued) => self.queue(*queued).map(drop),
+            _ => Err(ViewError::Corrupt(
+                "a stored handshake message is no commit or proposal",
+            )),
+        }
+    }
+
+    /// Commits merged since the view's state was last encoded.
+    pub fn since_snapshot(&self) -> u32 {
+        self.since_snapshot
+    }
+
+    /// Makes the next merged commit a snapshot, whatever the count since the last one.
+    pub fn snapshot_next(&mut self) {
+        self.since_snapshot = self.since_snapshot.max(SNAPSHOT_EVERY - 1);
     }
 
     /// The group's current epoch.
@@ -298,6 +371,11 @@ impl PublicView {
             }
             ProcessedMessageContent::ProposalMessage(queued) => {
                 check_proposal(queued.proposal()).map_err(policy)?;
+                if self.queued.len() >= MAX_QUEUED_PROPOSALS {
+                    return Err(ViewError::Policy(format!(
+                        "at most {MAX_QUEUED_PROPOSALS} proposals wait for a commit"
+                    )));
+                }
                 if let Proposal::Update(update) = queued.proposal()
                     && leaf_identity(update.leaf_node()).map_err(policy)? != identity
                 {
@@ -422,91 +500,34 @@ impl PublicView {
 
     /// Merges a staged commit, then checks the committer's GroupInfo for the new epoch against
     /// the merged view: the same group context and confirmation tag, signed by the committer's
-    /// leaf, and its ratchet tree (if it carries one) equal to the view's. Returns the new
-    /// encoded state.
+    /// leaf, carrying no ratchet tree. Every [`SNAPSHOT_EVERY`]th commit since the last
+    /// snapshot returns the new encoded state; the others encode nothing.
     ///
     /// On an error the view has already moved: the caller must drop it (and reload the stored
     /// one), not use it.
-    pub fn merge(&mut self, staged: StagedView, group_info: &[u8]) -> Result<Vec<u8>, ViewError> {
+    pub fn merge(&mut self, staged: StagedView, group_info: &[u8]) -> Result<Merged, ViewError> {
         let StagedView {
             staged,
             committer,
             confirmation_tag,
             ..
         } = staged;
-        let storage = ViewStorage::default();
+        let snapshot = self.since_snapshot + 1 >= SNAPSHOT_EVERY;
+        let storage = if snapshot {
+            ViewStorage::default()
+        } else {
+            ViewStorage::discarding()
+        };
         self.group.merge_commit(&storage, staged).map_err(library)?;
         self.queued.clear();
         self.check_group_info(group_info, committer, &confirmation_tag)?;
-        storage.encode()
-    }
-
-    /// Checks the committer's GroupInfo for the merged epoch on its encoding (RFC 9420
-    /// §12.4.3), without decoding the ratchet tree it carries: an MLSMessage GroupInfo whose
-    /// group context is the view's (which binds the tree through its tree hash: a joiner checks
-    /// the tree it gets against it), whose extensions are well framed and of the types a
-    /// GroupInfo may carry, whose confirmation tag is the commit's and signer the committer,
-    /// and whose signature verifies with the committer's leaf key.
-    fn check_group_info(
-        &self,
-        raw: &[u8],
-        committer: LeafNodeIndex,
-        tag: &ConfirmationTag,
-    ) -> Result<(), ViewError> {
-        // MLSMessage: version mls10, wire format mls_group_info.
-        let body = raw
-            .strip_prefix(&[0, 1, 0, 4])
-            .ok_or(ViewError::GroupInfo("not a GroupInfo"))?;
-        let context = self
-            .group
-            .group_context()
-            .tls_serialize_detached()
-            .map_err(library)?;
-        let mut rest = body
-            .strip_prefix(context.as_slice())
-            .ok_or(ViewError::GroupInfo("it does not describe the new epoch"))?;
-        let malformed = ViewError::GroupInfo("malformed");
-        let mut extensions = framing::vector(&mut rest).ok_or(malformed.clone())?;
-        while !extensions.is_empty() {
-            let kind = framing::take(&mut extensions, 2).ok_or(malformed.clone())?;
-            // ratchet_tree (2), external_pub (4), external_senders (5) and private ones.
-            if !matches!(u16::from_be_bytes([kind[0], kind[1]]), 2 | 4 | 5 | 0xf000..) {
-                return Err(ViewError::GroupInfo(
-                    "an extension a GroupInfo may not carry",
-                ));
-            }
-            framing::vector(&mut extensions).ok_or(malformed.clone())?;
+        if !snapshot {
+            self.since_snapshot += 1;
+            return Ok(Merged { state: None });
         }
-        let tag = tag.tls_serialize_detached().map_err(library)?;
-        rest = rest
-            .strip_prefix(tag.as_slice())
-            .ok_or(ViewError::GroupInfo(
-                "its confirmation tag is not the commit's",
-            ))?;
-        let signer = framing::take(&mut rest, 4).ok_or(malformed.clone())?;
-        if u32::from_be_bytes([signer[0], signer[1], signer[2], signer[3]]) != committer.u32() {
-            return Err(ViewError::GroupInfo("its signer is not the committer"));
-        }
-        let tbs = &body[..body.len() - rest.len()];
-        let signature = framing::vector(&mut rest).ok_or(malformed.clone())?;
-        if !rest.is_empty() {
-            return Err(malformed);
-        }
-        let leaf = self
-            .group
-            .leaf(committer)
-            .ok_or(ViewError::GroupInfo("its signer is not the committer"))?;
-        let content = SignContent::new("GroupInfoTBS", tbs.to_vec().into())
-            .tls_serialize_detached()
-            .map_err(library)?;
-        RustCrypto::default()
-            .verify_signature(
-                SignatureScheme::ED25519,
-                &content,
-                leaf.signature_key().as_slice(),
-                signature,
-            )
-            .map_err(|_| ViewError::GroupInfo("its signature does not verify"))
+        let state = storage.encode()?;
+        self.since_snapshot = 0;
+        Ok(Merged { state: Some(state) })
     }
 
     /// Queues a verified proposal the server accepted; returns the encoded proposals.

@@ -233,6 +233,7 @@ impl<'a> State<'a> {
         if let Some(view) = &req.view {
             decision.views.push(NewView {
                 group,
+                seq,
                 commit: (req.kind == EntryKind::Commit).then_some(ViewCommit {
                     seq,
                     committer: &req.sender,
@@ -417,14 +418,18 @@ pub struct ViewCommit<'a> {
 pub struct NewView<'a> {
     /// The group.
     pub group: &'a [u8],
+    /// The verified message's seq: a snapshot's, or the one kept after the latest snapshot
+    /// (ADR 0018).
+    pub seq: u64,
     /// With a commit: its seq, committer and the commit before it. The stored view then keeps
     /// the state it replaces, so the commit can be reverted (ADR 0015).
     pub commit: Option<ViewCommit<'a>>,
     /// Its epoch after the message.
     pub epoch: u64,
-    /// The new encoded state; `None`: unchanged.
+    /// A snapshot's encoded state; `None`: the message's seq is kept after the latest
+    /// snapshot.
     pub state: Option<&'a [u8]>,
-    /// The epoch's encoded proposals.
+    /// With a snapshot: the epoch's encoded proposals.
     pub proposals: &'a [u8],
     /// The new GroupInfo; `None`: unchanged.
     pub group_info: Option<&'a [u8]>,

@@ -114,15 +114,17 @@ pub struct CommitChange {
     pub group_info: Option<Vec<u8>>,
 }
 
-/// The group's public view after a verified handshake message, written with it: the new
-/// encoded state (after a commit), the current epoch's proposals and the latest GroupInfo.
+/// The group's public view after a verified handshake message, written with it (ADR 0018):
+/// the new epoch and latest GroupInfo, and either a snapshot of the whole state (every 16th
+/// commit) or, kept after the latest snapshot, the message itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ViewWrite {
     /// The group's epoch once the message is appended.
     pub epoch: u64,
-    /// The new encoded state; `None`: unchanged (a proposal).
+    /// A snapshot: the new encoded state; `None`: the store keeps the message after the
+    /// latest snapshot instead.
     pub state: Option<Vec<u8>>,
-    /// The encoded proposals of the epoch (replacing the stored ones).
+    /// With a snapshot: the encoded proposals of the epoch.
     pub proposals: Vec<u8>,
     /// The new epoch's GroupInfo; `None`: unchanged.
     pub group_info: Option<Vec<u8>>,
@@ -132,17 +134,20 @@ pub struct ViewWrite {
     pub unverified: bool,
 }
 
-/// A group's public view as stored.
+/// A group's public view as stored (ADR 0018): its latest snapshot and the verified handshake
+/// messages appended after it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredView {
-    /// The epoch the state is at.
+    /// The group's epoch (after the messages of `tail`).
     pub epoch: u64,
-    /// The encoded state (`quicproquo_core::group::public`).
+    /// The latest snapshot's encoded state (`quicproquo_core::group::public`).
     pub state: Vec<u8>,
-    /// The encoded proposals of the epoch.
+    /// The snapshot's encoded proposals.
     pub proposals: Vec<u8>,
     /// The latest GroupInfo (the creator's, then each committer's).
     pub group_info: Vec<u8>,
+    /// The verified commits and proposals appended after the snapshot, in log order.
+    pub tail: Vec<Vec<u8>>,
 }
 
 /// One message to append.

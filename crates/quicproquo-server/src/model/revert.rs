@@ -4,7 +4,9 @@
 //! A member that cannot process a commit (a bad confirmation or membership tag, or path
 //! secrets: what the server's public view cannot check) reports it with a signed report. The
 //! store reverts the group to the epoch before the commit only if, under the group's lock:
-//! - the reporter was a member before the commit (it joined before it and had not left);
+//! - the reporter was a member before the commit (it joined before it and had not left), and
+//!   the commit does not remove it: a member cannot undo its own removal, so honest members
+//!   can always remove one that reports their valid commits as bad;
 //! - the commit is the group's latest (nothing committed on top of it) and the view before
 //!   it is kept;
 //! - the reporter is not its committer;
@@ -65,6 +67,8 @@ pub enum RevertRefusal {
     NoEarlierView,
     /// A member other than the committer acknowledged the commit: it processed it.
     Processed,
+    /// The commit removes the reporter (the other members report it if it is bad).
+    Removed,
 }
 
 impl RevertRefusal {
@@ -77,6 +81,7 @@ impl RevertRefusal {
             Self::Committer => "committer",
             Self::NoEarlierView => "no_earlier_view",
             Self::Processed => "processed",
+            Self::Removed => "removed",
         }
     }
 }
@@ -90,6 +95,7 @@ impl std::fmt::Display for RevertRefusal {
             Self::Committer => "the reporter made the commit",
             Self::NoEarlierView => "the group's view before the commit is not kept",
             Self::Processed => "a member other than the committer has processed the commit",
+            Self::Removed => "the commit removes the reporter",
         })
     }
 }
@@ -177,6 +183,12 @@ pub fn judge(req: &RevertRequest, reads: &RevertReads) -> Result<RevertPlan, Rev
     if !member_before {
         return refused(RevertRefusal::NotMember);
     }
+    if reads
+        .reporter
+        .is_some_and(|(_, left)| left == Some(req.seq))
+    {
+        return refused(RevertRefusal::Removed);
+    }
     if req.seq == 0 || head.last_commit_seq != req.seq {
         return refused(RevertRefusal::NotLatest);
     }
@@ -258,12 +270,12 @@ mod tests {
                 committer: key(2),
             })
         );
-        // A member the commit removed may report it too.
-        let removed = RevertReads {
-            reporter: Some((0, Some(5))),
+        // A member removed later (by a commit after a revert) reported it while a member.
+        let left_later = RevertReads {
+            reporter: Some((0, Some(9))),
             ..reads
         };
-        assert!(judge(&req, &removed).is_ok());
+        assert!(judge(&req, &left_later).is_ok());
     }
 
     #[test]
@@ -287,6 +299,14 @@ mod tests {
                 Some(R::NotMember)
             );
         }
+        // A member cannot undo its own removal.
+        assert_eq!(
+            refused(RevertReads {
+                reporter: Some((0, Some(5))),
+                ..reads
+            }),
+            Some(R::Removed)
+        );
         let mut later = reads;
         later.head = later.head.map(|h| GroupHead {
             last_commit_seq: 7,

@@ -54,6 +54,7 @@ fn operation(method: &str) -> Option<Operation> {
         "append" => op("INSERT", "group_log", true, "group_log"),
         "revert" => op("INSERT", "group_log", true, "group_log"),
         "load_view" => op("SELECT", "group_views", false, "group_views"),
+        "group_info" => op("SELECT", "group_views", false, "group_views"),
         "read_log" => op("SELECT", "group_log", false, "group_log"),
         "group_summary" => op("SELECT", "groups", false, "groups"),
         "groups_of" => op("SELECT", "members", false, "member_groups"),

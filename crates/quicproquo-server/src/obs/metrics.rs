@@ -275,6 +275,11 @@ pub struct Metrics {
     pub retention: super::retention::RetentionStats,
     /// Time to verify one handshake message against its group's public view (on the pool).
     pub verify_seconds: Histogram,
+    /// Group views loaded from the store (not cached), and the handshake messages replayed
+    /// after their snapshots to restore them (ADR 0018).
+    pub view_loads: AtomicU64,
+    /// See [`Metrics::view_loads`].
+    pub view_replayed: AtomicU64,
     /// Handshake messages the public view refused, by rule (a closed set of names).
     refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Members' commit reports, by outcome: `reverted`, `already_reverted` or the rule that
@@ -300,6 +305,8 @@ impl Default for Metrics {
             certificates: super::certs::CertificateStats::default(),
             retention: super::retention::RetentionStats::default(),
             verify_seconds: Histogram::new(&LATENCY_BUCKETS),
+            view_loads: AtomicU64::new(0),
+            view_replayed: AtomicU64::new(0),
             refused: Mutex::default(),
             reports: Mutex::default(),
         }
@@ -445,6 +452,21 @@ impl Metrics {
         );
         self.verify_seconds
             .render(out, "qpq_handshake_verify_duration_seconds", "");
+        for (name, help, value) in [
+            (
+                "qpq_group_view_loads_total",
+                "Group views loaded from the store because none was cached.",
+                &self.view_loads,
+            ),
+            (
+                "qpq_group_view_replayed_total",
+                "Commits and proposals replayed after a snapshot to load a group view.",
+                &self.view_replayed,
+            ),
+        ] {
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
         family(
             out,
             "qpq_handshake_refused_total",

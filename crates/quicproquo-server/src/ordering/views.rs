@@ -2,8 +2,10 @@
 //! verified against its group's view before it is appended, and the membership change, the
 //! Welcome's recipients and the new view are derived from the verified message.
 //!
-//! A group's view lives in the store (written at creation and with each verified handshake
-//! message, in the append transaction) and is cached here, in the owner's memory. Handshake
+//! A group's view lives in the store as snapshots and the verified handshake messages after
+//! them (ADR 0018: written at creation and with each verified handshake message, in the
+//! append transaction; a snapshot at every 16th commit) and is cached here, in the owner's
+//! memory. Loading it decodes the latest snapshot and replays the messages after it. Handshake
 //! messages of one group are verified and appended one at a time (a per-group lock held from
 //! verification until the append's outcome), so the cached view is always the one the next
 //! message is judged against. A view at another epoch than a message's is reloaded from the
@@ -14,6 +16,7 @@
 //! Verification runs on the bounded CPU pool, never on a connection's worker thread.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -121,6 +124,7 @@ impl Views {
                     state,
                     proposals: Vec::new(),
                     group_info,
+                    tail: Vec::new(),
                 })
             })
             .await
@@ -153,9 +157,20 @@ impl Views {
                     message: "no such group (or the group has no public view)".into(),
                 });
             };
+            let metrics = &self.observer.metrics;
+            metrics.view_loads.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .view_replayed
+                .fetch_add(stored.tail.len() as u64, Ordering::Relaxed);
             let loaded = self
                 .pool
-                .run(move || PublicView::load(&stored.state, &stored.proposals))
+                .run(move || {
+                    let mut view = PublicView::load(&stored.state, &stored.proposals)?;
+                    for message in &stored.tail {
+                        view.replay(message)?;
+                    }
+                    Ok(view)
+                })
                 .await
                 .map_err(pool_error)?;
             slot.view = Some(loaded.map_err(OrderingError::BadCommit)?);
@@ -285,13 +300,13 @@ fn verify(
                 welcome: uploaded.welcome,
                 group_info: None,
             };
-            let state = view.merge(*staged, &group_info).map_err(|e| (e, true))?;
+            let merged = view.merge(*staged, &group_info).map_err(|e| (e, true))?;
             Ok((
                 Some(change),
                 ViewWrite {
                     epoch: view.epoch(),
-                    state: Some(state),
-                    proposals: Vec::new(),
+                    state: merged.state,
+                    proposals: view.proposals(),
                     group_info: Some(group_info),
                     unverified: false,
                 },
@@ -303,13 +318,13 @@ fn verify(
                     "a proposal carries no Welcome or GroupInfo".into(),
                 )));
             }
-            let proposals = view.queue(*proposal).map_err(|e| (e, true))?;
+            view.queue(*proposal).map_err(|e| (e, true))?;
             Ok((
                 None,
                 ViewWrite {
                     epoch: view.epoch(),
                     state: None,
-                    proposals,
+                    proposals: Vec::new(),
                     group_info: None,
                     unverified: false,
                 },

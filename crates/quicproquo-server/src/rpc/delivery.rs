@@ -424,14 +424,14 @@ impl delivery_service::Server for DeliveryService {
                     .group_summary(&group, &self.identity)
                     .await
                     .map_err(store_error)?;
-                let view = store
-                    .load_view(&group)
+                let (info, epoch) = store
+                    .group_info(&group)
                     .await
                     .map_err(store_error)?
                     .ok_or_else(|| error(ErrorCode::UnknownGroup, "the group has no GroupInfo"))?;
                 let mut r = results.get();
-                r.set_group_info(&view.group_info);
-                r.set_epoch(view.epoch);
+                r.set_group_info(&info);
+                r.set_epoch(epoch);
                 Ok(())
             }
         )

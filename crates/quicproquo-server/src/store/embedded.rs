@@ -87,6 +87,12 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` on the blocking pool with the database.
+    /// The database (the store's own tests read its tables).
+    #[cfg(test)]
+    pub(super) fn database(&self) -> &Database {
+        &self.db
+    }
+
     pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,

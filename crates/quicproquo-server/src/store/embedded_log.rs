@@ -43,7 +43,9 @@ pub(super) type InboxValue = (&'static [u8], u64, u64);
 const INBOX_LAST: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_last");
 /// (identity, group) → cursor.
 pub(super) const CURSORS: TableDefinition<(&[u8], &[u8]), u64> = TableDefinition::new("cursors");
-/// group → (epoch, encoded state, encoded proposals, GroupInfo): the public view (ADR 0012).
+/// group → (epoch, empty, empty, GroupInfo): the public view's head (ADR 0012); its state is in
+/// snapshots (ADR 0018, [`super::embedded_views`]). The empty slices held the whole state in
+/// stores written before snapshots.
 pub(super) const VIEWS: TableDefinition<&[u8], ViewValue> = TableDefinition::new("group_views");
 pub(super) type ViewValue = (u64, &'static [u8], &'static [u8], &'static [u8]);
 /// Shared with the AS tables: "welcome_id" → last welcome id.
@@ -74,7 +76,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(WELCOME_TIMES).map_err(unavailable)?;
     txn.open_table(super::embedded_revert::REVERTS)
         .map_err(unavailable)?;
-    Ok(())
+    super::embedded_views::migrate(txn)
 }
 
 pub(super) fn corrupt(what: &str) -> StoreError {
@@ -161,49 +163,7 @@ fn write_decision(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(),
         }
     }
     write_welcomes(txn, decision)?;
-    write_views(txn, decision)
-}
-
-/// Rewrites the public view of each group a verified handshake message was appended to; a
-/// commit's also keeps the view it replaces, so the commit can be reverted (ADR 0015).
-fn write_views(txn: &WriteTransaction, decision: &Decision<'_>) -> Result<(), StoreError> {
-    if decision.views.is_empty() {
-        return Ok(());
-    }
-    let mut views = txn.open_table(VIEWS).map_err(unavailable)?;
-    for v in &decision.views {
-        let (state, group_info) = {
-            let stored = views
-                .get(v.group)
-                .map_err(unavailable)?
-                .ok_or_else(|| corrupt("a verified group has no stored view"))?;
-            let (epoch, state, proposals, info) = stored.value();
-            if let Some(commit) = v.commit {
-                super::embedded_revert::keep_earlier(
-                    txn,
-                    v.group,
-                    commit,
-                    (epoch, state, proposals, info),
-                )?;
-            }
-            (
-                v.state.map_or_else(|| state.to_vec(), <[u8]>::to_vec),
-                v.group_info.map_or_else(|| info.to_vec(), <[u8]>::to_vec),
-            )
-        };
-        views
-            .insert(
-                v.group,
-                (
-                    v.epoch,
-                    state.as_slice(),
-                    v.proposals,
-                    group_info.as_slice(),
-                ),
-            )
-            .map_err(unavailable)?;
-    }
-    Ok(())
+    super::embedded_views::write(txn, decision)
 }
 
 /// Stores each Welcome once (numbered by the `welcome_id` counter) and appends each inbox
@@ -277,16 +237,7 @@ impl LogStore for EmbeddedStore {
                     .insert((id, gid.as_bytes()), ())
                     .map_err(unavailable)?;
                 if let Some(v) = &view {
-                    let row = (
-                        v.epoch,
-                        v.state.as_slice(),
-                        v.proposals.as_slice(),
-                        v.group_info.as_slice(),
-                    );
-                    txn.open_table(VIEWS)
-                        .map_err(unavailable)?
-                        .insert(gid.as_bytes(), row)
-                        .map_err(unavailable)?;
+                    super::embedded_views::create(&txn, gid.as_bytes(), v)?;
                 }
             }
             txn.commit().map_err(unavailable)
@@ -298,16 +249,20 @@ impl LogStore for EmbeddedStore {
         let gid = group_id.clone();
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
+            super::embedded_views::load(&txn, gid.as_bytes())
+        })
+        .await
+    }
+
+    async fn group_info(&self, group_id: &GroupId) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let gid = group_id.clone();
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
             let views = txn.open_table(VIEWS).map_err(unavailable)?;
-            let stored = views.get(gid.as_bytes()).map_err(unavailable)?;
-            Ok(stored.map(|row| {
-                let (epoch, state, proposals, group_info) = row.value();
-                StoredView {
-                    epoch,
-                    state: state.to_vec(),
-                    proposals: proposals.to_vec(),
-                    group_info: group_info.to_vec(),
-                }
+            let row = views.get(gid.as_bytes()).map_err(unavailable)?;
+            Ok(row.map(|row| {
+                let (epoch, _, _, info) = row.value();
+                (info.to_vec(), epoch)
             }))
         })
         .await

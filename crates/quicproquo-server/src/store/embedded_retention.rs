@@ -98,6 +98,7 @@ fn prune_log(
         return Ok(0);
     };
     floors.insert(group, top).map_err(unavailable)?;
+    super::embedded_views::keep_tail_before_pruning(txn, &log, group, floor, top)?;
     let mut ids = txn.open_table(MESSAGE_IDS).map_err(unavailable)?;
     for (seq, message_id) in &gone {
         log.remove((group, *seq)).map_err(unavailable)?;
@@ -352,6 +353,16 @@ impl RetentionStore for EmbeddedStore {
                 ),
                 group_views: bytes(
                     txn.open_table(VIEWS)
+                        .map_err(unavailable)?
+                        .stats()
+                        .map_err(unavailable)?,
+                ) + bytes(
+                    txn.open_table(super::embedded_views::SNAPSHOTS)
+                        .map_err(unavailable)?
+                        .stats()
+                        .map_err(unavailable)?,
+                ) + bytes(
+                    txn.open_table(super::embedded_views::TAIL)
                         .map_err(unavailable)?
                         .stats()
                         .map_err(unavailable)?,

@@ -2,8 +2,9 @@
 //! [`crate::model::revert`]): read what the decision needs, decide ([`judge`]) and write, in
 //! one write transaction (redb runs one at a time, so the group cannot move meanwhile).
 //!
-//! The view before a group's latest commit lives in its own table, written by the commit's
-//! append transaction ([`keep_earlier`]).
+//! The epoch and GroupInfo before a group's latest commit live in their own table, written by
+//! the commit's append transaction ([`keep_earlier`]); the state before it is a snapshot and
+//! the messages after it ([`super::embedded_views`]).
 
 use quicproquo_core::IdentityKey;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -11,8 +12,8 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use super::StoreError;
 use super::embedded::{now_micros, unavailable};
 use super::embedded_log::{
-    CURSORS, GROUPS, INBOX, LOG, MEMBER_GROUPS, MEMBERS, MESSAGE_IDS, STILL_MEMBER, VIEWS,
-    WELCOME_TIMES, WELCOMES, corrupt,
+    CURSORS, GROUPS, INBOX, LOG, MEMBER_GROUPS, MEMBERS, MESSAGE_IDS, STILL_MEMBER, WELCOME_TIMES,
+    WELCOMES, corrupt,
 };
 use crate::model::decide::{GroupHead, ViewCommit};
 use crate::model::group::EntryKind;
@@ -21,7 +22,8 @@ use crate::model::revert::{
 };
 
 /// group → (latest commit's seq, its committer, epoch before it, seq of the commit before
-/// it, and the view before it: state, proposals, GroupInfo).
+/// it, empty, empty, GroupInfo before it). The state before it is a snapshot and the messages
+/// after it (ADR 0018); the empty slices held that state in stores written before snapshots.
 pub(super) const REVERTS: TableDefinition<&[u8], RevertValue> =
     TableDefinition::new("group_view_reverts");
 pub(super) type RevertValue = (
@@ -33,24 +35,21 @@ pub(super) type RevertValue = (
     &'static [u8],
     &'static [u8],
 );
-/// A stored view: (epoch, state, proposals, GroupInfo).
-type ViewRow<'v> = (u64, &'v [u8], &'v [u8], &'v [u8]);
-
-/// Keeps `earlier`, the view `commit` replaces in `group`, so the commit can be reverted.
+/// Keeps the epoch and GroupInfo `commit` replaces in `group`, so the commit can be reverted.
 pub(super) fn keep_earlier(
     txn: &WriteTransaction,
     group: &[u8],
     commit: ViewCommit<'_>,
-    earlier: ViewRow<'_>,
+    epoch: u64,
+    group_info: &[u8],
 ) -> Result<(), StoreError> {
-    let (epoch, state, proposals, group_info) = earlier;
     let row = (
         commit.seq,
         commit.committer.as_bytes().as_slice(),
         epoch,
         commit.previous_commit,
-        state,
-        proposals,
+        &[][..],
+        &[][..],
         group_info,
     );
     txn.open_table(REVERTS)
@@ -121,10 +120,11 @@ pub(super) fn revert(
             let (seq, committer, epoch, previous, ..) = row.value();
             let committer =
                 IdentityKey::from_slice(committer).map_err(|_| corrupt("stored committer"))?;
+            let kept = super::embedded_views::restorable_before(txn, group, seq)?;
             Some(LatestCommit {
                 seq,
                 committer: Some(committer),
-                before: Some((epoch, previous)),
+                before: kept.then_some((epoch, previous)),
             })
         }
     };
@@ -176,7 +176,7 @@ pub(super) fn revert(
             .map_err(unavailable)?;
     }
     undo_membership(txn, group, req.seq, &members)?;
-    restore_view(txn, group)?;
+    restore_view(txn, group, req.seq)?;
     Ok(RevertOutcome::Reverted(Reverted {
         seq: plan.marker_seq,
         epoch: plan.head.epoch,
@@ -235,16 +235,12 @@ fn undo_membership(
 }
 
 /// The view before the commit is the view again; nothing earlier is kept.
-fn restore_view(txn: &WriteTransaction, group: &[u8]) -> Result<(), StoreError> {
+fn restore_view(txn: &WriteTransaction, group: &[u8], seq: u64) -> Result<(), StoreError> {
     let mut reverts = txn.open_table(REVERTS).map_err(unavailable)?;
     let earlier = reverts
         .remove(group)
         .map_err(unavailable)?
         .ok_or_else(|| corrupt("a reverted commit's earlier view is gone"))?;
-    let (_, _, epoch, _, state, proposals, group_info) = earlier.value();
-    txn.open_table(VIEWS)
-        .map_err(unavailable)?
-        .insert(group, (epoch, state, proposals, group_info))
-        .map_err(unavailable)?;
-    Ok(())
+    let (_, _, epoch, _, _, _, group_info) = earlier.value();
+    super::embedded_views::restore(txn, group, seq, epoch, group_info)
 }

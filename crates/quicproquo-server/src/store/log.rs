@@ -47,6 +47,13 @@ pub trait LogStore: Send + Sync + 'static {
         group_id: &GroupId,
     ) -> impl Future<Output = Result<Option<StoredView>, StoreError>> + Send;
 
+    /// The group's latest GroupInfo and its epoch, without the view's state (`None`: the
+    /// group has no view).
+    fn group_info(
+        &self,
+        group_id: &GroupId,
+    ) -> impl Future<Output = Result<Option<(Vec<u8>, u64)>, StoreError>> + Send;
+
     /// Reverts the group's latest commit at `req.seq` if the rules of
     /// [`crate::model::revert`] allow it, in one transaction under the group's lock: appends
     /// the marker, moves the group back to the epoch before the commit, undoes its membership

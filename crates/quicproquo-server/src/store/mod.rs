@@ -19,6 +19,7 @@ pub mod embedded;
 mod embedded_log;
 mod embedded_retention;
 mod embedded_revert;
+mod embedded_views;
 pub mod log;
 
 use quicproquo_core::IdentityKey;
@@ -273,6 +274,13 @@ impl log::LogStore for AnyStore {
         group_id: &group::GroupId,
     ) -> Result<Option<group::StoredView>, StoreError> {
         dispatch!(self, "load_view", s => s.load_view(group_id))
+    }
+
+    async fn group_info(
+        &self,
+        group_id: &group::GroupId,
+    ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        dispatch!(self, "group_info", s => s.group_info(group_id))
     }
 
     async fn append(

@@ -70,6 +70,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_commit_reverts",
         include_str!("../../../../sql/0006_commit_reverts.sql"),
     ),
+    (
+        "0007_view_snapshots",
+        include_str!("../../../../sql/0007_view_snapshots.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrators on one database (`qpq-migr` in ASCII).

@@ -233,15 +233,28 @@ impl LogStore for PgStore {
         let rows = self
             .log_query(sql::LOAD_VIEW, &[&group_id.as_bytes()])
             .await?;
-        let Some(row) = rows.first() else {
+        let Some((row, tail)) = rows.split_first() else {
             return Ok(None);
         };
         Ok(Some(StoredView {
             epoch: stored_u64(column(row, 0)?, "epoch")?,
-            state: column(row, 1)?,
-            proposals: column(row, 2)?,
-            group_info: column(row, 3)?,
+            group_info: column(row, 1)?,
+            state: column(row, 2)?,
+            proposals: column(row, 3)?,
+            tail: tail
+                .iter()
+                .map(|row| column(row, 4))
+                .collect::<Result<_, _>>()?,
         }))
+    }
+
+    async fn group_info(&self, group_id: &GroupId) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let rows = self
+            .log_query(sql::GROUP_INFO, &[&group_id.as_bytes()])
+            .await?;
+        rows.first()
+            .map(|row| Ok((column(row, 0)?, stored_u64(column(row, 1)?, "epoch")?)))
+            .transpose()
     }
 
     async fn revert(
@@ -433,14 +446,40 @@ mod sql {
             SELECT group_id, $2, 0 FROM g
         ),
         v AS (
-            INSERT INTO group_views (group_id, epoch, state, proposals, group_info)
-            SELECT group_id, $3, $4, $5, $6 FROM g WHERE $4::bytea IS NOT NULL
+            INSERT INTO group_views (group_id, epoch, group_info)
+            SELECT group_id, $3, $6 FROM g WHERE $4::bytea IS NOT NULL
+        ),
+        s AS (
+            INSERT INTO view_snapshots (group_id, seq, state, proposals)
+            SELECT group_id, 0, $4, $5 FROM g WHERE $4::bytea IS NOT NULL
         )
         SELECT count(*) FROM g";
 
-    /// A group's public view.
+    /// A group's latest GroupInfo and epoch.
+    pub(super) const GROUP_INFO: &str =
+        "SELECT group_info, epoch FROM group_views WHERE group_id = $1";
+
+    /// A group's public view (ADR 0018), in one statement (so from one snapshot of the
+    /// database): a first row with the epoch, the GroupInfo and the latest snapshot, then the
+    /// messages kept after that snapshot, in log order (from the log, or copied into the tail
+    /// if retention deleted them there).
     pub(super) const LOAD_VIEW: &str = "
-        SELECT epoch, state, proposals, group_info FROM group_views WHERE group_id = $1";
+        WITH v AS (
+            SELECT epoch, group_info FROM group_views WHERE group_id = $1
+        ),
+        s AS (
+            SELECT seq, state, proposals FROM view_snapshots
+            WHERE group_id = $1 ORDER BY seq DESC LIMIT 1
+        )
+        SELECT v.epoch, v.group_info, s.state, s.proposals, NULL::bytea AS payload,
+               -1::bigint AS seq
+        FROM v, s
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, coalesce(t.payload, l.payload), t.seq
+        FROM view_tail AS t CROSS JOIN s
+        LEFT JOIN group_log AS l ON l.group_id = t.group_id AND l.seq = t.seq
+        WHERE t.group_id = $1 AND t.seq > s.seq
+        ORDER BY seq";
 
     /// One row telling whether the group exists and the reader may read it, joined with the
     /// entries it may read (none: a single row of NULL entry columns).

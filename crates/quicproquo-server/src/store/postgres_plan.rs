@@ -86,7 +86,8 @@ pub(super) struct InboxRows<'a> {
     pub(super) commit_seqs: Vec<i64>,
 }
 
-/// Public views to rewrite (a `NULL` state or GroupInfo keeps the stored one).
+/// Public views to write (a `NULL` state: no snapshot; a `NULL` GroupInfo keeps the stored
+/// one).
 #[derive(Default)]
 pub(super) struct ViewRows<'a> {
     pub(super) groups: Vec<&'a [u8]>,
@@ -98,6 +99,8 @@ pub(super) struct ViewRows<'a> {
     pub(super) commit_seqs: Vec<Option<i64>>,
     pub(super) committers: Vec<Option<&'a [u8]>>,
     pub(super) previous_commits: Vec<Option<i64>>,
+    /// The verified message's seq (kept after the snapshot unless it is one).
+    pub(super) seqs: Vec<i64>,
 }
 
 /// The (group, message id) pairs of the requests a decision refused for their epoch without
@@ -179,6 +182,7 @@ impl<'a> Plan<'a> {
             plan.views
                 .previous_commits
                 .push(commit.map(|c| bigint(c.2)).transpose()?);
+            plan.views.seqs.push(bigint(v.seq)?);
         }
         for (group, message_id) in decision.unchecked_ids() {
             plan.unchecked.groups.push(group);
@@ -370,7 +374,7 @@ pub(super) async fn write_and_commit(
         &inbox.groups,
         &inbox.commit_seqs,
     ];
-    let view_params: [&(dyn ToSql + Sync); 8] = [
+    let view_params: [&(dyn ToSql + Sync); 9] = [
         &views.groups,
         &views.epochs,
         &views.states,
@@ -379,6 +383,7 @@ pub(super) async fn write_and_commit(
         &views.commit_seqs,
         &views.committers,
         &views.previous_commits,
+        &views.seqs,
     ];
     let (found, l, g, m, w, v, c) = tokio::join!(
         query_unless(
@@ -463,31 +468,66 @@ async fn execute_unless(
 
 /// The statements of an append batch, which take the arrays above.
 pub(super) mod append_sql {
-    /// Rewrites the public view of each group a verified handshake message was appended to
-    /// (a `NULL` state or GroupInfo keeps the stored one). A commit (a commit seq) also keeps
-    /// the view it replaces, its seq and its committer, so it can be reverted (ADR 0015); the
-    /// right-hand sides read the row as it was before this update.
+    /// Writes the public view of each group a verified handshake message was appended to
+    /// (ADR 0018): the epoch and GroupInfo (a `NULL` GroupInfo keeps the stored one), and
+    /// either a snapshot (a non-`NULL` state) or the message's seq after the latest one. A
+    /// new snapshot keeps the one before it and the messages after that (so the latest commit
+    /// can be reverted even when it took the snapshot) and drops anything older. A commit (a
+    /// commit seq) also keeps the epoch, GroupInfo and commit seq it replaces, and its
+    /// committer, so it can be reverted (ADR 0015); the right-hand sides read the row as it
+    /// was before this update. A batch holds at most one view per group.
     pub(super) const UPDATE_VIEWS: &str = "
-        UPDATE group_views v SET
-            epoch = u.epoch,
-            state = COALESCE(u.state, v.state),
-            proposals = u.proposals,
-            group_info = COALESCE(u.group_info, v.group_info),
-            commit_seq = COALESCE(u.commit_seq, v.commit_seq),
-            committer = CASE WHEN u.commit_seq IS NULL THEN v.committer ELSE u.committer END,
-            prev_epoch = CASE WHEN u.commit_seq IS NULL THEN v.prev_epoch ELSE v.epoch END,
-            prev_state = CASE WHEN u.commit_seq IS NULL THEN v.prev_state ELSE v.state END,
-            prev_proposals =
-                CASE WHEN u.commit_seq IS NULL THEN v.prev_proposals ELSE v.proposals END,
-            prev_group_info =
-                CASE WHEN u.commit_seq IS NULL THEN v.prev_group_info ELSE v.group_info END,
-            prev_commit_seq =
-                CASE WHEN u.commit_seq IS NULL THEN v.prev_commit_seq ELSE u.previous_commit END
-        FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[], $5::bytea[],
-                    $6::bigint[], $7::bytea[], $8::bigint[])
-            AS u (group_id, epoch, state, proposals, group_info, commit_seq, committer,
-                  previous_commit)
-        WHERE v.group_id = u.group_id";
+        WITH u AS (
+            SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[],
+                                 $5::bytea[], $6::bigint[], $7::bytea[], $8::bigint[],
+                                 $9::bigint[])
+                AS u (group_id, epoch, state, proposals, group_info, commit_seq, committer,
+                      previous_commit, seq)
+        ),
+        views AS (
+            UPDATE group_views v SET
+                epoch = u.epoch,
+                group_info = COALESCE(u.group_info, v.group_info),
+                commit_seq = COALESCE(u.commit_seq, v.commit_seq),
+                committer = CASE WHEN u.commit_seq IS NULL THEN v.committer ELSE u.committer END,
+                prev_epoch = CASE WHEN u.commit_seq IS NULL THEN v.prev_epoch ELSE v.epoch END,
+                prev_group_info =
+                    CASE WHEN u.commit_seq IS NULL THEN v.prev_group_info ELSE v.group_info END,
+                prev_commit_seq =
+                    CASE WHEN u.commit_seq IS NULL THEN v.prev_commit_seq ELSE u.previous_commit END
+            FROM u
+            WHERE v.group_id = u.group_id
+            RETURNING 1
+        ),
+        latest AS (
+            SELECT s.group_id, max(s.seq) AS seq
+            FROM view_snapshots AS s JOIN u ON u.group_id = s.group_id
+            WHERE u.state IS NOT NULL
+            GROUP BY s.group_id
+        ),
+        snapshots AS (
+            INSERT INTO view_snapshots (group_id, seq, state, proposals)
+            SELECT group_id, seq, state, proposals FROM u WHERE state IS NOT NULL
+            RETURNING 1
+        ),
+        older AS (
+            DELETE FROM view_snapshots AS s USING latest
+            WHERE s.group_id = latest.group_id AND s.seq < latest.seq
+            RETURNING 1
+        ),
+        replayed AS (
+            DELETE FROM view_tail AS t USING latest
+            WHERE t.group_id = latest.group_id AND t.seq <= latest.seq
+            RETURNING 1
+        ),
+        tail AS (
+            INSERT INTO view_tail (group_id, seq)
+            SELECT group_id, seq FROM u WHERE state IS NULL
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM views), (SELECT count(*) FROM snapshots),
+               (SELECT count(*) FROM older), (SELECT count(*) FROM replayed),
+               (SELECT count(*) FROM tail)";
 
     /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
     /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.

@@ -186,6 +186,15 @@ mod sql {
             WHERE r.group_id = $1 AND top.seq > g.pruned_seq
             RETURNING 1
         ),
+        -- A group view's messages are copied out of the log first (ADR 0018); this reads
+        -- the log as it was before the statement, like the deletion.
+        kept AS (
+            UPDATE view_tail AS t SET payload = l.payload
+            FROM group_log AS l, top, g
+            WHERE t.group_id = $1 AND t.payload IS NULL AND t.seq > g.pruned_seq
+              AND t.seq <= top.seq AND l.group_id = t.group_id AND l.seq = t.seq
+            RETURNING 1
+        ),
         deleted AS (
             DELETE FROM group_log AS l
             USING top, g
@@ -261,7 +270,8 @@ mod sql {
                pg_total_relation_size('welcomes') + pg_total_relation_size('inbox'),
                pg_total_relation_size('key_packages')
                  + pg_total_relation_size('last_resort_key_packages'),
-               pg_total_relation_size('group_views')";
+               pg_total_relation_size('group_views') + pg_total_relation_size('view_snapshots')
+                 + pg_total_relation_size('view_tail')";
 
     pub(super) const PRUNED_SEQ: &str = "SELECT pruned_seq FROM groups WHERE group_id = $1";
 }

@@ -91,7 +91,7 @@ impl PgStore {
         };
         let (marker_seq, epoch) = (bigint(plan.marker_seq)?, bigint(plan.head.epoch)?);
         let kind = i16::from(EntryKind::Revert.code());
-        let writes: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 6] = [
+        let writes: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 8] = [
             (
                 sql::INSERT_MARKER,
                 &[&group, &marker_seq, &epoch, &kind, &marker, &req.report],
@@ -109,6 +109,8 @@ impl PgStore {
             (sql::READMIT_REMOVED, &[&group, &seq]),
             (sql::DISMISS_ADDED, &[&group, &seq]),
             (sql::RESTORE_VIEW, &[&group]),
+            (sql::DROP_SNAPSHOTS, &[&group, &seq]),
+            (sql::DROP_TAIL, &[&group, &seq]),
         ];
         for (statement, params) in writes {
             tx.execute(statement, params)
@@ -156,9 +158,13 @@ mod sql {
     pub(super) const MEMBERSHIP: &str =
         "SELECT joined_seq, left_seq FROM members WHERE group_id = $1 AND identity = $2";
 
+    /// The latest commit, and whether the view before it can be restored: a snapshot from
+    /// before it is kept (with the messages after that snapshot: ADR 0018).
     pub(super) const LATEST_COMMIT: &str = "
-        SELECT commit_seq, committer, prev_epoch, prev_commit_seq, prev_state IS NOT NULL
-        FROM group_views WHERE group_id = $1";
+        SELECT v.commit_seq, v.committer, v.prev_epoch, v.prev_commit_seq,
+               EXISTS (SELECT 1 FROM view_snapshots AS s
+                       WHERE s.group_id = v.group_id AND s.seq < v.commit_seq)
+        FROM group_views AS v WHERE v.group_id = $1";
 
     /// Whether a member from before the commit at `$2`, other than its committer, has
     /// acknowledged a cursor at or past it: one probe of `cursors` per member of the group.
@@ -196,9 +202,14 @@ mod sql {
     /// The view before the commit is the view again; nothing earlier is kept.
     pub(super) const RESTORE_VIEW: &str = "
         UPDATE group_views SET
-            epoch = prev_epoch, state = prev_state, proposals = prev_proposals,
-            group_info = prev_group_info, commit_seq = prev_commit_seq, committer = NULL,
-            prev_epoch = NULL, prev_state = NULL, prev_proposals = NULL,
-            prev_group_info = NULL, prev_commit_seq = NULL
+            epoch = prev_epoch, group_info = prev_group_info, commit_seq = prev_commit_seq,
+            committer = NULL, prev_epoch = NULL, prev_group_info = NULL, prev_commit_seq = NULL
         WHERE group_id = $1";
+
+    /// A snapshot the commit took (ADR 0018): the one before it is the latest again.
+    pub(super) const DROP_SNAPSHOTS: &str =
+        "DELETE FROM view_snapshots WHERE group_id = $1 AND seq >= $2";
+
+    /// The commit and the proposals after it (for the epoch it started) leave the view.
+    pub(super) const DROP_TAIL: &str = "DELETE FROM view_tail WHERE group_id = $1 AND seq >= $2";
 }

@@ -9,9 +9,12 @@ use super::*;
 pub struct ViewStorageError(&'static str);
 
 /// The openmls public storage of one view write: each entity postcard-encoded, then the whole
-/// framed into one state blob ([`ViewStorage::encode`]).
+/// framed into one state blob ([`ViewStorage::encode`]). A [`discarding`](Self::discarding)
+/// one encodes nothing: a merge that is not a snapshot writes no part of the state (the store
+/// keeps the verified message instead, ADR 0018).
 #[derive(Default)]
 pub(super) struct ViewStorage {
+    discard: bool,
     tree: RefCell<Option<Vec<u8>>>,
     context: RefCell<Option<Vec<u8>>>,
     transcript: RefCell<Option<Vec<u8>>>,
@@ -26,6 +29,15 @@ pub(super) type Encoded = (Vec<u8>, Vec<u8>);
 const STATE_VERSION: u8 = 1;
 
 impl ViewStorage {
+    /// A storage whose writes of the state's parts are dropped unencoded (proposals are still
+    /// recorded: they are small).
+    pub(super) fn discarding() -> Self {
+        Self {
+            discard: true,
+            ..Self::default()
+        }
+    }
+
     /// `version u8`, then tree, context, transcript hash, confirmation tag, each as
     /// `len u32 BE` + bytes.
     pub(super) fn encode(&self) -> Result<Vec<u8>, ViewError> {
@@ -132,6 +144,9 @@ macro_rules! write_part {
             _group_id: &G,
             value: &T,
         ) -> Result<(), ViewStorageError> {
+            if self.discard {
+                return Ok(());
+            }
             *self.$field.borrow_mut() = Some(to_bytes(value)?);
             Ok(())
         }

@@ -48,14 +48,18 @@ fn the_view_follows_verified_commits_and_reloads() -> R {
     assert!(s.removed.is_empty());
     assert!(view.check_welcome(&s, None).is_err());
     view.check_welcome(&s, out.welcome.as_deref())?;
-    let state1 = view.merge(*s, &out.group_info)?;
+    // Not a snapshot: the store keeps the commit instead of the state.
+    assert!(view.merge(*s, &out.group_info)?.state.is_none());
+    assert_eq!(view.since_snapshot(), 1);
     alice.process(&out.commit)?;
     assert_eq!(view.epoch(), 1);
     assert_eq!(sorted(view.members()), sorted(alice.group.members()));
 
-    // The stored states reload to the same view.
+    // The snapshot and the commit after it reload to the same view.
     assert_eq!(PublicView::load(&state, &[])?.epoch(), 0);
-    let reloaded = PublicView::load(&state1, &view.proposals())?;
+    let mut reloaded = PublicView::load(&state, &[])?;
+    reloaded.replay(&out.commit)?;
+    assert_eq!(reloaded.since_snapshot(), 1);
     assert_eq!(reloaded.epoch(), 1);
     assert_eq!(sorted(reloaded.members()), sorted(alice.group.members()));
 
@@ -79,21 +83,89 @@ fn the_view_follows_verified_commits_and_reloads() -> R {
         view.merge(*s, &out.group_info),
         Err(ViewError::GroupInfo(_))
     ));
-    // A GroupInfo altered anywhere (its signature, or the tree it carries) is refused.
-    for at in [up.group_info.len() - 1, up.group_info.len() / 2] {
+    let at_epoch_1 = || -> R<PublicView> {
+        let mut view = PublicView::load(&state, &[])?;
+        view.replay(&out.commit)?;
+        Ok(view)
+    };
+    // A GroupInfo altered anywhere (its context, its signature) is refused.
+    for at in [up.group_info.len() - 1, up.group_info.len() / 2, 10] {
         let mut altered = up.group_info.clone();
         altered[at] ^= 1;
-        let mut view = PublicView::load(&state1, &[])?;
+        let mut view = at_epoch_1()?;
         let s = staged(&view, bob.id(), &up.commit)?;
         assert!(matches!(
             view.merge(*s, &altered),
             Err(ViewError::GroupInfo(_))
         ));
     }
-    let mut view = PublicView::load(&state1, &[])?;
+    // The uploaded GroupInfo carries no tree; one that does (signed by the committer for the
+    // right epoch) is refused: the server has the tree.
+    assert!(up.group_info.len() < 2_000, "{} bytes", up.group_info.len());
+    bob.process(&up.commit)?;
+    let with_tree = bob.group.group_info(&bob.dev.provider, &bob.dev.mls)?;
+    let mut view = at_epoch_1()?;
+    let s = staged(&view, bob.id(), &up.commit)?;
+    match view.merge(*s, &with_tree) {
+        Err(ViewError::GroupInfo(why)) => assert!(why.contains("ratchet tree"), "{why}"),
+        other => panic!("expected the tree refused, got {other:?}"),
+    }
+    let mut view = at_epoch_1()?;
     let s = staged(&view, bob.id(), &up.commit)?;
     view.merge(*s, &up.group_info)?;
     assert_eq!(view.epoch(), 2);
+    Ok(())
+}
+
+/// Every `SNAPSHOT_EVERY`th commit's merge encodes the whole state; the others encode nothing,
+/// and a view restored from any snapshot and the commits after it is the live one: the next
+/// commit's GroupInfo (which names the group context, tree hash included) checks against it.
+#[test]
+fn snapshots_every_nth_commit_and_replay_restores_the_rest() -> R {
+    use crate::group::public::SNAPSHOT_EVERY;
+    let suite = Suite::Classical;
+    let a = Device::new()?;
+    let group = Group::create(&a.provider, &a.mls, suite, GID)?;
+    let mut alice = Member { dev: a, group };
+    let info = alice
+        .group
+        .group_info(&alice.dev.provider, &alice.dev.mls)?;
+    let (mut view, created) = PublicView::create(&info, GID, &alice.id())?;
+    let n = SNAPSHOT_EVERY as usize;
+    let (mut commits, mut snapshot) = (Vec::new(), None);
+    for i in 1..=n + 2 {
+        let up = alice.self_update()?;
+        let s = staged(&view, alice.id(), &up.commit)?;
+        let merged = view.merge(*s, &up.group_info)?;
+        assert_eq!(merged.state.is_some(), i == n, "commit {i}");
+        if let Some(state) = merged.state {
+            snapshot = Some((i, state));
+        }
+        alice.process(&up.commit)?;
+        commits.push(up.commit);
+    }
+    assert_eq!(view.since_snapshot(), 2);
+    let (at, snapshot) = snapshot.ok_or("no snapshot")?;
+    let mut from_creation = PublicView::load(&created, &[])?;
+    for c in &commits {
+        from_creation.replay(c)?;
+    }
+    let mut from_snapshot = PublicView::load(&snapshot, &[])?;
+    for c in &commits[at..] {
+        from_snapshot.replay(c)?;
+    }
+    let up = alice.self_update()?;
+    for mut restored in [from_creation, from_snapshot] {
+        assert_eq!(restored.epoch(), view.epoch());
+        let s = staged(&restored, alice.id(), &up.commit)?;
+        restored.merge(*s, &up.group_info)?;
+    }
+    // A commit that does not follow the snapshot does not replay.
+    let mut wrong = PublicView::load(&snapshot, &[])?;
+    assert!(matches!(
+        wrong.replay(&commits[0]),
+        Err(ViewError::Corrupt(_))
+    ));
     Ok(())
 }
 
