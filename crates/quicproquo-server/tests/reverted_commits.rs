@@ -80,6 +80,17 @@ async fn report(
     }
 }
 
+/// `events` include the marker of the revert of the commit at `seq`.
+fn saw_revert(events: &[ChatEvent], seq: u64) -> Result<()> {
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e, ChatEvent::Reverted { commit_seq, .. } if *commit_seq == seq)),
+        "{events:?}"
+    );
+    Ok(())
+}
+
 fn refused_for(answer: std::result::Result<(u64, u64), String>, rule: &str) -> Result<()> {
     match answer {
         Err(text) if text.contains(&format!("{rule}:")) => Ok(()),
@@ -254,13 +265,7 @@ async fn a_reverted_add_is_undone(store: Option<AnyStore>) -> Result<()> {
     ensure!(added.1.contains(&dave_key), "{added:?}");
     ensure!(dave.session.delivery.inbox(0, 10).await?.len() == 1);
 
-    let events = bob.recv().await?;
-    ensure!(
-        events
-            .iter()
-            .any(|e| matches!(e, ChatEvent::Reverted { commit_seq, .. } if *commit_seq == seq)),
-        "{events:?}"
-    );
+    saw_revert(&bob.recv().await?, seq)?;
     ensure!(server_view(&alice, &id).await? == before, "not undone");
     let node =
         quicproquo_server::NodeIdentity::load_or_create(&server.data_dir(), NodeRole::Standalone)?;
@@ -422,13 +427,7 @@ async fn a_commit_that_took_a_snapshot_is_reverted(store: Option<AnyStore>) -> R
     alice.chat().update("other", &mut |_| {}).await?;
 
     // Bob cannot process it and reports it: the view is the one before it again.
-    let events = bob.recv().await?;
-    ensure!(
-        events
-            .iter()
-            .any(|e| matches!(e, ChatEvent::Reverted { commit_seq, .. } if *commit_seq == seq)),
-        "{events:?}"
-    );
+    saw_revert(&bob.recv().await?, seq)?;
     ensure!(
         stored().await? == before,
         "the view before the bad commit was not restored"
