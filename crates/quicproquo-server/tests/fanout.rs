@@ -113,6 +113,11 @@ async fn a_subscriber_that_never_reads_holds_only_its_window() -> Result<()> {
         let expected: Vec<u64> = (after + 1..=after + MESSAGES as u64).collect();
         ensure!(bob_seqs == expected, "bob got every entry once, in order");
 
+        // Stalled with a full window, her subscription lets go of the group's live feed: it
+        // holds none of the entries she has not taken.
+        let releases = &metrics.feed_releases;
+        support::eventually(WITHIN, || releases.load(Ordering::Relaxed) >= 1).await?;
+
         // What the server sent carol stays within her window, however much the group sends.
         let pushed = metrics.fanout_entries.load(Ordering::Relaxed) - pushed_before;
         let stalled = pushed.saturating_sub(MESSAGES as u64);

@@ -263,6 +263,8 @@ pub struct Metrics {
     /// Catch-ups of subscriptions from the store (a subscriber that fell behind, missed
     /// entries, or met a commit whose membership effect was not known).
     pub catch_ups: AtomicU64,
+    /// Subscriptions that stalled with a full window and let go of their group's live feed.
+    pub feed_releases: AtomicU64,
     /// Calls an edge forwarded to an owner shard.
     pub forwarded: AtomicU64,
     /// The bounded CPU pool's counters (shared with the pool).
@@ -299,6 +301,7 @@ impl Default for Metrics {
             fanout_entries: AtomicU64::new(0),
             fanout_calls: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            feed_releases: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
             rate_limits: Arc::default(),
@@ -513,6 +516,12 @@ impl Metrics {
             "qpq_subscription_catch_ups_total",
             "Times a live subscription read the store to catch up instead of the live feed.",
             self.catch_ups.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "qpq_subscription_feed_releases_total",
+            "Live subscriptions that stalled with a full window and let go of their group's feed.",
+            self.feed_releases.load(Ordering::Relaxed),
         );
         counter(
             out,

@@ -162,6 +162,10 @@ fn deliver<'a>(
     observer.metrics.fanout(count);
 }
 
+/// How long a subscriber's window may stay full before its subscription stops holding the
+/// group's live feed (it reads the store once it answers again).
+const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One group subscription: who reads what, and where it goes.
 struct Follow<'a> {
     backend: &'a Backend,
@@ -183,7 +187,7 @@ impl Follow<'_> {
         let mut window = Window::new(self.page.bytes);
         let mut next = after_seq.saturating_add(1);
         loop {
-            let read_on = match self.catch_up(next, &mut window).await? {
+            let read_on = match self.catch_up(next, &mut window, &mut feed).await? {
                 Some(caught_up) => self.live(&mut feed, caught_up, &mut window).await?,
                 None => None,
             };
@@ -199,13 +203,18 @@ impl Follow<'_> {
     /// Catches up from the store (which enforces the read window) from `next`, inside a
     /// catch-up span; the next sequence number to deliver, or `None` once the subscriber was
     /// removed (everything it may read has been sent).
-    async fn catch_up(&self, next: u64, window: &mut Window) -> Result<Option<u64>, FollowError> {
+    async fn catch_up(
+        &self,
+        next: u64,
+        window: &mut Window,
+        feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
+    ) -> Result<Option<u64>, FollowError> {
         let observer = self.backend.observer();
         observer.metrics.catch_ups.fetch_add(1, Ordering::Relaxed);
         let span = catch_up_span("group", self.subscribed);
         record_group(&span, observer, self.group.as_bytes());
         let result = self
-            .read_and_push(next, &span, window)
+            .read_and_push(next, &span, window, feed)
             .instrument(span.clone())
             .await;
         if let Err(FollowError::Store(e)) = &result
@@ -221,14 +230,16 @@ impl Follow<'_> {
         mut next: u64,
         span: &Span,
         window: &mut Window,
+        feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
     ) -> Result<Option<u64>, FollowError> {
         let store = self.backend.store();
         let observer = self.backend.observer();
         loop {
             // Read no page the window could not send: a subscriber that stopped answering
-            // makes this wait, holding nothing but its window.
+            // makes this wait, holding nothing but its window (and, once it is stalled,
+            // nothing of the feed).
             while window.is_full() {
-                window.progress().await?;
+                self.answer_or_let_go(window, feed).await?;
             }
             let entries = store
                 .read_log(self.group, &self.reader, next - 1, self.page)
@@ -238,7 +249,10 @@ impl Follow<'_> {
             };
             next = last.seq + 1;
             let had_commit = entries.iter().any(|e| e.kind == EntryKind::Commit);
-            window.reserve(entries.iter().map(entry_size).sum()).await?;
+            let bytes = entries.iter().map(entry_size).sum();
+            while !window.admits(bytes) {
+                self.answer_or_let_go(window, feed).await?;
+            }
             let links = std::iter::empty();
             deliver(
                 self.stream,
@@ -255,6 +269,26 @@ impl Follow<'_> {
         }
     }
 
+    /// Waits for the subscriber's next answer. If none comes within [`STALLED_AFTER`], the
+    /// subscription first lets go of the group's feed (a fresh receiver at its tail: the
+    /// entries the subscriber has not taken are released for the others) and returns `true`:
+    /// what it missed is read from the store.
+    async fn answer_or_let_go(
+        &self,
+        window: &mut Window,
+        feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
+    ) -> Result<bool, FollowError> {
+        if let Ok(answered) = tokio::time::timeout(STALLED_AFTER, window.progress()).await {
+            answered?;
+            return Ok(false);
+        }
+        *feed = feed.resubscribe();
+        let metrics = &self.backend.observer().metrics;
+        metrics.feed_releases.fetch_add(1, Ordering::Relaxed);
+        window.progress().await?;
+        Ok(true)
+    }
+
     /// Follows the live feed from `next` while it continues the sequence; the next sequence
     /// number once the store must be read again (a gap, a lag, a commit whose effect is not
     /// known), or `None` once the commit that removed the subscriber is pushed. While pushes are
@@ -262,8 +296,8 @@ impl Follow<'_> {
     /// wait in the feed and go together in the next push, so a busy group makes fewer, larger
     /// pushes and an idle subscriber gets each entry at once. A page of [`EAGER_ENTRIES`] goes
     /// without waiting for the answers, within the window. A subscriber whose window stays
-    /// full takes nothing more from the feed; once the feed has moved on past it, it reads the
-    /// store instead.
+    /// full takes nothing more from the feed; after [`STALLED_AFTER`] it lets go of the feed
+    /// (holding none of its entries) and reads the store once it answers.
     async fn live(
         &self,
         feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
@@ -315,7 +349,10 @@ impl Follow<'_> {
                 continue;
             }
             if !window.is_idle() {
-                window.progress().await?;
+                if self.answer_or_let_go(window, feed).await? {
+                    // What is pending is read again from the store.
+                    return Ok(Some(next));
+                }
                 continue;
             }
             match feed.recv().await {
