@@ -173,7 +173,14 @@ impl Views {
                 })
                 .await
                 .map_err(pool_error)?;
-            slot.view = Some(loaded.map_err(OrderingError::BadCommit)?);
+            // A stored view that does not restore is the store's fault, not the sender's: an
+            // internal error (logged), not a `bad_commit` refusal.
+            let loaded = loaded.map_err(|e: ViewError| {
+                OrderingError::Store(crate::store::StoreError::Corrupt(format!(
+                    "group view: {e}"
+                )))
+            })?;
+            slot.view = Some(loaded);
         }
         let Some(view) = slot.view.take() else {
             return Err(OrderingError::Unavailable("group view missing".into()));

@@ -30,12 +30,28 @@ pub(super) type Snapshot = (&'static [u8], &'static [u8]);
 pub(super) const TAIL: TableDefinition<(&[u8], u64), &[u8]> =
     TableDefinition::new("group_view_tail");
 
+/// Conversions of the store done so far (name → 1).
+const MIGRATIONS: TableDefinition<&str, u64> = TableDefinition::new("migrations");
+/// The conversion of views stored whole into snapshots.
+const SNAPSHOTS_MIGRATION: &str = "0007_view_snapshots";
+
 /// Creates the tables and moves views stored whole (before snapshots) into snapshots: the
 /// stored view becomes the snapshot at the group's last seq, the view kept before its latest
-/// commit the snapshot just before that commit.
+/// commit the snapshot just before that commit. Done once per store (recorded in
+/// `migrations`).
 pub(super) fn migrate(txn: &WriteTransaction) -> Result<(), StoreError> {
     let mut snapshots = txn.open_table(SNAPSHOTS).map_err(unavailable)?;
     txn.open_table(TAIL).map_err(unavailable)?;
+    // Once per store: a later open does not scan every group's view again.
+    let mut done = txn.open_table(MIGRATIONS).map_err(unavailable)?;
+    if done
+        .get(SNAPSHOTS_MIGRATION)
+        .map_err(unavailable)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    done.insert(SNAPSHOTS_MIGRATION, 1).map_err(unavailable)?;
     let mut views = txn.open_table(VIEWS).map_err(unavailable)?;
     let groups = txn.open_table(GROUPS).map_err(unavailable)?;
     let mut whole = Vec::new();
@@ -351,6 +367,7 @@ mod tests {
             )?;
             txn.commit()?;
         }
+        // Opened twice: the second open finds the conversion recorded and changes nothing.
         for _ in 0..2 {
             let store = EmbeddedStore::open(&path)?;
             let view = store

@@ -253,17 +253,9 @@ fn the_view_refuses_adds_of_another_suite_and_removes_of_empty_leaves() -> R {
     Ok(())
 }
 
-/// An RFC 9420 variable-length vector length.
+/// `bytes` as an RFC 9420 `opaque<V>` (the framing the client's GroupInfo re-signing uses).
 fn put_vec(out: &mut Vec<u8>, bytes: &[u8]) {
-    let n = bytes.len();
-    if n < 64 {
-        out.push(n as u8);
-    } else if n < 16384 {
-        out.extend_from_slice(&(0x4000 | n as u16).to_be_bytes());
-    } else {
-        out.extend_from_slice(&(0x8000_0000 | n as u32).to_be_bytes());
-    }
-    out.extend_from_slice(bytes);
+    assert_eq!(lifetime::put_vector(out, bytes), Some(()));
 }
 
 /// A PublicMessage commit of group `gid` at `epoch` from leaf 0, holding one Remove of leaf
