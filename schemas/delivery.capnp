@@ -59,6 +59,17 @@ interface DeliveryService {
   # it and appends a revert marker (kind `revert`, payload the report) at `revertSeq`; the
   # group is then at `epoch`. A commit already reverted answers with its marker. Refused with
   # `report_refused` naming the rule otherwise.
+
+  subscribeFrames @10 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64)
+      -> (subscription :Subscription, windowBytes :UInt64);
+  # Like `subscribe`, but the entries come as push frames beside RPC on this connection (a
+  # frame header with its top bit set, holding a `PushFrame`), not as calls: one entry per
+  # frame, encoded once per node for every subscriber of the group. Register the group's
+  # handler before calling: frames may arrive before the answer. At most one such
+  # subscription per group per connection. The server sends at most `windowBytes` of entries
+  # (or one entry, if larger) beyond what the subscriber acknowledged with a `PushAck` frame;
+  # acknowledge about every quarter window, at the latest. A `PushFrame` with `ended` set
+  # closes the subscription (the subscriber was removed, after the commit that removed it).
 }
 
 struct CommitInfo {
@@ -105,6 +116,21 @@ interface MessageStream {
   # Implemented by the subscriber. Batches arrive in order; the server awaits each call
   # before sending the next (flow control). Entries may repeat after a reconnect: dedupe by seq.
   deliver @0 (groupId :Data, entries :List(Envelope)) -> ();
+}
+
+struct PushFrame {
+  # A server-to-subscriber push frame (see `DeliveryService.subscribeFrames`).
+  union {
+    entry @0 :Envelope;   # the group's next entry (its groupId names the subscription)
+    ended @1 :Data;       # the subscription for this group id ended
+  }
+}
+
+struct PushAck {
+  # A subscriber-to-server push frame: the subscriber has taken every entry of the group's
+  # frame subscription up to `seq` (flow control only; `acknowledge` stores the cursor).
+  groupId @0 :Data;
+  seq @1 :UInt64;
 }
 
 interface InboxStream {

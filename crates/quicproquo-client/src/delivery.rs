@@ -11,6 +11,7 @@ use quicproquo_proto::delivery_capnp::{
 use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
 
+use crate::frames::{Batch, ClientFrames, Registration};
 use crate::trace::{rpc_span, traced, write_trace};
 use crate::wire::{read_group_id, read_identities};
 use crate::{ClientError, call_error, timed};
@@ -111,7 +112,7 @@ pub struct CommitParts {
     pub group_info: Vec<u8>,
 }
 
-fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
+pub(crate) fn read_envelope(e: envelope::Reader<'_>) -> Result<Envelope, ClientError> {
     Ok(Envelope {
         group_id: read_group_id(e.get_group_id())?,
         seq: e.get_seq(),
@@ -141,7 +142,15 @@ fn read_welcome(w: welcome::Reader<'_>) -> Result<Welcome, ClientError> {
 }
 
 /// Receives pushed batches and forwards them to a channel.
-struct StreamSink(mpsc::UnboundedSender<Vec<Envelope>>);
+struct StreamSink(mpsc::UnboundedSender<Batch<Envelope>>);
+
+fn batch<T>(items: Vec<T>) -> Batch<T> {
+    Batch {
+        items,
+        bytes: 0,
+        last_seq: 0,
+    }
+}
 
 impl message_stream::Server for StreamSink {
     async fn deliver(
@@ -149,18 +158,18 @@ impl message_stream::Server for StreamSink {
         params: message_stream::DeliverParams,
         _: message_stream::DeliverResults,
     ) -> Result<(), capnp::Error> {
-        let entries = params.get()?.get_entries()?;
-        let mut batch = Vec::with_capacity(entries.len() as usize);
-        for e in entries.iter() {
-            batch.push(read_envelope(e).map_err(|e| capnp::Error::failed(e.to_string()))?);
+        let list = params.get()?.get_entries()?;
+        let mut entries = Vec::with_capacity(list.len() as usize);
+        for e in list.iter() {
+            entries.push(read_envelope(e).map_err(|e| capnp::Error::failed(e.to_string()))?);
         }
         self.0
-            .send(batch)
+            .send(batch(entries))
             .map_err(|_| capnp::Error::disconnected("subscriber went away".into()))
     }
 }
 
-struct InboxSink(mpsc::UnboundedSender<Vec<Welcome>>);
+struct InboxSink(mpsc::UnboundedSender<Batch<Welcome>>);
 
 impl inbox_stream::Server for InboxSink {
     async fn deliver(
@@ -169,20 +178,25 @@ impl inbox_stream::Server for InboxSink {
         _: inbox_stream::DeliverResults,
     ) -> Result<(), capnp::Error> {
         let list = params.get()?.get_welcomes()?;
-        let batch = list
+        let welcomes = list
             .iter()
             .map(read_welcome)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
         self.0
-            .send(batch)
+            .send(batch(welcomes))
             .map_err(|_| capnp::Error::disconnected("subscriber went away".into()))
     }
 }
 
+/// Most items [`Subscription::next`] returns at once.
+const MAX_BATCH: usize = 1024;
+
 /// A live subscription; dropping it ends the subscription on the server.
 pub struct Subscription<T> {
-    rx: mpsc::UnboundedReceiver<Vec<T>>,
+    rx: mpsc::UnboundedReceiver<Batch<T>>,
+    /// A frame subscription's registration and acknowledgements (`None`: pushed as calls).
+    frames: Option<Registration>,
     _cap: subscription::Client,
 }
 
@@ -193,9 +207,25 @@ impl<T> std::fmt::Debug for Subscription<T> {
 }
 
 impl<T> Subscription<T> {
-    /// The next pushed batch; `None` once the subscription has ended.
+    /// The next pushed batch (everything that has arrived, up to 1024 items); `None` once the
+    /// subscription has ended.
     pub async fn next(&mut self) -> Option<Vec<T>> {
-        self.rx.recv().await
+        let first = self.rx.recv().await?;
+        let (mut items, mut bytes, mut last_seq) = (first.items, first.bytes, first.last_seq);
+        while items.len() < MAX_BATCH {
+            let Ok(more) = self.rx.try_recv() else {
+                break;
+            };
+            items.extend(more.items);
+            bytes += more.bytes;
+            last_seq = last_seq.max(more.last_seq);
+        }
+        if let Some(frames) = &mut self.frames {
+            // A connection that can no longer take acknowledgements is over: the channel
+            // ends once what arrived is taken.
+            let _ = frames.took(bytes, last_seq);
+        }
+        Some(items)
     }
 }
 
@@ -205,6 +235,7 @@ pub struct DeliveryClient {
     cap: delivery_service::Client,
     addr: SocketAddr,
     timeout: Duration,
+    frames: ClientFrames,
 }
 
 impl std::fmt::Debug for DeliveryClient {
@@ -216,8 +247,18 @@ impl std::fmt::Debug for DeliveryClient {
 }
 
 impl DeliveryClient {
-    pub(crate) fn new(cap: delivery_service::Client, addr: SocketAddr, timeout: Duration) -> Self {
-        Self { cap, addr, timeout }
+    pub(crate) fn new(
+        cap: delivery_service::Client,
+        addr: SocketAddr,
+        timeout: Duration,
+        frames: ClientFrames,
+    ) -> Self {
+        Self {
+            cap,
+            addr,
+            timeout,
+            frames,
+        }
     }
 
     /// Registers a new group with us as its only member. `group_info` is the group's GroupInfo
@@ -406,8 +447,42 @@ impl DeliveryClient {
         list.iter().map(read_welcome).collect()
     }
 
-    /// Pushes entries of `group_id` after `after_seq`, then new ones as they are appended.
+    /// Pushes entries of `group_id` after `after_seq`, then new ones as they are appended, as
+    /// push frames beside RPC (one subscription per group per connection).
     pub async fn subscribe(
+        &self,
+        group_id: &[u8],
+        after_seq: u64,
+    ) -> Result<Subscription<Envelope>, ClientError> {
+        // Registered first: the server may push before it answers.
+        let (mut registration, rx) = self.frames.register(group_id).ok_or_else(|| {
+            ClientError::Rpc(capnp::Error::failed(
+                "this connection already holds a subscription to the group".into(),
+            ))
+        })?;
+        let span = rpc_span(self.addr, "DeliveryService", "subscribeFrames");
+        let mut req = self.cap.subscribe_frames_request();
+        {
+            let mut p = req.get();
+            write_trace(p.reborrow().init_trace(), &span);
+            p.set_group_id(group_id);
+            p.set_after_seq(after_seq);
+        }
+        let call = timed(self.addr, self.timeout, "subscribe", req.send().promise);
+        let resp = traced(&span, call).await?;
+        let r = resp.get().map_err(call_error)?;
+        registration.set_window(r.get_window_bytes());
+        Ok(Subscription {
+            rx,
+            frames: Some(registration),
+            _cap: r.get_subscription().map_err(call_error)?,
+        })
+    }
+
+    /// Like [`Self::subscribe`], with each batch pushed as a `MessageStream.deliver` call
+    /// answered by this client (the protocol before push frames; kept for comparison and for
+    /// servers without them).
+    pub async fn subscribe_calls(
         &self,
         group_id: &[u8],
         after_seq: u64,
@@ -430,7 +505,11 @@ impl DeliveryClient {
             .map_err(call_error)?
             .get_subscription()
             .map_err(call_error)?;
-        Ok(Subscription { rx, _cap: cap })
+        Ok(Subscription {
+            rx,
+            frames: None,
+            _cap: cap,
+        })
     }
 
     /// Pushes Welcomes after `after_seq`, then new ones as they arrive.
@@ -457,6 +536,10 @@ impl DeliveryClient {
             .map_err(call_error)?
             .get_subscription()
             .map_err(call_error)?;
-        Ok(Subscription { rx, _cap: cap })
+        Ok(Subscription {
+            rx,
+            frames: None,
+            _cap: cap,
+        })
     }
 }

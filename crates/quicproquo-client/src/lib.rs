@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use quicproquo_core::channel::ChannelLimits;
-use quicproquo_core::rpc::rpc_system;
+use quicproquo_core::gate::GateLimits;
+use quicproquo_core::rpc::rpc_system_pushing;
 use quicproquo_core::{
     ClusterPublicKey, IdentityKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair,
     TransportError, noise,
@@ -55,9 +56,12 @@ pub mod commit;
 pub mod delivery;
 pub mod events;
 pub mod follow;
+mod frames;
 pub mod state;
 mod trace;
 mod wire;
+
+use frames::ClientFrames;
 
 pub use auth::{AuthClient, FetchedKeyPackage};
 pub use delivery::{DeliveryClient, Envelope, SendOutcome};
@@ -234,6 +238,7 @@ pub struct Connection {
     timeout: Duration,
     bootstrap: bootstrap::Client,
     disconnector: capnp_rpc::Disconnector<Side>,
+    frames: ClientFrames,
 }
 
 impl std::fmt::Debug for Connection {
@@ -292,10 +297,30 @@ impl Connection {
         let limits = ChannelLimits {
             max_frame_bytes: options.max_frame_bytes,
         };
-        let mut rpc = rpc_system(r, w, outcome.session, limits, Side::Client, None);
+        let frames = ClientFrames::default();
+        let conn = rpc_system_pushing(
+            r,
+            w,
+            outcome.session,
+            limits,
+            GateLimits::default(),
+            Side::Client,
+            None,
+            frames.handler(limits),
+        );
+        frames.set_port(conn.port);
+        let mut rpc = conn.rpc;
         let bootstrap: bootstrap::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
-        tokio::task::spawn_local(rpc);
+        // The pump writes for the RPC system and the acknowledgements: the connection ends
+        // with either.
+        let pump = conn.pump;
+        tokio::task::spawn_local(async move {
+            tokio::select! {
+                _ = rpc => {}
+                _ = pump => {}
+            }
+        });
         Ok(Self {
             addr,
             client_static: *local.public(),
@@ -304,6 +329,7 @@ impl Connection {
             timeout,
             bootstrap,
             disconnector,
+            frames,
         })
     }
 
@@ -382,6 +408,7 @@ impl Connection {
                 r.get_delivery().map_err(call_error)?,
                 self.addr,
                 self.timeout,
+                self.frames.clone(),
             ),
             draining,
         })

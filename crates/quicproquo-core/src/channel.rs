@@ -13,6 +13,12 @@
 //!   [`NoiseReader`] implements `AsyncRead`, which is what Cap'n Proto RPC runs over.
 //!
 //! Use one view per direction of a connection; mixing them mid-frame is not supported.
+//!
+//! **Push frames.** A frame whose header has [`PUSH_FLAG`] set is not part of the byte stream:
+//! the stream view hands it whole to the reader's push handler ([`NoiseReader::on_push`]) and
+//! reads on. Push frames are how a server sends a subscriber its entries beside Cap'n Proto RPC
+//! on the same channel, and how the subscriber acknowledges them (see [`crate::mux`]). A reader
+//! without a handler refuses them (the connection ends), and the message view never takes one.
 
 use std::future::poll_fn;
 use std::io;
@@ -28,7 +34,11 @@ use crate::noise::{MAX_NOISE_PLAINTEXT, Session, TAG_LEN};
 /// Default maximum frame size: 16 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Frame header length.
-const HEADER_LEN: usize = 4;
+pub(crate) const HEADER_LEN: usize = 4;
+/// Set in a frame header for a push frame (frames are at most [`u32::MAX`] / 2 bytes).
+pub const PUSH_FLAG: u32 = 1 << 31;
+/// Handles one whole push frame; an error ends the connection.
+pub type PushHandler = Box<dyn FnMut(Vec<u8>) -> Result<(), TransportError>>;
 /// Noise message length prefix.
 const LEN_PREFIX: usize = 2;
 /// The stream view seals buffered bytes into a frame once this many are pending.
@@ -69,7 +79,7 @@ pub fn channel<R, W>(
     session: Arc<Session>,
     limits: ChannelLimits,
 ) -> (NoiseReader<R>, NoiseWriter<W>) {
-    let max_frame = limits.max_frame_bytes.min(u32::MAX as usize);
+    let max_frame = limits.max_frame_bytes.min((PUSH_FLAG - 1) as usize);
     (
         NoiseReader {
             io: read,
@@ -81,6 +91,10 @@ pub fn channel<R, W>(
             frame_remaining: 0,
             max_frame,
             failed: false,
+            push: None,
+            max_push: 0,
+            push_frame: Vec::new(),
+            push_remaining: None,
         },
         NoiseWriter {
             io: write,
@@ -148,6 +162,22 @@ pub struct NoiseReader<R> {
     frame_remaining: usize,
     max_frame: usize,
     failed: bool,
+    /// Where push frames go (stream view); `None`: they are refused.
+    push: Option<PushHandler>,
+    /// The longest push frame accepted.
+    max_push: usize,
+    /// The push frame being received, and how many of its bytes are still to come.
+    push_frame: Vec<u8>,
+    push_remaining: Option<usize>,
+}
+
+impl<R> NoiseReader<R> {
+    /// Hands every push frame the stream view meets to `handler`, whole, in order; a push
+    /// frame longer than `max_bytes` ends the connection before anything is buffered for it.
+    pub fn on_push(&mut self, handler: PushHandler, max_bytes: usize) {
+        self.push = Some(handler);
+        self.max_push = max_bytes;
+    }
 }
 
 impl<R: AsyncRead + Unpin> NoiseReader<R> {
@@ -271,15 +301,32 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
     }
 
     fn at_clean_end(&self) -> bool {
-        self.cipher.len() == 0 && self.plain.len() == 0 && self.frame_remaining == 0
+        self.cipher.len() == 0
+            && self.plain.len() == 0
+            && self.frame_remaining == 0
+            && self.push_remaining.is_none()
     }
 
-    fn take_header(&mut self) -> Result<Option<usize>, TransportError> {
+    /// The next frame's length and whether it is a push frame (taken only when `pushes`).
+    fn take_header(&mut self, pushes: bool) -> Result<Option<(usize, bool)>, TransportError> {
         let p = self.plain.readable();
         if p.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        let raw = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+        let push = pushes && raw & PUSH_FLAG != 0;
+        let len = if push { raw & !PUSH_FLAG } else { raw } as usize;
+        if push && self.push.is_none() {
+            self.failed = true;
+            return Err(TransportError::Push("no push frames were asked for".into()));
+        }
+        if push && len > self.max_push {
+            self.failed = true;
+            return Err(TransportError::FrameTooLarge {
+                len,
+                max: self.max_push,
+            });
+        }
         if len > self.max_frame {
             self.failed = true;
             return Err(TransportError::FrameTooLarge {
@@ -288,7 +335,28 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
             });
         }
         self.plain.consume(HEADER_LEN);
-        Ok(Some(len))
+        Ok(Some((len, push)))
+    }
+
+    /// Moves buffered bytes into the push frame being received; hands it over once whole.
+    fn take_push(&mut self) -> Result<(), TransportError> {
+        let Some(remaining) = self.push_remaining else {
+            return Ok(());
+        };
+        let take = remaining.min(self.plain.len());
+        self.push_frame
+            .extend_from_slice(&self.plain.readable()[..take]);
+        self.plain.consume(take);
+        if take < remaining {
+            self.push_remaining = Some(remaining - take);
+            return Ok(());
+        }
+        self.push_remaining = None;
+        let frame = std::mem::take(&mut self.push_frame);
+        match self.push.as_mut() {
+            Some(handler) => handler(frame),
+            None => Err(TransportError::Push("no push frames were asked for".into())),
+        }
     }
 
     async fn fill(&mut self) -> Result<bool, TransportError> {
@@ -301,7 +369,7 @@ impl<R: AsyncRead + Unpin> NoiseReader<R> {
             return Err(TransportError::Closed);
         }
         let len = loop {
-            if let Some(len) = self.take_header()? {
+            if let Some((len, _)) = self.take_header(false)? {
                 break len;
             }
             if !self.fill().await? {
@@ -365,8 +433,21 @@ impl<R: AsyncRead + Unpin> AsyncRead for NoiseReader<R> {
                     this.frame_remaining -= n;
                     return Poll::Ready(Ok(()));
                 }
-            } else if let Some(len) = this.take_header()? {
-                this.frame_remaining = len;
+            } else if this.push_remaining.is_some() {
+                if let Err(e) = this.take_push() {
+                    this.failed = true;
+                    return Poll::Ready(Err(e.into()));
+                }
+                if this.push_remaining.is_none() {
+                    continue;
+                }
+            } else if let Some((len, push)) = this.take_header(true)? {
+                if push {
+                    this.push_frame = Vec::with_capacity(len.min(MAX_NOISE_PLAINTEXT));
+                    this.push_remaining = Some(len);
+                } else {
+                    this.frame_remaining = len;
+                }
                 continue;
             }
             match ready!(this.poll_fill(cx)) {
@@ -397,7 +478,28 @@ pub struct NoiseWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
-    fn seal_message(&mut self, plaintext: &[u8]) -> Result<(), TransportError> {
+    /// The largest frame this writer sends.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Sealed bytes waiting to be written.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes sealed bytes out until none are left (buffers kept small afterwards).
+    pub(crate) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_drain(cx)
+    }
+
+    /// Flushes and shuts the socket down (everything sealed must be written first).
+    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_flush_all(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    pub(crate) fn seal_message(&mut self, plaintext: &[u8]) -> Result<(), TransportError> {
         let tail = self.out.tail(LEN_PREFIX + plaintext.len() + TAG_LEN);
         let n = self
             .session
@@ -415,10 +517,25 @@ impl<W: AsyncWrite + Unpin> NoiseWriter<W> {
 
     /// Seals the frame header and the first piece of `payload`; returns how much was taken.
     fn seal_frame_start(&mut self, payload: &[u8]) -> Result<usize, TransportError> {
+        self.seal_header_and_start(0, payload)
+    }
+
+    /// [`Self::seal_frame_start`] with `flag` (0 or [`PUSH_FLAG`]) or-ed into the header.
+    pub(crate) fn seal_header_and_start(
+        &mut self,
+        flag: u32,
+        payload: &[u8],
+    ) -> Result<usize, TransportError> {
+        if payload.len() > self.max_frame {
+            return Err(TransportError::FrameTooLarge {
+                len: payload.len(),
+                max: self.max_frame,
+            });
+        }
         let len = u32::try_from(payload.len()).map_err(|_| TransportError::FrameTooLarge {
             len: payload.len(),
             max: self.max_frame,
-        })?;
+        })? | flag;
         let first = payload.len().min(MAX_NOISE_PLAINTEXT - HEADER_LEN);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();

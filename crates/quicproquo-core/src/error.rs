@@ -116,6 +116,9 @@ pub enum TransportError {
     /// A key or certificate problem during the handshake.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A push frame arrived where none was asked for, or its handler refused it.
+    #[error("push frame refused: {0}")]
+    Push(String),
 }
 
 impl From<TransportError> for io::Error {

@@ -45,6 +45,7 @@ pub mod group;
 pub mod identity;
 pub mod keys;
 pub mod mls;
+pub mod mux;
 pub mod noise;
 pub mod report;
 pub mod rpc;

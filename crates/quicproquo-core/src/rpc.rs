@@ -5,6 +5,8 @@
 //! dialing a shard) goes through [`rpc_system`], so the traversal and nesting limits applied
 //! to what a peer sends are set here and nowhere else.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -14,8 +16,10 @@ use capnp_rpc::{RpcSystem, twoparty};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::channel::{ChannelLimits, channel};
+use crate::channel::{ChannelLimits, PushHandler, channel};
+use crate::error::TransportError;
 use crate::gate::{GateLimits, GateState, gate};
+use crate::mux::{PushPort, mux};
 use crate::noise::Session;
 
 /// Deepest pointer nesting accepted in a message from a peer.
@@ -91,4 +95,56 @@ where
     );
     let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), side, options);
     (RpcSystem::new(Box::new(network), bootstrap), state)
+}
+
+/// A connection whose RPC system shares the channel with push frames ([`crate::mux`]).
+pub struct PushingConnection {
+    /// The RPC system, to be run to completion.
+    pub rpc: RpcSystem<Side>,
+    /// The gate's state (calls in flight, write stalls of the RPC stream).
+    pub gate: Rc<GateState>,
+    /// Where push frames to the peer are queued.
+    pub port: PushPort,
+    /// The one writer of the socket: run it beside `rpc`; a connection whose pump ended with
+    /// an error is over.
+    pub pump: Pin<Box<dyn Future<Output = Result<(), TransportError>>>>,
+}
+
+/// [`rpc_system_gated`], with push frames beside RPC: the peer's push frames, of at most
+/// `max_push_bytes` each, go to `on_push`, and ours are queued on the returned [`PushPort`].
+/// The returned pump must run beside the RPC system (it writes for both).
+#[allow(clippy::too_many_arguments)]
+pub fn rpc_system_pushing<R, W>(
+    read: R,
+    write: W,
+    session: Arc<Session>,
+    limits: ChannelLimits,
+    gate_limits: GateLimits,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+    (on_push, max_push_bytes): (PushHandler, usize),
+) -> PushingConnection
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (mut reader, writer) = channel(read, write, session, limits);
+    reader.on_push(on_push, max_push_bytes);
+    let (writer, port, pump) = mux(writer);
+    let options = reader_options(limits);
+    let (reader, writer, gate) = gate(
+        reader,
+        writer,
+        GateLimits {
+            max_words: limits.max_frame_bytes / 8,
+            ..gate_limits
+        },
+    );
+    let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), side, options);
+    PushingConnection {
+        rpc: RpcSystem::new(Box::new(network), bootstrap),
+        gate,
+        port,
+        pump: Box::pin(pump),
+    }
 }

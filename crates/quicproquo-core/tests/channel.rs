@@ -285,3 +285,116 @@ async fn receive_buffers_follow_the_bytes_that_arrive() -> Result<()> {
     assert_eq!(sr.recv_frame().await?, Some(again));
     Ok(())
 }
+
+/// Push frames beside the stream view, on one channel: in order, whole, and not mixed into
+/// the byte stream, however large; the pump writes both and closes the socket after a shutdown.
+#[tokio::test]
+async fn push_frames_travel_beside_the_byte_stream() -> Result<()> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use tokio::io::AsyncWriteExt;
+
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let got: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
+    let into = Rc::clone(&got);
+    sr.on_push(
+        Box::new(move |frame| {
+            into.borrow_mut().push(frame);
+            Ok(())
+        }),
+        2 * 1024 * 1024,
+    );
+    let (mut rpc, port, pump) = quicproquo_core::mux::mux(cw);
+    let pushes: Vec<Arc<[u8]>> = [0usize, 1, 70_000, 1024 * 1024, 5]
+        .iter()
+        .map(|&n| Arc::from(pattern(n + 1)))
+        .collect();
+    let stream = pattern(600_000);
+    let local = tokio::task::LocalSet::new();
+    let (written, read, pumped) = local
+        .run_until(async {
+            let pump = tokio::task::spawn_local(pump);
+            let write = async {
+                for (i, p) in pushes.iter().enumerate() {
+                    port.push(Arc::clone(p))?;
+                    let part = stream.len() / pushes.len();
+                    rpc.write_all(&stream[i * part..(i + 1) * part]).await?;
+                    rpc.flush().await?;
+                }
+                let rest = stream.len() / pushes.len() * pushes.len();
+                rpc.write_all(&stream[rest..]).await?;
+                port.written().await?;
+                rpc.shutdown().await?;
+                drop(rpc);
+                anyhow::Ok(())
+            };
+            let read = async {
+                let mut all = Vec::new();
+                sr.read_to_end(&mut all).await?;
+                anyhow::Ok(all)
+            };
+            let (w, r) = tokio::join!(write, read);
+            (w, r, pump.await)
+        })
+        .await;
+    written?;
+    assert!(read? == stream, "the byte stream changed beside the pushes");
+    pumped??;
+    let got = got.borrow();
+    assert_eq!(got.len(), pushes.len(), "every push frame arrives once");
+    for (g, p) in got.iter().zip(&pushes) {
+        assert!(g[..] == p[..], "a push frame changed or came out of order");
+    }
+    assert!(
+        port.push(Arc::from(pattern(1))).is_err(),
+        "no pushes after close"
+    );
+    Ok(())
+}
+
+/// A reader that asked for no push frames refuses one: the connection ends.
+#[tokio::test]
+async fn an_unasked_push_frame_ends_the_connection() -> Result<()> {
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let (_rpc, port, pump) = quicproquo_core::mux::mux(cw);
+    let local = tokio::task::LocalSet::new();
+    let read = local
+        .run_until(async {
+            tokio::task::spawn_local(pump);
+            port.push(Arc::from(pattern(10)))?;
+            let mut buf = [0u8; 16];
+            anyhow::Ok(sr.read(&mut buf).await)
+        })
+        .await?;
+    match read {
+        Err(e) => assert!(e.to_string().contains("push frame refused"), "{e}"),
+        Ok(n) => bail!("read {n} bytes of an unasked push frame"),
+    }
+    Ok(())
+}
+
+/// A push frame longer than the reader takes ends the connection before it is buffered.
+#[tokio::test]
+async fn an_oversized_push_frame_ends_the_connection() -> Result<()> {
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    sr.on_push(Box::new(|_| Ok(())), 1024);
+    let (_rpc, port, pump) = quicproquo_core::mux::mux(cw);
+    let local = tokio::task::LocalSet::new();
+    let read = local
+        .run_until(async {
+            tokio::task::spawn_local(pump);
+            port.push(Arc::from(pattern(1025)))?;
+            let mut buf = [0u8; 16];
+            anyhow::Ok(sr.read(&mut buf).await)
+        })
+        .await?;
+    match read {
+        Err(e) => assert!(e.to_string().contains("1025"), "{e}"),
+        Ok(n) => bail!("read {n} bytes of an oversized push frame"),
+    }
+    assert!(
+        sr.buffer_capacity() < 64 * 1024,
+        "nothing was buffered for it"
+    );
+    Ok(())
+}

@@ -221,3 +221,45 @@ async fn the_handshake_cap_closes_excess_connections_at_once() -> Result<()> {
     )
     .await
 }
+
+/// Sends `bytes` (frame headers and bodies, unframed) on a fresh session and checks that the
+/// server closes that connection without saying much.
+async fn closes_on(server: &TestServer, bytes: &[u8]) -> Result<()> {
+    let mut s = TcpStream::connect(server.addr).await?;
+    let key = NoiseKeypair::generate()?;
+    let outcome = noise::initiate(&mut s, &key, &server.options.verifier, WITHIN).await?;
+    let (r, w) = s.into_split();
+    let (mut reader, mut writer) = channel(r, w, outcome.session, ChannelLimits::default());
+    writer.send_unframed(bytes).await?;
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(WITHIN, reader.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "server kept the connection open");
+    assert!(
+        sink.len() < 4096,
+        "server kept talking: {} bytes",
+        sink.len()
+    );
+    Ok(())
+}
+
+/// Push frames from a client may only be acknowledgements: one longer than 1 KiB, or one that
+/// is not a well-formed `PushAck`, closes that connection (ADR 0019).
+#[tokio::test]
+async fn a_bad_push_frame_closes_that_connection() -> Result<()> {
+    use quicproquo_core::channel::PUSH_FLAG;
+    survives(
+        |_| {},
+        |server| async move {
+            // Announced longer than an acknowledgement may be: refused before its body.
+            let mut oversized = (PUSH_FLAG | 64 * 1024).to_be_bytes().to_vec();
+            oversized.extend_from_slice(&[0u8; 100]);
+            closes_on(&server, &oversized).await?;
+            // Short enough, but not a Cap'n Proto message.
+            let mut garbage = (PUSH_FLAG | 16).to_be_bytes().to_vec();
+            garbage.extend_from_slice(&[0xffu8; 16]);
+            closes_on(&server, &garbage).await?;
+            Ok(server)
+        },
+    )
+    .await
+}

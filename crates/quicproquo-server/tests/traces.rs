@@ -369,7 +369,7 @@ fn check_fan_out(all: &[Got], append: &Span, hashed: &str) -> Result<()> {
     let push = linked(all, append, "qpq-shard", "quicproquo.EntrySink/deliver");
     let push = push.first().context("no shard push links to the append")?;
     let received = child(all, &push.span, "qpq-edge", "quicproquo.EntrySink/deliver")?;
-    let delivered = linked(all, append, "qpq-edge", "quicproquo.MessageStream/deliver");
+    let delivered = linked(all, append, "qpq-edge", "quicproquo.PushFrame/entry");
     let delivered = delivered
         .iter()
         .find(|d| links_to(&d.span, &received.span))
@@ -393,7 +393,11 @@ fn check_fan_out(all: &[Got], append: &Span, hashed: &str) -> Result<()> {
         );
     }
     // Bob's subscription: its catch-ups read the store inside a span linked to the call.
-    let subscribe = newest(all, "qpq-edge", "quicproquo.DeliveryService/subscribe")?;
+    let subscribe = newest(
+        all,
+        "qpq-edge",
+        "quicproquo.DeliveryService/subscribeFrames",
+    )?;
     let catch_up = all
         .iter()
         .find(|g| g.span.name == "subscription catch-up" && links_to(&g.span, &subscribe.span))

@@ -10,8 +10,13 @@
 //! appender and the store's pool; for the bare side, the relay's thread), and the ratio of
 //! the two CPU figures.
 //!
+//! The real server runs twice, with each way it can push (ADR 0019): `calls` (each batch a
+//! `MessageStream.deliver` call the receiver answers) and `frames` (each entry a push frame
+//! beside RPC, acknowledged by sequence number every quarter window).
+//!
 //! The receivers are light: the server's receivers take each pushed batch off the connection
-//! (Noise decryption, Cap'n Proto decoding, the RPC's answer) and count its entries, checking
+//! (Noise decryption, Cap'n Proto decoding, the RPC's answer or an acknowledgement now and
+//! then) and count its entries, checking
 //! their order by sequence number; the bare receivers decrypt the frames and count. Nobody
 //! decrypts MLS. The sender's messages are real MLS application messages, encrypted before the
 //! timed phases. The bare relay forwards each paced message in a frame of its own and the
@@ -103,21 +108,31 @@ fn settings() -> Result<Settings> {
     })
 }
 
-fn main() -> Result<()> {
-    let s = settings()?;
+/// One run of the real server (a server of its own), pushing by `push`.
+fn run_real(
+    s: &Settings,
+    rt: &tokio::runtime::Runtime,
+    push: real::Push,
+) -> Result<([Measured; 2], usize)> {
     let dir = tempfile::tempdir()?;
     let server = real::start_server(dir.path(), s.subscribers + 1)?;
     let options = ConnectOptions::new(server.cluster_key());
+    let local = tokio::task::LocalSet::new();
+    let real = local.block_on(rt, real::run(s, server.local_addr(), options, push));
+    drop(local);
+    server.shutdown();
+    server.join()?;
+    real
+}
+
+fn main() -> Result<()> {
+    let s = settings()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("fanout-client")
         .build()?;
-    let local = tokio::task::LocalSet::new();
-    let real = local.block_on(&rt, real::run(&s, server.local_addr(), options));
-    drop(local);
-    server.shutdown();
-    server.join()?;
-    let (real, message_bytes) = real?;
+    let (calls, _) = run_real(&s, &rt, real::Push::Calls)?;
+    let (frames, message_bytes) = run_real(&s, &rt, real::Push::Frames)?;
     // The bare entry: the MLS message and the envelope's other fields (ids, seq, epoch, time).
     let entry_bytes = message_bytes + 64;
     let local = tokio::task::LocalSet::new();
@@ -138,8 +153,9 @@ fn main() -> Result<()> {
         "workers µs/del",
         "del/s per core"
     );
-    for (phase, (r, b)) in ["paced", "backlog"].iter().zip(real.iter().zip(&bare)) {
-        for (side, m) in [("server", r), ("bare", b)] {
+    for (i, phase) in ["paced", "backlog"].iter().enumerate() {
+        let (c, f, b) = (&calls[i], &frames[i], &bare[i]);
+        for (side, m) in [("calls", c), ("frames", f), ("bare", b)] {
             println!(
                 "{phase:<8} {side:<6} {:>11} {:>9.1} {:>12.0} {:>14.3} {:>14.3} {:>16.0}",
                 m.deliveries,
@@ -151,8 +167,9 @@ fn main() -> Result<()> {
             );
         }
         println!(
-            "{phase:<8} ratio server/bare CPU per delivery: {:.1}x",
-            r.cpu_us() / b.cpu_us().max(1e-9)
+            "{phase:<8} ratio server/bare CPU per delivery: calls {:.1}x, frames {:.1}x",
+            c.cpu_us() / b.cpu_us().max(1e-9),
+            f.cpu_us() / b.cpu_us().max(1e-9)
         );
     }
     Ok(())

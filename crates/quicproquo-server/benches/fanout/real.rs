@@ -114,11 +114,21 @@ impl Counts {
     }
 }
 
+/// How the server pushes to the receivers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// `MessageStream.deliver` calls, each answered.
+    Calls,
+    /// Push frames beside RPC, acknowledged by sequence number.
+    Frames,
+}
+
 /// Runs both phases against the real server: paced (one entry per push), then a backlog.
 pub(crate) async fn run(
     s: &Settings,
     addr: SocketAddr,
     options: ConnectOptions,
+    push: Push,
 ) -> Result<([Measured; 2], usize)> {
     let dir = tempfile::tempdir()?;
     let t = Instant::now();
@@ -154,7 +164,10 @@ pub(crate) async fn run(
     let counts = Rc::new(Counts::default());
     let mut receivers = Vec::with_capacity(others.len());
     for m in others.iter() {
-        let mut sub = m.session.delivery.subscribe(&id, after).await?;
+        let mut sub = match push {
+            Push::Calls => m.session.delivery.subscribe_calls(&id, after).await?,
+            Push::Frames => m.session.delivery.subscribe(&id, after).await?,
+        };
         let counts = Rc::clone(&counts);
         receivers.push(spawn_local(async move {
             let mut next = after + 1;

@@ -23,7 +23,8 @@ use std::time::Duration;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use quicproquo_core::channel::ChannelLimits;
 use quicproquo_core::gate::{GateLimits, GateState};
-use quicproquo_core::rpc::rpc_system_gated;
+use quicproquo_core::mux::PushPort;
+use quicproquo_core::rpc::rpc_system_pushing;
 use quicproquo_core::{NodeVerifier, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +44,7 @@ use crate::ordering::Appender;
 use crate::pool::CpuPool;
 use crate::rpc::backend::Backend;
 use crate::rpc::bootstrap::{BindSignal, BootstrapImpl, SessionHooks, SessionInfo};
+use crate::rpc::frames::ConnectionFrames;
 use crate::store::AnyStore;
 
 /// What a role serves its connections with.
@@ -381,10 +383,12 @@ async fn serve_session(
         peer_address: peer_node.is_none().then(|| address_key(peer.ip())),
     };
     let exempt = peer_node.is_some();
+    let frames = ConnectionFrames::default();
     let hooks = SessionHooks {
         max_unbound_ping_bytes: (!exempt).then_some(config.limits.max_unbound_ping_bytes),
         max_reply_bytes: Some(config.reply_budget()),
         max_subscriptions: (!exempt).then_some(config.limits.max_subscriptions_per_connection),
+        frames: Some(frames.clone()),
         ..SessionHooks::default()
     };
     let bootstrap: bootstrap::Client = capnp_rpc::new_client(BootstrapImpl::new(
@@ -408,7 +412,7 @@ async fn serve_session(
         buffered: Some(Arc::clone(&shared.stats().rpc_buffered_bytes)),
         ..GateLimits::default()
     };
-    let (rpc, gate) = rpc_system_gated(
+    let conn = rpc_system_pushing(
         r,
         w,
         outcome.session,
@@ -416,8 +420,18 @@ async fn serve_session(
         gate_limits,
         Side::Server,
         Some(bootstrap.client),
+        frames.ack_handler(),
     );
+    frames.set_port(conn.port.clone());
+    let (rpc, gate, port, mut pump) = (conn.rpc, conn.gate, conn.port, conn.pump);
     let disconnector = rpc.get_disconnector();
+    // The pump writes for the RPC system and the push frames: the connection ends with either.
+    let rpc = async move {
+        tokio::select! {
+            r = rpc => r,
+            r = &mut pump => r.map_err(|e| capnp::Error::disconnected(e.to_string())),
+        }
+    };
     let mut rpc = pin!(rpc);
 
     tokio::select! {
@@ -431,7 +445,7 @@ async fn serve_session(
             }
             return;
         }
-        () = write_stall_deadline(&gate, exempt, config.limits.write_stall_timeout) => {
+        () = write_stall_deadline(&gate, &port, exempt, config.limits.write_stall_timeout) => {
             ConnectionStats::count(&shared.stats().write_stalls);
             debug!(%peer, "writes unread for too long; closing connection");
             return;
@@ -486,14 +500,19 @@ async fn idle_deadline(in_flight: &InFlight, exempt: bool, after: Duration) {
 
 /// Resolves once the connection's writes have been refused by the socket (its peer not
 /// reading) for `after` (never for a cluster node).
-async fn write_stall_deadline(gate: &GateState, exempt: bool, after: Duration) {
+async fn write_stall_deadline(gate: &GateState, port: &PushPort, exempt: bool, after: Duration) {
     if exempt {
         return std::future::pending().await;
     }
     loop {
         // Checked again when a stall could have lasted long enough; while none, a quarter of
         // the timeout later.
-        let wake = match gate.write_stalled_since() {
+        // The RPC stream's writes, or the pump's (push frames too).
+        let stalled = match (gate.write_stalled_since(), port.write_stalled_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let wake = match stalled {
             Some(since) if since.elapsed() >= after => return,
             Some(since) => since + after,
             None => std::time::Instant::now() + after / 4,

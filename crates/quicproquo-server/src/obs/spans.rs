@@ -153,6 +153,8 @@ pub(crate) enum PushTarget {
     /// A subscribed client's group stream (`MessageStream.deliver`, from an edge or
     /// standalone node).
     Client,
+    /// A subscribed client's group entries as push frames (`subscribeFrames`, ADR 0019).
+    Frames,
     /// A subscribed client's inbox stream (`InboxStream.deliver`).
     Inbox,
     /// An edge following a group (`EntrySink.deliver`, from a shard).
@@ -174,6 +176,7 @@ pub(crate) fn push_span<'a>(
 ) -> Span {
     let name = match target {
         PushTarget::Client => "quicproquo.MessageStream/deliver",
+        PushTarget::Frames => "quicproquo.PushFrame/entry",
         PushTarget::Inbox => "quicproquo.InboxStream/deliver",
         PushTarget::Edge => "quicproquo.EntrySink/deliver",
     };

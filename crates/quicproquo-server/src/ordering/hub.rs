@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use quicproquo_core::IdentityKey;
 use quicproquo_telemetry::propagation::LinkContext;
@@ -44,6 +44,16 @@ pub struct Published {
     /// The entry's bytes, counted against its feed's [`FEED_BYTES`] until every subscriber has
     /// taken it (or the feed overwrote it): only its `Drop` matters.
     _charge: Charge,
+    /// The entry as its subscribers' push frame, encoded by the first that needs it and shared
+    /// by the others (about the entry's size again, for as long as the entry is held).
+    encoded: OnceLock<Arc<[u8]>>,
+}
+
+impl Published {
+    /// The entry encoded by `encode`, once for every subscriber on this node.
+    pub fn encoded(&self, encode: impl FnOnce(&LogEntry) -> Arc<[u8]>) -> Arc<[u8]> {
+        Arc::clone(self.encoded.get_or_init(|| encode(&self.entry)))
+    }
 }
 
 /// Bytes counted against a feed's budget while the entry carrying them lives.
@@ -167,6 +177,7 @@ impl Hub {
                 origin,
                 removed,
                 _charge: charge,
+                encoded: OnceLock::new(),
             }))
         });
     }

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use super::auth::AuthService;
 use super::backend::Backend;
 use super::delivery::DeliveryService;
+use super::frames::ConnectionFrames;
 use super::shard::ShardServiceImpl;
 use crate::auth::AuthContext;
 use crate::model::page::DEFAULT_PAGE_BYTES;
@@ -104,6 +105,8 @@ pub struct SessionHooks {
     pub max_reply_bytes: Option<usize>,
     /// Most subscriptions one connection may hold (`None`: no limit).
     pub max_subscriptions: Option<usize>,
+    /// The connection's push frames (`None`: it carries none, `subscribeFrames` is refused).
+    pub frames: Option<ConnectionFrames>,
 }
 
 /// The bootstrap capability handed to every connection after the handshake.
@@ -251,6 +254,7 @@ impl bootstrap::Server for BootstrapImpl {
                                     self.hooks.max_reply_bytes.unwrap_or(DEFAULT_PAGE_BYTES),
                                     self.hooks.max_subscriptions.unwrap_or(usize::MAX),
                                 ),
+                                self.hooks.frames.clone(),
                             )),
                         };
                         *self.bound.borrow_mut() = Some((identity, services.clone()));

@@ -14,6 +14,7 @@ use quicproquo_proto::delivery_capnp::delivery_service;
 use quicproquo_proto::errors::{ErrorCode, error};
 
 use super::backend::Backend;
+use super::frames::ConnectionFrames;
 use super::subscribe;
 use crate::model::group::{AppendRequest, CommitChange, EntryKind, GroupId, MAX_MESSAGE_ID};
 use crate::model::page::Page;
@@ -36,6 +37,8 @@ pub(super) struct DeliveryService {
     reply_bytes: usize,
     /// Most subscriptions (group and inbox) the connection may hold.
     max_subscriptions: usize,
+    /// The connection's push frames (`None`: it carries none).
+    frames: Option<ConnectionFrames>,
 }
 
 impl DeliveryService {
@@ -44,6 +47,7 @@ impl DeliveryService {
         backend: Backend,
         in_flight: Rc<InFlight>,
         (reply_bytes, max_subscriptions): (usize, usize),
+        frames: Option<ConnectionFrames>,
     ) -> Self {
         Self {
             identity,
@@ -51,6 +55,7 @@ impl DeliveryService {
             in_flight,
             reply_bytes,
             max_subscriptions,
+            frames,
         }
     }
 
@@ -66,6 +71,25 @@ impl DeliveryService {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses a subscription to `group` after `after_seq` that could push nothing: only current
+    /// members may subscribe (a removed member can still fetch the commit that removed it),
+    /// and a subscriber behind what retention kept is told so now (reading its first entry
+    /// says whether it is). Refused up front rather than in the background task.
+    async fn check_subscriber(&self, group: &GroupId, after_seq: u64) -> Result<(), capnp::Error> {
+        let store = self.backend.store();
+        store
+            .group_summary(group, &self.identity)
+            .await
+            .map_err(store_error)?;
+        if after_seq < store.pruned_seq(group).await.map_err(store_error)? {
+            store
+                .read_log(group, &self.identity, after_seq, Page::new(1, 1))
+                .await
+                .map_err(store_error)?;
+        }
+        self.check_subscription_room()
     }
 
     /// Parses the group a call names and records its keyed hash on the call's span.
@@ -285,23 +309,8 @@ impl delivery_service::Server for DeliveryService {
             async move {
                 let p = params.get()?;
                 let group = self.group(p.get_group_id()?)?;
-                // Only current members may subscribe (a removed member can still fetch the commit
-                // that removed it); refuse up front rather than in the background task.
-                let store = self.backend.store();
-                store
-                    .group_summary(&group, &self.identity)
-                    .await
-                    .map_err(store_error)?;
-                // A subscriber behind what retention kept is told so now, not by a
-                // subscription that pushes nothing: reading its first entry says whether it is.
                 let after_seq = p.get_after_seq();
-                if after_seq < store.pruned_seq(&group).await.map_err(store_error)? {
-                    store
-                        .read_log(&group, &self.identity, after_seq, Page::new(1, 1))
-                        .await
-                        .map_err(store_error)?;
-                }
-                self.check_subscription_room()?;
+                self.check_subscriber(&group, after_seq).await?;
                 let subscription = subscribe::group(
                     &self.in_flight,
                     self.backend.clone(),
@@ -312,6 +321,50 @@ impl delivery_service::Server for DeliveryService {
                     self.reply_bytes,
                 );
                 results.get().set_subscription(subscription);
+                Ok(())
+            }
+        )
+    }
+
+    async fn subscribe_frames(
+        self: Rc<Self>,
+        params: delivery_service::SubscribeFramesParams,
+        mut results: delivery_service::SubscribeFramesResults,
+    ) -> Result<(), capnp::Error> {
+        serve!(
+            self.in_flight,
+            "DeliveryService",
+            "subscribeFrames",
+            params,
+            async move {
+                let p = params.get()?;
+                let group = self.group(p.get_group_id()?)?;
+                let after_seq = p.get_after_seq();
+                self.check_subscriber(&group, after_seq).await?;
+                let frames = self.frames.as_ref().ok_or_else(|| {
+                    error(
+                        ErrorCode::InvalidArgument,
+                        "this connection carries no push frames",
+                    )
+                })?;
+                let registration = frames.register(group.clone()).ok_or_else(|| {
+                    error(
+                        ErrorCode::InvalidArgument,
+                        "this connection already holds a frame subscription to the group",
+                    )
+                })?;
+                let subscription = subscribe::group_frames(
+                    &self.in_flight,
+                    self.backend.clone(),
+                    self.identity,
+                    group,
+                    after_seq,
+                    registration,
+                    self.reply_bytes,
+                );
+                let mut r = results.get();
+                r.set_subscription(subscription);
+                r.set_window_bytes(self.reply_bytes as u64);
                 Ok(())
             }
         )

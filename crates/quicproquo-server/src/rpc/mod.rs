@@ -35,6 +35,7 @@ mod auth;
 pub mod backend;
 pub mod bootstrap;
 mod delivery;
+pub mod frames;
 mod push;
 mod shard;
 mod subscribe;

@@ -11,7 +11,9 @@
 //! subscriber's read window. Pushes are pages by count and bytes, and flow control is a window
 //! of pushes in flight per subscriber released by its answers ([`super::push`]): a subscriber
 //! that stops answering holds its window and nothing more, and reads the store once it
-//! answers again.
+//! answers again. A frame subscription ([`super::frames`], ADR 0019) follows the same rules
+//! with push frames instead of calls: each entry goes as soon as its window (bytes not yet
+//! acknowledged) admits it, encoded once per node, and it ends with an `ended` frame.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, Span, debug};
 
 use super::backend::Backend;
+use super::frames::{self, Registration};
 use super::push::{EAGER_ENTRIES, Window};
 use crate::model::group::{EntryKind, GroupId, LogEntry};
 use crate::model::page::{Page, entry_size};
@@ -103,11 +106,12 @@ pub(super) fn group(
 ) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
+        let sink = Sink::Calls(stream);
         let sub = Follow {
             backend: &backend,
             reader,
             group: &group,
-            stream: &stream,
+            sink: &sink,
             subscribed: subscribed.as_ref(),
             page: Page::new(BATCH, page_bytes),
         };
@@ -115,6 +119,84 @@ pub(super) fn group(
             debug!(error = %e, "group subscription ended");
         }
     })
+}
+
+/// Subscribes `reader` to `group` after `after_seq` with push frames on its connection
+/// (`registration`), at most `window_bytes` of them unacknowledged; ends with an `ended`
+/// frame (call it inside the subscribe call's span).
+pub(super) fn group_frames(
+    in_flight: &Rc<InFlight>,
+    backend: Backend,
+    reader: IdentityKey,
+    group: GroupId,
+    after_seq: u64,
+    registration: Registration,
+    window_bytes: usize,
+) -> subscription::Client {
+    let subscribed = LinkContext::of(&Span::current());
+    spawn(in_flight, move |_| async move {
+        let sink = Sink::Frames(registration);
+        let sub = Follow {
+            backend: &backend,
+            reader,
+            group: &group,
+            sink: &sink,
+            subscribed: subscribed.as_ref(),
+            page: Page::new(BATCH, window_bytes),
+        };
+        if let Err(e) = sub.run(after_seq).await {
+            debug!(error = %e, "group frame subscription ended");
+        }
+        if let Sink::Frames(registration) = &sink {
+            // The subscriber learns that nothing more comes (a closed port: it is gone).
+            let _ = registration.port.push(frames::ended_frame(&group));
+        }
+    })
+}
+
+/// Where a group subscription's entries go.
+enum Sink {
+    /// `MessageStream.deliver` calls, each answered.
+    Calls(message_stream::Client),
+    /// Push frames beside RPC on the subscriber's connection, acknowledged by sequence number.
+    Frames(Registration),
+}
+
+impl Sink {
+    /// The window of pushes in flight for this sink, of at most `max_bytes`.
+    fn window(&self, max_bytes: usize) -> Window {
+        match self {
+            Self::Calls(_) => Window::new(max_bytes),
+            Self::Frames(r) => Window::frames(max_bytes, Rc::clone(&r.acked)),
+        }
+    }
+}
+
+/// An entry a push carries: read from the store, or taken from the live feed (whose frame is
+/// encoded once for every subscriber on the node).
+trait Pushed {
+    fn entry(&self) -> &LogEntry;
+    fn frame(&self, group: &GroupId) -> Arc<[u8]>;
+}
+
+impl Pushed for LogEntry {
+    fn entry(&self) -> &LogEntry {
+        self
+    }
+
+    fn frame(&self, group: &GroupId) -> Arc<[u8]> {
+        frames::entry_frame(group, self)
+    }
+}
+
+impl Pushed for Arc<Published> {
+    fn entry(&self) -> &LogEntry {
+        &self.entry
+    }
+
+    fn frame(&self, group: &GroupId) -> Arc<[u8]> {
+        self.encoded(|e| frames::entry_frame(group, e))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,41 +207,67 @@ enum FollowError {
     Rpc(#[from] capnp::Error),
     #[error("the shard's feed closed")]
     FeedClosed,
+    #[error("the subscriber's connection closed")]
+    Closed,
 }
 
-/// Sends `entries` to the subscriber in one call inside a push span (a child of `parent`, a
+/// Sends `entries` to the subscriber in one push inside a push span (a child of `parent`, a
 /// catch-up, or a trace of its own linked to `links`, the appends and receptions of the
-/// entries that were traced), accounted on `window` until the subscriber answers.
-fn deliver<'a>(
-    stream: &message_stream::Client,
+/// entries that were traced), accounted on `window` until the subscriber answers (a call) or
+/// acknowledges it (frames).
+fn deliver<'a, P: Pushed + 'a>(
+    sink: &Sink,
     observer: &Observer,
     group: &GroupId,
-    entries: impl ExactSizeIterator<Item = &'a LogEntry>,
+    entries: &[P],
     parent: Option<&Span>,
     links: impl Iterator<Item = Option<&'a LinkContext>>,
     window: &mut Window,
-) {
+) -> Result<(), FollowError> {
     let count = entries.len();
-    let span = push_span(PushTarget::Client, count, parent, links);
+    let target = match sink {
+        Sink::Calls(_) => PushTarget::Client,
+        Sink::Frames(_) => PushTarget::Frames,
+    };
+    let span = push_span(target, count, parent, links);
     record_group(&span, observer, group.as_bytes());
-    let mut req = stream.deliver_request();
-    let mut bytes = 0;
-    {
-        let mut p = req.get();
-        p.set_group_id(group.as_bytes());
-        let mut list = p.init_entries(count as u32);
-        for (i, e) in entries.enumerate() {
-            bytes += entry_size(e);
-            write_envelope(list.reborrow().get(i as u32), group, e);
+    match sink {
+        Sink::Calls(stream) => {
+            let mut req = stream.deliver_request();
+            let mut bytes = 0;
+            {
+                let mut p = req.get();
+                p.set_group_id(group.as_bytes());
+                let mut list = p.init_entries(count as u32);
+                for (i, e) in entries.iter().enumerate() {
+                    bytes += entry_size(e.entry());
+                    write_envelope(list.reborrow().get(i as u32), group, e.entry());
+                }
+            }
+            let answer = req.send().promise;
+            window.sent(bytes, async move {
+                let result = answer.instrument(span.clone()).await;
+                record_outcome(&span, &result);
+                result.map(drop)
+            });
+        }
+        Sink::Frames(registration) => {
+            let mut bytes = 0;
+            for e in entries {
+                let frame = e.frame(group);
+                bytes += frame.len();
+                registration
+                    .port
+                    .push(frame)
+                    .map_err(|_| FollowError::Closed)?;
+            }
+            if let Some(last) = entries.last() {
+                window.sent_frames(last.entry().seq, bytes);
+            }
         }
     }
-    let answer = req.send().promise;
-    window.sent(bytes, async move {
-        let result = answer.instrument(span.clone()).await;
-        record_outcome(&span, &result);
-        result.map(drop)
-    });
     observer.metrics.fanout(count);
+    Ok(())
 }
 
 /// How long a subscriber's window may stay full before its subscription stops holding the
@@ -171,7 +279,7 @@ struct Follow<'a> {
     backend: &'a Backend,
     reader: IdentityKey,
     group: &'a GroupId,
-    stream: &'a message_stream::Client,
+    sink: &'a Sink,
     /// The subscribe call, which each catch-up links to.
     subscribed: Option<&'a LinkContext>,
     /// The most one push carries: entries and bytes (one entry always fits).
@@ -184,7 +292,7 @@ impl Follow<'_> {
     async fn run(&self, after_seq: u64) -> Result<(), FollowError> {
         // Subscribe to the live feed before reading the store, so nothing falls in between.
         let mut feed = self.backend.group_feed(self.group);
-        let mut window = Window::new(self.page.bytes);
+        let mut window = self.sink.window(self.page.bytes);
         let mut next = after_seq.saturating_add(1);
         loop {
             let read_on = match self.catch_up(next, &mut window, &mut feed).await? {
@@ -192,8 +300,11 @@ impl Follow<'_> {
                 None => None,
             };
             let Some(at) = read_on else {
-                // Removed: everything it may read is sent; end once it has received it.
-                window.drain().await?;
+                // Removed: everything it may read is sent; end once it has received it (the
+                // answers to the calls; frames are followed by the `ended` frame).
+                if let Sink::Calls(_) = self.sink {
+                    window.drain().await?;
+                }
                 return Ok(());
             };
             next = at;
@@ -255,14 +366,14 @@ impl Follow<'_> {
             }
             let links = std::iter::empty();
             deliver(
-                self.stream,
+                self.sink,
                 observer,
                 self.group,
-                entries.iter(),
+                &entries,
                 Some(span),
                 links,
                 window,
-            );
+            )?;
             if had_commit && store.group_summary(self.group, &self.reader).await.is_err() {
                 return Ok(None);
             }
@@ -328,27 +439,31 @@ impl Follow<'_> {
             }
             if !pending.entries.is_empty()
                 && window.admits(pending.bytes)
-                && (window.is_idle()
+                && (matches!(self.sink, Sink::Frames(_))
+                    || window.is_idle()
                     || pending.removed
                     || pending.is_full(self.page)
                     || pending.entries.len() >= EAGER_ENTRIES)
             {
-                let entries = pending.entries.iter().map(|e| &e.entry);
                 let links = pending.entries.iter().map(|e| e.origin.as_ref());
                 deliver(
-                    self.stream,
+                    self.sink,
                     observer,
                     self.group,
-                    entries,
+                    &pending.entries,
                     None,
                     links,
                     window,
-                );
+                )?;
                 next += pending.entries.len() as u64;
                 pending.sent();
                 continue;
             }
-            if !window.is_idle() {
+            // A frame subscription waits for acknowledgements only when its window refuses
+            // what is pending (its subscriber acknowledges at its own pace).
+            let frames = matches!(self.sink, Sink::Frames(_));
+            let waits = !(frames && pending.entries.is_empty());
+            if waits && !window.is_idle() {
                 if self.answer_or_let_go(window, feed).await? {
                     // What is pending is read again from the store.
                     return Ok(Some(next));
