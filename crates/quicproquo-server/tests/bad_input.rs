@@ -251,7 +251,7 @@ async fn a_bad_push_frame_closes_that_connection() -> Result<()> {
         |_| {},
         |server| async move {
             // Announced longer than an acknowledgement may be: refused before its body.
-            let mut oversized = (PUSH_FLAG | 64 * 1024).to_be_bytes().to_vec();
+            let mut oversized = (PUSH_FLAG | (64 * 1024)).to_be_bytes().to_vec();
             oversized.extend_from_slice(&[0u8; 100]);
             closes_on(&server, &oversized).await?;
             // Short enough, but not a Cap'n Proto message.

@@ -24,7 +24,7 @@
 //!
 //! Run: `cargo bench -p quicproquo-server --bench fanout`. `QPQ_BENCH_SUBSCRIBERS` (1000),
 //! `QPQ_BENCH_RATE` (20 messages/s), `QPQ_BENCH_PACED` (100 messages), `QPQ_BENCH_BACKLOG`
-//! (1000 messages) change the shape. Without `--bench` (e.g. `cargo test --all-targets`) it
+//! (1000 messages) change the shape; `QPQ_BENCH_PUSH=frames` runs the frames alone. Without `--bench` (e.g. `cargo test --all-targets`) it
 //! runs a small smoke version that fails on any error.
 
 mod bare;
@@ -49,6 +49,7 @@ pub(crate) struct Settings {
 }
 
 /// What one phase measured.
+#[derive(Default)]
 pub(crate) struct Measured {
     deliveries: u64,
     /// Pushes (or frames) that carried them, summed over the receivers.
@@ -131,8 +132,14 @@ fn main() -> Result<()> {
         .enable_all()
         .thread_name("fanout-client")
         .build()?;
-    let (calls, _) = run_real(&s, &rt, real::Push::Calls)?;
+    // `QPQ_BENCH_PUSH=frames` skips the calls (e.g. to profile the frames alone).
+    let frames_only = std::env::var("QPQ_BENCH_PUSH").is_ok_and(|v| v == "frames");
     let (frames, message_bytes) = run_real(&s, &rt, real::Push::Frames)?;
+    let calls = if frames_only {
+        [Measured::default(), Measured::default()]
+    } else {
+        run_real(&s, &rt, real::Push::Calls)?.0
+    };
     // The bare entry: the MLS message and the envelope's other fields (ids, seq, epoch, time).
     let entry_bytes = message_bytes + 64;
     let local = tokio::task::LocalSet::new();
