@@ -60,8 +60,8 @@ interface DeliveryService {
   # group is then at `epoch`. A commit already reverted answers with its marker. Refused with
   # `report_refused` naming the rule otherwise.
 
-  subscribeFrames @10 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64)
-      -> (subscription :Subscription, windowBytes :UInt64);
+  subscribeFrames @10 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64,
+                       tag :UInt64) -> (subscription :Subscription, windowBytes :UInt64);
   # Like `subscribe`, but the entries come as push frames beside RPC on this connection (a
   # frame header with its top bit set, holding a `PushFrame`), not as calls: one entry per
   # frame, encoded once per node for every subscriber of the group. Register the group's
@@ -69,7 +69,9 @@ interface DeliveryService {
   # subscription per group per connection. The server sends at most `windowBytes` of entries
   # (or one entry, if larger) beyond what the subscriber acknowledged with a `PushAck` frame;
   # acknowledge about every quarter window, at the latest. A `PushFrame` with `ended` set
-  # closes the subscription (the subscriber was removed, after the commit that removed it).
+  # closes the subscription (the subscriber was removed, after the commit that removed it);
+  # it names the subscription by the group and the caller's `tag`, so an end that crosses a
+  # new subscription to the same group is not taken for that one's.
 }
 
 struct CommitInfo {
@@ -122,8 +124,13 @@ struct PushFrame {
   # A server-to-subscriber push frame (see `DeliveryService.subscribeFrames`).
   union {
     entry @0 :Envelope;   # the group's next entry (its groupId names the subscription)
-    ended @1 :Data;       # the subscription for this group id ended
+    ended @1 :Ended;      # the subscription ended
   }
+}
+
+struct Ended {
+  groupId @0 :Data;
+  tag @1 :UInt64;         # the `tag` the subscription was asked with
 }
 
 struct PushAck {

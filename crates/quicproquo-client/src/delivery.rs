@@ -455,11 +455,12 @@ impl DeliveryClient {
         after_seq: u64,
     ) -> Result<Subscription<Envelope>, ClientError> {
         // Registered first: the server may push before it answers.
-        let (mut registration, rx) = self.frames.register(group_id).ok_or_else(|| {
-            ClientError::Rpc(capnp::Error::failed(
-                "this connection already holds a subscription to the group".into(),
-            ))
-        })?;
+        let (mut registration, rx) =
+            self.frames.register(group_id, after_seq).ok_or_else(|| {
+                ClientError::Rpc(capnp::Error::failed(
+                    "this connection already holds a subscription to the group".into(),
+                ))
+            })?;
         let span = rpc_span(self.addr, "DeliveryService", "subscribeFrames");
         let mut req = self.cap.subscribe_frames_request();
         {
@@ -467,6 +468,7 @@ impl DeliveryClient {
             write_trace(p.reborrow().init_trace(), &span);
             p.set_group_id(group_id);
             p.set_after_seq(after_seq);
+            p.set_tag(registration.tag());
         }
         let call = timed(self.addr, self.timeout, "subscribe", req.send().promise);
         let resp = traced(&span, call).await?;

@@ -30,9 +30,13 @@ pub(crate) struct Batch<T> {
     pub(crate) last_seq: u64,
 }
 
-/// A registered subscription's channel, and its registration's number (a later subscription
-/// to the same group, after the server ended this one, has another).
-type Sender = (u64, mpsc::UnboundedSender<Batch<Envelope>>);
+/// A registered subscription: its number (the `tag` it is asked with: a later subscription to
+/// the same group has another), the next sequence number it expects, and its channel.
+struct Sender {
+    number: u64,
+    next: u64,
+    tx: mpsc::UnboundedSender<Batch<Envelope>>,
+}
 
 /// The frame subscriptions of one connection, by group id.
 #[derive(Clone, Default)]
@@ -70,8 +74,13 @@ impl ClientFrames {
             match root.which().map_err(|e| bad(&e))? {
                 push_frame::Entry(entry) => {
                     let entry = read_envelope(entry.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-                    let groups = inner.groups.borrow();
-                    if let Some((_, tx)) = groups.get(&entry.group_id) {
+                    let mut groups = inner.groups.borrow_mut();
+                    if let Some(sub) = groups.get_mut(&entry.group_id)
+                        // An entry it has (from an earlier subscription to the group whose
+                        // frames were still coming) is not handed over twice.
+                        && entry.seq >= sub.next
+                    {
+                        sub.next = entry.seq.saturating_add(1);
                         let last_seq = entry.seq;
                         let batch = Batch {
                             items: vec![entry],
@@ -79,12 +88,19 @@ impl ClientFrames {
                             last_seq,
                         };
                         // A receiver that is gone unregisters itself.
-                        let _ = tx.send(batch);
+                        let _ = sub.tx.send(batch);
                     }
                 }
-                push_frame::Ended(group) => {
-                    let group = group.map_err(|e| bad(&e))?;
-                    inner.groups.borrow_mut().remove(group);
+                push_frame::Ended(ended) => {
+                    let ended = ended.map_err(|e| bad(&e))?;
+                    let group = ended.get_group_id().map_err(|e| bad(&e))?;
+                    let mut groups = inner.groups.borrow_mut();
+                    if groups
+                        .get(group)
+                        .is_some_and(|s| s.number == ended.get_tag())
+                    {
+                        groups.remove(group);
+                    }
                 }
             }
             Ok(())
@@ -95,9 +111,11 @@ impl ClientFrames {
     /// Registers a frame subscription to `group` (before it is asked for: frames may come
     /// before the answer); `None` when one is registered already or the connection has no
     /// push port.
+    /// The subscription reads after `after_seq`.
     pub(crate) fn register(
         &self,
         group: &[u8],
+        after_seq: u64,
     ) -> Option<(Registration, mpsc::UnboundedReceiver<Batch<Envelope>>)> {
         let port = self.inner.port.borrow().clone()?;
         let mut groups = self.inner.groups.borrow_mut();
@@ -107,7 +125,14 @@ impl ClientFrames {
         let (tx, rx) = mpsc::unbounded_channel();
         let number = self.inner.registered.get() + 1;
         self.inner.registered.set(number);
-        groups.insert(group.to_vec(), (number, tx));
+        groups.insert(
+            group.to_vec(),
+            Sender {
+                number,
+                next: after_seq.saturating_add(1),
+                tx,
+            },
+        );
         Some((
             Registration {
                 frames: self.clone(),
@@ -135,6 +160,11 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
+    /// The subscription's `tag`.
+    pub(crate) fn tag(&self) -> u64 {
+        self.number
+    }
+
     /// The server's window: acknowledge every quarter of it.
     pub(crate) fn set_window(&mut self, window_bytes: u64) {
         let window = usize::try_from(window_bytes).unwrap_or(usize::MAX);
@@ -165,7 +195,7 @@ impl Drop for Registration {
         let mut groups = self.frames.inner.groups.borrow_mut();
         if groups
             .get(&self.group)
-            .is_some_and(|(n, _)| *n == self.number)
+            .is_some_and(|s| s.number == self.number)
         {
             groups.remove(&self.group);
         }

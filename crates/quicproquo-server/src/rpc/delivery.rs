@@ -347,12 +347,13 @@ impl delivery_service::Server for DeliveryService {
                         "this connection carries no push frames",
                     )
                 })?;
-                let registration = frames.register(group.clone()).ok_or_else(|| {
-                    error(
-                        ErrorCode::InvalidArgument,
-                        "this connection already holds a frame subscription to the group",
-                    )
-                })?;
+                let registration =
+                    frames.register(group.clone(), p.get_tag()).ok_or_else(|| {
+                        error(
+                            ErrorCode::InvalidArgument,
+                            "this connection already holds a frame subscription to the group",
+                        )
+                    })?;
                 let subscription = subscribe::group_frames(
                     &self.in_flight,
                     self.backend.clone(),

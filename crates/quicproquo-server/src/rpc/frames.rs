@@ -100,7 +100,7 @@ impl ConnectionFrames {
     /// Registers a frame subscription to `group`: its port and acknowledgements, until the
     /// returned registration drops. `None` when the connection has no push port or already
     /// holds a frame subscription to `group`.
-    pub(super) fn register(&self, group: GroupId) -> Option<Registration> {
+    pub(super) fn register(&self, group: GroupId, tag: u64) -> Option<Registration> {
         let port = self.inner.port.borrow().clone()?;
         let mut subs = self.inner.subscriptions.borrow_mut();
         if subs.contains_key(&group) {
@@ -111,6 +111,7 @@ impl ConnectionFrames {
         Some(Registration {
             frames: self.clone(),
             group,
+            tag,
             port,
             acked,
         })
@@ -121,6 +122,8 @@ impl ConnectionFrames {
 pub(super) struct Registration {
     frames: ConnectionFrames,
     group: GroupId,
+    /// The subscriber's name for this subscription, echoed in its `ended` frame.
+    pub(super) tag: u64,
     /// Where its frames go.
     pub(super) port: PushPort,
     /// What the subscriber acknowledged.
@@ -155,10 +158,12 @@ pub(super) fn entry_frame(group: &GroupId, entry: &LogEntry) -> Arc<[u8]> {
     Arc::from(capnp::serialize::write_message_to_words(&message))
 }
 
-/// The push frame that ends the frame subscription to `group`.
-pub(super) fn ended_frame(group: &GroupId) -> Arc<[u8]> {
+/// The push frame that ends the frame subscription to `group` the subscriber named `tag`.
+pub(super) fn ended_frame(group: &GroupId, tag: u64) -> Arc<[u8]> {
     let mut message = Builder::new_default();
-    let mut frame = message.init_root::<push_frame::Builder<'_>>();
-    frame.set_ended(group.as_bytes());
+    let frame = message.init_root::<push_frame::Builder<'_>>();
+    let mut ended = frame.init_ended();
+    ended.set_group_id(group.as_bytes());
+    ended.set_tag(tag);
     Arc::from(capnp::serialize::write_message_to_words(&message))
 }

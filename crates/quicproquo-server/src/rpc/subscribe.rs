@@ -149,7 +149,9 @@ pub(super) fn group_frames(
         }
         if let Sink::Frames(registration) = &sink {
             // The subscriber learns that nothing more comes (a closed port: it is gone).
-            let _ = registration.port.push(frames::ended_frame(&group));
+            let _ = registration
+                .port
+                .push(frames::ended_frame(&group, registration.tag));
         }
     })
 }
