@@ -50,7 +50,7 @@ fn bootstrap_message(question: u32) -> Vec<u8> {
 }
 
 /// An RPC `Call` of `Bootstrap.ping` (empty payload) on the answer to question `on`.
-fn ping_call(question: u32, on: u32) -> Result<Vec<u8>> {
+fn ping_call(question: u32, on: u32, payload: &[u8]) -> Result<Vec<u8>> {
     let mut m = Builder::new_default();
     {
         let mut call = m.init_root::<message::Builder<'_>>().init_call();
@@ -63,7 +63,8 @@ fn ping_call(question: u32, on: u32) -> Result<Vec<u8>> {
             .set_question_id(on);
         call.init_params()
             .init_content()
-            .init_as::<bootstrap::ping_params::Builder<'_>>();
+            .init_as::<bootstrap::ping_params::Builder<'_>>()
+            .set_payload(payload);
     }
     Ok(serialized(&m))
 }
@@ -184,17 +185,22 @@ async fn an_unimplemented_message_is_not_echoed() -> Result<()> {
 #[tokio::test]
 async fn pipelined_calls_are_throttled_not_queued() -> Result<()> {
     const CALLS: u32 = 100_000;
+    const PAYLOAD: &[u8] = &[7u8; 1024];
     let _serial = SERIAL.lock().await;
     local(async {
         let server = TestServer::start(NodeRole::Standalone, |c| {
             c.limits.write_stall_timeout = Duration::from_secs(3);
+            // Answers of 1 KiB: 100 000 of them outgrow any socket buffers on loopback, so
+            // the server's writes must stall (100 000 empty answers, packed into few Noise
+            // messages, can fit in what the kernel buffers).
+            c.limits.max_unbound_ping_bytes = PAYLOAD.len();
         })?;
         let before = support::rss()?;
         let (reader, mut writer) = raw_channel([127, 0, 0, 2], &server).await?;
         let attack = tokio::task::spawn_local(async move {
             let mut frame = bootstrap_message(0);
             for q in 1..=CALLS {
-                frame.extend(ping_call(q, 0)?);
+                frame.extend(ping_call(q, 0, PAYLOAD)?);
                 if q % 1000 == 0 {
                     if writer.send_frame(&frame).await.is_err() {
                         // The server closed the connection: the attack is over.
