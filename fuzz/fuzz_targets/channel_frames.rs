@@ -1,6 +1,6 @@
 //! The channel's frame reader and the RPC gate behind it: the input is the plaintext a peer
-//! sends inside a valid encrypted session (frame headers, Cap'n Proto segment tables and
-//! messages, all untrusted). Reading must end cleanly or with an error, never panic, and hold
+//! sends inside a valid encrypted session (frame headers, push frames, Cap'n Proto segment
+//! tables and messages, all untrusted). Reading must end cleanly or with an error, never panic, and hold
 //! no more than the bytes that arrived.
 #![no_main]
 
@@ -44,7 +44,21 @@ fuzz_target!(|data: &[u8]| {
         let (cr, cw) = tokio::io::split(c);
         let (sr, sw) = tokio::io::split(s);
         let (_, mut writer) = channel(cr, cw, co.session, limits);
-        let (reader, _w) = channel(sr, sw, so.session, limits);
+        let (mut reader, _w) = channel(sr, sw, so.session, limits);
+        // Push frames (the header's top bit) go to a handler, at most 1 KiB each, as on a
+        // server; the handler refuses one frame in three to exercise that path too.
+        let mut pushes = 0u32;
+        reader.on_push(
+            Box::new(move |frame| {
+                assert!(frame.len() <= 1024, "a push frame over the maximum was handed over");
+                pushes += 1;
+                if pushes % 3 == 0 {
+                    return Err(quicproquo_core::TransportError::Push("refused".into()));
+                }
+                Ok(())
+            }),
+            1024,
+        );
         let (mut gated, _gw, state) = gate(
             reader,
             tokio::io::sink(),
