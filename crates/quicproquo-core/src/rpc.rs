@@ -84,7 +84,23 @@ where
     W: AsyncWrite + Unpin + 'static,
 {
     let (reader, writer) = channel(read, write, session, limits);
-    let options = reader_options(limits);
+    gated_system(reader, writer, limits, gate_limits, side, bootstrap)
+}
+
+/// The RPC system over `reader` and `writer` behind the gate (its `max_words` taken from
+/// `limits`), with the reader limits of [`reader_options`].
+fn gated_system<R, W>(
+    reader: R,
+    writer: W,
+    limits: ChannelLimits,
+    gate_limits: GateLimits,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> (RpcSystem<Side>, Rc<GateState>)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
     let (reader, writer, state) = gate(
         reader,
         writer,
@@ -93,6 +109,7 @@ where
             ..gate_limits
         },
     );
+    let options = reader_options(limits);
     let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), side, options);
     (RpcSystem::new(Box::new(network), bootstrap), state)
 }
@@ -131,18 +148,9 @@ where
     let (mut reader, writer) = channel(read, write, session, limits);
     reader.on_push(on_push, max_push_bytes);
     let (writer, port, pump) = mux(writer);
-    let options = reader_options(limits);
-    let (reader, writer, gate) = gate(
-        reader,
-        writer,
-        GateLimits {
-            max_words: limits.max_frame_bytes / 8,
-            ..gate_limits
-        },
-    );
-    let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), side, options);
+    let (rpc, gate) = gated_system(reader, writer, limits, gate_limits, side, bootstrap);
     PushingConnection {
-        rpc: RpcSystem::new(Box::new(network), bootstrap),
+        rpc,
         gate,
         port,
         pump: Box::pin(pump),

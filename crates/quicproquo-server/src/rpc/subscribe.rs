@@ -104,21 +104,13 @@ pub(super) fn group(
     stream: message_stream::Client,
     page_bytes: usize,
 ) -> subscription::Client {
-    let subscribed = LinkContext::of(&Span::current());
-    spawn(in_flight, move |_| async move {
-        let sink = Sink::Calls(stream);
-        let sub = Follow {
-            backend: &backend,
-            reader,
-            group: &group,
-            sink: &sink,
-            subscribed: subscribed.as_ref(),
-            page: Page::new(BATCH, page_bytes),
-        };
-        if let Err(e) = sub.run(after_seq).await {
-            debug!(error = %e, "group subscription ended");
-        }
-    })
+    follow(
+        in_flight,
+        backend,
+        (reader, group, after_seq),
+        Sink::Calls(stream),
+        page_bytes,
+    )
 }
 
 /// Subscribes `reader` to `group` after `after_seq` with push frames on its connection
@@ -133,19 +125,36 @@ pub(super) fn group_frames(
     registration: Registration,
     window_bytes: usize,
 ) -> subscription::Client {
+    follow(
+        in_flight,
+        backend,
+        (reader, group, after_seq),
+        Sink::Frames(registration),
+        window_bytes,
+    )
+}
+
+/// Runs a group subscription (`reader`, `group`, after `after_seq`) into `sink`, pushing pages
+/// of at most `page_bytes`; a frame subscription ends with an `ended` frame.
+fn follow(
+    in_flight: &Rc<InFlight>,
+    backend: Backend,
+    (reader, group, after_seq): (IdentityKey, GroupId, u64),
+    sink: Sink,
+    page_bytes: usize,
+) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
     spawn(in_flight, move |_| async move {
-        let sink = Sink::Frames(registration);
         let sub = Follow {
             backend: &backend,
             reader,
             group: &group,
             sink: &sink,
             subscribed: subscribed.as_ref(),
-            page: Page::new(BATCH, window_bytes),
+            page: Page::new(BATCH, page_bytes),
         };
         if let Err(e) = sub.run(after_seq).await {
-            debug!(error = %e, "group frame subscription ended");
+            debug!(error = %e, "group subscription ended");
         }
         if let Sink::Frames(registration) = &sink {
             // The subscriber learns that nothing more comes (a closed port: it is gone).
