@@ -3,12 +3,13 @@
 //! conformance suite checks both.
 //!
 //! An append batch is one transaction of two round trips, however many requests it holds
-//! (statements are pipelined: each is sent without waiting for the one before):
+//! (statements are pipelined: each is sent without waiting for the one before; see
+//! `postgres_pipeline`):
 //! 1. `BEGIN`; lock the batch's groups rows in `group_id` order (`FOR UPDATE`) and read their
 //!    state; read the memberships the batch depends on (and, when probing, the message ids it
-//!    may repeat: see below);
+//!    may repeat: see below); start a binary `COPY` into the log (ADR 0020);
 //! 2. then, having decided every request on its own, in batch order, against that state (in
-//!    memory, by [`decide`]: the decision the embedded store makes too): insert the log rows,
+//!    memory, by [`decide`]: the decision the embedded store makes too): copy the log rows,
 //!    update the groups rows, upsert the changed memberships, store each Welcome once and
 //!    append the inbox rows; `COMMIT`.
 //!
@@ -32,9 +33,11 @@
 //! batches read them first too, so a stream of retries (or a client replaying ids on purpose)
 //! costs at most one wasted attempt in that many batches rather than one each. A repeat that
 //! is refused for its epoch inserts nothing for the index to catch (a commit retried after it
-//! moved the group): step 2 looks up the ids of the requests refused that way, before the
-//! inserts and under the same locks, and answers `Duplicate` for the stored ones, as the
-//! embedded store does.
+//! moved the group): step 2 looks up the ids of the requests refused that way, under the same
+//! locks, and answers `Duplicate` for the ones stored before the batch, as the embedded store
+//! does. (The lookup runs after the copy, so it can also find a row of the batch itself: one
+//! appended later in the batch with the same id. That row's seq is one the batch assigned,
+//! which tells it apart.)
 //!
 //! Reads are one statement each (one snapshot): a log read never sees seq N + 1 without N.
 
@@ -47,9 +50,8 @@ use tokio_postgres::types::ToSql;
 use super::StoreError;
 use super::log::LogStore;
 use super::postgres::{PgStore, column, describe};
-use super::postgres_plan::{
-    AppendStatements, BatchKeys, Plan, Written, lock_and_read, write_and_commit,
-};
+use super::postgres_pipeline::{AppendStatements, Written, lock_and_read, write_and_commit};
+use super::postgres_plan::{BatchKeys, Plan};
 use crate::model::decide::{Reads, decide};
 use crate::model::group::{
     AppendOutcome, AppendRequest, EntryKind, GroupId, GroupSummary, InboxEntry, LogEntry,
@@ -180,18 +182,27 @@ impl PgStore {
         let tx = PipelinedTx(Some(self.client().await?));
         let client = tx.client()?;
         let statements = AppendStatements::prepare(client).await?;
-        let state = lock_and_read(client, &statements, &keys, &reads).await?;
+        let (state, copy) = lock_and_read(client, &statements, &keys, &reads).await?;
         let mut decision = decide(batch, state)?;
         let plan = Plan::of(&decision)?;
-        match write_and_commit(client, &statements, &plan, probe).await? {
+        match write_and_commit(client, &statements, (&plan, copy), probe).await? {
             Written::RepeatedMessageId => {
                 tx.finished();
                 Ok(Attempt::RepeatedMessageId)
             }
             Written::Committed(found) => {
                 for row in &found {
+                    let group: &[u8] = column(row, 0)?;
                     let seq = stored_u64(column(row, 2)?, "seq")?;
-                    decision.found_stored(column(row, 0)?, column(row, 1)?, seq);
+                    // The lookup ran after the batch's own rows were copied in: a row the
+                    // batch appended is not one stored before it.
+                    let own = decision
+                        .entries
+                        .iter()
+                        .any(|e| e.group == group && e.seq == seq);
+                    if !own {
+                        decision.found_stored(group, column(row, 1)?, seq);
+                    }
                 }
                 tx.finished();
                 Ok(Attempt::Done(decision.outcomes))

@@ -1,15 +1,10 @@
 //! The Postgres side of an append batch (see `postgres_log` for the transaction): the keys its
-//! decision reads ([`Reads`]) and the writes it decided ([`Decision`]) as column arrays for
-//! `unnest`, the statements that take them, and the two pipelined round trips.
-
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, Statement};
+//! decision reads ([`Reads`]) and the writes it decided ([`Decision`]) as column arrays (for
+//! `unnest`, and the log rows for `COPY`: `postgres_copy`), and the statements that take them.
+//! `postgres_pipeline` sends them in two round trips.
 
 use super::StoreError;
-use super::postgres::column;
-use super::postgres_log::{db_error, stored_u64};
-use crate::model::decide::{Decision, GroupHead, Membership, Reads, State};
+use crate::model::decide::{Decision, Reads};
 
 /// What a batch must read, as `unnest` parameter arrays: its distinct groups, the memberships
 /// its requests depend on and, when it probes for them, its message ids.
@@ -192,280 +187,6 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// The error that explains a failed pipeline: the first one other than "the transaction is
-/// already aborted", which every statement after the failing one reports.
-pub(super) fn pipeline_error<const N: usize>(
-    errors: [Option<tokio_postgres::Error>; N],
-) -> StoreError {
-    let mut errors = errors.into_iter().flatten().peekable();
-    let first = errors.peek().map(db_error);
-    errors
-        .find(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
-        .map(|e| db_error(&e))
-        .or(first)
-        .unwrap_or_else(|| StoreError::Unavailable("a pipelined statement failed".into()))
-}
-
-/// The name of the unique index that makes a message id appear once per group.
-const MESSAGE_ID_INDEX: &str = "group_log_message_id";
-
-/// Whether `e` is the unique index refusing a stored message id again.
-fn is_repeated_message_id(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(MESSAGE_ID_INDEX)
-    })
-}
-
-/// The prepared statements of an append batch.
-pub(super) struct AppendStatements {
-    lock: Statement,
-    members: Statement,
-    message_ids: Statement,
-    insert_log: Statement,
-    update_groups: Statement,
-    upsert_members: Statement,
-    deliver_welcomes: Statement,
-    update_views: Statement,
-}
-
-impl AppendStatements {
-    /// Prepares them on `client` (cached per connection).
-    pub(super) async fn prepare(client: &deadpool_postgres::Client) -> Result<Self, StoreError> {
-        let (
-            lock,
-            members,
-            message_ids,
-            insert_log,
-            update_groups,
-            upsert_members,
-            welcomes,
-            views,
-        ) = tokio::try_join!(
-            client.prepare_cached(append_sql::LOCK_GROUPS),
-            client.prepare_cached(append_sql::READ_MEMBERS),
-            client.prepare_cached(append_sql::READ_MESSAGE_IDS),
-            client.prepare_cached(append_sql::INSERT_LOG),
-            client.prepare_cached(append_sql::UPDATE_GROUPS),
-            client.prepare_cached(append_sql::UPSERT_MEMBERS),
-            client.prepare_cached(append_sql::DELIVER_WELCOMES),
-            client.prepare_cached(append_sql::UPDATE_VIEWS),
-        )
-        .map_err(|e| db_error(&e))?;
-        Ok(Self {
-            lock,
-            members,
-            message_ids,
-            insert_log,
-            update_groups,
-            upsert_members,
-            deliver_welcomes: welcomes,
-            update_views: views,
-        })
-    }
-}
-
-/// Round trip 1: `BEGIN`, then lock the batch's groups and read the state its decision
-/// depends on (each request is sent when first polled, so they go out in this order and the
-/// server runs them in this order).
-pub(super) async fn lock_and_read<'a>(
-    client: &deadpool_postgres::Client,
-    statements: &AppendStatements,
-    keys: &BatchKeys<'_>,
-    reads: &Reads<'a>,
-) -> Result<State<'a>, StoreError> {
-    let lock_params: [&(dyn ToSql + Sync); 1] = [&keys.groups];
-    let member_params: [&(dyn ToSql + Sync); 2] = [&keys.member_groups, &keys.member_identities];
-    let id_params: [&(dyn ToSql + Sync); 2] = [&keys.id_groups, &keys.message_ids];
-    let stored_ids = async {
-        if keys.message_ids.is_empty() {
-            Ok(Vec::new())
-        } else {
-            client.query(&statements.message_ids, &id_params).await
-        }
-    };
-    let (locked, member_rows, id_rows) = match tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.query(&statements.lock, &lock_params),
-        client.query(&statements.members, &member_params),
-        stored_ids,
-    ) {
-        (Ok(()), Ok(l), Ok(m), Ok(i)) => (l, m, i),
-        (b, l, m, i) => return Err(pipeline_error([b.err(), l.err(), m.err(), i.err()])),
-    };
-    let mut state = State::new(reads);
-    for row in &locked {
-        let head = GroupHead {
-            epoch: stored_u64(column(row, 1)?, "epoch")?,
-            last_seq: stored_u64(column(row, 2)?, "seq")?,
-            last_commit_seq: stored_u64(column(row, 3)?, "seq")?,
-        };
-        state.set_group(column(row, 0)?, head);
-    }
-    for row in &member_rows {
-        let left: Option<i64> = column(row, 3)?;
-        let membership = Membership {
-            joined: stored_u64(column(row, 2)?, "seq")?,
-            left: left.map(|l| stored_u64(l, "seq")).transpose()?,
-        };
-        state.set_member(column(row, 0)?, column(row, 1)?, membership)?;
-    }
-    for row in &id_rows {
-        let seq = stored_u64(column(row, 2)?, "seq")?;
-        state.set_message_id(column(row, 0)?, column(row, 1)?, seq);
-    }
-    Ok(state)
-}
-
-/// How round trip 2 ended.
-pub(super) enum Written {
-    /// Committed; with the stored message ids among the plan's unchecked ones.
-    Committed(Vec<Row>),
-    /// The log insert repeated a stored message id (only when not `probe`): every later
-    /// statement failed as "aborted" and `COMMIT` rolled back, so nothing was written and the
-    /// connection is idle again.
-    RepeatedMessageId,
-}
-
-/// Round trip 2: look up the unchecked message ids (first, so the lookup cannot see this
-/// batch's own rows), write the plan, then `COMMIT` (which the server turns into a rollback if
-/// any statement failed).
-pub(super) async fn write_and_commit(
-    client: &deadpool_postgres::Client,
-    statements: &AppendStatements,
-    plan: &Plan<'_>,
-    probe: bool,
-) -> Result<Written, StoreError> {
-    let Plan {
-        log,
-        groups,
-        members,
-        welcomes,
-        inbox,
-        views,
-        unchecked,
-    } = plan;
-    let st = statements;
-    let unchecked_params: [&(dyn ToSql + Sync); 2] = [&unchecked.groups, &unchecked.message_ids];
-    let log_params: [&(dyn ToSql + Sync); 6] = [
-        &log.groups,
-        &log.seqs,
-        &log.epochs,
-        &log.kinds,
-        &log.message_ids,
-        &log.payloads,
-    ];
-    let group_params: [&(dyn ToSql + Sync); 4] = [
-        &groups.groups,
-        &groups.epochs,
-        &groups.last_seqs,
-        &groups.last_commit_seqs,
-    ];
-    let member_params: [&(dyn ToSql + Sync); 4] = [
-        &members.groups,
-        &members.identities,
-        &members.joined,
-        &members.left,
-    ];
-    let welcome_params: [&(dyn ToSql + Sync); 6] = [
-        &welcomes.groups,
-        &welcomes.commit_seqs,
-        &welcomes.payloads,
-        &inbox.identities,
-        &inbox.groups,
-        &inbox.commit_seqs,
-    ];
-    let view_params: [&(dyn ToSql + Sync); 9] = [
-        &views.groups,
-        &views.epochs,
-        &views.states,
-        &views.proposals,
-        &views.group_infos,
-        &views.commit_seqs,
-        &views.committers,
-        &views.previous_commits,
-        &views.seqs,
-    ];
-    let (found, l, g, m, w, v, c) = tokio::join!(
-        query_unless(
-            unchecked.groups.is_empty(),
-            client,
-            &st.message_ids,
-            &unchecked_params
-        ),
-        execute_unless(log.seqs.is_empty(), client, &st.insert_log, &log_params),
-        execute_unless(
-            groups.groups.is_empty(),
-            client,
-            &st.update_groups,
-            &group_params
-        ),
-        execute_unless(
-            members.groups.is_empty(),
-            client,
-            &st.upsert_members,
-            &member_params
-        ),
-        execute_unless(
-            welcomes.groups.is_empty(),
-            client,
-            &st.deliver_welcomes,
-            &welcome_params
-        ),
-        execute_unless(
-            views.groups.is_empty(),
-            client,
-            &st.update_views,
-            &view_params
-        ),
-        client.batch_execute("COMMIT"),
-    );
-    if let Err(e) = &l
-        && !probe
-        && is_repeated_message_id(e)
-        && c.is_ok()
-    {
-        return Ok(Written::RepeatedMessageId);
-    }
-    match (found, l, g, m, w, v, c) {
-        (Ok(found), Ok(_), Ok(_), Ok(_), Ok(_), Ok(_), Ok(())) => Ok(Written::Committed(found)),
-        (f, l, g, m, w, v, c) => Err(pipeline_error([
-            f.err(),
-            l.err(),
-            g.err(),
-            m.err(),
-            w.err(),
-            v.err(),
-            c.err(),
-        ])),
-    }
-}
-
-/// Runs `statement` unless `skip` (nothing to send).
-async fn query_unless(
-    skip: bool,
-    client: &deadpool_postgres::Client,
-    statement: &Statement,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, tokio_postgres::Error> {
-    if skip {
-        return Ok(Vec::new());
-    }
-    client.query(statement, params).await
-}
-
-/// Executes `statement` unless `skip` (nothing to write).
-async fn execute_unless(
-    skip: bool,
-    client: &deadpool_postgres::Client,
-    statement: &Statement,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, tokio_postgres::Error> {
-    if skip {
-        return Ok(0);
-    }
-    client.execute(statement, params).await
-}
-
 /// The statements of an append batch, which take the arrays above.
 pub(super) mod append_sql {
     /// Writes the public view of each group a verified handshake message was appended to
@@ -476,7 +197,7 @@ pub(super) mod append_sql {
     /// commit seq) also keeps the epoch, GroupInfo and commit seq it replaces, and its
     /// committer, so it can be reverted (ADR 0015); the right-hand sides read the row as it
     /// was before this update. A batch holds at most one view per group.
-    pub(super) const UPDATE_VIEWS: &str = "
+    pub(in crate::store) const UPDATE_VIEWS: &str = "
         WITH u AS (
             SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[],
                                  $5::bytea[], $6::bigint[], $7::bytea[], $8::bigint[],
@@ -531,7 +252,7 @@ pub(super) mod append_sql {
 
     /// Locks the batch's groups in one order (no deadlock between batches) and reads them.
     /// `FOR UPDATE` after a wait returns the row as the previous holder committed it.
-    pub(super) const LOCK_GROUPS: &str = "
+    pub(in crate::store) const LOCK_GROUPS: &str = "
         SELECT group_id, epoch, last_seq, last_commit_seq FROM groups
         WHERE group_id = ANY($1::bytea[])
         ORDER BY group_id
@@ -540,7 +261,7 @@ pub(super) mod append_sql {
     /// The memberships named by `($1[i], $2[i])`. The `LIMIT` keeps the planner from turning
     /// the lateral lookup into a join (which, with a plan cached while the table was small,
     /// could become a scan of the whole table): each lookup is one primary-key probe.
-    pub(super) const READ_MEMBERS: &str = "
+    pub(in crate::store) const READ_MEMBERS: &str = "
         SELECT k.group_id, k.identity, m.joined_seq, m.left_seq
         FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, identity)
         CROSS JOIN LATERAL (
@@ -551,7 +272,7 @@ pub(super) mod append_sql {
 
     /// The message ids among `($1[i], $2[i])` already in the log: one probe of the unique index
     /// each, never a scan of the log (see `READ_MEMBERS`).
-    pub(super) const READ_MESSAGE_IDS: &str = "
+    pub(in crate::store) const READ_MESSAGE_IDS: &str = "
         SELECT k.group_id, k.message_id, l.seq
         FROM unnest($1::bytea[], $2::bytea[]) AS k (group_id, message_id)
         CROSS JOIN LATERAL (
@@ -560,14 +281,9 @@ pub(super) mod append_sql {
             LIMIT 1
         ) AS l";
 
-    pub(super) const INSERT_LOG: &str = "
-        INSERT INTO group_log (group_id, seq, epoch, kind, message_id, payload)
-        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::smallint[],
-                             $5::bytea[], $6::bytea[])";
-
     /// The redundant `ANY` gives the groups side an index condition whatever join the
     /// planner picks.
-    pub(super) const UPDATE_GROUPS: &str = "
+    pub(in crate::store) const UPDATE_GROUPS: &str = "
         UPDATE groups AS g
         SET epoch = u.epoch, last_seq = u.last_seq, last_commit_seq = u.last_commit_seq
         FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
@@ -575,7 +291,7 @@ pub(super) mod append_sql {
         WHERE g.group_id = u.group_id AND g.group_id = ANY($1::bytea[])";
 
     /// Writes the final state of every membership the batch changed (each key once).
-    pub(super) const UPSERT_MEMBERS: &str = "
+    pub(in crate::store) const UPSERT_MEMBERS: &str = "
         INSERT INTO members (group_id, identity, joined_seq, left_seq)
         SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[])
         ON CONFLICT (group_id, identity)
@@ -584,7 +300,7 @@ pub(super) mod append_sql {
     /// Stores each Welcome once and appends one inbox row per added member: the n-th entry for
     /// an identity in the batch gets its counter's old value + n, the counters being locked in
     /// identity order.
-    pub(super) const DELIVER_WELCOMES: &str = "
+    pub(in crate::store) const DELIVER_WELCOMES: &str = "
         WITH w AS (
             INSERT INTO welcomes (group_id, commit_seq, payload)
             SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[])
