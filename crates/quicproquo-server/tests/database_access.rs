@@ -7,8 +7,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
 use quicproquo_core::IdentityKeypair;
+use quicproquo_server::model::group::{AppendOutcome, GroupId};
 use quicproquo_server::store::Store;
+use quicproquo_server::store::log::LogStore;
 use quicproquo_server::store::postgres::PgStore;
+use quicproquo_testkit::log_conformance::app;
 use quicproquo_testkit::postgres::{TestDatabase, fresh_database};
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
@@ -63,9 +66,16 @@ async fn the_runtime_role_uses_the_data_and_cannot_change_the_schema() -> Result
     let result = async {
         // The nodes' store opens as the runtime role and does its work.
         let store = PgStore::connect(&runtime_url, 2).await?;
-        store
-            .register_identity(&IdentityKeypair::generate()?.public())
-            .await?;
+        let creator = IdentityKeypair::generate()?.public();
+        store.register_identity(&creator).await?;
+        let group = GroupId::new(b"runtime-role")?;
+        store.create_group(&group, &creator).await?;
+        // An append copies its log rows in (ADR 0020): `COPY` needs no more than `INSERT`.
+        let out = store.append(&[app(&group, creator, 0, "m1")]).await?;
+        ensure!(
+            out == [AppendOutcome::Appended { seq: 1, epoch: 0 }],
+            "{out:?}"
+        );
         // A schema change is refused by Postgres itself.
         let (rt, conn) = tokio_postgres::connect(&runtime_url, NoTls).await?;
         tokio::spawn(conn);

@@ -264,3 +264,77 @@ async fn an_abandoned_append_releases_its_locks_and_commits_nothing() -> Result<
     ensure!(ids == ["warm", "after-b", "after-a"], "{ids:?}");
     Ok(())
 }
+
+/// A batch of many KiB of log rows (sent by `COPY`, ADR 0020) that repeats a stored message
+/// id in its middle and has two commits racing for one epoch: the first attempt fails at the
+/// unique index and rolls back whole (none of the rows copied before the repeat stays), the
+/// batch is decided again (the repeat `Duplicate`, the late commit `StaleEpoch`, the rest
+/// appended with dense seqs), and the store's only connection is clean for the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_batch_with_a_repeat_rolls_back_whole_and_is_decided_again() -> Result<()> {
+    let db = fresh_database().await?;
+    migrate(db.url()).await?;
+    // One connection: every batch below, and the retry, run on the one the failed copy used.
+    let store = PgStore::connect(db.url(), 1).await?;
+    let alice = identity()?;
+    store.register_identity(&alice).await?;
+    let group = GroupId::new(b"copied")?;
+    store.create_group(&group, &alice).await?;
+    let out = store.append(&[app(&group, alice, 0, "stored")]).await?;
+    ensure!(
+        out == [AppendOutcome::Appended { seq: 1, epoch: 0 }],
+        "{out:?}"
+    );
+
+    let mut batch: Vec<_> = (0..100u8)
+        .map(|i| {
+            let mut req = app(&group, alice, 0, &format!("a{i}"));
+            req.payload = vec![i; 1024];
+            req
+        })
+        .collect();
+    batch.insert(50, app(&group, alice, 0, "stored"));
+    batch.push(commit(&group, alice, 0, "c1", &[], &[]));
+    batch.push(commit(&group, alice, 0, "c2", &[], &[]));
+    batch.push(app(&group, alice, 1, "after"));
+    let out = store.append(&batch).await?;
+
+    let mut expected: Vec<AppendOutcome> = (2..=101)
+        .map(|seq| AppendOutcome::Appended { seq, epoch: 0 })
+        .collect();
+    expected.insert(50, AppendOutcome::Duplicate { seq: 1 });
+    expected.extend([
+        AppendOutcome::Appended { seq: 102, epoch: 1 },
+        AppendOutcome::StaleEpoch {
+            current_epoch: 1,
+            winner_seq: 102,
+        },
+        AppendOutcome::Appended { seq: 103, epoch: 1 },
+    ]);
+    ensure!(out == expected, "{out:?}");
+
+    let out = store.append(&[app(&group, alice, 1, "next")]).await?;
+    ensure!(
+        out == [AppendOutcome::Appended { seq: 104, epoch: 1 }],
+        "{out:?}"
+    );
+    let log = store.read_log(&group, &alice, 0, 1000).await?;
+    let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+    ensure!(seqs == (1..=104).collect::<Vec<_>>(), "{seqs:?}");
+    let ids: Vec<String> = log
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.message_id).into_owned())
+        .collect();
+    let mut want = vec!["stored".to_owned()];
+    want.extend((0..100).map(|i| format!("a{i}")));
+    want.extend(["c1", "after", "next"].map(str::to_owned));
+    ensure!(ids == want, "{ids:?}");
+    ensure!(log[1].payload == vec![0u8; 1024] && log[100].payload == vec![99u8; 1024]);
+    let rows: i64 = admin(db.url())
+        .await?
+        .query_one("SELECT count(*) FROM group_log", &[])
+        .await?
+        .try_get(0)?;
+    ensure!(rows == 104, "{rows} rows in the log");
+    Ok(())
+}
