@@ -119,6 +119,13 @@ impl Appender {
         if req.kind == EntryKind::Application {
             return self.enqueue(req).await;
         }
+        // Boxed: the verification's future is kilobytes, and without the box every append's
+        // future (an application message's too) would be as large, and copied as often.
+        Box::pin(self.append_handshake(req)).await
+    }
+
+    /// Appends a commit or proposal once verified against its group's view.
+    async fn append_handshake(&self, req: AppendRequest) -> Result<AppendOutcome, OrderingError> {
         let slot = self.views.slot(&req.group_id);
         let mut slot = slot.lock().await;
         let req = match self.views.check(&mut slot, req).await? {
