@@ -11,12 +11,14 @@
 //! |---|---|
 //! | [`conformance`] | the Authentication Service store's specification, as tests |
 //! | [`log_conformance`] | the Delivery Service store's specification (ordering, epochs, windows) |
+//! | [`noise`] | a real Noise channel over loopback TCP, for what runs on one connection |
 //! | [`otlp`] | an OTLP/HTTP receiver keeping what exporters send, for the trace tests |
 //! | [`postgres`] | one fresh database per test, on a given or throwaway server |
 //! | [`retention_conformance`] | what retention deletes, and what readers see afterwards |
 
 pub mod conformance;
 pub mod log_conformance;
+pub mod noise;
 pub mod otlp;
 pub mod postgres;
 pub mod retention_conformance;
