@@ -61,17 +61,23 @@ interface DeliveryService {
   # `report_refused` naming the rule otherwise.
 
   subscribeFrames @10 (trace :Common.TraceContext, groupId :Data, afterSeq :UInt64,
-                       tag :UInt64) -> (subscription :Subscription, windowBytes :UInt64);
+                       tag :UInt64, windowBytes :UInt64)
+                   -> (subscription :Subscription, windowBytes :UInt64);
   # Like `subscribe`, but the entries come as push frames beside RPC on this connection (a
   # frame header with its top bit set, holding a `PushFrame`), not as calls: one entry per
   # frame, encoded once per node for every subscriber of the group. Register the group's
   # handler before calling: frames may arrive before the answer. At most one such
-  # subscription per group per connection. The server sends at most `windowBytes` of entries
-  # (or one entry, if larger) beyond what the subscriber acknowledged with a `PushAck` frame;
-  # acknowledge about every quarter window, at the latest. A `PushFrame` with `ended` set
-  # closes the subscription (the subscriber was removed, after the commit that removed it);
-  # it names the subscription by the group and the caller's `tag`, so an end that crosses a
-  # new subscription to the same group is not taken for that one's.
+  # subscription per group per connection.
+  # The caller asks for a window of at most `windowBytes` (0: the server's choice); the
+  # answer's `windowBytes` is the window granted, never more than asked. The server sends at
+  # most that many bytes of entry frames (or one entry, if larger) beyond what the subscriber
+  # acknowledged with a `PushAck` frame naming this `tag`; acknowledge about every quarter
+  # window, at the latest. A subscriber may end the connection of a server that sends more.
+  # Every call is followed by exactly one `PushFrame` with `ended` set, naming the group and
+  # the caller's `tag`, whether the call was refused or the subscription ran and ended (the
+  # subscriber was removed, after the commit that removed it, or the subscription was
+  # dropped): no entry frame of it follows. A subscriber that waits for it before asking
+  # again for the same group never takes one subscription's frames for another's.
 }
 
 struct CommitInfo {
@@ -135,9 +141,12 @@ struct Ended {
 
 struct PushAck {
   # A subscriber-to-server push frame: the subscriber has taken every entry of the group's
-  # frame subscription up to `seq` (flow control only; `acknowledge` stores the cursor).
+  # frame subscription `tag` up to `seq` (flow control only; `acknowledge` stores the
+  # cursor). One naming another subscription is ignored; a connection that keeps sending
+  # acknowledgements that release nothing is closed.
   groupId @0 :Data;
   seq @1 :UInt64;
+  tag @2 :UInt64;         # the `tag` the subscription was asked with
 }
 
 interface InboxStream {

@@ -11,7 +11,7 @@ use quicproquo_proto::delivery_capnp::{
 use quicproquo_proto::envelope_capnp::envelope;
 use tokio::sync::mpsc;
 
-use crate::frames::{Batch, ClientFrames, Registration};
+use crate::frames::{ASKED_WINDOW_BYTES, Batch, ClientFrames, Registration};
 use crate::trace::{rpc_span, traced, write_trace};
 use crate::wire::{read_group_id, read_identities};
 use crate::{ClientError, call_error, timed};
@@ -448,19 +448,18 @@ impl DeliveryClient {
     }
 
     /// Pushes entries of `group_id` after `after_seq`, then new ones as they are appended, as
-    /// push frames beside RPC (one subscription per group per connection).
+    /// push frames beside RPC (one subscription per group per connection: a dropped one's end
+    /// is awaited first). A server that pushes beyond the window it granted loses the
+    /// connection.
     pub async fn subscribe(
         &self,
         group_id: &[u8],
         after_seq: u64,
     ) -> Result<Subscription<Envelope>, ClientError> {
         // Registered first: the server may push before it answers.
+        let registered = self.frames.register(group_id, after_seq);
         let (mut registration, rx) =
-            self.frames.register(group_id, after_seq).ok_or_else(|| {
-                ClientError::Rpc(capnp::Error::failed(
-                    "this connection already holds a subscription to the group".into(),
-                ))
-            })?;
+            timed(self.addr, self.timeout, "subscribe", registered).await?;
         let span = rpc_span(self.addr, "DeliveryService", "subscribeFrames");
         let mut req = self.cap.subscribe_frames_request();
         {
@@ -469,11 +468,14 @@ impl DeliveryClient {
             p.set_group_id(group_id);
             p.set_after_seq(after_seq);
             p.set_tag(registration.tag());
+            p.set_window_bytes(ASKED_WINDOW_BYTES);
         }
         let call = timed(self.addr, self.timeout, "subscribe", req.send().promise);
         let resp = traced(&span, call).await?;
         let r = resp.get().map_err(call_error)?;
-        registration.set_window(r.get_window_bytes());
+        registration
+            .set_window(r.get_window_bytes())
+            .map_err(ClientError::Rpc)?;
         Ok(Subscription {
             rx,
             frames: Some(registration),

@@ -228,11 +228,27 @@ async fn closes_on(server: &TestServer, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Push frames from a client may only be acknowledgements: one longer than 1 KiB, or one that
-/// is not a well-formed `PushAck`, closes that connection (ADR 0019).
+/// Push frames from a client may only be acknowledgements: one longer than 1 KiB, one that is
+/// not a well-formed `PushAck`, or more than 64 in a row that release nothing (no subscription
+/// of the connection) close that connection (ADR 0019).
 #[tokio::test]
 async fn a_bad_push_frame_closes_that_connection() -> Result<()> {
     use quicproquo_core::channel::PUSH_FLAG;
+    use quicproquo_proto::delivery_capnp::push_ack;
+    use quicproquo_server::rpc::frames::MAX_IDLE_ACKS;
+    let mut ack = capnp::message::Builder::new_default();
+    {
+        let mut a = ack.init_root::<push_ack::Builder<'_>>();
+        a.set_group_id(&[3u8; 16]);
+        a.set_seq(u64::MAX);
+        a.set_tag(1);
+    }
+    let ack = capnp::serialize::write_message_to_words(&ack);
+    let mut idle_acks = Vec::new();
+    for _ in 0..=MAX_IDLE_ACKS {
+        idle_acks.extend_from_slice(&(PUSH_FLAG | ack.len() as u32).to_be_bytes());
+        idle_acks.extend_from_slice(&ack);
+    }
     survives(
         |_| {},
         |server| async move {
@@ -244,6 +260,8 @@ async fn a_bad_push_frame_closes_that_connection() -> Result<()> {
             let mut garbage = (PUSH_FLAG | 16).to_be_bytes().to_vec();
             garbage.extend_from_slice(&[0xffu8; 16]);
             closes_on(&server, &garbage).await?;
+            // Well-formed, but acknowledging nothing, again and again.
+            closes_on(&server, &idle_acks).await?;
             Ok(server)
         },
     )

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use quicproquo_core::IdentityKey;
 use quicproquo_core::group::{MessageKind, inspect};
-use quicproquo_proto::delivery_capnp::delivery_service;
+use quicproquo_proto::delivery_capnp::{delivery_service, subscription};
 use quicproquo_proto::errors::{ErrorCode, error};
 
 use super::backend::Backend;
@@ -77,6 +77,47 @@ impl DeliveryService {
     /// members may subscribe (a removed member can still fetch the commit that removed it),
     /// and a subscriber behind what retention kept is told so now (reading its first entry
     /// says whether it is). Refused up front rather than in the background task.
+    /// Opens a frame subscription (`subscribeFrames`) to `group` after `after_seq`, named
+    /// `tag` by the caller, with a window of at most `asked` bytes (0: the node's reply
+    /// budget); the subscription and the window granted.
+    async fn open_frames(
+        &self,
+        group: &[u8],
+        after_seq: u64,
+        tag: u64,
+        asked: u64,
+    ) -> Result<(subscription::Client, usize), capnp::Error> {
+        let group = self.group(group)?;
+        self.check_subscriber(&group, after_seq).await?;
+        let frames = self.frames.as_ref().ok_or_else(|| {
+            error(
+                ErrorCode::InvalidArgument,
+                "this connection carries no push frames",
+            )
+        })?;
+        let registration = frames.register(group.clone(), tag).ok_or_else(|| {
+            error(
+                ErrorCode::InvalidArgument,
+                "this connection already holds a frame subscription to the group",
+            )
+        })?;
+        let window = match usize::try_from(asked) {
+            Ok(0) => self.reply_bytes,
+            Ok(asked) => asked.min(self.reply_bytes),
+            Err(_) => self.reply_bytes,
+        };
+        let subscription = subscribe::group_frames(
+            &self.in_flight,
+            self.backend.clone(),
+            self.identity,
+            group,
+            after_seq,
+            registration,
+            window,
+        );
+        Ok((subscription, window))
+    }
+
     async fn check_subscriber(&self, group: &GroupId, after_seq: u64) -> Result<(), capnp::Error> {
         let store = self.backend.store();
         store
@@ -338,35 +379,23 @@ impl delivery_service::Server for DeliveryService {
             params,
             async move {
                 let p = params.get()?;
-                let group = self.group(p.get_group_id()?)?;
-                let after_seq = p.get_after_seq();
-                self.check_subscriber(&group, after_seq).await?;
-                let frames = self.frames.as_ref().ok_or_else(|| {
-                    error(
-                        ErrorCode::InvalidArgument,
-                        "this connection carries no push frames",
-                    )
-                })?;
-                let registration =
-                    frames.register(group.clone(), p.get_tag()).ok_or_else(|| {
-                        error(
-                            ErrorCode::InvalidArgument,
-                            "this connection already holds a frame subscription to the group",
-                        )
-                    })?;
-                let subscription = subscribe::group_frames(
-                    &self.in_flight,
-                    self.backend.clone(),
-                    self.identity,
-                    group,
-                    after_seq,
-                    registration,
-                    self.reply_bytes,
-                );
-                let mut r = results.get();
-                r.set_subscription(subscription);
-                r.set_window_bytes(self.reply_bytes as u64);
-                Ok(())
+                let (group, tag) = (p.get_group_id()?, p.get_tag());
+                let asked = p.get_window_bytes();
+                match self.open_frames(group, p.get_after_seq(), tag, asked).await {
+                    Ok((subscription, window)) => {
+                        let mut r = results.get();
+                        r.set_subscription(subscription);
+                        r.set_window_bytes(window as u64);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Every call is followed by its `ended` frame, a refused one too.
+                        if let Some(frames) = &self.frames {
+                            frames.refused(group, tag);
+                        }
+                        Err(e)
+                    }
+                }
             }
         )
     }

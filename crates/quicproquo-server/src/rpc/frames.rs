@@ -27,6 +27,11 @@ use crate::wire::parse;
 const ACK_WORDS: usize = 64;
 /// The longest push frame a peer may send (a `PushAck` of the longest group id is ~300 B).
 pub const MAX_ACK_BYTES: usize = 1024;
+/// Acknowledgements in a row that may release nothing (they name no subscription of the
+/// connection, another subscription's tag, or nothing new) before the connection is closed.
+/// A subscriber acknowledges only entries it took, so each of its acknowledgements releases
+/// something, but for the few that cross the end of their subscription.
+pub const MAX_IDLE_ACKS: u32 = 64;
 
 /// How far a subscriber has acknowledged its frames.
 #[derive(Default)]
@@ -41,12 +46,15 @@ impl Acked {
         self.seq.get()
     }
 
-    /// Records an acknowledgement up to `seq` (an older one changes nothing).
-    pub(super) fn advance(&self, seq: u64) {
+    /// Records an acknowledgement up to `seq`; whether it moved (an older one changes
+    /// nothing).
+    pub(super) fn advance(&self, seq: u64) -> bool {
         if seq > self.seq.get() {
             self.seq.set(seq);
             self.moved.notify_waiters();
+            return true;
         }
+        false
     }
 
     /// Resolves once the acknowledged sequence number is above `seq`.
@@ -72,7 +80,10 @@ pub struct ConnectionFrames {
 #[derive(Default)]
 struct Inner {
     port: RefCell<Option<PushPort>>,
-    subscriptions: RefCell<HashMap<GroupId, Rc<Acked>>>,
+    /// Each frame subscription's tag and acknowledgements, by group.
+    subscriptions: RefCell<HashMap<GroupId, (u64, Rc<Acked>)>>,
+    /// Acknowledgements in a row that released nothing.
+    idle_acks: Cell<u32>,
 }
 
 impl ConnectionFrames {
@@ -82,19 +93,43 @@ impl ConnectionFrames {
     }
 
     /// The handler of the peer's push frames: each must be a well-formed `PushAck`, else the
-    /// connection ends. An acknowledgement for a group with no frame subscription (one that
-    /// just ended) is ignored.
+    /// connection ends. An acknowledgement naming no frame subscription of the connection
+    /// (one that just ended, or another tag) is ignored, but more than [`MAX_IDLE_ACKS`] in a
+    /// row that release nothing end the connection: each costs a read and a decode.
     /// Frames longer than [`MAX_ACK_BYTES`] end the connection unread.
     pub fn ack_handler(&self) -> (PushHandler, usize) {
         let inner = Rc::clone(&self.inner);
         let handler: PushHandler = Box::new(move |frame| {
-            let (group, seq) = read_ack(&frame).map_err(|e| TransportError::Push(e.to_string()))?;
-            if let Some(acked) = inner.subscriptions.borrow().get(&group) {
-                acked.advance(seq);
+            let (group, seq, tag) =
+                read_ack(&frame).map_err(|e| TransportError::Push(e.to_string()))?;
+            let moved = match inner.subscriptions.borrow().get(&group) {
+                Some((number, acked)) if *number == tag => acked.advance(seq),
+                _ => false,
+            };
+            if moved {
+                inner.idle_acks.set(0);
+                return Ok(());
+            }
+            let idle = inner.idle_acks.get().saturating_add(1);
+            inner.idle_acks.set(idle);
+            if idle > MAX_IDLE_ACKS {
+                return Err(TransportError::Push(format!(
+                    "{idle} acknowledgements in a row released nothing"
+                )));
             }
             Ok(())
         });
         (handler, MAX_ACK_BYTES)
+    }
+
+    /// Tells the subscriber that its `subscribeFrames` call naming `group` and `tag` was
+    /// refused: the `ended` frame every such call is followed by. Nothing when the connection
+    /// carries no push frames or is closing.
+    pub(super) fn refused(&self, group: &[u8], tag: u64) {
+        if let Some(port) = self.inner.port.borrow().as_ref() {
+            // A closing connection needs no end.
+            let _ = port.push(ended_frame(group, tag));
+        }
     }
 
     /// Registers a frame subscription to `group`: its port and acknowledgements, until the
@@ -107,7 +142,7 @@ impl ConnectionFrames {
             return None;
         }
         let acked = Rc::new(Acked::default());
-        subs.insert(group.clone(), Rc::clone(&acked));
+        subs.insert(group.clone(), (tag, Rc::clone(&acked)));
         Some(Registration {
             frames: self.clone(),
             group,
@@ -140,14 +175,14 @@ impl Drop for Registration {
     }
 }
 
-fn read_ack(frame: &[u8]) -> Result<(GroupId, u64), capnp::Error> {
+fn read_ack(frame: &[u8]) -> Result<(GroupId, u64, u64), capnp::Error> {
     let mut options = ReaderOptions::new();
     options.traversal_limit_in_words(Some(ACK_WORDS));
     let mut slice = frame;
     let message = capnp::serialize::read_message_from_flat_slice(&mut slice, options)?;
     let ack = message.get_root::<push_ack::Reader<'_>>()?;
     let group = parse::group_id(ack.get_group_id()?)?;
-    Ok((group, ack.get_seq()))
+    Ok((group, ack.get_seq(), ack.get_tag()))
 }
 
 /// The push frame carrying `entry` of `group`.
@@ -159,11 +194,11 @@ pub(super) fn entry_frame(group: &GroupId, entry: &LogEntry) -> Arc<[u8]> {
 }
 
 /// The push frame that ends the frame subscription to `group` the subscriber named `tag`.
-pub(super) fn ended_frame(group: &GroupId, tag: u64) -> Arc<[u8]> {
+pub(super) fn ended_frame(group: &[u8], tag: u64) -> Arc<[u8]> {
     let mut message = Builder::new_default();
     let frame = message.init_root::<push_frame::Builder<'_>>();
     let mut ended = frame.init_ended();
-    ended.set_group_id(group.as_bytes());
+    ended.set_group_id(group);
     ended.set_tag(tag);
     Arc::from(capnp::serialize::write_message_to_words(&message))
 }

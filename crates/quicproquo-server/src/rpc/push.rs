@@ -11,6 +11,10 @@
 //!
 //! A frame subscription ([`super::frames`]) has no answers: its window is the bytes of frames
 //! sent beyond the subscriber's acknowledged sequence number, with no cap on their count.
+//! Acknowledgements are the subscriber's word, and it could acknowledge frames it was never
+//! sent (or not yet); so a frame also waits while the connection's push port holds a window's
+//! worth of frames not yet taken by its writer. What the node holds for a subscriber then
+//! stays within its window whatever it acknowledges.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -18,6 +22,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use quicproquo_core::mux::PushPort;
 
 use super::frames::Acked;
 
@@ -38,6 +43,8 @@ enum InFlight {
         /// The last sequence number and the bytes of each batch of frames sent.
         sent: VecDeque<(u64, usize)>,
         acked: Rc<Acked>,
+        /// The connection's push port, whose queue must have room too.
+        port: PushPort,
     },
 }
 
@@ -58,12 +65,14 @@ impl Window {
         }
     }
 
-    /// A window of at most `max_bytes` of frames beyond what `acked` says was taken.
-    pub(super) fn frames(max_bytes: usize, acked: Rc<Acked>) -> Self {
+    /// A window of at most `max_bytes` of frames beyond what `acked` says was taken, and
+    /// beyond what `port` holds unwritten.
+    pub(super) fn frames(max_bytes: usize, acked: Rc<Acked>, port: PushPort) -> Self {
         Self {
             in_flight: InFlight::Frames {
                 sent: VecDeque::new(),
                 acked,
+                port,
             },
             bytes: 0,
             max_bytes,
@@ -72,7 +81,7 @@ impl Window {
 
     /// Releases what was acknowledged (frames); how many batches were.
     fn release(&mut self) -> usize {
-        let InFlight::Frames { sent, acked } = &mut self.in_flight else {
+        let InFlight::Frames { sent, acked, .. } = &mut self.in_flight else {
             return 0;
         };
         let acked = acked.seq();
@@ -102,25 +111,38 @@ impl Window {
         }
     }
 
-    /// Whether nothing is in flight.
+    /// Push frame bytes the connection holds unwritten (0 for calls).
+    fn queued(&self) -> usize {
+        match &self.in_flight {
+            InFlight::Calls(_) => 0,
+            InFlight::Frames { port, .. } => port.queued_bytes(),
+        }
+    }
+
+    /// Whether nothing is in flight (and, for frames, the connection's queue has room).
     pub(super) fn is_idle(&mut self) -> bool {
         self.release();
-        self.pushes() == 0
+        self.pushes() == 0 && self.queued() < self.max_bytes
     }
 
     /// Whether a push of `bytes` may go now: always when nothing is in flight, otherwise while
-    /// both budgets hold.
+    /// both budgets hold; frames also need room in the connection's queue (an empty queue
+    /// takes any one push).
     pub(super) fn admits(&mut self, bytes: usize) -> bool {
         self.release();
-        self.pushes() == 0
-            || (self.pushes() < self.max_pushes()
-                && self.bytes.saturating_add(bytes) <= self.max_bytes)
+        let queued = self.queued();
+        (queued == 0 || queued.saturating_add(bytes) <= self.max_bytes)
+            && (self.pushes() == 0
+                || (self.pushes() < self.max_pushes()
+                    && self.bytes.saturating_add(bytes) <= self.max_bytes))
     }
 
-    /// Whether no push at all may go before an answer.
+    /// Whether no push at all may go before an answer (or, for frames, before the
+    /// connection writes what it holds).
     pub(super) fn is_full(&mut self) -> bool {
         self.release();
-        self.pushes() != 0 && (self.pushes() >= self.max_pushes() || self.bytes >= self.max_bytes)
+        (self.pushes() != 0 && (self.pushes() >= self.max_pushes() || self.bytes >= self.max_bytes))
+            || self.queued() >= self.max_bytes
     }
 
     /// Accounts frames of `bytes` sent up to `last_seq` until the subscriber acknowledges it.
@@ -143,9 +165,10 @@ impl Window {
         }
     }
 
-    /// Waits for the next answer (or acknowledgement) and releases its share of the window;
-    /// the push's error if it failed. Never resolves while nothing is in flight (guard it with
-    /// [`Window::is_idle`]).
+    /// Waits for the next answer (or acknowledgement, or for frames the connection's writer
+    /// taking what it holds) and releases its share of the window; the push's error if it
+    /// failed. Never resolves while no call is in flight (guard it with [`Window::is_idle`]);
+    /// for frames, resolves at once when nothing is in flight or queued.
     pub(super) async fn progress(&mut self) -> Result<(), capnp::Error> {
         match &mut self.in_flight {
             InFlight::Calls(calls) => match calls.next().await {
@@ -155,12 +178,32 @@ impl Window {
                 }
                 None => std::future::pending().await,
             },
-            InFlight::Frames { sent, acked } => {
-                let Some(&(seq, _)) = sent.front() else {
-                    return std::future::pending().await;
+            InFlight::Frames { sent, acked, port } => {
+                let front = sent.front().map(|&(seq, _)| seq);
+                if front.is_none() && port.queued_bytes() == 0 {
+                    // Nothing to wait for: what held the window (the queue) is gone.
+                    return Ok(());
+                }
+                let (acked, port) = (Rc::clone(acked), port.clone());
+                let acknowledged = async {
+                    match front {
+                        Some(seq) => acked.above(seq.saturating_sub(1)).await,
+                        None => std::future::pending().await,
+                    }
                 };
-                let acked = Rc::clone(acked);
-                acked.above(seq.saturating_sub(1)).await;
+                // The connection's queue empties as the socket takes it.
+                let written = async {
+                    if port.queued_bytes() == 0 {
+                        return std::future::pending().await;
+                    }
+                    port.written().await
+                };
+                tokio::select! {
+                    () = acknowledged => {}
+                    result = written => result.map_err(|e| {
+                        capnp::Error::disconnected(format!("push frames not written: {e}"))
+                    })?,
+                }
                 self.release();
                 Ok(())
             }
@@ -186,7 +229,23 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use futures::FutureExt;
+    use quicproquo_core::channel::ChannelLimits;
+    use quicproquo_core::mux::{Pump, RpcWriter, mux};
+    use quicproquo_testkit::noise::{End, pair};
+    use tokio::net::tcp::OwnedWriteHalf;
+
     use super::*;
+
+    /// A node's push port on a real connection, with its pump and RPC writer (the pump ends
+    /// once that is dropped) and the client's end, which reads nothing.
+    async fn port() -> anyhow::Result<(PushPort, Pump<OwnedWriteHalf>, RpcWriter, End)> {
+        let (client, (_, node_writer)) = pair(ChannelLimits::default()).await?;
+        let (rpc, port, pump) = mux(node_writer);
+        Ok((port, pump, rpc, client))
+    }
 
     #[tokio::test]
     async fn one_push_always_fits_and_answers_release_the_window() -> Result<(), capnp::Error> {
@@ -218,9 +277,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_are_released_by_acknowledgements() -> Result<(), capnp::Error> {
+    async fn frames_are_released_by_acknowledgements() -> anyhow::Result<()> {
+        let (port, _pump, _rpc, _client) = port().await?;
         let acked = Rc::new(Acked::default());
-        let mut w = Window::frames(100, Rc::clone(&acked));
+        let mut w = Window::frames(100, Rc::clone(&acked), port);
         assert!(w.admits(1_000), "one batch always fits");
         w.sent_frames(5, 60);
         assert!(w.admits(40) && !w.admits(41), "frames are capped by bytes");
@@ -232,7 +292,7 @@ mod tests {
             "an acknowledgement short of a batch releases nothing"
         );
         let ack = Rc::clone(&acked);
-        let (progressed, ()) = tokio::join!(w.progress(), async move { ack.advance(5) });
+        let (progressed, _) = tokio::join!(w.progress(), async move { ack.advance(5) });
         progressed?;
         assert!(!w.is_full() && w.admits(60) && !w.admits(61));
         acked.advance(100);
@@ -244,6 +304,41 @@ mod tests {
             w.sent_frames(seq, 1);
         }
         assert!(w.admits(1), "frames are not capped by count");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn acknowledging_unwritten_frames_releases_no_room() -> anyhow::Result<()> {
+        let (port, pump, rpc, _client) = port().await?;
+        let acked = Rc::new(Acked::default());
+        let mut w = Window::frames(100, Rc::clone(&acked), port.clone());
+        port.push(Arc::from(vec![0u8; 60]))?;
+        w.sent_frames(1, 60);
+        // The subscriber acknowledges what it cannot have read (nothing was written yet).
+        assert!(acked.advance(u64::MAX));
+        assert!(
+            w.admits(40) && !w.admits(41),
+            "the 60 bytes the connection holds still count"
+        );
+        port.push(Arc::from(vec![0u8; 40]))?;
+        w.sent_frames(2, 40);
+        assert!(
+            w.is_full() && !w.is_idle() && !w.admits(1),
+            "a window's worth held unwritten admits nothing"
+        );
+        assert!(
+            w.progress().now_or_never().is_none(),
+            "it waits for the writer, not for an acknowledgement"
+        );
+        // Once the writer has taken them, the window is open again.
+        let (pumped, progressed) = tokio::join!(pump, async {
+            let progressed = w.progress().await;
+            let open = w.is_idle() && w.admits(100);
+            drop(rpc);
+            progressed.map(|()| open)
+        });
+        pumped?;
+        assert!(progressed?, "written frames free the window");
         Ok(())
     }
 

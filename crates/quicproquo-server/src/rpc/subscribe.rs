@@ -160,7 +160,7 @@ fn follow(
             // The subscriber learns that nothing more comes (a closed port: it is gone).
             let _ = registration
                 .port
-                .push(frames::ended_frame(&group, registration.tag));
+                .push(frames::ended_frame(group.as_bytes(), registration.tag));
         }
     })
 }
@@ -178,7 +178,7 @@ impl Sink {
     fn window(&self, max_bytes: usize) -> Window {
         match self {
             Self::Calls(_) => Window::new(max_bytes),
-            Self::Frames(r) => Window::frames(max_bytes, Rc::clone(&r.acked)),
+            Self::Frames(r) => Window::frames(max_bytes, Rc::clone(&r.acked), r.port.clone()),
         }
     }
 }
