@@ -166,12 +166,17 @@ pub(super) struct Registration {
 }
 
 impl Drop for Registration {
+    /// Unregisters, and tells the subscriber that nothing more comes: the `ended` frame, sent
+    /// however the subscription ends (removed, failed, released by the subscriber: its task
+    /// is then cancelled, so this is the one place that sees every end). Nothing when the
+    /// connection is closing (the subscriber is gone).
     fn drop(&mut self) {
         self.frames
             .inner
             .subscriptions
             .borrow_mut()
             .remove(&self.group);
+        let _ = self.port.push(ended_frame(self.group.as_bytes(), self.tag));
     }
 }
 

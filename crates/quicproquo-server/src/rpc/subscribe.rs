@@ -156,12 +156,7 @@ fn follow(
         if let Err(e) = sub.run(after_seq).await {
             debug!(error = %e, "group subscription ended");
         }
-        if let Sink::Frames(registration) = &sink {
-            // The subscriber learns that nothing more comes (a closed port: it is gone).
-            let _ = registration
-                .port
-                .push(frames::ended_frame(group.as_bytes(), registration.tag));
-        }
+        // A frame subscription's registration sends its `ended` frame as it drops.
     })
 }
 
