@@ -20,7 +20,7 @@ use quicproquo_client::commit::{
 use quicproquo_client::delivery::{Envelope, EnvelopeKind, Subscription};
 use quicproquo_client::{ConnectOptions, Connection, Session, connect_any};
 use quicproquo_core::group::{CommitOutput, Event, Group};
-use quicproquo_core::mls::{MlsIdentity, MlsProvider, Suite};
+use quicproquo_core::mls::{MlsIdentity, MlsProvider, SharedValues, Suite};
 use quicproquo_core::{IdentityKey, IdentityKeypair};
 
 use crate::stats::{Stats, counter, error_kind, metric};
@@ -169,8 +169,14 @@ pub(crate) fn is_own(id: &[u8], index: usize) -> bool {
 }
 
 impl Member {
-    /// A member with `identity`, not yet connected; `plan` says which groups it is in.
-    pub(crate) fn new(index: usize, identity: IdentityKeypair, plan: &Plan) -> Self {
+    /// A member with `identity`, not yet connected; `plan` says which groups it is in. Its
+    /// MLS store holds large ratchet trees in `shared`, once for every member given it.
+    pub(crate) fn new(
+        index: usize,
+        identity: IdentityKeypair,
+        plan: &Plan,
+        shared: SharedValues,
+    ) -> Self {
         let mls = MlsIdentity::new(&identity);
         let slots = plan
             .groups
@@ -194,7 +200,7 @@ impl Member {
             index,
             identity,
             mls,
-            provider: MlsProvider::default(),
+            provider: MlsProvider::sharing(shared),
             conn: None,
             session: None,
             slots,

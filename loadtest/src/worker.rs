@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use quicproquo_core::IdentityKeypair;
+use quicproquo_core::mls::SharedValues;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::member::{Member, Plan, Progress};
@@ -103,9 +104,11 @@ async fn serve(
     identities: Vec<(usize, IdentityKeypair)>,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) {
+    // The members of this thread hold each group's ratchet tree once between them.
+    let shared = SharedValues::new();
     let mut members: Vec<Member> = identities
         .into_iter()
-        .map(|(i, id)| Member::new(i, id, &plan))
+        .map(|(i, id)| Member::new(i, id, &plan, shared.clone()))
         .collect();
     let limit = Semaphore::new(plan.settings.concurrency);
     while let Some((cmd, reply)) = rx.recv().await {

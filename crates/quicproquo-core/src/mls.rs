@@ -18,7 +18,7 @@ use openmls_traits::types::SignatureScheme;
 use zeroize::Zeroizing;
 
 use crate::identity::{IdentityKey, IdentityKeypair};
-pub use storage::{Change, CompactStorage, StorageError, Value};
+pub use storage::{Change, CompactStorage, SharedValues, StorageError, Value};
 
 /// The MLS ciphersuites quicproquo speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -130,6 +130,16 @@ impl OpenMlsProvider for MlsProvider {
 const EXPORT_FORMAT: u8 = 2;
 
 impl MlsProvider {
+    /// A provider whose store holds its large ratchet trees once in `shared`, with those of
+    /// every other provider given the same pool (many members of the same groups in one
+    /// process).
+    pub fn sharing(shared: SharedValues) -> Self {
+        Self {
+            crypto: RustCrypto::default(),
+            storage: CompactStorage::sharing(shared),
+        }
+    }
+
     /// Serializes every stored entry (KeyPackage private keys, group state): `format u8 = 2`,
     /// `count u64`, then `key_len u64, value_len u64, key, value` per entry, all big-endian,
     /// sorted by key.

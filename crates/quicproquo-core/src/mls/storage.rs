@@ -12,9 +12,12 @@
 //! Keys are `label u8` followed by the postcard encoding of openmls's key (a group id, a hash
 //! reference, a public key, or a tuple of them). Lists (own leaf nodes, the proposal queue) are
 //! stored as `(len u32 BE, item)*` so that an append never decodes the list.
+//!
+//! Stores given one [`SharedValues`] hold each large ratchet tree they have in common once
+//! (see [`shared`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,9 +75,32 @@ pub struct Change {
     pub value: Option<Value>,
 }
 
+/// A value as held: the store's own, or a public one shared through [`SharedValues`].
+enum Stored {
+    Own(Value),
+    Shared(Arc<[u8]>),
+}
+
+impl Stored {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Own(v) => v,
+            Self::Shared(v) => v,
+        }
+    }
+
+    /// A copy of the value to hand out.
+    fn to_value(&self) -> Value {
+        match self {
+            Self::Own(v) => v.clone(),
+            Self::Shared(v) => Zeroizing::new(v.to_vec()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    values: HashMap<Vec<u8>, Value>,
+    values: HashMap<Vec<u8>, Stored>,
     changed: HashSet<Vec<u8>>,
 }
 
@@ -84,6 +110,8 @@ struct Inner {
 #[derive(Default)]
 pub struct CompactStorage {
     inner: RwLock<Inner>,
+    /// Where large public values go to be held once, if anywhere.
+    shared: Option<SharedValues>,
 }
 
 impl std::fmt::Debug for CompactStorage {
@@ -193,26 +221,45 @@ impl CompactStorage {
         self.inner.read().map_err(|_| StorageError::Poisoned)
     }
 
+    /// An empty store whose large ratchet trees are held once in `shared`, with those of
+    /// every other store given the same pool.
+    pub fn sharing(shared: SharedValues) -> Self {
+        Self {
+            inner: RwLock::default(),
+            shared: Some(shared),
+        }
+    }
+
     /// Stores `value` under `key`, replacing (and zeroizing) what was there.
     fn put<T: Serialize + ?Sized>(&self, key: Vec<u8>, value: &T) -> Result<(), StorageError> {
         let mut inner = self.write_inner()?;
-        let capacity = inner.values.get(&key).map_or(256, |v| v.len());
+        let capacity = inner.values.get(&key).map_or(256, |v| v.bytes().len());
         let value = encode(value, capacity)?;
+        let stored = match &self.shared {
+            // The ratchet tree is public: it may be shared, unzeroized.
+            Some(pool)
+                if key.first() == Some(&(Label::Tree as u8))
+                    && value.len() >= shared::MIN_SHARED_BYTES =>
+            {
+                Stored::Shared(pool.intern(&value))
+            }
+            _ => Stored::Own(value),
+        };
         inner.changed.insert(key.clone());
-        inner.values.insert(key, value);
+        inner.values.insert(key, stored);
         Ok(())
     }
 
     fn put_raw(&self, key: Vec<u8>, value: Value) -> Result<(), StorageError> {
         let mut inner = self.write_inner()?;
         inner.changed.insert(key.clone());
-        inner.values.insert(key, value);
+        inner.values.insert(key, Stored::Own(value));
         Ok(())
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let inner = self.read_inner()?;
-        inner.values.get(key).map(|v| decode(v)).transpose()
+        inner.values.get(key).map(|v| decode(v.bytes())).transpose()
     }
 
     fn delete(&self, key: Vec<u8>) -> Result<(), StorageError> {
@@ -227,7 +274,16 @@ impl CompactStorage {
     fn append<T: Serialize + ?Sized>(&self, key: Vec<u8>, item: &T) -> Result<(), StorageError> {
         let item = encode(item, 256)?;
         let mut inner = self.write_inner()?;
-        push_item(inner.values.entry(key.clone()).or_default(), &item)?;
+        let list = inner
+            .values
+            .entry(key.clone())
+            .or_insert_with(|| Stored::Own(Value::default()));
+        if let Stored::Shared(v) = list {
+            *list = Stored::Own(Zeroizing::new(v.to_vec()));
+        }
+        if let Stored::Own(list) = list {
+            push_item(list, &item)?;
+        }
         inner.changed.insert(key);
         Ok(())
     }
@@ -235,7 +291,7 @@ impl CompactStorage {
     fn list<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Vec<T>, StorageError> {
         let inner = self.read_inner()?;
         match inner.values.get(key) {
-            Some(v) => list_items(v)?.into_iter().map(decode).collect(),
+            Some(v) => list_items(v.bytes())?.into_iter().map(decode).collect(),
             None => Ok(Vec::new()),
         }
     }
@@ -246,13 +302,14 @@ impl CompactStorage {
         let Some(list) = inner.values.get(&key) else {
             return Ok(());
         };
+        let list = list.bytes();
         let mut kept = Zeroizing::new(Vec::with_capacity(list.len()));
         for other in list_items(list)? {
             if other != item {
                 push_item(&mut kept, other)?;
             }
         }
-        inner.values.insert(key.clone(), kept);
+        inner.values.insert(key.clone(), Stored::Own(kept));
         inner.changed.insert(key);
         Ok(())
     }
@@ -265,7 +322,7 @@ impl CompactStorage {
         Ok(changed
             .into_iter()
             .map(|key| {
-                let value = inner.values.get(&key).cloned();
+                let value = inner.values.get(&key).map(Stored::to_value);
                 Change { key, value }
             })
             .collect())
@@ -277,7 +334,7 @@ impl CompactStorage {
         let mut all: Vec<_> = inner
             .values
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.to_value()))
             .collect();
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(all)
@@ -287,14 +344,21 @@ impl CompactStorage {
     pub fn from_entries(entries: impl IntoIterator<Item = (Vec<u8>, Value)>) -> Self {
         Self {
             inner: RwLock::new(Inner {
-                values: entries.into_iter().collect(),
+                values: entries
+                    .into_iter()
+                    .map(|(k, v)| (k, Stored::Own(v)))
+                    .collect(),
                 changed: HashSet::new(),
             }),
+            shared: None,
         }
     }
 }
 
 mod provider;
+pub mod shared;
+
+pub use shared::SharedValues;
 
 #[cfg(test)]
 mod tests {
@@ -342,6 +406,44 @@ mod tests {
         assert!(matches!(s.get::<Vec<u8>>(&k), Err(StorageError::Decode)));
         s.put_raw(k.clone(), Zeroizing::new(vec![0, 0, 0, 9, 1]))?;
         assert!(matches!(s.list::<Vec<u8>>(&k), Err(StorageError::Decode)));
+        Ok(())
+    }
+
+    #[test]
+    fn stores_given_one_pool_hold_a_large_tree_once() -> Result<(), StorageError> {
+        let pool = SharedValues::new();
+        let (a, b) = (
+            CompactStorage::sharing(pool.clone()),
+            CompactStorage::sharing(pool.clone()),
+        );
+        let tree = vec![5u8; 2 * shared::MIN_SHARED_BYTES];
+        let k = key(Label::Tree, &b"g".to_vec())?;
+        a.put(k.clone(), &tree)?;
+        b.put(k.clone(), &tree)?;
+        assert_eq!(pool.len(), 1, "the same tree is held once");
+        assert_eq!(b.get::<Vec<u8>>(&k)?, Some(tree.clone()));
+        let saved = a.take_changes()?.pop().and_then(|c| c.value);
+        let saved = saved.ok_or(StorageError::Decode)?;
+        assert_eq!(
+            decode::<Vec<u8>>(&saved)?,
+            tree,
+            "a shared value is saved whole"
+        );
+        // Another tree (the next epoch) is another value; secrets are never shared.
+        let mut next = tree.clone();
+        next[shared::MIN_SHARED_BYTES] = 6;
+        b.put(k.clone(), &next)?;
+        a.put(key(Label::MessageSecrets, &b"g".to_vec())?, &tree)?;
+        assert_eq!(pool.len(), 2);
+        assert_eq!(a.get::<Vec<u8>>(&k)?, Some(tree));
+        drop(a);
+        assert_eq!(pool.len(), 1, "a tree no store holds is let go");
+        drop(b);
+        assert!(pool.is_empty());
+        // A small tree is not worth sharing.
+        let c = CompactStorage::sharing(pool.clone());
+        c.put(k, &vec![1u8; 100])?;
+        assert!(pool.is_empty());
         Ok(())
     }
 

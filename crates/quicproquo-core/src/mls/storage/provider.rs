@@ -133,7 +133,7 @@ impl StorageProvider<CURRENT_VERSION> for CompactStorage {
         inner
             .values
             .get(&key(Label::JoinConfig, group_id)?)
-            .map(|v| serde_json::from_slice(v).map_err(|_| StorageError::Decode))
+            .map(|v| serde_json::from_slice(v.bytes()).map_err(|_| StorageError::Decode))
             .transpose()
     }
 
