@@ -326,6 +326,10 @@ async fn bad_messages_are_refused(store: Option<AnyStore>) -> Result<()> {
     ensure!(r.err().and_then(|e| e.code()) == Some(ErrorCode::NotMember));
     let r = eve.session.delivery.subscribe(&id, 0).await;
     ensure!(r.err().and_then(|e| e.code()) == Some(ErrorCode::NotMember));
+    // A refused frame subscription is ended too (ADR 0019): asking again on the connection
+    // gets the server's answer, not a wait for an end that never comes.
+    let r = eve.session.delivery.subscribe(&id, 0).await;
+    ensure!(r.err().and_then(|e| e.code()) == Some(ErrorCode::NotMember));
     // Each inbox is its owner's: Eve sees none of the Welcomes sent to Bob.
     ensure!(eve.session.delivery.inbox(0, 100).await?.is_empty());
     ensure!(bob.session.delivery.inbox(0, 100).await?.len() == 1);
