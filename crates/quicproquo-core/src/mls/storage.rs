@@ -4,8 +4,8 @@
 //! openmls writes a group's message secrets after every decryption. Its in-memory store encodes
 //! each entity as JSON (every secret byte a decimal number, every empty tree slot `null`), which
 //! made that write the larger part of a member's decryption in a large group. Here each entity is
-//! postcard-encoded (bytes as bytes, integers as varints) into a buffer that is zeroized when it
-//! is replaced, grown or dropped. The one exception is the group's join configuration, whose
+//! postcard-encoded (integers as varints; [`encode`] writes openmls's byte strings in one pass)
+//! into a buffer that is zeroized when it is replaced, grown or dropped. The one exception is the group's join configuration, whose
 //! openmls decoder needs a self-describing format: it stays JSON (it is tiny, holds no secret and
 //! is written only when a group is created or joined).
 //!
@@ -21,7 +21,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
+
+use encode::encode_into;
 
 /// Errors of [`CompactStorage`].
 #[derive(Debug, thiserror::Error)]
@@ -123,55 +125,6 @@ impl std::fmt::Debug for CompactStorage {
     }
 }
 
-/// A postcard output that writes into a zeroizing buffer and zeroizes what it leaves behind when
-/// it has to grow.
-struct SecretBuf<'a>(&'a mut Vec<u8>);
-
-impl SecretBuf<'_> {
-    #[inline]
-    fn reserve(&mut self, more: usize) {
-        if self.0.capacity() - self.0.len() < more {
-            self.grow(more);
-        }
-    }
-
-    #[cold]
-    fn grow(&mut self, more: usize) {
-        let need = self.0.len().saturating_add(more);
-        let mut grown = Vec::with_capacity(need.max(self.0.capacity().saturating_mul(2)));
-        grown.extend_from_slice(self.0);
-        self.0.zeroize();
-        *self.0 = grown;
-    }
-}
-
-impl postcard::ser_flavors::Flavor for SecretBuf<'_> {
-    type Output = ();
-
-    #[inline]
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.reserve(1);
-        self.0.push(data);
-        Ok(())
-    }
-
-    #[inline]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.reserve(data.len());
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
-/// Appends the postcard encoding of `value` to `out`.
-fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), StorageError> {
-    postcard::serialize_with_flavor(value, SecretBuf(out)).map_err(|_| StorageError::Encode)
-}
-
 /// The postcard encoding of `value` in a fresh zeroizing buffer of `capacity` bytes.
 fn encode<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Value, StorageError> {
     let mut out = Zeroizing::new(Vec::with_capacity(capacity));
@@ -205,10 +158,9 @@ fn list_items(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StorageError> {
 
 fn push_item(list: &mut Vec<u8>, item: &[u8]) -> Result<(), StorageError> {
     let len = u32::try_from(item.len()).map_err(|_| StorageError::Encode)?;
-    let mut out = SecretBuf(list);
-    out.reserve(4 + item.len());
-    out.0.extend_from_slice(&len.to_be_bytes());
-    out.0.extend_from_slice(item);
+    encode::reserve(list, 4 + item.len());
+    list.extend_from_slice(&len.to_be_bytes());
+    list.extend_from_slice(item);
     Ok(())
 }
 
@@ -355,6 +307,7 @@ impl CompactStorage {
     }
 }
 
+mod encode;
 mod provider;
 pub mod shared;
 
