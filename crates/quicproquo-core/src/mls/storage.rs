@@ -125,6 +125,9 @@ impl std::fmt::Debug for CompactStorage {
     }
 }
 
+/// Bytes beyond a replaced value's length that a new one gets room for.
+const SLACK: usize = 64;
+
 /// The postcard encoding of `value` in a fresh zeroizing buffer of `capacity` bytes.
 fn encode<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Value, StorageError> {
     let mut out = Zeroizing::new(Vec::with_capacity(capacity));
@@ -185,7 +188,12 @@ impl CompactStorage {
     /// Stores `value` under `key`, replacing (and zeroizing) what was there.
     fn put<T: Serialize + ?Sized>(&self, key: Vec<u8>, value: &T) -> Result<(), StorageError> {
         let mut inner = self.write_inner()?;
-        let capacity = inner.values.get(&key).map_or(256, |v| v.bytes().len());
+        // Room for the value it replaces and a little more: the encoder reserves a varint's
+        // worst case before writing one, and growing moves (and zeroizes) the whole buffer.
+        let capacity = inner
+            .values
+            .get(&key)
+            .map_or(256, |v| v.bytes().len() + SLACK);
         let value = encode(value, capacity)?;
         let stored = match &self.shared {
             // The ratchet tree is public: it may be shared, unzeroized.
