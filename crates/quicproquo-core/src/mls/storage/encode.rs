@@ -18,14 +18,18 @@
 //! It is not a general serializer: it exists for the store's values and keys.
 
 use serde::Serialize;
-use serde::ser::{self, Impossible};
+use serde::ser;
 use zeroize::Zeroize;
 
 use super::StorageError;
 
+mod byte_of;
+
+use byte_of::ByteOf;
+
 /// Why [`Encoder`] stopped.
 #[derive(Debug, thiserror::Error)]
-enum EncodeError {
+pub(super) enum EncodeError {
     /// Something this encoder leaves to postcard: start again with it.
     #[error("left to postcard")]
     Fallback,
@@ -153,145 +157,6 @@ impl Encoder<'_> {
     #[inline]
     fn len(&mut self, len: usize) {
         self.varint_u64(len as u64);
-    }
-}
-
-/// Takes the byte out of a value that serializes as one `u8`, and refuses anything else.
-struct ByteOf;
-
-macro_rules! not_a_byte {
-    ($($method:ident($ty:ty)),* $(,)?) => {$(
-        #[inline]
-        fn $method(self, _: $ty) -> Result<u8, EncodeError> {
-            Err(EncodeError::Fallback)
-        }
-    )*};
-}
-
-impl ser::Serializer for ByteOf {
-    type Ok = u8;
-    type Error = EncodeError;
-    type SerializeSeq = Impossible<u8, EncodeError>;
-    type SerializeTuple = Impossible<u8, EncodeError>;
-    type SerializeTupleStruct = Impossible<u8, EncodeError>;
-    type SerializeTupleVariant = Impossible<u8, EncodeError>;
-    type SerializeMap = Impossible<u8, EncodeError>;
-    type SerializeStruct = Impossible<u8, EncodeError>;
-    type SerializeStructVariant = Impossible<u8, EncodeError>;
-
-    fn is_human_readable(&self) -> bool {
-        false
-    }
-
-    #[inline]
-    fn serialize_u8(self, v: u8) -> Result<u8, EncodeError> {
-        Ok(v)
-    }
-
-    not_a_byte!(
-        serialize_bool(bool),
-        serialize_i8(i8),
-        serialize_i16(i16),
-        serialize_i32(i32),
-        serialize_i64(i64),
-        serialize_i128(i128),
-        serialize_u16(u16),
-        serialize_u32(u32),
-        serialize_u64(u64),
-        serialize_u128(u128),
-        serialize_f32(f32),
-        serialize_f64(f64),
-        serialize_char(char),
-        serialize_str(&str),
-        serialize_bytes(&[u8]),
-        serialize_unit_struct(&'static str),
-    );
-
-    fn serialize_none(self) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_some<T: ?Sized + Serialize>(self, _: &T) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_unit(self) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_unit_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-    ) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_newtype_struct<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        _: &T,
-    ) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_newtype_variant<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> Result<u8, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, EncodeError> {
-        Err(EncodeError::Fallback)
-    }
-
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, EncodeError> {
-        Err(EncodeError::Fallback)
     }
 }
 
@@ -552,61 +417,38 @@ impl<'a> ser::Serializer for &mut Encoder<'a> {
     }
 }
 
-impl ser::SerializeSeq for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
+/// The compound serializers: postcard writes each element or field in turn, nothing around
+/// them (a sequence's length and a variant's index were written when it began).
+macro_rules! compound {
+    ($($trait:ident::$method:ident($($name:ty)?)),* $(,)?) => {$(
+        impl ser::$trait for &mut Encoder<'_> {
+            type Ok = ();
+            type Error = EncodeError;
 
-    #[inline]
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
+            #[inline]
+            fn $method<T: ?Sized + Serialize>(
+                &mut self,
+                $(_: $name,)?
+                value: &T,
+            ) -> Result<(), EncodeError> {
+                value.serialize(&mut **self)
+            }
 
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
+            fn end(self) -> Result<(), EncodeError> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-
-    #[inline]
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-
-    #[inline]
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-
-    #[inline]
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
-}
+compound!(
+    SerializeSeq::serialize_element(),
+    SerializeTuple::serialize_element(),
+    SerializeTupleStruct::serialize_field(),
+    SerializeTupleVariant::serialize_field(),
+    SerializeStruct::serialize_field(&'static str),
+    SerializeStructVariant::serialize_field(&'static str),
+);
 
 impl ser::SerializeMap for &mut Encoder<'_> {
     type Ok = ();
@@ -625,157 +467,5 @@ impl ser::SerializeMap for &mut Encoder<'_> {
     }
 }
 
-impl ser::SerializeStruct for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-
-    #[inline]
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), EncodeError> {
-        value.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result<(), EncodeError> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, VecDeque};
-
-    use serde::Serialize;
-
-    use super::encode_into;
-    use crate::mls::storage::StorageError;
-
-    fn ours<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, StorageError> {
-        let mut out = Vec::with_capacity(1);
-        encode_into(v, &mut out)?;
-        Ok(out)
-    }
-
-    fn same<T: Serialize + ?Sized + std::fmt::Debug>(v: &T) -> Result<(), StorageError> {
-        let theirs = postcard::to_stdvec(v).map_err(|_| StorageError::Encode)?;
-        assert_eq!(ours(v)?, theirs, "{v:?}");
-        Ok(())
-    }
-
-    #[derive(Debug, Serialize)]
-    struct Unit;
-
-    #[derive(Debug, Serialize)]
-    struct Newtype(Vec<u8>);
-
-    #[derive(Debug, Serialize)]
-    struct Pair(u16, i32);
-
-    #[derive(Debug, Serialize)]
-    enum Kind {
-        A,
-        B(Vec<u8>),
-        C(u8, String),
-        D { x: i64, y: Option<Vec<u8>> },
-    }
-
-    #[derive(Debug, Serialize)]
-    struct Ratchet {
-        secret: Vec<u8>,
-        generation: u32,
-        past: VecDeque<Option<(Vec<u8>, [u8; 12])>>,
-        kind: Kind,
-    }
-
-    /// Elements that are bytes only sometimes.
-    #[derive(Debug, Serialize)]
-    #[serde(untagged)]
-    enum Mixed {
-        Byte(u8),
-        Text(String),
-    }
-
-    #[test]
-    fn writes_what_postcard_writes() -> Result<(), StorageError> {
-        for v in [0u64, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
-            same(&v)?;
-            same(&(v as u32))?;
-            same(&(v as u16))?;
-            same(&(v as u8))?;
-        }
-        for v in [0i64, -1, 1, -64, 64, i64::MIN, i64::MAX] {
-            same(&v)?;
-            same(&(v as i32))?;
-            same(&(v as i16))?;
-            same(&(v as i8))?;
-        }
-        same(&u128::MAX)?;
-        same(&i128::MIN)?;
-        same(&(1.5f32, -2.25f64, true, false, 'é', "text"))?;
-        same(&Unit)?;
-        same(&())?;
-        same(&Newtype(vec![1, 2, 3]))?;
-        same(&Pair(65535, -7))?;
-        same(&vec![
-            Kind::A,
-            Kind::B(vec![9; 200]),
-            Kind::C(4, "x".into()),
-        ])?;
-        same(&Kind::D {
-            x: -300,
-            y: Some(vec![]),
-        })?;
-        same(&Vec::<u8>::new())?;
-        same(&vec![0u8; 1000])?;
-        same(&vec![vec![1u8; 32], vec![], vec![2u8; 500]])?;
-        same(&BTreeMap::from([(vec![1u8], 2u32), (vec![3u8, 4], 5u32)]))?;
-        same(&vec![
-            Some(Ratchet {
-                secret: vec![7; 32],
-                generation: 12,
-                past: VecDeque::from([None, Some((vec![3; 16], [1; 12]))]),
-                kind: Kind::A,
-            }),
-            None,
-        ])?;
-        same(&vec![
-            Mixed::Byte(1),
-            Mixed::Text("two".into()),
-            Mixed::Byte(3),
-        ])?;
-        same(&vec![Mixed::Text("one".into()), Mixed::Byte(2)])?;
-        Ok(())
-    }
-
-    #[test]
-    fn a_fallback_keeps_what_was_there_before() -> Result<(), StorageError> {
-        let mut out = vec![0xAA, 0xBB];
-        encode_into(&vec![Mixed::Byte(1), Mixed::Text("t".into())], &mut out)?;
-        let mut expected = vec![0xAA, 0xBB];
-        expected.extend(
-            postcard::to_stdvec(&vec![Mixed::Byte(1), Mixed::Text("t".into())])
-                .map_err(|_| StorageError::Encode)?,
-        );
-        assert_eq!(out, expected);
-        Ok(())
-    }
-}
+mod tests;
