@@ -9,11 +9,11 @@
 //!
 //! [`Encoder`] is a serde serializer of postcard's wire format (varints, zigzag integers,
 //! length-prefixed sequences; postcard 1.x's specification) that copies a sequence whose
-//! elements are bytes in one pass. postcard still decodes everything; whatever this encoder
+//! elements are bytes in one pass. postcard still decodes everything. Whatever this encoder
 //! does not handle itself (a sequence of unknown length, a sequence whose elements are bytes
-//! only sometimes, `collect_str`) makes [`encode_into`] start again with postcard's own
-//! serializer, so the bytes are postcard's in every case. Its output buffer is zeroized
-//! whenever it has to grow.
+//! only sometimes, 128-bit integers, `collect_str`) makes [`encode_into`] start again with
+//! postcard's own serializer, so the bytes are postcard's in every case. Its output buffer is
+//! zeroized whenever it has to grow.
 //!
 //! It is not a general serializer: it exists for the store's values and keys.
 
@@ -135,16 +135,6 @@ impl Encoder<'_> {
 
     /// An unsigned LEB128 varint, as postcard writes every integer wider than a byte.
     #[inline]
-    fn varint(&mut self, mut v: u128) {
-        reserve(self.out, 19);
-        while v >= 0x80 {
-            self.out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.out.push(v as u8);
-    }
-
-    #[inline]
     fn varint_u64(&mut self, mut v: u64) {
         reserve(self.out, 10);
         while v >= 0x80 {
@@ -204,9 +194,9 @@ impl<'a> ser::Serializer for &mut Encoder<'a> {
         Ok(())
     }
 
-    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
-        self.varint(((v << 1) ^ (v >> 127)) as u128);
-        Ok(())
+    /// 128-bit integers are left to postcard (openmls has none).
+    fn serialize_i128(self, _: i128) -> Result<(), EncodeError> {
+        Err(EncodeError::Fallback)
     }
 
     #[inline]
@@ -233,9 +223,8 @@ impl<'a> ser::Serializer for &mut Encoder<'a> {
         Ok(())
     }
 
-    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
-        self.varint(v);
-        Ok(())
+    fn serialize_u128(self, _: u128) -> Result<(), EncodeError> {
+        Err(EncodeError::Fallback)
     }
 
     fn serialize_f32(self, v: f32) -> Result<(), EncodeError> {
