@@ -125,7 +125,7 @@ impl std::fmt::Debug for CompactStorage {
     }
 }
 
-/// Bytes beyond a replaced value's length that a new one gets room for.
+/// Bytes beyond a replaced value's length (and an eighth of it) that a new one gets room for.
 const SLACK: usize = 64;
 
 /// The postcard encoding of `value` in a fresh zeroizing buffer of `capacity` bytes.
@@ -188,12 +188,13 @@ impl CompactStorage {
     /// Stores `value` under `key`, replacing (and zeroizing) what was there.
     fn put<T: Serialize + ?Sized>(&self, key: Vec<u8>, value: &T) -> Result<(), StorageError> {
         let mut inner = self.write_inner()?;
-        // Room for the value it replaces and a little more: the encoder reserves a varint's
-        // worst case before writing one, and growing moves (and zeroizes) the whole buffer.
+        // Room for the value it replaces and an eighth more: the encoder reserves a varint's
+        // worst case before writing one, entries such as the message secrets grow a little
+        // with each new sender, and growing moves (and zeroizes) the whole buffer.
         let capacity = inner
             .values
             .get(&key)
-            .map_or(256, |v| v.bytes().len() + SLACK);
+            .map_or(256, |v| v.bytes().len() + v.bytes().len() / 8 + SLACK);
         let value = encode(value, capacity)?;
         let stored = match &self.shared {
             // The ratchet tree is public: it may be shared, unzeroized.
