@@ -5,9 +5,9 @@
 //! each entity as JSON (every secret byte a decimal number, every empty tree slot `null`), which
 //! made that write the larger part of a member's decryption in a large group. Here each entity is
 //! postcard-encoded (integers as varints; [`encode`] writes openmls's byte strings in one pass)
-//! into a buffer that is zeroized when it is replaced, grown or dropped. The one exception is the group's join configuration, whose
-//! openmls decoder needs a self-describing format: it stays JSON (it is tiny, holds no secret and
-//! is written only when a group is created or joined).
+//! into a buffer that is zeroized when it is replaced, grown or dropped. The one exception is the
+//! group's join configuration, whose openmls decoder needs a self-describing format: it stays
+//! JSON (it is tiny, holds no secret and is written only when a group is created or joined).
 //!
 //! Keys are `label u8` followed by the postcard encoding of openmls's key (a group id, a hash
 //! reference, a public key, or a tuple of them). Lists (own leaf nodes, the proposal queue) are
@@ -191,10 +191,10 @@ impl CompactStorage {
         // Room for the value it replaces and an eighth more: the encoder reserves a varint's
         // worst case before writing one, entries such as the message secrets grow a little
         // with each new sender, and growing moves (and zeroizes) the whole buffer.
-        let capacity = inner
-            .values
-            .get(&key)
-            .map_or(256, |v| v.bytes().len() + v.bytes().len() / 8 + SLACK);
+        let capacity = inner.values.get(&key).map_or(256, |v| {
+            let len = v.bytes().len();
+            len + len / 8 + SLACK
+        });
         let value = encode(value, capacity)?;
         let stored = match &self.shared {
             // The ratchet tree is public: it may be shared, unzeroized.
@@ -406,6 +406,10 @@ mod tests {
         let c = CompactStorage::sharing(pool.clone());
         c.put(k, &vec![1u8; 100])?;
         assert!(pool.is_empty());
+        // Nor is anything but a tree, however large (message secrets are secret).
+        let secrets = vec![9u8; 2 * shared::MIN_SHARED_BYTES];
+        c.put(key(Label::MessageSecrets, &b"g".to_vec())?, &secrets)?;
+        assert!(pool.is_empty(), "only trees are shared");
         Ok(())
     }
 
