@@ -168,7 +168,8 @@ fn get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(answer)
 }
 
-/// The value of the unlabelled counter `name` in a Prometheus text page (0 when absent).
+/// The value of the unlabelled counter or gauge `name` in a Prometheus text page (0 when
+/// absent).
 fn counter(page: &str, name: &str) -> u64 {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -204,10 +205,12 @@ struct Run {
 }
 
 /// Registers alice (edge 1) and bob (edge 2), has carol try alice's name, lets bob subscribe
-/// and alice send until the shard pushes live, then sends the secret and pings the gate.
+/// and alice send until the shard pushes live and bob's edge pushes from the feed, then sends
+/// the secret and pings the gate.
 async fn client_part(
     edges: [SocketAddr; 3],
     shard_ops: SocketAddr,
+    bob_ops: SocketAddr,
     key: ClusterPublicKey,
     secret: &[u8],
 ) -> Result<Run> {
@@ -247,15 +250,32 @@ async fn client_part(
     // Bob's edge follows the group on the shard once he subscribes; until that watch is up,
     // entries reach him from the log. Send until the shard has pushed one live.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while counter(&get(shard_ops, "/metrics")?, "qpq_fanout_entries_total") == 0 {
+    let mut warm_up = async || -> Result<()> {
         ensure!(
             std::time::Instant::now() < deadline,
-            "the shard never pushed to the edge"
+            "bob's subscription never followed the live feed"
         );
         alice.chat().send("g", b"warm-up", &mut |_| {}).await?;
         tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await?
             .context("subscription ended")?;
+        Ok(())
+    };
+    while counter(&get(shard_ops, "/metrics")?, "qpq_fanout_entries_total") == 0 {
+        warm_up().await?;
+    }
+    // Once the watch is up, the edge tells its subscribers to read what the log got meanwhile.
+    // Send until one message reached bob with no catch-up under way or begun: his
+    // subscription then follows the feed, and so will the secret.
+    loop {
+        let before = get(bob_ops, "/metrics")?;
+        let reading = counter(&before, "qpq_subscriptions_catching_up");
+        warm_up().await?;
+        let after = get(bob_ops, "/metrics")?;
+        let caught_up = |page: &str| counter(page, "qpq_subscription_catch_ups_total");
+        if reading == 0 && caught_up(&before) == caught_up(&after) {
+            break;
+        }
     }
     alice.chat().send("g", secret, &mut |_| {}).await?;
     tokio::time::timeout(Duration::from_secs(10), sub.next())
@@ -603,7 +623,7 @@ async fn traces_name_every_instance_chain_the_fan_out_and_name_nobody() -> Resul
     ensure!(telemetry.exporting());
     let secret = b"zq7 the secret plaintext";
     let edges = [edge1.addr, edge2.addr, gate.addr];
-    let run = local(client_part(edges, shard.ops, key, secret)).await?;
+    let run = local(client_part(edges, shard.ops, edge2.ops, key, secret)).await?;
     let metrics = [get(edge1.ops, "/metrics")?, get(shard.ops, "/metrics")?];
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     // Stopped nodes have flushed every span: what the receiver holds is all there is.

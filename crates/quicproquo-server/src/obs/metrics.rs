@@ -263,6 +263,8 @@ pub struct Metrics {
     /// Catch-ups of subscriptions from the store (a subscriber that fell behind, missed
     /// entries, or met a commit whose membership effect was not known).
     pub catch_ups: AtomicU64,
+    /// Group subscriptions reading the store now (see [`Metrics::catching_up`]).
+    catching_up: AtomicU64,
     /// Subscriptions that stalled with a full window and let go of their group's live feed.
     pub feed_releases: AtomicU64,
     /// Calls an edge forwarded to an owner shard.
@@ -301,6 +303,7 @@ impl Default for Metrics {
             fanout_entries: AtomicU64::new(0),
             fanout_calls: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            catching_up: AtomicU64::new(0),
             feed_releases: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             pool: Arc::default(),
@@ -326,6 +329,16 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
+/// Counts a group subscription reading the store until dropped.
+#[derive(Debug)]
+pub struct CatchingUp<'a>(&'a Metrics);
+
+impl Drop for CatchingUp<'_> {
+    fn drop(&mut self) {
+        self.0.catching_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
     /// Records one finished RPC (`status`: `ok` or an error code).
     pub fn rpc(
@@ -348,6 +361,14 @@ impl Metrics {
     pub fn connection_opened(&self) -> OpenConnection<'_> {
         self.connections_open.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self)
+    }
+
+    /// Counts a catch-up of a group subscription from the store, and marks it reading until
+    /// the guard drops.
+    pub fn catching_up(&self) -> CatchingUp<'_> {
+        self.catching_up.fetch_add(1, Ordering::Relaxed);
+        self.catch_ups.fetch_add(1, Ordering::Relaxed);
+        CatchingUp(self)
     }
 
     /// Counts one append's outcome.
@@ -516,6 +537,12 @@ impl Metrics {
             "qpq_subscription_catch_ups_total",
             "Times a live subscription read the store to catch up instead of the live feed.",
             self.catch_ups.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "qpq_subscriptions_catching_up",
+            "Group subscriptions reading the store to catch up now.",
+            self.catching_up.load(Ordering::Relaxed),
         );
         counter(
             out,

@@ -327,7 +327,7 @@ impl Follow<'_> {
         feed: &mut tokio::sync::broadcast::Receiver<FeedEvent>,
     ) -> Result<Option<u64>, FollowError> {
         let observer = self.backend.observer();
-        observer.metrics.catch_ups.fetch_add(1, Ordering::Relaxed);
+        let _reading = observer.metrics.catching_up();
         let span = catch_up_span("group", self.subscribed);
         record_group(&span, observer, self.group.as_bytes());
         let result = self
