@@ -5,9 +5,10 @@
 //! each entity as JSON (every secret byte a decimal number, every empty tree slot `null`), which
 //! made that write the larger part of a member's decryption in a large group. Here each entity is
 //! postcard-encoded (integers as varints; [`encode`] writes openmls's byte strings in one pass)
-//! into a buffer that is zeroized when it is replaced, grown or dropped. The one exception is the
-//! group's join configuration, whose openmls decoder needs a self-describing format: it stays
-//! JSON (it is tiny, holds no secret and is written only when a group is created or joined).
+//! into a buffer that is wiped when it is replaced, grown or dropped (a word at a time: see
+//! [`secret`]). The one exception is the group's join configuration, whose openmls decoder
+//! needs a self-describing format: it stays JSON (it is tiny, holds no secret and is written
+//! only when a group is created or joined).
 //!
 //! Keys are `label u8` followed by the postcard encoding of openmls's key (a group id, a hash
 //! reference, a public key, or a tuple of them). Lists (own leaf nodes, the proposal queue) are
@@ -24,6 +25,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use encode::encode_into;
+use secret::SecretBytes;
 
 /// Errors of [`CompactStorage`].
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +81,7 @@ pub struct Change {
 
 /// A value as held: the store's own, or a public one shared through [`SharedValues`].
 enum Stored {
-    Own(Value),
+    Own(SecretBytes),
     Shared(Arc<[u8]>),
 }
 
@@ -94,7 +96,7 @@ impl Stored {
     /// A copy of the value to hand out.
     fn to_value(&self) -> Value {
         match self {
-            Self::Own(v) => v.clone(),
+            Self::Own(v) => Zeroizing::new(v.to_vec()),
             Self::Shared(v) => Zeroizing::new(v.to_vec()),
         }
     }
@@ -128,9 +130,9 @@ impl std::fmt::Debug for CompactStorage {
 /// Bytes beyond a replaced value's length (and an eighth of it) that a new one gets room for.
 const SLACK: usize = 64;
 
-/// The postcard encoding of `value` in a fresh zeroizing buffer of `capacity` bytes.
-fn encode<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Value, StorageError> {
-    let mut out = Zeroizing::new(Vec::with_capacity(capacity));
+/// The postcard encoding of `value` in a fresh wiped-on-drop buffer of `capacity` bytes.
+fn encode<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<SecretBytes, StorageError> {
+    let mut out = SecretBytes::with_capacity(capacity);
     encode_into(value, &mut out)?;
     Ok(out)
 }
@@ -211,7 +213,7 @@ impl CompactStorage {
         Ok(())
     }
 
-    fn put_raw(&self, key: Vec<u8>, value: Value) -> Result<(), StorageError> {
+    fn put_raw(&self, key: Vec<u8>, value: SecretBytes) -> Result<(), StorageError> {
         let mut inner = self.write_inner()?;
         inner.changed.insert(key.clone());
         inner.values.insert(key, Stored::Own(value));
@@ -238,9 +240,9 @@ impl CompactStorage {
         let list = inner
             .values
             .entry(key.clone())
-            .or_insert_with(|| Stored::Own(Value::default()));
+            .or_insert_with(|| Stored::Own(SecretBytes::default()));
         if let Stored::Shared(v) = list {
-            *list = Stored::Own(Zeroizing::new(v.to_vec()));
+            *list = Stored::Own(SecretBytes::from(v.to_vec()));
         }
         if let Stored::Own(list) = list {
             push_item(list, &item)?;
@@ -264,7 +266,7 @@ impl CompactStorage {
             return Ok(());
         };
         let list = list.bytes();
-        let mut kept = Zeroizing::new(Vec::with_capacity(list.len()));
+        let mut kept = SecretBytes::with_capacity(list.len());
         for other in list_items(list)? {
             if other != item {
                 push_item(&mut kept, other)?;
@@ -307,7 +309,7 @@ impl CompactStorage {
             inner: RwLock::new(Inner {
                 values: entries
                     .into_iter()
-                    .map(|(k, v)| (k, Stored::Own(v)))
+                    .map(|(k, mut v)| (k, Stored::Own(SecretBytes::from(std::mem::take(&mut *v)))))
                     .collect(),
                 changed: HashSet::new(),
             }),
@@ -318,6 +320,7 @@ impl CompactStorage {
 
 mod encode;
 mod provider;
+mod secret;
 pub mod shared;
 
 pub use shared::SharedValues;
@@ -364,9 +367,9 @@ mod tests {
     fn a_value_of_the_wrong_shape_is_a_decode_error() -> Result<(), StorageError> {
         let s = CompactStorage::default();
         let k = key(Label::Tree, &b"g".to_vec())?;
-        s.put_raw(k.clone(), Zeroizing::new(vec![0xff; 3]))?;
+        s.put_raw(k.clone(), SecretBytes::from(vec![0xff; 3]))?;
         assert!(matches!(s.get::<Vec<u8>>(&k), Err(StorageError::Decode)));
-        s.put_raw(k.clone(), Zeroizing::new(vec![0, 0, 0, 9, 1]))?;
+        s.put_raw(k.clone(), SecretBytes::from(vec![0, 0, 0, 9, 1]))?;
         assert!(matches!(s.list::<Vec<u8>>(&k), Err(StorageError::Decode)));
         Ok(())
     }

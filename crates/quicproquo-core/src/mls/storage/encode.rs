@@ -13,7 +13,7 @@
 //! does not handle itself (a sequence of unknown length, a sequence whose elements are bytes
 //! only sometimes, 128-bit integers, `collect_str`) makes [`encode_into`] start again with
 //! postcard's own serializer, so the bytes are postcard's in every case. Its output buffer is
-//! zeroized whenever it has to grow.
+//! wiped whenever it has to grow.
 //!
 //! It is not a general serializer: it exists for the store's values and keys.
 
@@ -86,7 +86,7 @@ fn grow(out: &mut Vec<u8>, more: usize) {
     let need = out.len().saturating_add(more);
     let mut grown = Vec::with_capacity(need.max(out.capacity().saturating_mul(2)));
     grown.extend_from_slice(out);
-    out.zeroize();
+    super::secret::wipe_vec(out);
     *out = grown;
 }
 
@@ -372,7 +372,7 @@ impl<'a> ser::Serializer for &mut Encoder<'a> {
                 self.out.push(b);
                 let start = self.out.len();
                 let mut other = false;
-                // Within the reserved room, so the buffer never moves unzeroized.
+                // Within the reserved room, so the buffer never moves unwiped.
                 self.out.extend(iter.by_ref().take(len - 1).map(|item| {
                     item.serialize(ByteOf).unwrap_or_else(|_| {
                         other = true;

@@ -1,7 +1,7 @@
 //! openmls's [`StorageProvider`] over [`CompactStorage`]: each entity under its label and key.
 
+use super::secret::SecretBytes;
 use openmls_traits::storage::{CURRENT_VERSION, StorageProvider, traits};
-use zeroize::Zeroizing;
 
 use super::{CompactStorage, Label, StorageError, encode, key};
 
@@ -119,7 +119,7 @@ impl StorageProvider<CURRENT_VERSION> for CompactStorage {
         config: &C,
     ) -> Result<(), StorageError> {
         let json = serde_json::to_vec(config).map_err(|_| StorageError::Encode)?;
-        self.put_raw(key(Label::JoinConfig, group_id)?, Zeroizing::new(json))
+        self.put_raw(key(Label::JoinConfig, group_id)?, SecretBytes::from(json))
     }
 
     fn mls_group_join_config<
