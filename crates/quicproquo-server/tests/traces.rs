@@ -269,6 +269,10 @@ async fn client_part(
     // subscription then follows the feed, and so will the secret.
     loop {
         let before = get(bob_ops, "/metrics")?;
+        ensure!(
+            before.contains("\nqpq_subscriptions_catching_up "),
+            "the edge exports no catch-up gauge"
+        );
         let reading = counter(&before, "qpq_subscriptions_catching_up");
         warm_up().await?;
         let after = get(bob_ops, "/metrics")?;

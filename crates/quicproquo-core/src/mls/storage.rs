@@ -5,8 +5,8 @@
 //! each entity as JSON (every secret byte a decimal number, every empty tree slot `null`), which
 //! made that write the larger part of a member's decryption in a large group. Here each entity is
 //! postcard-encoded (integers as varints; [`encode`] writes openmls's byte strings in one pass)
-//! into a buffer that is wiped when it is replaced, grown or dropped (a word at a time: see
-//! [`secret`]). The one exception is the group's join configuration, whose openmls decoder
+//! into a buffer that is wiped when it is replaced, grown or dropped (as a slice, not byte by
+//! byte: see [`secret`]). The one exception is the group's join configuration, whose openmls decoder
 //! needs a self-describing format: it stays JSON (it is tiny, holds no secret and is written
 //! only when a group is created or joined).
 //!
@@ -95,10 +95,7 @@ impl Stored {
 
     /// A copy of the value to hand out.
     fn to_value(&self) -> Value {
-        match self {
-            Self::Own(v) => Zeroizing::new(v.to_vec()),
-            Self::Shared(v) => Zeroizing::new(v.to_vec()),
-        }
+        Zeroizing::new(self.bytes().to_vec())
     }
 }
 
