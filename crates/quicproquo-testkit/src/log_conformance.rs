@@ -127,6 +127,17 @@ pub async fn group_lifecycle<S: Store + LogStore>(store: &S) -> Result<()> {
         store.group_summary(&g, &eve).await,
         Err(StoreError::NotMember)
     ));
+    // The one-lookup membership check agrees with the summary.
+    store.check_member(&g, &alice).await?;
+    store.check_member(&g, &bob).await?;
+    ensure!(matches!(
+        store.check_member(&g, &eve).await,
+        Err(StoreError::NotMember)
+    ));
+    ensure!(matches!(
+        store.check_member(&gid("nope")?, &alice).await,
+        Err(StoreError::UnknownGroup)
+    ));
     ensure!(store.groups_of(&bob).await? == vec![g.clone()]);
     ensure!(store.groups_of(&eve).await?.is_empty());
     Ok(())
@@ -162,6 +173,12 @@ pub async fn read_windows<S: Store + LogStore>(store: &S) -> Result<()> {
         Err(StoreError::NotMember)
     ));
     ensure!(store.groups_of(&carol).await?.is_empty());
+    // A removed member is no longer one; the one who stayed is.
+    ensure!(matches!(
+        store.check_member(&g, &carol).await,
+        Err(StoreError::NotMember)
+    ));
+    store.check_member(&g, &bob).await?;
 
     let entries = store.read_log(&g, &alice, 3, 1).await?;
     ensure!(entries[0].kind == EntryKind::Commit && entries[0].epoch == 1);

@@ -57,6 +57,7 @@ fn operation(method: &str) -> Option<Operation> {
         "group_info" => op("SELECT", "group_views", false, "group_views"),
         "read_log" => op("SELECT", "group_log", false, "group_log"),
         "group_summary" => op("SELECT", "groups", false, "groups"),
+        "check_member" => op("SELECT", "members", false, "members"),
         "groups_of" => op("SELECT", "members", false, "member_groups"),
         "read_inbox" => op("SELECT", "inbox", false, "inbox"),
         "set_cursor" => op("INSERT", "cursors", true, "cursors"),

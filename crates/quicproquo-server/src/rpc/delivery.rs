@@ -121,7 +121,7 @@ impl DeliveryService {
     async fn check_subscriber(&self, group: &GroupId, after_seq: u64) -> Result<(), capnp::Error> {
         let store = self.backend.store();
         store
-            .group_summary(group, &self.identity)
+            .check_member(group, &self.identity)
             .await
             .map_err(store_error)?;
         if after_seq < store.pruned_seq(group).await.map_err(store_error)? {
@@ -504,7 +504,7 @@ impl delivery_service::Server for DeliveryService {
                 let store = self.backend.store();
                 // Current members only (refused with not_member or unknown_group otherwise).
                 store
-                    .group_summary(&group, &self.identity)
+                    .check_member(&group, &self.identity)
                     .await
                     .map_err(store_error)?;
                 let (info, epoch) = store

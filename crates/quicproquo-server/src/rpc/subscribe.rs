@@ -380,7 +380,7 @@ impl Follow<'_> {
                 links,
                 window,
             )?;
-            if had_commit && store.group_summary(self.group, &self.reader).await.is_err() {
+            if had_commit && store.check_member(self.group, &self.reader).await.is_err() {
                 return Ok(None);
             }
         }

@@ -362,6 +362,39 @@ impl LogStore for EmbeddedStore {
         .await
     }
 
+    async fn check_member(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+    ) -> Result<(), StoreError> {
+        let (gid, reader) = (group_id.clone(), *reader);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let g = gid.as_bytes();
+            if txn
+                .open_table(GROUPS)
+                .map_err(unavailable)?
+                .get(g)
+                .map_err(unavailable)?
+                .is_none()
+            {
+                return Err(StoreError::UnknownGroup);
+            }
+            let member = txn
+                .open_table(MEMBERS)
+                .map_err(unavailable)?
+                .get((g, reader.as_bytes().as_slice()))
+                .map_err(unavailable)?
+                .is_some_and(|v| v.value().1 == STILL_MEMBER);
+            if member {
+                Ok(())
+            } else {
+                Err(StoreError::NotMember)
+            }
+        })
+        .await
+    }
+
     async fn group_summary(
         &self,
         group_id: &GroupId,

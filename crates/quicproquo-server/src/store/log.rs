@@ -80,6 +80,15 @@ pub trait LogStore: Send + Sync + 'static {
         page: impl Into<Page> + Send,
     ) -> impl Future<Output = Result<Vec<LogEntry>, StoreError>> + Send;
 
+    /// Whether `reader` is a current member of the group: `Ok` if so, [`StoreError::NotMember`]
+    /// if not, [`StoreError::UnknownGroup`] for no such group. One lookup, whatever the group's
+    /// size (where [`group_summary`](Self::group_summary) reads and checks every member).
+    fn check_member(
+        &self,
+        group_id: &GroupId,
+        reader: &IdentityKey,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// The group as `reader` (a current member) sees it.
     fn group_summary(
         &self,

@@ -310,6 +310,14 @@ impl log::LogStore for AnyStore {
         dispatch!(self, "read_log", s => s.read_log(group_id, reader, after_seq, page))
     }
 
+    async fn check_member(
+        &self,
+        group_id: &group::GroupId,
+        reader: &IdentityKey,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, "check_member", s => s.check_member(group_id, reader))
+    }
+
     async fn group_summary(
         &self,
         group_id: &group::GroupId,
