@@ -4,7 +4,11 @@
 //!
 //! Each side runs two phases: **paced** (messages at `rate` per second, slow enough that each
 //! entry is pushed on its own) and **backlog** (`backlog` messages sent at once, `in_flight`
-//! outstanding, so pushes carry many entries). A delivery is one entry reaching one receiver.
+//! outstanding from a thread of the sender's own, so entries pile up faster than they are
+//! pushed and pushes carry many entries). A push can carry at most what the sender has
+//! outstanding (the appender commits what is queued), so the bare relay's backlog frames carry
+//! as many messages as there are sends outstanding: both sides get the same batches to work
+//! with. A delivery is one entry reaching one receiver.
 //! The figures per phase: deliveries per second (first send to last delivery), the server's
 //! CPU per delivery (its threads only, from `/proc/self/task`: the connection workers, the
 //! appender and the store's pool; for the bare side, the relay's thread), and the ratio of
@@ -24,8 +28,11 @@
 //!
 //! Run: `cargo bench -p quicproquo-server --bench fanout`. `QPQ_BENCH_SUBSCRIBERS` (1000),
 //! `QPQ_BENCH_RATE` (20 messages/s), `QPQ_BENCH_PACED` (100 messages), `QPQ_BENCH_BACKLOG`
-//! (1000 messages) change the shape; `QPQ_BENCH_PUSH=frames` runs the frames alone. Without `--bench` (e.g. `cargo test --all-targets`) it
-//! runs a small smoke version that fails on any error.
+//! (1000 messages), `QPQ_BENCH_IN_FLIGHT` (64 sends outstanding in the backlog) and
+//! `QPQ_BENCH_BATCH` (messages per frame of the relay's backlog; as many as in flight) change
+//! the shape;
+//! `QPQ_BENCH_PUSH=frames` runs the frames alone. Without `--bench` (e.g. `cargo test
+//! --all-targets`) it runs a small smoke version that fails on any error.
 
 mod bare;
 mod cpu;
@@ -85,13 +92,14 @@ fn settings() -> Result<Settings> {
         })
     };
     Ok(if benching {
+        let in_flight = usize::try_from(env("QPQ_BENCH_IN_FLIGHT", 64)?)?.max(1);
         Settings {
             subscribers: usize::try_from(env("QPQ_BENCH_SUBSCRIBERS", 1000)?)?,
             rate: env("QPQ_BENCH_RATE", 20)? as f64,
             paced_messages: env("QPQ_BENCH_PACED", 100)?,
             backlog_messages: env("QPQ_BENCH_BACKLOG", 1000)?,
-            in_flight: 16,
-            batch: 64,
+            in_flight,
+            batch: env("QPQ_BENCH_BATCH", in_flight as u64)?.max(1),
             payload_bytes: 128,
             deadline: Duration::from_secs(120),
         }
@@ -102,7 +110,7 @@ fn settings() -> Result<Settings> {
             paced_messages: 5,
             backlog_messages: 20,
             in_flight: 4,
-            batch: 8,
+            batch: 4,
             payload_bytes: 128,
             deadline: Duration::from_secs(30),
         }
@@ -116,7 +124,7 @@ fn run_real(
     push: real::Push,
 ) -> Result<([Measured; 2], usize)> {
     let dir = tempfile::tempdir()?;
-    let server = real::start_server(dir.path(), s.subscribers + 1)?;
+    let server = real::start_server(dir.path(), s.subscribers + 1, s.in_flight)?;
     let options = ConnectOptions::new(server.cluster_key());
     let local = tokio::task::LocalSet::new();
     let real = local.block_on(rt, real::run(s, server.local_addr(), options, push));
@@ -146,8 +154,9 @@ fn main() -> Result<()> {
     let bare = local.block_on(&rt, bare::run(&s, entry_bytes))?;
 
     println!(
-        "fan-out: {} receivers, MLS message {message_bytes} B; paced {} msg at {}/s, backlog {} msg",
-        s.subscribers, s.paced_messages, s.rate, s.backlog_messages
+        "fan-out: {} receivers, MLS message {message_bytes} B; paced {} msg at {}/s, backlog {} msg \
+         ({} sends outstanding; bare frames of {})",
+        s.subscribers, s.paced_messages, s.rate, s.backlog_messages, s.in_flight, s.batch
     );
     println!(
         "{:<8} {:<6} {:>11} {:>9} {:>12} {:>14} {:>14} {:>16}",

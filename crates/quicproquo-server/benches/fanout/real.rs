@@ -28,9 +28,11 @@ const SERVER_THREADS: [&str; 2] = ["qpq-", "tokio-r"];
 /// The part of [`SERVER_THREADS`] that serves connections (subscriptions, pushes, calls).
 const WORKER_THREADS: [&str; 1] = ["qpq-worker"];
 
-/// Starts a standalone server in this process with room for every member on loopback.
-pub(crate) fn start_server(dir: &Path, members: usize) -> Result<ServerHandle> {
+/// Starts a standalone server in this process with room for every member on loopback, and
+/// for `in_flight` calls outstanding on one connection (the backlog's sender).
+pub(crate) fn start_server(dir: &Path, members: usize, in_flight: usize) -> Result<ServerHandle> {
     let mut config = ServerConfig::for_role(NodeRole::Standalone, dir.join("data"));
+    config.limits.max_calls_in_flight = config.limits.max_calls_in_flight.max(in_flight + 1);
     config.max_connections = members + 64;
     config.max_handshakes = config.max_connections;
     config.limits.max_connections_per_address = config.max_connections;
@@ -163,6 +165,7 @@ pub(crate) async fn run(
 
     let counts = Rc::new(Counts::default());
     let mut receivers = Vec::with_capacity(others.len());
+    let (t, cpu0) = (Instant::now(), cpu::snapshot());
     for m in others.iter() {
         let mut sub = match push {
             Push::Calls => m.session.delivery.subscribe_calls(&id, after).await?,
@@ -182,6 +185,13 @@ pub(crate) async fn run(
             }
         }));
     }
+
+    eprintln!(
+        "real: {} subscribed in {:.1?}, {:.1} ms of server CPU per subscription",
+        others.len(),
+        t.elapsed(),
+        cpu::Snapshot::since(&cpu0, &SERVER_THREADS) as f64 / 1e6 / others.len().max(1) as f64
+    );
 
     let mut group = Group::load(&creator.state.mls, &id)?.context("no group")?;
     let total = s.paced_messages + s.backlog_messages;
@@ -219,33 +229,33 @@ pub(crate) async fn run(
     };
     check_sends(sends).await?;
 
-    // Backlog: every message at once, `in_flight` sends outstanding.
+    // Backlog: every message at once, `in_flight` sends outstanding, from a connection of the
+    // creator on a thread of its own. On this thread the sends would wait behind the
+    // receivers' work, so they would come at the pace the receivers drain and the server
+    // would never hold a backlog (the bare relay's sender is not paced by its receivers
+    // either).
     counts.target.set(total * recipients);
-    let pool: Vec<Vec<u8>> = messages.collect();
-    let pool = Rc::new(pool);
-    let next = Rc::new(Cell::new(0usize));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let sender = BacklogSender {
+        addr,
+        options: options.clone(),
+        seed: creator.state.identity().seed(),
+        group: id.clone(),
+        pool: messages.collect(),
+        in_flight: s.in_flight,
+    };
+    let sending = std::thread::Builder::new()
+        .name("fanout-sender".into())
+        .spawn(move || sender.run(ready_tx, go_rx))?;
+    ready_rx
+        .await
+        .context("the sender thread did not connect")??;
     let cpu0 = cpu::snapshot();
     let start = Instant::now();
-    let mut sends = Vec::new();
-    for _ in 0..s.in_flight {
-        let (delivery, gid, pool, next) = (
-            delivery.clone(),
-            id.clone(),
-            Rc::clone(&pool),
-            Rc::clone(&next),
-        );
-        sends.push(spawn_local(async move {
-            loop {
-                let i = next.get();
-                let Some(msg) = pool.get(i) else {
-                    return Ok(SendOutcome::Duplicate { seq: 0 });
-                };
-                next.set(i + 1);
-                let mid = backlog_id(i).to_be_bytes();
-                delivery.send(&gid, &mid, msg, None).await?;
-            }
-        }));
-    }
+    go_tx
+        .send(())
+        .map_err(|()| anyhow::anyhow!("the sender thread is gone"))?;
     let end = counts.wait(s.deadline).await?;
     let backlog = Measured {
         deliveries: counts.delivered.get() - paced.deliveries,
@@ -254,7 +264,9 @@ pub(crate) async fn run(
         server_cpu_ns: cpu::Snapshot::since(&cpu0, &SERVER_THREADS),
         worker_cpu_ns: cpu::Snapshot::since(&cpu0, &WORKER_THREADS),
     };
-    check_sends(sends).await?;
+    sending
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender thread panicked"))??;
     ensure!(
         counts.out_of_order.get() == 0,
         "{} entries arrived out of order",
@@ -262,6 +274,74 @@ pub(crate) async fn run(
     );
     drop(receivers);
     Ok(([paced, backlog], message_bytes))
+}
+
+/// The backlog's sender: the creator on a connection of its own, on a thread of its own.
+struct BacklogSender {
+    addr: SocketAddr,
+    options: ConnectOptions,
+    seed: zeroize::Zeroizing<[u8; 32]>,
+    group: Vec<u8>,
+    pool: Vec<Vec<u8>>,
+    in_flight: usize,
+}
+
+impl BacklogSender {
+    /// Connects and binds, says so on `ready`, waits for `go`, then sends the whole pool with
+    /// `in_flight` sends outstanding.
+    fn run(
+        self,
+        ready: tokio::sync::oneshot::Sender<Result<()>>,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let identity = quicproquo_core::IdentityKeypair::from_seed(&self.seed);
+            let bound = async {
+                let conn = Connection::connect(self.addr, &self.options).await?;
+                let session = conn.bind(&identity).await?;
+                anyhow::Ok((conn, session))
+            }
+            .await;
+            let (_conn, session) = match bound {
+                Ok(bound) => {
+                    let _ = ready.send(Ok(()));
+                    bound
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            go.await.context("the bench went away")?;
+            let pool = Rc::new(self.pool);
+            let next = Rc::new(Cell::new(0usize));
+            let mut sends = Vec::new();
+            for _ in 0..self.in_flight {
+                let (delivery, gid, pool, next) = (
+                    session.delivery.clone(),
+                    self.group.clone(),
+                    Rc::clone(&pool),
+                    Rc::clone(&next),
+                );
+                sends.push(spawn_local(async move {
+                    loop {
+                        let i = next.get();
+                        let Some(msg) = pool.get(i) else {
+                            return Ok(SendOutcome::Duplicate { seq: 0 });
+                        };
+                        next.set(i + 1);
+                        let mid = backlog_id(i).to_be_bytes();
+                        delivery.send(&gid, &mid, msg, None).await?;
+                    }
+                }));
+            }
+            check_sends(sends).await
+        })
+    }
 }
 
 /// Message ids of the backlog phase, distinct from the paced phase's.
