@@ -30,9 +30,8 @@
 //! `QPQ_BENCH_RATE` (20 messages/s), `QPQ_BENCH_PACED` (100 messages), `QPQ_BENCH_BACKLOG`
 //! (1000 messages), `QPQ_BENCH_IN_FLIGHT` (64 sends outstanding in the backlog) and
 //! `QPQ_BENCH_BATCH` (messages per frame of the relay's backlog; as many as in flight) change
-//! the shape;
-//! `QPQ_BENCH_PUSH=frames` runs the frames alone. Without `--bench` (e.g. `cargo test
-//! --all-targets`) it runs a small smoke version that fails on any error.
+//! the shape; `QPQ_BENCH_PUSH=frames` runs the frames alone. Without `--bench` (e.g. `cargo
+//! test --all-targets`) it runs a small smoke version that fails on any error.
 
 mod bare;
 mod cpu;

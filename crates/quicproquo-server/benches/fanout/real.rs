@@ -32,7 +32,7 @@ const WORKER_THREADS: [&str; 1] = ["qpq-worker"];
 /// for `in_flight` calls outstanding on one connection (the backlog's sender).
 pub(crate) fn start_server(dir: &Path, members: usize, in_flight: usize) -> Result<ServerHandle> {
     let mut config = ServerConfig::for_role(NodeRole::Standalone, dir.join("data"));
-    config.limits.max_calls_in_flight = config.limits.max_calls_in_flight.max(in_flight + 1);
+    config.limits.max_calls_in_flight = config.limits.max_calls_in_flight.max(in_flight);
     config.max_connections = members + 64;
     config.max_handshakes = config.max_connections;
     config.limits.max_connections_per_address = config.max_connections;
@@ -256,7 +256,17 @@ pub(crate) async fn run(
     go_tx
         .send(())
         .map_err(|()| anyhow::anyhow!("the sender thread is gone"))?;
-    let end = counts.wait(s.deadline).await?;
+    let end = match counts.wait(s.deadline).await {
+        Ok(end) => end,
+        // A send that failed explains the missing deliveries better than the count does.
+        Err(e) if sending.is_finished() => {
+            sending
+                .join()
+                .map_err(|_| anyhow::anyhow!("the sender thread panicked"))??;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let backlog = Measured {
         deliveries: counts.delivered.get() - paced.deliveries,
         pushes: counts.pushes.get() - paced.pushes,
