@@ -24,7 +24,7 @@
 //! | Role | Module | What lives there |
 //! |------|--------|------------------|
 //! | Options | `cli`, `threshold` | the options and the settings they resolve to; pass/fail rules |
-//! | Measuring | `stats`, `sys` | HDR histograms, counters and errors; CPU and memory from `/proc` |
+//! | Measuring | `stats`, `seen`, `sys` | HDR histograms, counters and errors; which messages arrived; CPU and memory from `/proc` |
 //! | One member | `member` | connect, register, create groups, join from Welcomes; its commits through the client's commit driver |
 //! | Steady state | `steady`, `churn` | sending and receiving on a schedule; churn's removals and re-adds |
 //! | Running | `worker`, `server`, `run`, `report` | threads that own members; the server under test; the controller and its phases; the table and JSON |
@@ -42,6 +42,7 @@ mod cli;
 mod member;
 mod report;
 mod run;
+mod seen;
 mod server;
 mod stats;
 mod steady;

@@ -7,7 +7,6 @@
 //! MLS state in memory so that saving files is not what it measures.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +22,7 @@ use quicproquo_core::group::{CommitOutput, Event, Group};
 use quicproquo_core::mls::{MlsIdentity, MlsProvider, SharedValues, Suite};
 use quicproquo_core::{IdentityKey, IdentityKeypair};
 
+use crate::seen::Seen;
 use crate::stats::{Stats, counter, error_kind, metric};
 
 /// Most identities per KeyPackage fetch (the Authentication Service's limit).
@@ -73,6 +73,19 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Application messages each group sends in steady phase `phase` (0 for a phase that is
+    /// not one of the run's rates).
+    pub(crate) fn messages_per_group(&self, phase: u32) -> u64 {
+        let s = &self.settings;
+        usize::try_from(phase)
+            .ok()
+            .and_then(|p| s.rates.get(p))
+            .map_or(0, |rate| {
+                let group_rate = rate / self.groups.len().max(1) as f64;
+                (s.duration.as_secs_f64() * group_rate).ceil().max(1.0) as u64
+            })
+    }
+
     /// KeyPackages member `index` uploads: one per group it joins, plus one per time churn
     /// may re-add it.
     fn key_packages_for(&self, joins: usize) -> usize {
@@ -106,7 +119,7 @@ pub(crate) struct GroupSlot {
     /// Live subscription to the group's log.
     pub(crate) sub: Option<Subscription<Envelope>>,
     /// Application messages received, by phase and message number (a repeat is an error).
-    pub(crate) seen: HashSet<(u32, u64)>,
+    pub(crate) seen: Seen,
 }
 
 /// A simulated device.
@@ -192,7 +205,7 @@ impl Member {
                     cursor: 0,
                     joined_epoch: 0,
                     sub: None,
-                    seen: HashSet::new(),
+                    seen: Seen::default(),
                 })
             })
             .collect();

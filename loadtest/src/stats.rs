@@ -73,6 +73,10 @@ pub(crate) mod counter {
     /// Sends refused because churn moved the group on beyond the epochs members keep secrets
     /// for before the sender had processed the commits (the sender is told; nothing is lost).
     pub(crate) const REFUSED_BEHIND: &str = "sends refused: sender too many epochs behind";
+    /// Churn: members in the group at the end of the drain that had processed its whole log.
+    pub(crate) const CAUGHT_UP: &str = "members at the end of the log after the drain (churn)";
+    /// Churn: members removed and not yet added back when the drain ended.
+    pub(crate) const OUT_AT_END: &str = "members removed and not yet re-added after the drain";
     /// Subscriptions the server ended that the member opened again.
     pub(crate) const RESUBSCRIBED: &str = "subscriptions ended by the server and reopened";
     /// Members joined from a Welcome.

@@ -13,6 +13,7 @@
 //! slow acknowledgement does not hold back the next send.
 
 use std::cell::{Cell, RefCell};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use crate::cli::HEADER_BYTES;
 use crate::member::{
     Counted, GroupSlot, Member, Plan, Progress, app_message_id, fail, is_own, parse_app_message_id,
 };
+use crate::seen::Refused;
 use crate::stats::{Stats, counter, error_kind, metric};
 
 /// How often a member subscribes again after its subscription ended, per group and phase.
@@ -223,7 +225,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
     let size = ctx.plan.groups[slot.index].members.len() as u64;
     let group_rate = st.rate / ctx.plan.groups.len() as f64;
     let interval = Duration::from_secs_f64(1.0 / group_rate);
-    let total = (st.duration.as_secs_f64() * group_rate).ceil().max(1.0) as u64;
+    let total = ctx.plan.messages_per_group(st.phase);
     let position = slot.position as u64;
     let own = if position < total {
         (total - position).div_ceil(size)
@@ -241,6 +243,13 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
     let mut churn_round = 0usize;
     let mut sends: Vec<JoinHandle<()>> = Vec::new();
     let mut resubscribes = 0;
+    let mut drained = false;
+    // One timer each, set again only when its time changes: a timer made anew on every turn
+    // of the loop (one per delivery) is a registration and a removal in the runtime's timer
+    // wheel each time.
+    let (mut send_timer, mut churn_timer) = (Timer::default(), Timer::default());
+    let deadline_timer = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(deadline_timer);
 
     loop {
         if !churning && received >= expected && next_j >= total {
@@ -248,6 +257,8 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
         }
         let send_at = (next_j < total).then(|| st.start + interval.mul_f64(next_j as f64));
         let churn_due = churn_at.filter(|t| *t < end);
+        send_timer.set(send_at);
+        churn_timer.set(churn_due);
         tokio::select! {
             biased;
             batch = next_batch(&mut slot.sub) => match batch {
@@ -277,7 +288,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
                     break;
                 }
             },
-            () = sleep_until(send_at) => {
+            () = send_timer.fired() => {
                 let j = next_j;
                 next_j += size;
                 if matches!(standing, Standing::In) {
@@ -288,7 +299,7 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
                     ctx.stats.borrow_mut().count(counter::SKIPPED, 1);
                 }
             },
-            () = sleep_until(churn_due) => {
+            () = churn_timer.fired() => {
                 churn_at = churn_at.map(|t| t + s.churn_every);
                 if churn::step(ctx, slot, churn_round, &mut received, &mut standing)
                     .await
@@ -298,11 +309,17 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
                 }
                 churn_round += 1;
             },
-            () = tokio::time::sleep_until(deadline.into()) => break,
+            () = &mut deadline_timer => {
+                drained = true;
+                break;
+            }
         }
     }
     for task in sends {
         let _ = task.await;
+    }
+    if churning && drained {
+        check_caught_up(ctx, slot, &standing).await;
     }
     let mut stats = ctx.stats.borrow_mut();
     if !churning {
@@ -311,6 +328,46 @@ async fn run_slot(ctx: &Ctx<'_>, slot: &mut GroupSlot) {
             for _ in received..expected {
                 stats.error("undelivered within the drain time");
             }
+        }
+    }
+}
+
+/// Under churn, how many messages a member should receive depends on when it was removed and
+/// added back, so completeness is checked by the log instead: every entry was checked to follow
+/// the one before it, and once the drain is over a member that is in the group must have
+/// processed its log to the end. Each entry it has not is an error.
+async fn check_caught_up(ctx: &Ctx<'_>, slot: &GroupSlot, standing: &Standing) {
+    let (stats, progress) = (ctx.stats, &ctx.plan.progress);
+    if matches!(standing, Standing::Out(..)) {
+        stats.borrow_mut().count(counter::OUT_AT_END, 1);
+        return;
+    }
+    let infos = match ctx.session.delivery.groups().await {
+        Ok(infos) => infos,
+        Err(e) => {
+            fail(stats, progress, error_kind("groups", &e));
+            return;
+        }
+    };
+    let Some(last) = infos
+        .iter()
+        .find(|g| g.group_id == slot.id)
+        .map(|g| g.last_seq)
+    else {
+        fail(
+            stats,
+            progress,
+            "a group missing from the member's groups".into(),
+        );
+        return;
+    };
+    let mut s = stats.borrow_mut();
+    if slot.cursor >= last {
+        s.count(counter::CAUGHT_UP, 1);
+    } else {
+        for _ in slot.cursor..last {
+            s.error("log entries not processed within the drain time");
+            Progress::tick(&progress.errors);
         }
     }
 }
@@ -329,10 +386,33 @@ async fn next_welcomes(standing: &mut Standing) -> Option<Vec<Welcome>> {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
+/// A timer that may be unset (then it never fires), kept across turns of a loop.
+#[derive(Default)]
+struct Timer {
+    at: Option<Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Timer {
+    /// Sets it to fire at `at` (`None`: never); no change when it is set there already.
+    fn set(&mut self, at: Option<Instant>) {
+        if self.at == at {
+            return;
+        }
+        self.at = at;
+        match (at, &mut self.sleep) {
+            (Some(t), Some(sleep)) => sleep.as_mut().reset(t.into()),
+            (Some(t), None) => self.sleep = Some(Box::pin(tokio::time::sleep_until(t.into()))),
+            (None, _) => self.sleep = None,
+        }
+    }
+
+    /// Waits until it fires.
+    async fn fired(&mut self) {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -432,9 +512,19 @@ fn check_app_entry(ctx: &Ctx<'_>, slot: &mut GroupSlot, e: &Envelope) -> Option<
         fail(stats, progress, "message id names another sender".into());
         return None;
     }
-    if !slot.seen.insert((phase, j)) {
-        fail(stats, progress, "delivered twice".into());
-        return None;
+    match slot
+        .seen
+        .insert(phase, j, ctx.plan.messages_per_group(phase))
+    {
+        Ok(()) => {}
+        Err(Refused::Twice) => {
+            fail(stats, progress, "delivered twice".into());
+            return None;
+        }
+        Err(Refused::BeyondPlan) => {
+            fail(stats, progress, "message number beyond the plan".into());
+            return None;
+        }
     }
     Some((phase, planned_offset(ctx, j)))
 }

@@ -198,6 +198,13 @@ fn churn_removes_and_re_adds_members_during_traffic() -> Result<()> {
     let rejoins = &steady["stats"]["latency_ms"]["churn rejoin (removed -> joined)"];
     assert!(rejoins["count"].as_u64().is_some_and(|n| n >= 1));
     assert!(counters["deliveries"].as_u64().is_some_and(|n| n > 0));
+    // Nothing lost: once the drain is over, every member (each was removed and added back,
+    // or saw others be) has processed the group's log to its end.
+    assert_eq!(
+        counters["members at the end of the log after the drain (churn)"].as_u64(),
+        Some(8),
+        "{counters:#}"
+    );
     Ok(())
 }
 
