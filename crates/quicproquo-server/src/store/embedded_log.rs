@@ -7,7 +7,7 @@
 //! the result, all in that one write transaction.
 
 use quicproquo_core::IdentityKey;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::StoreError;
 use super::embedded::{EmbeddedStore, now_micros, unavailable};
@@ -77,6 +77,31 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(super::embedded_revert::REVERTS)
         .map_err(unavailable)?;
     super::embedded_views::migrate(txn)
+}
+
+/// The sequence numbers `reader` is a member of group `g` for: `(joined, left)`, `left` being
+/// [`STILL_MEMBER`] while it is one. [`StoreError::UnknownGroup`] for no such group,
+/// [`StoreError::NotMember`] for a group it never joined.
+fn membership(
+    txn: &ReadTransaction,
+    g: &[u8],
+    reader: &IdentityKey,
+) -> Result<(u64, u64), StoreError> {
+    if txn
+        .open_table(GROUPS)
+        .map_err(unavailable)?
+        .get(g)
+        .map_err(unavailable)?
+        .is_none()
+    {
+        return Err(StoreError::UnknownGroup);
+    }
+    txn.open_table(MEMBERS)
+        .map_err(unavailable)?
+        .get((g, reader.as_bytes().as_slice()))
+        .map_err(unavailable)?
+        .map(|v| v.value())
+        .ok_or(StoreError::NotMember)
 }
 
 pub(super) fn corrupt(what: &str) -> StoreError {
@@ -305,24 +330,7 @@ impl LogStore for EmbeddedStore {
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let gid = gid.as_bytes();
-            if txn
-                .open_table(GROUPS)
-                .map_err(unavailable)?
-                .get(gid)
-                .map_err(unavailable)?
-                .is_none()
-            {
-                return Err(StoreError::UnknownGroup);
-            }
-            let Some((joined, left)) = txn
-                .open_table(MEMBERS)
-                .map_err(unavailable)?
-                .get((gid, reader.as_bytes().as_slice()))
-                .map_err(unavailable)?
-                .map(|v| v.value())
-            else {
-                return Err(StoreError::NotMember);
-            };
+            let (joined, left) = membership(&txn, gid, &reader)?;
             let from = after_seq.max(joined).saturating_add(1);
             if from > left {
                 return Ok(Vec::new());
@@ -370,26 +378,9 @@ impl LogStore for EmbeddedStore {
         let (gid, reader) = (group_id.clone(), *reader);
         self.run(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let g = gid.as_bytes();
-            if txn
-                .open_table(GROUPS)
-                .map_err(unavailable)?
-                .get(g)
-                .map_err(unavailable)?
-                .is_none()
-            {
-                return Err(StoreError::UnknownGroup);
-            }
-            let member = txn
-                .open_table(MEMBERS)
-                .map_err(unavailable)?
-                .get((g, reader.as_bytes().as_slice()))
-                .map_err(unavailable)?
-                .is_some_and(|v| v.value().1 == STILL_MEMBER);
-            if member {
-                Ok(())
-            } else {
-                Err(StoreError::NotMember)
+            match membership(&txn, gid.as_bytes(), &reader)? {
+                (_, STILL_MEMBER) => Ok(()),
+                _ => Err(StoreError::NotMember),
             }
         })
         .await
