@@ -133,7 +133,13 @@ impl Stats {
 
     /// Counts an error of this kind.
     pub(crate) fn error(&mut self, kind: impl Into<String>) {
-        *self.errors.entry(kind.into()).or_default() += 1;
+        self.error_times(kind, 1);
+    }
+
+    /// Counts `n` errors of this kind at once (however large `n` is, one step).
+    pub(crate) fn error_times(&mut self, kind: impl Into<String>, n: u64) {
+        let count = self.errors.entry(kind.into()).or_default();
+        *count = count.saturating_add(n);
     }
 
     /// Adds to a counter.
@@ -163,7 +169,7 @@ impl Stats {
             }
         }
         for (k, n) in other.errors {
-            *self.errors.entry(k).or_default() += n;
+            self.error_times(k, n);
         }
         for (k, n) in other.counters {
             let c = self.counters.entry(k).or_default();
@@ -182,7 +188,9 @@ impl Stats {
 
     /// Total errors of every kind.
     pub(crate) fn error_count(&self) -> u64 {
-        self.errors.values().sum()
+        self.errors
+            .values()
+            .fold(0, |all, n| all.saturating_add(*n))
     }
 
     /// The summary of a histogram, if anything was recorded in it.
@@ -267,4 +275,21 @@ pub(crate) fn error_kind(stage: &str, e: &ClientError) -> String {
         _ => "client".into(),
     };
     format!("{stage}: {kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_counted_at_once_add_up_with_single_ones() {
+        let mut stats = Stats::default();
+        stats.error("behind");
+        stats.error_times("behind", 41);
+        stats.error_times("other", u64::MAX);
+        stats.error_times("other", 1);
+        assert_eq!(stats.errors["behind"], 42);
+        assert_eq!(stats.errors["other"], u64::MAX);
+        assert_eq!(stats.error_count(), 42u64.saturating_add(u64::MAX));
+    }
 }

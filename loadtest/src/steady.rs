@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quicproquo_client::commit::is_pending_own_commit;
@@ -362,12 +363,12 @@ async fn check_caught_up(ctx: &Ctx<'_>, slot: &GroupSlot, standing: &Standing) {
         return;
     };
     let mut s = stats.borrow_mut();
-    if slot.cursor >= last {
-        s.count(counter::CAUGHT_UP, 1);
-    } else {
-        for _ in slot.cursor..last {
-            s.error("log entries not processed within the drain time");
-            Progress::tick(&progress.errors);
+    match last.checked_sub(slot.cursor) {
+        None | Some(0) => s.count(counter::CAUGHT_UP, 1),
+        // Counted at once: `last` is the server's number, and must not size a loop here.
+        Some(behind) => {
+            s.error_times("log entries not processed within the drain time", behind);
+            progress.errors.fetch_add(behind, Ordering::Relaxed);
         }
     }
 }
