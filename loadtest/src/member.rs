@@ -47,6 +47,14 @@ impl Progress {
     pub(crate) fn tick(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Adds `n` at once, stopping at `u64::MAX` (`n` may come from the server under test).
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        // The closure always returns `Some`, so the update cannot fail.
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+            Some(c.saturating_add(n))
+        });
+    }
 }
 
 /// One group as the whole run knows it.
@@ -613,5 +621,20 @@ where
 
     fn own_message_id(&mut self) -> Result<Vec<u8>, Counted> {
         message_id(self.index).map_err(|_| fail(self.stats, self.progress, "rng".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_adds_at_once_and_stops_at_the_top() {
+        let counter = AtomicU64::new(0);
+        Progress::tick(&counter);
+        Progress::add(&counter, 41);
+        assert_eq!(counter.load(Ordering::Relaxed), 42);
+        Progress::add(&counter, u64::MAX);
+        assert_eq!(counter.load(Ordering::Relaxed), u64::MAX);
     }
 }

@@ -15,7 +15,6 @@
 use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quicproquo_client::commit::is_pending_own_commit;
@@ -368,7 +367,7 @@ async fn check_caught_up(ctx: &Ctx<'_>, slot: &GroupSlot, standing: &Standing) {
         // Counted at once: `last` is the server's number, and must not size a loop here.
         Some(behind) => {
             s.error_times("log entries not processed within the drain time", behind);
-            progress.errors.fetch_add(behind, Ordering::Relaxed);
+            Progress::add(&progress.errors, behind);
         }
     }
 }
