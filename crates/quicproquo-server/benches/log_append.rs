@@ -5,21 +5,21 @@
 //! Setup: a fresh database from the testkit (a throwaway server unless `QPQ_TEST_DATABASE_URL`
 //! names one), `GROUPS` (200) groups, each created by its own identity.
 //!
-//! - `PgStore`: `QPQ_BENCH_SHARDS` (default 4) real `Appender`s (as a shard runs), each with its own `PgStore` (as
-//!   separate shard processes would have) and owning the groups whose index is congruent to it;
-//!   `QPQ_BENCH_SENDERS` (default 2048) tokio tasks, sender `i` sending application messages of
-//!   300 pseudo-random bytes to group `i % 200` through its shard, one at a time, each waiting
-//!   for its durable outcome. Each shard's appender writes whatever is queued (up to 256) in one
-//!   transaction, one transaction at a time: the shards keep `QPQ_BENCH_SHARDS` transactions in
-//!   flight.
+//! - `PgStore`: `QPQ_BENCH_SHARDS` (default 4) real `Appender`s (as a shard runs), each with
+//!   its own `PgStore` (as separate shard processes would have) and owning the groups whose
+//!   index is congruent to it; `QPQ_BENCH_SENDERS` (default 2048) tokio tasks, sender `i`
+//!   sending application messages of 300 pseudo-random bytes to group `i % 200` through its
+//!   shard, one at a time, each waiting for its durable outcome. Each shard's appender writes
+//!   whatever is queued (up to `MAX_BATCH` requests) in one transaction, one transaction at a
+//!   time: the shards keep `QPQ_BENCH_SHARDS` transactions in flight.
 //! - `pgbench -c <shards> -j 2 -T <secs>`: the same concurrency, each transaction inserting 100
 //!   rows (`INSERT ... SELECT ... FROM generate_series`) into `bench_log`, a copy of
 //!   `group_log` with its keys, indexes and defaults: 16-byte group id spread over 200 groups,
 //!   16-byte message id, 300-byte payload (a constant, so it does not even cross the wire), in
 //!   simple and prepared protocol modes.
 //!
-//! Before every measurement both log tables are emptied and vacuumed; the order alternates
-//! between rounds. The figures compare rows made durable per second.
+//! Before every measurement both log tables are emptied and vacuumed and a checkpoint is taken
+//! (so that none falls inside a measurement); the order alternates between rounds. The figures compare rows made durable per second.
 //!
 //! Run: `cargo bench -p quicproquo-server --bench log_append` (`QPQ_BENCH_SECS`, default 5,
 //! sets each measurement's length). Without `--bench` (e.g. `cargo test --all-targets`) it runs
@@ -290,6 +290,12 @@ async fn bench() -> Result<()> {
                     .batch_execute(&format!("VACUUM ANALYZE {table}"))
                     .await?;
             }
+            // A checkpoint now, so that none falls inside the measurement: one writes out the
+            // dirty buffers while the phase runs, and whichever side it hit ran slower.
+            client
+                .batch_execute("CHECKPOINT")
+                .await
+                .context("CHECKPOINT (the benchmark's role needs the right to run it)")?;
             if which == 0 {
                 store_rates.push(run_store(&cluster, &settings, round).await?);
                 batches.push(mean_batch(&client).await?);
