@@ -21,7 +21,11 @@
 //! before it answers, so the outcome is `Duplicate` exactly as if the ids had been read.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+// Keyed by foldhash rather than SipHash: every request of a batch hashes its group, sender and
+// message id several times while the shard's appender decides it, and SipHash was a seventh of
+// that thread's time. foldhash's per-process random seed still keeps the keys (chosen by
+// clients) from steering collisions, and a batch is at most a thousand requests.
+use foldhash::{HashMap, HashSet};
 
 use quicproquo_core::IdentityKey;
 
@@ -69,14 +73,14 @@ impl<'a> Reads<'a> {
     /// The keys of `batch`; its message ids only if `with_message_ids`.
     pub fn of(batch: &'a [AppendRequest], with_message_ids: bool) -> Self {
         let mut reads = Self {
-            index: HashMap::new(),
+            index: HashMap::default(),
             groups: Vec::new(),
             members: Vec::new(),
             message_ids: Vec::new(),
             with_message_ids,
         };
-        let mut pairs = HashSet::new();
-        let mut ids = HashSet::new();
+        let mut pairs = HashSet::default();
+        let mut ids = HashSet::default();
         for req in batch {
             let group = req.group_id.as_bytes();
             let next = reads.groups.len();
@@ -138,10 +142,10 @@ impl<'a> State<'a> {
             names: reads.groups.clone(),
             groups: vec![None; n],
             changed_groups: vec![false; n],
-            members: HashMap::new(),
+            members: HashMap::default(),
             changed_members: Vec::new(),
-            touched_members: HashSet::new(),
-            message_ids: vec![HashMap::new(); n],
+            touched_members: HashSet::default(),
+            message_ids: vec![HashMap::default(); n],
             message_ids_read: reads.with_message_ids,
         }
     }

@@ -30,8 +30,14 @@ use crate::pool::CpuPool;
 use crate::store::log::LogStore;
 use crate::store::{AnyStore, StoreError};
 
-/// Most requests written in one transaction.
-pub const MAX_BATCH: usize = 256;
+/// Most requests written in one transaction. A transaction costs PostgreSQL a fixed part per
+/// group it touches (the group's row lock, its membership reads, its row update) besides the
+/// rows: under load, the more requests share it, the less that part weighs on each. At 256 a
+/// shard with hundreds of senders waiting wrote full batches back to back; at 1024 it takes
+/// everything waiting, and the benchmark's appends averaged 0.71 of `pgbench -M simple` rather
+/// than 0.67 over 15 paired runs (`docs/benchmarks.md`). At low load a batch is whatever is
+/// waiting, as before.
+pub const MAX_BATCH: usize = 1024;
 /// Most bytes of requests ([`AppendRequest::size`]) written in one transaction, far below
 /// what PostgreSQL takes in one protocol message (1 GiB): a batch that reaches it is written
 /// and the request that would pass it starts the next one. A request larger than this alone
