@@ -84,7 +84,15 @@ const MIGRATION_LOCK: i64 = 0x7170_712d_6d69_6772;
 /// cluster's tables are empty) would keep scanning the whole table after it grew, until an
 /// autoanalyze invalidates it. Discouraging sequential scans keeps every cached plan on its
 /// index.
-const SESSION_OPTIONS: &str = "-c enable_seqscan=off";
+///
+/// JIT compilation is off for the same sessions: it pays off only for long analytical
+/// queries, and it is chosen by estimated cost, which `enable_seqscan=off` puts past every
+/// threshold for any statement that must scan (a discouraged scan costs 10^10). The cluster
+/// ring's poll reads two tables of a few rows by scanning them, so every poll, on every node,
+/// several times a second, was compiled with inlining and optimisation: 190 ms of CPU for a
+/// query that runs in well under a millisecond, about a quarter of a core of the database
+/// under a `dev-cluster` load test (`docs/benchmarks.md`).
+const SESSION_OPTIONS: &str = "-c enable_seqscan=off -c jit=off";
 /// Longest wait for a new connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a free connection from the pool.

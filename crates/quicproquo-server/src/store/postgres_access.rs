@@ -189,4 +189,28 @@ mod tests {
             assert!(runtime_grants(bad).is_err(), "{bad}");
         }
     }
+
+    /// Every pooled session runs with the store's settings, the caller's own options kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pooled_sessions_never_compile_and_keep_the_url_options() -> anyhow::Result<()> {
+        let db = quicproquo_testkit::postgres::fresh_database().await?;
+        crate::store::postgres::migrate(db.url()).await?;
+        let separator = if db.url().contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{separator}options=-c%20statement_timeout%3D12345",
+            db.url()
+        );
+        let store = crate::store::postgres::PgStore::connect(&url, 2).await?;
+        let client = store.client().await?;
+        for (setting, expected) in [
+            ("jit", "off"),
+            ("enable_seqscan", "off"),
+            ("statement_timeout", "12345ms"),
+        ] {
+            let row = client.query_one(&format!("SHOW {setting}"), &[]).await?;
+            let value: String = row.try_get(0)?;
+            anyhow::ensure!(value == expected, "{setting} = {value}, not {expected}");
+        }
+        Ok(())
+    }
 }
