@@ -19,7 +19,8 @@
 //!   simple and prepared protocol modes.
 //!
 //! Before every measurement both log tables are emptied and vacuumed and a checkpoint is taken
-//! (so that none falls inside a measurement); the order alternates between rounds. The figures compare rows made durable per second.
+//! (so that none falls inside a measurement); the order alternates between rounds. The figures
+//! compare rows made durable per second.
 //!
 //! Run: `cargo bench -p quicproquo-server --bench log_append` (`QPQ_BENCH_SECS`, default 5,
 //! sets each measurement's length). Without `--bench` (e.g. `cargo test --all-targets`) it runs
