@@ -45,7 +45,8 @@ use opentelemetry::InstrumentationScope;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt as _, LevelFilter, Targets, filter_fn};
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -188,14 +189,20 @@ fn log_filter(default: &str) -> EnvFilter {
     }
 }
 
-/// Spans exported: the quicproquo crates' spans at `info` and above, whatever the log level.
-fn span_filter() -> Targets {
+/// Spans exported: the quicproquo crates' spans at `info` and above, whatever the log level,
+/// and the server's spans at `debug` too (its per-delivery push spans are at `debug`, so that a
+/// log layer at `info` does not format one per delivery); events (which become span events)
+/// at `info` and above only, as before.
+fn span_filter<S>() -> impl Filter<S> {
     Targets::new()
-        .with_target("quicproquo_server", LevelFilter::INFO)
+        .with_target("quicproquo_server", LevelFilter::DEBUG)
         .with_target("quicproquo_client", LevelFilter::INFO)
         .with_target("quicproquo_telemetry", LevelFilter::INFO)
         .with_target("qpq", LevelFilter::INFO)
         .with_target("qpq_server", LevelFilter::INFO)
+        .and(filter_fn(|meta| {
+            meta.is_span() || *meta.level() <= tracing::Level::INFO
+        }))
 }
 
 /// Builds the tracer provider exporting to `endpoint`, sampling by `rule`.
