@@ -89,9 +89,9 @@ const MIGRATION_LOCK: i64 = 0x7170_712d_6d69_6772;
 /// queries, and it is chosen by estimated cost, which `enable_seqscan=off` puts past every
 /// threshold for any statement that must scan (a discouraged scan costs 10^10). The cluster
 /// ring's poll reads two tables of a few rows by scanning them, so every poll, on every node,
-/// every `ring_refresh` (1 s by default), was compiled with inlining and optimisation: 190 ms of CPU for a
-/// query that runs in well under a millisecond, about a third of a core of the database
-/// under a `dev-cluster` load test (`docs/benchmarks.md`).
+/// every `ring_refresh` (1 s by default), was compiled with inlining and optimisation: 190 ms
+/// of CPU for a query that runs in well under a millisecond, about a third of a core of the
+/// database under a `dev-cluster` load test (`docs/benchmarks.md`).
 const SESSION_OPTIONS: &str = "-c enable_seqscan=off -c jit=off";
 /// Longest wait for a new connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
