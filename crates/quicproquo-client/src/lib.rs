@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use quicproquo_core::channel::ChannelLimits;
 use quicproquo_core::gate::GateLimits;
-use quicproquo_core::rpc::rpc_system_pushing;
+use quicproquo_core::rpc::{Reading, rpc_system_pushing};
 use quicproquo_core::{
     ClusterPublicKey, IdentityKey, IdentityKeypair, NodeRole, NodeVerifier, NoiseKeypair,
     TransportError, noise,
@@ -307,15 +307,22 @@ impl Connection {
             Side::Client,
             None,
             frames.handler(limits),
+            Reading::Task,
         );
         frames.set_port(conn.port);
         let mut rpc = conn.rpc;
         let bootstrap: bootstrap::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
         // The pump writes for the RPC system and the acknowledgements: the connection ends
-        // with either.
-        let pump = conn.pump;
+        // with either. The read pump reads for both; the RPC system sees the end of the stream
+        // (or its error) once it has read every RPC byte before it. Each pump is a task of
+        // its own (ended with the connection), so that a push frame wakes the read pump alone,
+        // not the RPC system, which a subscriber's connection would otherwise poll per entry.
+        let (pump, read_pump) = (conn.pump, conn.read_pump);
         tokio::task::spawn_local(async move {
+            use tokio_util::task::AbortOnDropHandle;
+            let pump = AbortOnDropHandle::new(tokio::task::spawn_local(pump));
+            let _reading = read_pump.map(|r| AbortOnDropHandle::new(tokio::task::spawn_local(r)));
             tokio::select! {
                 _ = rpc => {}
                 _ = pump => {}

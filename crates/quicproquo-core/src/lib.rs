@@ -43,6 +43,7 @@ pub mod error;
 pub mod gate;
 pub mod group;
 pub mod identity;
+pub mod inbound;
 pub mod keys;
 pub mod mls;
 pub mod mux;

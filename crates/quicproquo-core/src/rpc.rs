@@ -19,6 +19,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use crate::channel::{ChannelLimits, PushHandler, channel};
 use crate::error::TransportError;
 use crate::gate::{GateLimits, GateState, gate};
+use crate::inbound;
 use crate::mux::{PushPort, mux};
 use crate::noise::Session;
 
@@ -124,12 +125,31 @@ pub struct PushingConnection {
     pub port: PushPort,
     /// The one writer of the socket: run it beside `rpc`; a connection whose pump ended with
     /// an error is over.
-    pub pump: Pin<Box<dyn Future<Output = Result<(), TransportError>>>>,
+    pub pump: Pump,
+    /// With [`Reading::Task`], the reader of the socket: run it beside `rpc` too.
+    pub read_pump: Option<Pump>,
+}
+
+/// A connection's writer or reader, run beside its RPC system until it ends.
+pub type Pump = Pin<Box<dyn Future<Output = Result<(), TransportError>>>>;
+
+/// Where a pushing connection reads its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Inside the RPC system, which meets the peer's push frames as it reads: for an end that
+    /// mostly answers calls and receives few push frames (a node: acknowledgements). It holds
+    /// nothing beyond what the RPC system reads.
+    Inline,
+    /// In a read pump of its own ([`crate::inbound`]), so that a push frame does not poll the
+    /// RPC system: for an end that mostly receives push frames (a subscriber). It may hold
+    /// up to [`crate::inbound::RPC_IN_LIMIT`] RPC bytes the RPC system has not read.
+    Task,
 }
 
 /// [`rpc_system_gated`], with push frames beside RPC: the peer's push frames, of at most
 /// `max_push_bytes` each, go to `on_push`, and ours are queued on the returned [`PushPort`].
-/// The returned pump must run beside the RPC system (it writes for both).
+/// The returned pump (and, with [`Reading::Task`], the read pump) must run beside the RPC
+/// system.
 #[allow(clippy::too_many_arguments)]
 pub fn rpc_system_pushing<R, W>(
     read: R,
@@ -140,6 +160,7 @@ pub fn rpc_system_pushing<R, W>(
     side: Side,
     bootstrap: Option<capnp::capability::Client>,
     (on_push, max_push_bytes): (PushHandler, usize),
+    reading: Reading,
 ) -> PushingConnection
 where
     R: AsyncRead + Unpin + 'static,
@@ -148,11 +169,25 @@ where
     let (mut reader, writer) = channel(read, write, session, limits);
     reader.on_push(on_push, max_push_bytes);
     let (writer, port, pump) = mux(writer);
-    let (rpc, gate) = gated_system(reader, writer, limits, gate_limits, side, bootstrap);
+    let ((rpc, gate), read_pump) = match reading {
+        Reading::Inline => (
+            gated_system(reader, writer, limits, gate_limits, side, bootstrap),
+            None,
+        ),
+        Reading::Task => {
+            let (rpc_bytes, read_pump) = inbound::split(reader);
+            let read_pump: Pump = Box::pin(read_pump);
+            (
+                gated_system(rpc_bytes, writer, limits, gate_limits, side, bootstrap),
+                Some(read_pump),
+            )
+        }
+    };
     PushingConnection {
         rpc,
         gate,
         port,
         pump: Box::pin(pump),
+        read_pump,
     }
 }

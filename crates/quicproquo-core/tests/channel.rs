@@ -352,6 +352,118 @@ async fn push_frames_travel_beside_the_byte_stream() -> Result<()> {
     Ok(())
 }
 
+/// The reading side as a task of its own (`inbound`): push frames reach their handler and the
+/// RPC bytes the RPC reader, each whole and in order, with the RPC reader not reading while
+/// pushes arrive; the pump ends at the end of the stream.
+#[tokio::test]
+async fn a_read_pump_splits_push_frames_from_the_byte_stream() -> Result<()> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use tokio::io::AsyncWriteExt;
+
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let got: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
+    let into = Rc::clone(&got);
+    sr.on_push(
+        Box::new(move |frame| {
+            into.borrow_mut().push(frame);
+            Ok(())
+        }),
+        2 * 1024 * 1024,
+    );
+    let (mut rpc_in, read_pump) = quicproquo_core::inbound::split(sr);
+    let (mut rpc, port, pump) = quicproquo_core::mux::mux(cw);
+    // More pushes than the RPC bytes the pump holds, and a byte stream several times that.
+    let pushes: Vec<Arc<[u8]>> = (0..200).map(|n| Arc::from(pattern(n * 7 + 1))).collect();
+    let stream = pattern(5 * quicproquo_core::inbound::RPC_IN_LIMIT + 3);
+    let local = tokio::task::LocalSet::new();
+    let (written, read, pumped) = local
+        .run_until(async {
+            let pump = tokio::task::spawn_local(pump);
+            let read_pump = tokio::task::spawn_local(read_pump);
+            for p in &pushes {
+                port.push(Arc::clone(p))?;
+            }
+            port.written().await?;
+            // Every push is handled with no RPC read at all.
+            let handled = async {
+                while got.borrow().len() < pushes.len() {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), handled).await?;
+            let write = async {
+                rpc.write_all(&stream).await?;
+                rpc.shutdown().await?;
+                drop(rpc);
+                anyhow::Ok(())
+            };
+            let read = async {
+                let mut all = Vec::new();
+                rpc_in.read_to_end(&mut all).await?;
+                anyhow::Ok(all)
+            };
+            let (w, r) = tokio::join!(write, read);
+            pump.await??;
+            anyhow::Ok((w, r, read_pump.await?))
+        })
+        .await?;
+    written?;
+    assert!(read? == stream, "the byte stream changed beside the pushes");
+    pumped?;
+    let got = got.borrow();
+    assert_eq!(got.len(), pushes.len(), "every push frame arrives once");
+    for (g, p) in got.iter().zip(&pushes) {
+        assert!(g[..] == p[..], "a push frame changed or came out of order");
+    }
+    Ok(())
+}
+
+/// A read pump passes the channel's error to the RPC reader (here a push frame its handler
+/// refuses), and ends once the RPC reader is gone.
+#[tokio::test]
+async fn a_read_pump_reports_errors_and_ends_with_its_reader() -> Result<()> {
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    sr.on_push(
+        Box::new(|_| Err(TransportError::Push("refused by the handler".into()))),
+        1024,
+    );
+    let (mut rpc_in, read_pump) = quicproquo_core::inbound::split(sr);
+    let (_rpc, port, pump) = quicproquo_core::mux::mux(cw);
+    let local = tokio::task::LocalSet::new();
+    let (read, pumped) = local
+        .run_until(async {
+            tokio::task::spawn_local(pump);
+            let read_pump = tokio::task::spawn_local(read_pump);
+            port.push(Arc::from(pattern(10)))?;
+            let mut buf = [0u8; 16];
+            let read = rpc_in.read(&mut buf).await;
+            anyhow::Ok((read, read_pump.await?))
+        })
+        .await?;
+    match read {
+        Err(e) => assert!(e.to_string().contains("refused by the handler"), "{e}"),
+        Ok(n) => bail!("read {n} bytes after a refused push frame"),
+    }
+    assert!(pumped.is_err(), "the pump ends with the channel's error");
+
+    let ((_cr, _cw), (sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let (rpc_in, read_pump) = quicproquo_core::inbound::split(sr);
+    let local = tokio::task::LocalSet::new();
+    let ended = local
+        .run_until(async {
+            let read_pump = tokio::task::spawn_local(read_pump);
+            drop(rpc_in);
+            tokio::time::timeout(Duration::from_secs(10), read_pump).await
+        })
+        .await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the pump ends once its RPC reader is dropped"
+    );
+    Ok(())
+}
+
 /// A reader that asked for no push frames refuses one: the connection ends.
 #[tokio::test]
 async fn an_unasked_push_frame_ends_the_connection() -> Result<()> {

@@ -24,13 +24,13 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use quicproquo_core::channel::ChannelLimits;
 use quicproquo_core::gate::{GateLimits, GateState};
 use quicproquo_core::mux::PushPort;
-use quicproquo_core::rpc::rpc_system_pushing;
+use quicproquo_core::rpc::{Reading, rpc_system_pushing};
 use quicproquo_core::{NodeVerifier, noise};
 use quicproquo_proto::bootstrap_capnp::bootstrap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, warn};
 
 use super::{ServerError, io_err, runtime as build_runtime};
@@ -421,15 +421,23 @@ async fn serve_session(
         Side::Server,
         Some(bootstrap.client),
         frames.ack_handler(),
+        Reading::Inline,
     );
     frames.set_port(conn.port.clone());
-    let (rpc, gate, port, mut pump) = (conn.rpc, conn.gate, conn.port, conn.pump);
+    let (rpc, gate, port) = (conn.rpc, conn.gate, conn.port);
     let disconnector = rpc.get_disconnector();
     // The pump writes for the RPC system and the push frames: the connection ends with either.
+    // It is a task of its own (ended with the connection), so that a push wakes the pump
+    // alone: polled together, every push frame would also poll the RPC system and each of
+    // this connection's deadlines below, once per subscriber per entry.
+    let mut pump = AbortOnDropHandle::new(tokio::task::spawn_local(conn.pump));
     let rpc = async move {
         tokio::select! {
             r = rpc => r,
-            r = &mut pump => r.map_err(|e| capnp::Error::disconnected(e.to_string())),
+            r = &mut pump => match r {
+                Ok(written) => written.map_err(|e| capnp::Error::disconnected(e.to_string())),
+                Err(e) => Err(capnp::Error::disconnected(format!("the pump stopped: {e}"))),
+            },
         }
     };
     let mut rpc = pin!(rpc);

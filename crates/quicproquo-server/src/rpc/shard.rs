@@ -140,7 +140,7 @@ impl shard_service::Server for ShardServiceImpl {
             let feed = self.shard.hub().group_feed(&group).0;
             let observer = Arc::clone(self.shard.observer());
             let page = Page::new(BATCH, self.page_bytes);
-            let subscription = spawn(&self.in_flight, move |_| async move {
+            let subscription = spawn(&self.in_flight, async move {
                 if let Err(e) = push_group(&group, feed, &sink, &observer, page).await {
                     debug!(error = %e, "group watch ended");
                 }
@@ -158,7 +158,7 @@ impl shard_service::Server for ShardServiceImpl {
         serve!(self.in_flight, "ShardService", "watchInboxes", async move {
             let sink = params.get()?.get_sink()?;
             let feed = self.shard.hub().all_inboxes();
-            let subscription = spawn(&self.in_flight, move |_| async move {
+            let subscription = spawn(&self.in_flight, async move {
                 if let Err(e) = push_inboxes(feed, &sink).await {
                     debug!(error = %e, "inbox watch ended");
                 }

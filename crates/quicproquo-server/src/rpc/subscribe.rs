@@ -23,7 +23,7 @@ use quicproquo_core::IdentityKey;
 use quicproquo_proto::delivery_capnp::{inbox_stream, message_stream, subscription};
 use quicproquo_telemetry::propagation::LinkContext;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, Span, debug};
 
 use super::backend::Backend;
@@ -47,8 +47,7 @@ const BATCH: u32 = 256;
 
 /// The capability handed to the subscriber; dropping it (or calling `close`) ends the task.
 struct SubscriptionImpl {
-    _stop: DropGuard,
-    stop: CancellationToken,
+    task: AbortOnDropHandle<()>,
     in_flight: Rc<InFlight>,
 }
 
@@ -59,36 +58,28 @@ impl subscription::Server for SubscriptionImpl {
         _: subscription::CloseResults,
     ) -> Result<(), capnp::Error> {
         serve!(self.in_flight, "Subscription", "close", async move {
-            self.stop.cancel();
+            self.task.abort();
             Ok(())
         })
     }
 }
 
-/// Runs `task` as a local task until it ends or the returned capability is dropped or closed;
-/// the capability's own calls are accounted on `in_flight` (the connection that subscribed).
-pub(super) fn spawn<F>(
-    in_flight: &Rc<InFlight>,
-    task: impl FnOnce(CancellationToken) -> F,
-) -> subscription::Client
+/// Runs `task` as a local task until it ends or the returned capability is dropped or closed
+/// (which abort it: the task is woken once per entry pushed, and a cancellation future polled
+/// beside it would take a lock at each of those wake-ups); the capability's own calls are
+/// accounted on `in_flight` (the connection that subscribed).
+pub(super) fn spawn<F>(in_flight: &Rc<InFlight>, task: F) -> subscription::Client
 where
     F: Future<Output = ()> + 'static,
 {
-    let stop = CancellationToken::new();
-    let fut = task(stop.clone());
-    let stopped = stop.clone();
     // The connection counts as in use while the subscription lives (no idle timeout).
     let held = in_flight.hold_subscription();
-    tokio::task::spawn_local(async move {
+    let task = tokio::task::spawn_local(async move {
         let _held = held;
-        tokio::select! {
-            () = stopped.cancelled() => {}
-            () = fut => {}
-        }
+        task.await;
     });
     capnp_rpc::new_client(SubscriptionImpl {
-        _stop: stop.clone().drop_guard(),
-        stop,
+        task: AbortOnDropHandle::new(task),
         in_flight: Rc::clone(in_flight),
     })
 }
@@ -144,7 +135,7 @@ fn follow(
     page_bytes: usize,
 ) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
-    spawn(in_flight, move |_| async move {
+    spawn(in_flight, async move {
         let sub = Follow {
             backend: &backend,
             reader,
@@ -556,7 +547,7 @@ pub(super) fn inbox(
     page_bytes: usize,
 ) -> subscription::Client {
     let subscribed = LinkContext::of(&Span::current());
-    spawn(in_flight, move |_| async move {
+    spawn(in_flight, async move {
         let sub = FollowInbox {
             backend: &backend,
             identity,
