@@ -1,5 +1,7 @@
 //! The Noise handshake and the framed channel over real loopback TCP sockets.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -286,24 +288,28 @@ async fn receive_buffers_follow_the_bytes_that_arrive() -> Result<()> {
     Ok(())
 }
 
-/// Push frames beside the stream view, on one channel: in order, whole, and not mixed into
-/// the byte stream, however large; the pump writes both and closes the socket after a shutdown.
-#[tokio::test]
-async fn push_frames_travel_beside_the_byte_stream() -> Result<()> {
-    use std::cell::RefCell;
-    use std::rc::Rc;
-    use tokio::io::AsyncWriteExt;
-
-    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+/// Makes `reader` take push frames of up to 2 MiB into the returned list, in order.
+fn collect_pushes(reader: &mut NoiseReader<OwnedReadHalf>) -> Rc<RefCell<Vec<Vec<u8>>>> {
     let got: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
     let into = Rc::clone(&got);
-    sr.on_push(
+    reader.on_push(
         Box::new(move |frame| {
             into.borrow_mut().push(frame);
             Ok(())
         }),
         2 * 1024 * 1024,
     );
+    got
+}
+
+/// Push frames beside the stream view, on one channel: in order, whole, and not mixed into
+/// the byte stream, however large; the pump writes both and closes the socket after a shutdown.
+#[tokio::test]
+async fn push_frames_travel_beside_the_byte_stream() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+
+    let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let got = collect_pushes(&mut sr);
     let (mut rpc, port, pump) = quicproquo_core::mux::mux(cw);
     let pushes: Vec<Arc<[u8]>> = [0usize, 1, 70_000, 1024 * 1024, 5]
         .iter()
@@ -357,20 +363,10 @@ async fn push_frames_travel_beside_the_byte_stream() -> Result<()> {
 /// pushes arrive; the pump ends at the end of the stream.
 #[tokio::test]
 async fn a_read_pump_splits_push_frames_from_the_byte_stream() -> Result<()> {
-    use std::cell::RefCell;
-    use std::rc::Rc;
     use tokio::io::AsyncWriteExt;
 
     let ((_cr, cw), (mut sr, _sw)) = connected(ChannelLimits::default()).await?;
-    let got: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
-    let into = Rc::clone(&got);
-    sr.on_push(
-        Box::new(move |frame| {
-            into.borrow_mut().push(frame);
-            Ok(())
-        }),
-        2 * 1024 * 1024,
-    );
+    let got = collect_pushes(&mut sr);
     let (mut rpc_in, read_pump) = quicproquo_core::inbound::split(sr);
     let (mut rpc, port, pump) = quicproquo_core::mux::mux(cw);
     // More pushes than the RPC bytes the pump holds, and a byte stream several times that.
