@@ -81,6 +81,13 @@ pub struct RpcBytes {
     shared: Rc<RefCell<Shared>>,
 }
 
+impl RpcBytes {
+    /// RPC bytes received and not yet read: at most [`RPC_IN_LIMIT`].
+    pub fn held(&self) -> usize {
+        self.shared.borrow().held()
+    }
+}
+
 impl AsyncRead for RpcBytes {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -415,6 +415,52 @@ async fn a_read_pump_splits_push_frames_from_the_byte_stream() -> Result<()> {
     Ok(())
 }
 
+/// A peer that sends RPC bytes faster than the RPC system reads them makes the read pump hold
+/// at most `RPC_IN_LIMIT` of them (the rest waits in the socket), and nothing is lost.
+#[tokio::test]
+async fn a_read_pump_holds_at_most_its_limit_of_unread_rpc_bytes() -> Result<()> {
+    use quicproquo_core::inbound::RPC_IN_LIMIT;
+    use tokio::io::AsyncWriteExt;
+
+    let ((_cr, cw), (sr, _sw)) = connected(ChannelLimits::default()).await?;
+    let (mut rpc_in, read_pump) = quicproquo_core::inbound::split(sr);
+    let (mut rpc, _port, pump) = quicproquo_core::mux::mux(cw);
+    let stream = pattern(16 * RPC_IN_LIMIT);
+    let sent = stream.clone();
+    let local = tokio::task::LocalSet::new();
+    let read = local
+        .run_until(async {
+            tokio::task::spawn_local(pump);
+            tokio::task::spawn_local(read_pump);
+            tokio::task::spawn_local(async move {
+                rpc.write_all(&sent).await?;
+                rpc.shutdown().await?;
+                anyhow::Ok(())
+            });
+            let filled = async {
+                while rpc_in.held() < RPC_IN_LIMIT {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), filled).await?;
+            // The writer and both pumps keep running; what is held stays at the limit.
+            for _ in 0..1_000 {
+                tokio::task::yield_now().await;
+                assert!(
+                    rpc_in.held() <= RPC_IN_LIMIT,
+                    "the read pump holds {} unread bytes",
+                    rpc_in.held()
+                );
+            }
+            let mut all = Vec::new();
+            rpc_in.read_to_end(&mut all).await?;
+            anyhow::Ok(all)
+        })
+        .await?;
+    assert!(read == stream, "the byte stream changed under backpressure");
+    Ok(())
+}
+
 /// A read pump passes the channel's error to the RPC reader (here a push frame its handler
 /// refuses), and ends once the RPC reader is gone.
 #[tokio::test]
